@@ -1,0 +1,67 @@
+"""Options and helpers shared by several subcommands (one definition, same flag names everywhere)."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import click
+
+from topi_export.errors import TopiError
+
+
+def model_option(f):
+    return click.option("--model", default=None, metavar="tiny-kontext|kontext-digits|PATH",
+                        help="Built-in model name or a local diffusers folder (transformer or pipeline). "
+                             "Default: the embedded model.")(f)
+
+
+def steps_option(f):
+    return click.option("--steps", "--denoising-steps", "steps", type=int, default=28, show_default=True,
+                        help="Denoising steps.")(f)
+
+
+def quiet_option(f):
+    return click.option("--quiet", "-q", is_flag=True, help="No progress bars.")(f)
+
+
+def show_progress(quiet: bool) -> bool:
+    return not quiet and sys.stderr.isatty()
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=_jsonable) + "\n").encode())
+
+
+def _jsonable(v):
+    if hasattr(v, "tolist"):
+        return v.tolist()
+    if isinstance(v, Path):
+        return str(v)
+    raise TypeError(f"not JSON serialisable: {type(v).__name__}")
+
+
+def save_latents(path, latents) -> None:
+    from safetensors.torch import save
+
+    atomic_write_bytes(path, save({"latents": latents.contiguous()}))
+
+
+def check_choice(value, choices, what):
+    if value not in choices:
+        raise TopiError(f"unknown {what} {value!r}: choose one of {', '.join(choices)}")
