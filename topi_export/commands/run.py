@@ -38,6 +38,7 @@ def cmd(model, inputs, engine_dir, backend, ratio, tau, ratio_buckets, policy, u
     data = session.load_inputs(inputs, seed)
     selector = session.selector(data, ratio=ratio, tau=tau, ratio_buckets=ratio_buckets, policy=policy, seed=seed)
     progress = show_progress(quiet)
+    session.warmup(data, selector)
     topi = session.denoise(data, steps=steps, seed=seed, selector=selector, progress=progress)
     report = session.describe(data, selector, steps)
     report["time_s"] = {"topi": topi.time_s}

@@ -75,11 +75,25 @@ def denoise(engine, inputs, *, steps: int, seed: int = 0, selector: Selector | N
                 raise TopiError(f"step {sp.step} ({kind}) produced NaN/Inf: check inputs, weights and precision")
             latents = sched.step(velocity, t, latents, return_dict=False)[0]
             dt = time.perf_counter() - t0
-            rec = {"step": sp.step, "kind": kind, "keep": keep if kind != "full" else inputs.layout.num_ctx,
-                   "ratio": ratio if kind != "full" else 0.0, "time_s": dt}
+            graph = kind if kind == "anchor" or (kind == "pruned" and keep_idx is not None) else "full"
+            rec = {"step": sp.step, "kind": kind, "graph": graph,
+                   "keep": keep if kind != "full" else inputs.layout.num_ctx,
+                   "bucket": ratio if kind != "full" else 0.0, "time_s": dt}
             records.append(rec)
             bar.update(1)
     return RunResult(latents, records, time.perf_counter() - start)
+
+
+def warmup(engine, inputs, keep: int | None = None) -> None:
+    """One call of each graph so that lazy initialisation stays out of the timings."""
+    engine.bind(inputs)
+    latents = inputs.initial_noise(0)
+    t = torch.tensor([0.5])
+    with torch.inference_mode():
+        engine.anchor(latents, t)
+        engine.full(latents, t)
+        if keep and keep < inputs.layout.num_ctx:
+            engine.pruned(latents, t, torch.arange(keep))
 
 
 def psnr(x: torch.Tensor, ref: torch.Tensor) -> float:

@@ -24,8 +24,10 @@ class Session:
         if path:
             data = I.load_inputs(path)
         elif self.manifest is not None:
-            data = I.synthetic_inputs(_Dims(self.model_info), seed, self.manifest.layout.target_grid,
-                                      self.manifest.layout.ref_grid, self.manifest.layout.text_tokens)
+            lay = self.manifest.layout
+            data = I.default_inputs(self.model_info["source"], _Dims(self.model_info), seed)
+            if data.layout != lay:
+                data = I.synthetic_inputs(_Dims(self.model_info), seed, lay.target_grid, lay.ref_grid, lay.text_tokens)
         else:
             data = I.default_inputs(self.model_info["source"], self.adapter, seed)
         I.check_inputs(data, _Dims(self.model_info))
@@ -56,6 +58,13 @@ class Session:
                                 f"(buckets: {', '.join(map(str, compiled))}): pick one or rebuild with --ratio-buckets")
         return Selector(data.layout.num_ctx, ratio=ratio or 0.0, tau=tau, buckets=buckets, policy=policy,
                         grid=data.layout.ref_grid, seed=seed)
+
+    def warmup(self, data, selector: Selector) -> None:
+        from topi_export.runtime.loop import warmup
+
+        keeps = [k for _, k in selector.bucket_keeps()] if selector.tau is not None else [selector.choose(None)[1]]
+        for keep in keeps:
+            warmup(self.engine, data, keep)
 
     def denoise(self, data, **kw):
         from topi_export.runtime.loop import denoise

@@ -1,0 +1,47 @@
+import os
+import warnings
+
+import pytest
+import torch
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+warnings.filterwarnings("ignore", category=UserWarning)
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    from topi_export.models import load_model
+
+    return load_model("tiny-kontext")
+
+
+@pytest.fixture(scope="session")
+def tiny_settings(tiny):
+    from topi_export.runtime.settings import method_settings
+
+    return method_settings(tiny.identity())
+
+
+@pytest.fixture(scope="session")
+def ort_engine_dir(tmp_path_factory):
+    """One ONNX Runtime engine directory for tiny-kontext (8x8 target, 8x8 reference, 8 text tokens)."""
+    from topi_export.builder import build_engines
+
+    out = tmp_path_factory.mktemp("engines") / "tiny-ort"
+    return build_engines(model="tiny-kontext", ratio_buckets="0.3,0.5", engine_dir=out, echo=lambda s: None)
+
+
+def run_cli(args, capsys=None):
+    """Run the CLI in-process; returns (exit code, stdout, stderr)."""
+    from topi_export.cli import main
+
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    if capsys is not None:
+        out, err = capsys.readouterr()
+        return code, out, err
+    return code, "", ""

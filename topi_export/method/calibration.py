@@ -1,0 +1,268 @@
+"""Offline calibration (DESIGN §2.1): per-layer context sensitivity -> pivotal layers, prune start L0, dT.
+
+Sensitivity of layer l on one (sample, timestep t):
+
+    s_l = ||v_full - v_drop_l||_2 / ||v_full||_2   over the target tokens
+
+where v is the predicted velocity of the adapter's forward at the noisy latents
+x_t = (1 - t) * x0 + t * noise (flow matching; the model is called with timestep t, as the Kontext
+pipeline passes t / 1000), and v_drop_l removes the context keys/values from layer l's attention only.
+The profile stores the mean and std of s_l over samples x timesteps.
+"""
+from __future__ import annotations
+
+import io
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+from topi_export.errors import TopiError
+from topi_export.method.defaults import PUBLISHED_DEPTH, PUBLISHED_PRUNE_START, PUBLISHED_UPDATE_INTERVAL
+
+DEFAULT_TIMESTEPS = (0.9, 0.6, 0.3)
+DEFAULT_TOP_K = 3
+# Share of the total mean sensitivity the leading (never pruned) layers must hold. 10/57: a flat
+# sensitivity profile over FLUX.1 Kontext's 57 layers then gives the published L0 = 10.
+PRUNE_START_FRACTION = PUBLISHED_PRUNE_START / PUBLISHED_DEPTH
+
+RULES = {
+    "sensitivity": ("s_l = ||v_full - v_drop_l||_2 / ||v_full||_2 over the target tokens; v_drop_l removes the "
+                    "context keys/values from layer l's attention only (every other layer unchanged); velocities "
+                    "at x_t = (1 - t) * x0 + t * noise with model timestep t (x0 = the sample's target_latents, "
+                    "else its reference latents resized to the target grid); mean and std over samples x timesteps"),
+    "pivotal_layers": "the top_k layers by mean sensitivity (ties: the lower layer), listed ascending",
+    "prune_start": (f"L0 = the smallest l >= 1 such that layers 0..l-1 hold at least {PUBLISHED_PRUNE_START}/"
+                    f"{PUBLISHED_DEPTH} of the total mean sensitivity (a flat profile gives the published L0 = 10 "
+                    f"of 57), but no later than the first pivotal layer (every pivotal layer then runs on the kept "
+                    f"set, as in the published setting 10 < 13), clamped to 1..L-1"),
+    "update_interval": (f"not measured: the published ToPi setting dT = {PUBLISHED_UPDATE_INTERVAL} unless given "
+                        f"(--update-interval)"),
+}
+
+
+def check_timesteps(timesteps) -> list[float]:
+    out = [float(t) for t in timesteps]
+    if not out:
+        raise TopiError("no calibration timesteps: pass e.g. --timesteps 0.9,0.6,0.3 (values in (0, 1])")
+    bad = [t for t in out if not (math.isfinite(t) and 0.0 < t <= 1.0)]
+    if bad:
+        raise TopiError(f"calibration timesteps {bad} are outside (0, 1]: pass noise levels such as 0.9,0.6,0.3")
+    return out
+
+
+def clean_latents(inputs) -> torch.Tensor:
+    """x0 of a calibration sample: its target_latents, else its reference latents on the target grid."""
+    if inputs.target_latents is not None:
+        return inputs.target_latents.float()
+    ref = inputs.reference_latents.float()
+    layout = inputs.layout
+    if tuple(layout.ref_grid) == tuple(layout.target_grid):
+        return ref
+    rh, rw = layout.ref_grid
+    img = ref[0].T.reshape(1, -1, rh, rw)
+    img = F.interpolate(img, size=tuple(layout.target_grid), mode="bilinear", align_corners=False)
+    return img.reshape(1, img.shape[1], -1).transpose(1, 2).contiguous()
+
+
+def prune_start_rule(mean, pivotal, fraction: float = PRUNE_START_FRACTION) -> int:
+    n = len(mean)
+    if n < 2:
+        return 0
+    total = float(sum(mean))
+    l0 = n - 1
+    if total > 0:
+        acc = 0.0
+        for layer in range(n):
+            acc += float(mean[layer])
+            if acc >= fraction * total * (1 - 1e-9):
+                l0 = layer + 1
+                break
+    if pivotal:
+        l0 = min(l0, min(pivotal))
+    return max(1, min(n - 1, l0))
+
+
+def calibrate(adapter, samples, timesteps=DEFAULT_TIMESTEPS, top_k: int = DEFAULT_TOP_K, progress: bool = False, *,
+              seed: int = 0, update_interval: int = PUBLISHED_UPDATE_INTERVAL) -> dict:
+    """Measure every layer's context sensitivity over samples x timesteps; pick pivotal layers, L0, dT.
+
+    samples: ``Inputs`` (runtime.inputs); a sample without ``noise`` draws it from seed + its index.
+    Deterministic for fixed samples and seed.
+    """
+    from tqdm import tqdm
+
+    from topi_export.models import kontext_ids
+
+    samples = list(samples)
+    timesteps = check_timesteps(timesteps)
+    n_layers = adapter.num_layers
+    if not samples:
+        raise TopiError("empty calibration set: pass --inputs FILE or --samples N >= 1")
+    if not 1 <= int(top_k) <= n_layers:
+        raise TopiError(f"--top-k {top_k} is outside 1..{n_layers} (the model has {n_layers} layers)")
+    if int(update_interval) < 1:
+        raise TopiError(f"--update-interval {update_interval} must be >= 1 (published: {PUBLISHED_UPDATE_INTERVAL})")
+    top_k = int(top_k)
+    values = torch.zeros(len(samples), len(timesteps), n_layers, dtype=torch.float64)
+    total = len(samples) * len(timesteps) * (n_layers + 1)
+    start = time.perf_counter()
+    with torch.inference_mode(), tqdm(total=total, desc="calibrate", unit="pass", disable=not progress,
+                                      leave=False) as bar:
+        for i, s in enumerate(samples):
+            txt_ids, img_ids = kontext_ids(s.layout)
+            x0 = clean_latents(s)
+            noise = s.noise.float() if s.noise is not None else s.initial_noise(seed + i)
+            guidance = s.guidance_tensor() if adapter.guidance_embeds else None
+            num_target = s.layout.num_target
+            for j, t in enumerate(timesteps):
+                xt = (1.0 - t) * x0 + t * noise
+                hidden = torch.cat([xt, s.reference_latents.float()], dim=1)
+                timestep = torch.tensor([t], dtype=torch.float32)
+
+                def velocity(drop=None):
+                    v, _ = adapter.forward(hidden, s.prompt_embeds, s.pooled_prompt_embeds, timestep, img_ids,
+                                           txt_ids, guidance, num_target=num_target, drop_context_layer=drop)
+                    bar.update(1)
+                    return v.double()
+
+                full = velocity()
+                if not torch.isfinite(full).all():
+                    raise TopiError(f"the model produced NaN/Inf on calibration sample {i} ({s.source}) at t={t}: "
+                                    f"check the inputs and weights")
+                norm = full.norm().clamp_min(1e-30)
+                for layer in range(n_layers):
+                    values[i, j, layer] = (full - velocity(layer)).norm() / norm
+    flat = values.reshape(-1, n_layers)
+    mean = flat.mean(0)
+    std = flat.std(0, unbiased=False)
+    # ranking: mean descending, ties to the lower layer (stable sort over ascending indices)
+    ranking = sorted(range(n_layers), key=lambda layer: (-float(mean[layer]), layer))
+    pivotal = sorted(ranking[:top_k])
+    mean_l, std_l = [float(v) for v in mean], [float(v) for v in std]
+    return {
+        "num_layers": n_layers,
+        "num_double": adapter.num_double,
+        "layer_names": [adapter.layer_name(layer) for layer in range(n_layers)],
+        "timesteps": timesteps,
+        "num_samples": len(samples),
+        "mean": mean_l,
+        "std": std_l,
+        "by_timestep": [{"timestep": t, "mean": [float(v) for v in values[:, j].mean(0)]}
+                        for j, t in enumerate(timesteps)],
+        "values": values.tolist(),
+        "ranking": ranking,
+        "top_k": top_k,
+        "pivotal_layers": pivotal,
+        "prune_start": prune_start_rule(mean_l, pivotal),
+        "update_interval": int(update_interval),
+        "rules": dict(RULES),
+        "seed": seed,
+        "forward_passes": total,
+        "elapsed_s": time.perf_counter() - start,
+    }
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("topi-export", "torch", "diffusers"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "unknown"
+    return out
+
+
+def describe_set(samples, timesteps, *, files=None, seed=0) -> dict:
+    """The calibration_set block of a profile."""
+    samples = list(samples)
+    if files:
+        description = f"{len(files)} inputs file(s): {', '.join(str(f) for f in files)}"
+    else:
+        description = f"synthetic seeded set, seed {seed}, {len(samples)} samples"
+    return {"description": description, "files": [str(f) for f in files] if files else None, "seed": seed,
+            "num_samples": len(samples),
+            "samples": [{"source": s.source, "text_tokens": s.layout.text_tokens,
+                         "target_grid": list(s.layout.target_grid), "reference_grid": list(s.layout.ref_grid),
+                         "x0": "target_latents" if s.target_latents is not None else "reference_latents"}
+                        for s in samples],
+            "timesteps": [float(t) for t in timesteps]}
+
+
+def build_profile(result: dict, identity: dict, calibration_set: dict, *, command: str | None = None) -> dict:
+    from topi_export.runtime.settings import PROFILE_SCHEMA
+
+    return {
+        "schema": PROFILE_SCHEMA,
+        "model": {"class": identity["class"], "config_hash": identity["config_hash"],
+                  "weights_hash": identity["weights_hash"], "num_layers": identity["num_layers"],
+                  "num_double": identity["num_double"], "source": str(identity["source"])},
+        "pivotal_layers": [int(v) for v in result["pivotal_layers"]],
+        "prune_start": int(result["prune_start"]),
+        "update_interval": int(result["update_interval"]),
+        "top_k": int(result["top_k"]),
+        "sensitivity": {"mean": result["mean"], "std": result["std"], "layer_names": result["layer_names"],
+                        "ranking": result["ranking"], "by_timestep": result["by_timestep"]},
+        "rules": result["rules"],
+        "calibration_set": calibration_set,
+        "measured": True,
+        "command": command,
+        "versions": versions(),
+    }
+
+
+def write_profile(path, result: dict, identity: dict, calibration_set: dict, *, command: str | None = None) -> dict:
+    """Write the versioned profile JSON atomically; returns the profile."""
+    from topi_export.commands.common import write_json
+
+    profile = build_profile(result, identity, calibration_set, command=command)
+    write_json(path, profile)
+    return profile
+
+
+def plot_profile(path_png, result: dict, title: str | None = None) -> None:
+    """Bar per layer (mean sensitivity, std error bars), pivotal layers highlighted, L0 marked."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from topi_export.commands.common import atomic_write_bytes
+
+    mean, std = result["mean"], result["std"]
+    n = len(mean)
+    pivotal = set(result["pivotal_layers"])
+    l0 = result["prune_start"]
+    n_double = result.get("num_double", 0)
+    fig = Figure(figsize=(max(6.0, 0.18 * n + 2), 3.6), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    from matplotlib.patches import Patch
+
+    colors = ["tab:blue" if layer < n_double else "tab:cyan" for layer in range(n)]
+    bars = ax.bar(range(n), mean, yerr=std, color=colors, capsize=2 if n <= 60 else 0, error_kw={"elinewidth": 0.8})
+    for layer, bar in enumerate(bars):
+        if layer in pivotal:  # highlighted, stream colour kept
+            bar.set_edgecolor("tab:red")
+            bar.set_linewidth(2)
+            bar.set_hatch("//")
+    l0_line = ax.axvline(l0 - 0.5, color="black", linestyle="--", linewidth=1,
+                         label=f"prune start L0 = {l0} (layers < L0 see all context)")
+    if 0 < n_double < n:
+        ax.axvline(n_double - 0.5, color="grey", linestyle=":", linewidth=0.8)
+    ymax = max((m + s for m, s in zip(mean, std)), default=0.0)
+    ax.set_ylim(0, 1.45 * ymax if ymax > 0 else 1.0)  # headroom for the legend
+    ax.legend(handles=[Patch(color="tab:blue", label="double-stream"), Patch(color="tab:cyan", label="single-stream"),
+                       Patch(facecolor="white", edgecolor="tab:red", hatch="//", linewidth=2,
+                             label=f"pivotal {sorted(pivotal)}"), l0_line], fontsize=7, loc="upper right", ncol=2)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("context sensitivity (rel. L2)")
+    ax.set_xlim(-0.6, n - 0.4)
+    ax.set_title(title or f"context sensitivity, {result.get('num_samples', '?')} samples x "
+                          f"{len(result.get('timesteps', []))} timesteps; dT = {result['update_interval']}",
+                 fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    atomic_write_bytes(path_png, buf.getvalue())
