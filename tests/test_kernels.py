@@ -1,0 +1,380 @@
+"""Triton kernels (plugins/triton_kernels.py) and TensorRT plugin descriptors (plugins/trt_plugins.py).
+
+Without CUDA the kernels run on CPU tensors in Triton's interpreter (TRITON_INTERPRET=1, set before
+triton is imported); with CUDA the same tests run on the GPU, plus the @pytest.mark.gpu ones.
+"""
+import json
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton", reason="OpenAI Triton is not installed (pip install triton)")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from plugins import triton_kernels as tk  # noqa: E402
+from plugins import trt_plugins  # noqa: E402
+from topi_export.ops import reference  # noqa: E402
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+gpu = pytest.mark.gpu
+needs_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+
+
+def _inputs(b, h, nx, s, nc, d, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda n: (torch.randn(b, h, n, d, generator=g) * 1.5).to(DEVICE, dtype)  # noqa: E731
+    return mk(nx), mk(s), mk(nc)
+
+
+def _rel(a, b):
+    a, b = a.double().cpu(), b.double().cpu()
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+# B, H, Nx, S, Nc, D: non-powers of two, Nc == S, a single query, several tiles per axis
+SHAPES = [(1, 2, 37, 70, 21, 16), (2, 3, 50, 113, 45, 32), (1, 1, 1, 40, 40, 64), (1, 2, 65, 97, 66, 128)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_influence_fp32_matches_reference_and_oracle(shape):
+    q, k, v = _inputs(*shape)
+    ref = reference.influence_score(q, k, v)
+    oracle = reference.influence_score_materialized(q, k, v)
+    out = tk.influence_score(q, k, v)
+    assert out.shape == ref.shape and out.dtype == torch.float32
+    assert _rel(out, ref) < 1e-5
+    assert _rel(out, oracle) < 1e-5
+
+
+@pytest.mark.parametrize("shape", SHAPES[:2], ids=lambda s: "x".join(map(str, s)))
+def test_influence_fused_single_launch_matches(shape):
+    q, k, v = _inputs(*shape)
+    assert _rel(tk.influence_score_fused(q, k, v), reference.influence_score_materialized(q, k, v)) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_influence_half_precision(dtype):
+    q, k, v = _inputs(1, 2, 40, 90, 33, 32, dtype=dtype)
+    out = tk.influence_score(q, k, v)
+    assert out.dtype == dtype
+    # fp32 maths on the same rounded inputs; the only difference left is the output rounding
+    assert _rel(out, reference.influence_score_materialized(q, k, v)) < (1e-2 if dtype == torch.bfloat16 else 2e-3)
+    assert _rel(tk.influence_score_fused(q, k, v), reference.influence_score(q, k, v)) < 1e-2
+
+
+def test_influence_rejects_bad_inputs():
+    q, k, v = _inputs(1, 1, 4, 8, 4, 16)
+    with pytest.raises(ValueError):
+        tk.influence_score(q, k[:, :, :3], v)  # Nc > S
+    with pytest.raises(ValueError):
+        tk.influence_score(q[..., :8], k[..., :8], v[..., :8])  # D = 8
+    with pytest.raises(TypeError):
+        tk.influence_score(q, k.double(), v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_gather_matches_reference(dtype):
+    x = torch.randn(2, 37, 600).to(DEVICE, dtype)  # C spans two column tiles
+    idx = torch.tensor([0, 5, 36, 3, 3, 20, 11, 12, 13, 30, 1], dtype=torch.int64, device=DEVICE)
+    out = tk.token_gather(x, idx)
+    assert torch.equal(out, reference.token_gather(x, idx))
+    assert tk.token_gather(x, idx[:0]).shape == (2, 0, 600)
+    with pytest.raises(TypeError):
+        tk.token_gather(x, idx.int())
+
+
+# ----------------------------------------------------------------------------- plugin descriptors
+def test_plugin_descriptors():
+    assert trt_plugins.PLUGIN_NAMESPACE == "topi" and trt_plugins.PLUGIN_VERSION == "1"
+    assert set(trt_plugins.PLUGINS) == {"influence_score", "token_gather"}
+    for name, p in trt_plugins.PLUGINS.items():
+        assert p["name"] == name and p["id"] == f"topi::{name}"
+        assert p["namespace"] == "topi" and p["version"] == "1"
+        assert p["attributes"] == {}
+        assert len(p["inputs"]) == len(p["input_shapes"]) and len(p["outputs"]) == len(p["output_shapes"]) == 1
+        assert hasattr(tk, p["aot_kernel"]) and all(hasattr(tk, kern) for kern in p["jit_kernels"])
+    assert trt_plugins.PLUGINS["influence_score"]["inputs"] == ("q_target", "k", "v_ctx")
+    assert trt_plugins.PLUGINS["influence_score"]["output_shapes"] == ("[B,Nc]",)
+    assert trt_plugins.PLUGINS["token_gather"]["inputs"] == ("x", "keep_idx")
+    assert trt_plugins.PLUGINS["token_gather"]["output_shapes"] == ("[B,K,C]",)
+
+
+def test_tensorrt_rtx_has_no_plugin_api():
+    try:
+        import tensorrt_rtx.plugin  # noqa: F401
+        pytest.skip("this tensorrt_rtx has a plugin module")
+    except ImportError:
+        pass
+    with pytest.raises(trt_plugins.PluginUnavailableError, match="tensorrt_rtx.plugin does not exist"):
+        trt_plugins.register_plugins("tensorrt_rtx")
+
+
+# ----------------------------------------------------------------------------- fake tensorrt.plugin
+# Integer-valued stand-ins for tensorrt.plugin, enforcing the signature rules of its validators
+# (tensorrt/plugin/_validate.py), so the registration code and aot_impl bodies run without TensorRT.
+class _Dim(int):
+    is_fake = False
+    is_constant = True
+
+    def constant_value(self):
+        return int(self)
+
+
+def _make_fake_trt(name):
+    trt = types.ModuleType(name)
+    trt.float32, trt.float16, trt.bfloat16, trt.int64 = "FLOAT", "HALF", "BF16", "INT64"
+    trtp = types.ModuleType(f"{name}.plugin")
+    trtp.registry = {}
+
+    class TensorDesc:
+        def __init__(self, shape, dtype):
+            self.shape_expr, self.dtype = tuple(_Dim(s) for s in shape), dtype
+
+    class KernelLaunchParams:
+        grid_x = grid_y = grid_z = block_x = block_y = block_z = 1
+        shared_mem = 0
+
+    class SymExprs(list):
+        pass
+
+    class SymIntExprs(SymExprs):
+        @classmethod
+        def from_tuple(cls, values):
+            return cls(values)
+
+    def schema(fn, tail):
+        import inspect
+        sig = inspect.signature(fn)
+        params = list(sig.parameters)
+        return params[:len(params) - len(tail)], params[len(params) - len(tail):] == tail, sig
+
+    def decorator(kind, tail):
+        def deco(plugin_id):
+            def wrap(fn):
+                entry = trtp.registry.setdefault(plugin_id, {})
+                inputs, ok, sig = schema(fn, tail)
+                assert ok, f"{kind} of {plugin_id}: parameters {list(sig.parameters)} must end with {tail}"
+                if kind == "register":
+                    assert plugin_id.count("::") == 1 and plugin_id.split("::")[0] not in ("", "trt", "tensorrt")
+                    assert all(p.annotation is TensorDesc for p in sig.parameters.values()), "annotations"
+                    assert sig.return_annotation is TensorDesc
+                    entry["inputs"] = inputs
+                else:
+                    assert inputs == entry["inputs"], f"{kind} inputs {inputs} != {entry['inputs']}"
+                if kind == "aot_impl":
+                    assert sig.return_annotation is not sig.empty, "aot_impl needs a return annotation"
+                assert kind not in entry, f"{kind} registered twice for {plugin_id}"
+                entry[kind] = fn
+                return fn
+            return wrap
+        return deco
+
+    trtp.TensorDesc, trtp.Tensor, trtp.KernelLaunchParams = TensorDesc, type("Tensor", (), {}), KernelLaunchParams
+    trtp.SymExprs, trtp.SymIntExprs, trtp.SymInt32 = SymExprs, SymIntExprs, lambda e: int(e)
+    trtp.AutoTuneCombination = lambda io_types, layouts="LINEAR": (io_types, layouts)
+    trtp.from_shape_expr = lambda shape, dtype: TensorDesc(shape, dtype)
+    trtp.cdiv = lambda a, b: -(-int(a) // int(b))
+    trtp.register = decorator("register", [])
+    trtp.autotune = decorator("autotune", ["outputs"])
+    trtp.aot_impl = decorator("aot_impl", ["outputs", "tactic"])
+    trtp.impl = decorator("impl", ["outputs", "stream"])
+    trt.plugin = trtp
+    return trt, trtp
+
+
+@pytest.fixture
+def fake_trt(monkeypatch):
+    name = f"fake_tensorrt_{os.getpid()}"
+    trt, trtp = _make_fake_trt(name)
+    monkeypatch.setitem(sys.modules, name, trt)
+    monkeypatch.setitem(sys.modules, f"{name}.plugin", trtp)
+    monkeypatch.setattr(trt_plugins, "_registered", {})
+    return name, trt, trtp
+
+
+def _compile_aot_elsewhere(requests):
+    """compile_aot for sm_90 in a subprocess: the interpreter replaces Triton's compiler in this one."""
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); from plugins import triton_kernels as tk; "
+            "from triton.backends.compiler import GPUTarget; "
+            "print(json.dumps([tk.compile_aot(*r, target=GPUTarget('cuda', 90, 32)) for r in json.loads(sys.argv[2])]))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    out = subprocess.run([sys.executable, "-c", code, str(ROOT), json.dumps(requests)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return {tuple(r): res for r, res in zip(requests, json.loads(out.stdout.strip().splitlines()[-1]))}
+
+
+def _aot_launches(trtp, b=2, h=3, nx=50, s=113, nc=45, d=16, n=37, c=600, kk=11):
+    """Run both registered aot_impls on concrete shapes; returns {plugin: (name, ptx, launch, extras)}."""
+    F = trtp.TensorDesc
+    inf, gat = trtp.registry["topi::influence_score"], trtp.registry["topi::token_gather"]
+    q, k, v = F((b, h, nx, d), "HALF"), F((b, h, s, d), "HALF"), F((b, h, nc, d), "HALF")
+    out = inf["register"](q, k, v)
+    assert tuple(out.shape_expr) == (b, nc) and out.dtype == "HALF"
+    x, idx = F((b, n, c), "HALF"), F((kk,), "INT64")
+    y = gat["register"](x, idx)
+    assert tuple(y.shape_expr) == (b, kk, c) and y.dtype == "HALF"
+    return {"influence_score": inf["aot_impl"](q, k, v, (out,), 0),
+            "token_gather": gat["aot_impl"](x, idx, (y,), 0)}
+
+
+def test_register_plugins_with_fake_tensorrt(fake_trt, monkeypatch):
+    name, trt, trtp = fake_trt
+    if not HAS_CUDA:
+        compiled = _compile_aot_elsewhere([["influence_score", "fp16", 16], ["token_gather", "fp16", None]])
+        monkeypatch.setattr(tk, "compile_aot", lambda kern, dt, d=None: compiled[(kern, dt, d)])
+    trt_plugins.register_plugins(name)
+    trt_plugins.register_plugins(name)  # idempotent
+    assert set(trtp.registry) == {"topi::influence_score", "topi::token_gather"}
+    for entry in trtp.registry.values():
+        assert {"register", "autotune", "aot_impl"} <= set(entry) and "impl" not in entry
+    combos = trtp.registry["topi::influence_score"]["autotune"](None, None, None, ())
+    assert combos == [("FP32|FP16|BF16, FP32|FP16|BF16, FP32|FP16|BF16, FP32|FP16|BF16", "LINEAR")]
+    combos = trtp.registry["topi::token_gather"]["autotune"](None, None, ())
+    assert combos == [("FP32|FP16|BF16, INT64, FP32|FP16|BF16", "LINEAR")]
+
+    launches = _aot_launches(trtp)
+    kname, ptx, launch, extra = launches["influence_score"]
+    assert kname == b"_influence_fused_kernel" and b".entry _influence_fused_kernel" in ptx
+    assert (launch.grid_x, launch.grid_y) == (-(-45 // tk._AOT_INFLUENCE_TILES[0][2]), 2)
+    assert list(extra) == [3, 50, 113, 45] and launch.shared_mem <= tk.AOT_SHARED_LIMIT
+    kname, ptx, launch, extra = launches["token_gather"]
+    assert kname == b"_token_gather_kernel" and list(extra) == [37, 600, 11]
+    assert (launch.grid_x, launch.grid_y, launch.grid_z) == (2, 2, 2)
+    # TensorRT passes (inputs, int32 scalars, outputs) then pads Triton's 2 hidden scratch pointers
+    entry = ptx.decode()
+    entry = entry[entry.index(".entry _token_gather_kernel"):]
+    assert entry[:entry.index(")")].count(".param") == 6 + 2
+
+    with pytest.raises(trt_plugins.PluginUnavailableError):
+        trt_plugins.register_plugins(name, jit=True)
+
+
+def test_register_jit_and_subset_with_fake_tensorrt(fake_trt):
+    name, trt, trtp = fake_trt
+    trt_plugins.register_plugins(name, jit=True, ops=("token_gather",))
+    assert set(trtp.registry) == {"topi::token_gather"}
+    assert {"register", "autotune", "aot_impl", "impl"} <= set(trtp.registry["topi::token_gather"])
+    with pytest.raises(ValueError, match="unknown topi plugins"):
+        trt_plugins.register_plugins(name, ops=("nope",))
+
+
+# ----------------------------------------------------------------------------- GPU only
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype,d", [(torch.bfloat16, 128), (torch.float32, 64)])
+def test_gpu_influence_flux_like(dtype, d):
+    q, k, v = _inputs(1, 4, 300, 777, 250, d, dtype=dtype)
+    oracle = reference.influence_score_materialized(q, k, v)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert _rel(tk.influence_score(q, k, v), oracle) < tol
+    assert _rel(tk.influence_score_fused(q, k, v), oracle) < tol
+
+
+def _cu_launch(name, ptx, launch, args):
+    """Launch PTX the way TensorRT's AOT path does: given args, then null for Triton's hidden ones."""
+    import ctypes
+    cu = ctypes.CDLL("libcuda.so.1")
+    mod, fn = ctypes.c_void_p(), ctypes.c_void_p()
+    assert cu.cuModuleLoadData(ctypes.byref(mod), ctypes.c_char_p(ptx + b"\0")) == 0
+    assert cu.cuModuleGetFunction(ctypes.byref(fn), mod, ctypes.c_char_p(name)) == 0
+    vals = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else ctypes.c_int32(a) for a in args]
+    vals += [ctypes.c_void_p(0), ctypes.c_void_p(0)]
+    params = (ctypes.c_void_p * len(vals))(*[ctypes.addressof(v) for v in vals])
+    stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+    rc = cu.cuLaunchKernel(fn, launch.grid_x, launch.grid_y, launch.grid_z, launch.block_x, launch.block_y,
+                           launch.block_z, launch.shared_mem, stream, params, None)
+    assert rc == 0, f"cuLaunchKernel failed: {rc}"
+    torch.cuda.synchronize()
+    cu.cuModuleUnload(mod)
+
+
+@gpu
+@needs_gpu
+def test_gpu_aot_kernels_launch_like_tensorrt(fake_trt):
+    name, trt, trtp = fake_trt
+    trt_plugins.register_plugins(name)
+    launches = _aot_launches(trtp)
+    q, k, v = _inputs(2, 3, 50, 113, 45, 16, dtype=torch.float16)
+    out = torch.empty(2, 45, dtype=torch.float16, device="cuda")
+    kname, ptx, launch, extra = launches["influence_score"]
+    _cu_launch(kname, ptx, launch, [q, k, v, *extra, out])
+    assert _rel(out, reference.influence_score_materialized(q, k, v)) < 2e-3
+    x = torch.randn(2, 37, 600, device="cuda", dtype=torch.float16)
+    idx = torch.tensor([0, 5, 36, 3, 3, 20, 11, 12, 13, 30, 1], device="cuda")
+    y = torch.empty(2, 11, 600, device="cuda", dtype=torch.float16)
+    kname, ptx, launch, extra = launches["token_gather"]
+    _cu_launch(kname, ptx, launch, [x, idx, *extra, y])
+    assert torch.equal(y, x[:, idx])
+
+
+class _FakeTrtTensor:
+    """tensorrt.plugin.Tensor as the JIT impls see it: dtype, shape, element strides, data_ptr."""
+
+    def __init__(self, t, dtype_name):
+        self.t, self.dtype, self.shape, self.strides, self.data_ptr = t, dtype_name, tuple(t.shape), t.stride(), t.data_ptr()
+
+
+@gpu
+@needs_gpu
+def test_gpu_jit_impls_with_fake_tensorrt(fake_trt):
+    name, trt, trtp = fake_trt
+    trt_plugins.register_plugins(name, jit=True)
+    stream = torch.cuda.current_stream().cuda_stream
+    q, k, v = _inputs(1, 2, 70, 150, 60, 64, dtype=torch.bfloat16)
+    out = torch.full((1, 60), float("nan"), dtype=torch.bfloat16, device="cuda")
+    T = lambda t: _FakeTrtTensor(t, {torch.bfloat16: "BF16", torch.int64: "INT64"}[t.dtype])  # noqa: E731
+    trtp.registry["topi::influence_score"]["impl"](T(q), T(k), T(v), (T(out),), stream)
+    torch.cuda.synchronize()
+    assert _rel(out, reference.influence_score_materialized(q, k, v)) < 1e-2
+    x = torch.randn(2, 37, 600, device="cuda", dtype=torch.bfloat16)
+    idx = torch.tensor([0, 5, 36, 3, 3, 20], device="cuda")
+    y = torch.empty(2, 6, 600, device="cuda", dtype=torch.bfloat16)
+    trtp.registry["topi::token_gather"]["impl"](T(x), T(idx), (T(y),), stream)
+    torch.cuda.synchronize()
+    assert torch.equal(y, x[:, idx])
+
+
+@gpu
+@needs_gpu
+def test_gpu_aot_compiles_all_dtypes():
+    for dt in ("fp32", "fp16", "bf16"):
+        for d in tk.SUPPORTED_HEAD_DIMS:
+            assert tk.compile_aot("influence_score", dt, d)["shared"] <= tk.AOT_SHARED_LIMIT
+        assert tk.compile_aot("token_gather", dt)["block_x"] > 0
+
+
+# ----------------------------------------------------------------------------- bench script (pure Python parts)
+def _bench_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("gpu_kernels_bench", ROOT / "scripts" / "gpu_kernels_bench.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_script_helpers(tmp_path):
+    bench = _bench_module()
+    failures = []
+    assert bench.check("a", 1e-6, 1e-5, failures)["ok"] and not failures
+    assert not bench.check("b", 2e-2, 1e-2, failures)["ok"] and len(failures) == 1
+    assert not bench.check("c", float("nan"), 1e-2, failures)["ok"] and len(failures) == 2
+    assert bench.rel_err(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.0])) == 0.0
+    table = bench.format_table([{"name": "fast", "ms": 1.0}, {"name": "slow", "ms": 4.0, "note": "x"}])
+    assert "0.25x" in table and "slow" in table
+    assert bench.FLUX["text"] + bench.FLUX["target"] + bench.FLUX["context"] == 8704
+    q, k, v = _inputs(1, 2, 9, 20, 7, 16)
+    assert _rel(bench.full_softmax_influence(q, k, v), reference.influence_score_materialized(q, k, v)) < 1e-5
+    if not HAS_CUDA:
+        assert bench.main(["--json", str(tmp_path / "r.json")]) == 2
