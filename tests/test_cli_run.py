@@ -47,9 +47,9 @@ def test_run_without_compare_has_no_fidelity_keys(tmp_path, capsys):
 
 
 def test_run_on_saved_model_directory(tmp_path, capsys):
-    from topi_export.models import _build_tiny
+    from topi_export.models import build_builtin
 
-    model = _build_tiny()
+    model = build_builtin()
     model.save_pretrained(tmp_path / "pipe" / "transformer", safe_serialization=True)  # pipeline-folder layout
     code, out, err = run_cli(["run", "--model", str(tmp_path / "pipe"), "--steps", "3", "--compare", "-q"], capsys)
     assert code == 0, err

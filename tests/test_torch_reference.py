@@ -37,9 +37,9 @@ def test_ops_match_the_materialised_formula():
 
 
 def test_ratio_zero_forward_equals_unmodified_diffusers(tiny):
-    from topi_export.models import _build_tiny
+    from topi_export.models import build_builtin
 
-    ref_model = _build_tiny().eval()  # same seed, default diffusers processors
+    ref_model = build_builtin().eval()  # same seed, default diffusers processors
     kw = _inputs(tiny.adapter, LAYOUT)
     with torch.no_grad():
         ref = ref_model(**kw, return_dict=False)[0][:, :LAYOUT.num_target]
@@ -52,14 +52,14 @@ def test_ratio_zero_denoising_equals_unmodified_diffusers_loop(tiny, tiny_settin
     """The whole Kontext loop at ratio 0 vs the same loop over the untouched diffusers model."""
     from topi_export.backends.torch import TorchEngine
     from topi_export.method import Selector
-    from topi_export.models import _build_tiny
+    from topi_export.models import build_builtin
     from topi_export.runtime.inputs import synthetic_inputs
     from topi_export.runtime.loop import denoise, make_scheduler
 
     data = synthetic_inputs(tiny.adapter, 1, (4, 4))
     topi = denoise(TorchEngine(tiny.adapter, tiny_settings), data, steps=6, selector=Selector(16, ratio=0.0),
                    update_interval=2)
-    ref_model = _build_tiny().eval()
+    ref_model = build_builtin().eval()
     txt, img = kontext_ids(data.layout)
     latents = data.initial_noise(0)
     sched = make_scheduler(6, 16)

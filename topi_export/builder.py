@@ -62,16 +62,17 @@ def default_engine_dir(source: str, layout, backend: str) -> Path:
 
 
 def build_engines(*, model=None, calibration=None, layout=None, inputs=None, ratio_buckets="0.3,0.5",
-                  backend="onnxruntime", engine_dir=None, onnx_dir=None, policy="topi", tau=None, force=False,
+                  backend="onnxruntime", engine_dir=None, onnx_dir=None, policy=None, tau=None, force=False,
                   backend_options=None, echo=print) -> Path:
     from topi_export.backends import BACKENDS
-    from topi_export.method import POLICIES
+    from topi_export.method import DEFAULT_POLICY, POLICIES
     from topi_export.models import load_model
     from topi_export.runtime.inputs import default_inputs, load_inputs
     from topi_export.runtime.settings import method_settings
 
     if backend not in BACKENDS or backend == "torch":
         raise TopiError(f"unknown build backend {backend!r}: choose onnxruntime, tensorrt or tensorrt-rtx")
+    policy = policy or DEFAULT_POLICY
     if policy not in POLICIES:
         raise TopiError(f"unknown policy {policy!r}: choose one of {', '.join(POLICIES)}")
     buckets = parse_buckets(ratio_buckets)

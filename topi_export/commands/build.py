@@ -20,7 +20,8 @@ from topi_export.commands.common import model_option
               help="Output directory (default: engines/<model>-<shape>-<backend>).")
 @click.option("--onnx-dir", type=click.Path(file_okay=False), default=None,
               help="Keep/reuse the exported portable ONNX graphs here (reused when model, shape and layers match).")
-@click.option("--policy", default="topi", show_default=True, help="Token selection policy recorded for the runtime.")
+@click.option("--policy", default=None, help="Token selection policy recorded for the runtime (default: the "
+                                            "measured best, see README).")
 @click.option("--tau", type=float, default=None, help="Record an adaptive tau default in the manifest.")
 @click.option("--force", is_flag=True, help="Replace an existing engine directory.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,

@@ -13,8 +13,8 @@ from topi_export.errors import TopiError
 
 
 def model_option(f):
-    return click.option("--model", default=None, metavar="tiny-kontext|kontext-digits|PATH",
-                        help="Built-in model name or a local diffusers folder (transformer or pipeline). "
+    return click.option("--model", default=None, metavar="NAME|PATH",
+                        help="Built-in model (kontext-digits, tiny-kontext, mid-kontext) or a local diffusers folder (transformer or pipeline). "
                              "Default: the embedded model.")(f)
 
 

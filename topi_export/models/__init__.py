@@ -11,12 +11,13 @@ from pathlib import Path
 import torch
 
 from topi_export.errors import TopiError
-from topi_export.models.flux_kontext import FluxKontextAdapter, Layout, kontext_ids, tiny_config  # noqa: F401
+from topi_export.models.flux_kontext import FluxKontextAdapter, Layout, kontext_ids, mid_config, tiny_config  # noqa: F401
 
 ADAPTERS = {"FluxTransformer2DModel": FluxKontextAdapter}
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
-# Built-in models: name -> folder under assets/ (trained, shipped) or None (built in memory).
-BUILTINS = {"tiny-kontext": None, "kontext-digits": ASSETS / "kontext-digits"}
+# Built-in models: name -> folder under assets/ (trained, shipped) or None (seeded, built in memory).
+BUILTINS = {"tiny-kontext": None, "mid-kontext": None, "kontext-digits": ASSETS / "kontext-digits"}
+IN_MEMORY = {"tiny-kontext": tiny_config, "mid-kontext": mid_config}
 DEFAULT_MODEL = "kontext-digits" if (ASSETS / "kontext-digits" / "config.json").exists() else "tiny-kontext"
 
 
@@ -47,12 +48,12 @@ def weights_hash(model: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def _build_tiny():
+def build_builtin(name: str = "tiny-kontext"):
     from diffusers import FluxTransformer2DModel
 
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        return FluxTransformer2DModel(**tiny_config())
+        return FluxTransformer2DModel(**IN_MEMORY[name]())
 
 
 def _resolve_dir(path: Path) -> Path:
@@ -89,14 +90,14 @@ def _load_dir(path: Path):
 
 def load_model(spec: str | os.PathLike | None = None) -> LoadedModel:
     spec = str(spec or DEFAULT_MODEL)
-    if spec in BUILTINS and BUILTINS[spec] is None:
-        model = _build_tiny()
+    if spec in IN_MEMORY:
+        model = build_builtin(spec)
     else:
         path = BUILTINS.get(spec) or Path(spec)
         path = Path(path)
         if not path.exists():
             raise TopiError(f"model {spec!r} not found: pass a local diffusers folder or one of "
-                            f"{', '.join(n for n in BUILTINS if n == 'tiny-kontext' or BUILTINS[n].exists())}")
+                            f"{', '.join(n for n in BUILTINS if BUILTINS[n] is None or BUILTINS[n].exists())}")
         model = _load_dir(path)
     cls_name = type(model).__name__
     if cls_name not in ADAPTERS:

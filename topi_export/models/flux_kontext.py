@@ -202,6 +202,13 @@ class FluxKontextAdapter:
         return out[:, :num_target], influence
 
 
+def mid_config() -> dict:
+    """The mid-size benchmark config: 4 heads x 64 dims, 2 double + 4 single blocks."""
+    return dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=4, attention_head_dim=64,
+                num_attention_heads=4, joint_attention_dim=256, pooled_projection_dim=64, guidance_embeds=True,
+                axes_dims_rope=(8, 28, 28))
+
+
 def tiny_config() -> dict:
     """A small deterministic Flux config (2 double + 4 single blocks, 2 heads x 16 dims)."""
     return dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=4, attention_head_dim=16,

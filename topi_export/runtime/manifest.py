@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from topi_export.errors import TopiError
-from topi_export.method import keep_count
+from topi_export.method import DEFAULT_POLICY, keep_count
 from topi_export.models import Layout
 
 FORMAT = "topi-engines/1"
@@ -49,7 +49,7 @@ class Manifest:
 
     @property
     def policy(self) -> str:
-        return self.data.get("policy", "topi")
+        return self.data.get("policy", DEFAULT_POLICY)
 
     @property
     def settings(self) -> dict:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from topi_export.errors import TopiError
-from topi_export.method import Selector, parse_buckets, validate_ratio
+from topi_export.method import DEFAULT_POLICY, Selector, parse_buckets, validate_ratio
 
 DEFAULT_RATIO = 0.5
 
@@ -46,7 +46,7 @@ class Session:
             raise TopiError(f"buckets {sorted(set(buckets) - set(compiled))} are not compiled in "
                             f"{self.manifest.path} (it has {list(compiled)}): rebuild with --ratio-buckets")
         if policy is None:
-            policy = self.manifest.policy if self.manifest is not None else self.settings.get("policy", "topi")
+            policy = self.manifest.policy if self.manifest is not None else self.settings.get("policy", DEFAULT_POLICY)
         if tau is not None and ratio is not None:
             raise TopiError("give either --ratio or --tau, not both")
         if tau is None:

@@ -1,0 +1,30 @@
+"""`topi-export bench`: consistent JSON, ratio 0 is exact and ~1x, Markdown and plot written."""
+import json
+
+from conftest import run_cli
+
+
+def test_bench_json_on_tiny(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code, stdout, err = run_cli(["bench", "--model", "tiny-kontext", "--ratio-buckets", "0,0.5",
+                                 "--policies", "topi,random,uniform", "--steps", "4", "--update-interval", "2",
+                                 "--tau", "0.5", "--json", str(out), "-q"], capsys)
+    assert code == 0, err
+    report = json.loads(out.read_text())  # strict JSON
+    assert report["default_policy"] in ("topi", "topi-cov", "uniform", "random")
+    rows = report["results"]
+    assert {(r["policy"], r["ratio"]) for r in rows if "tau" not in r} == {
+        (p, r) for p in ("topi", "random", "uniform") for r in (0.0, 0.5)}
+    for r in rows:
+        for key in ("policy", "ratio", "psnr_db", "psnr_db_min", "rel_l2", "speedup"):
+            assert key in r
+    for r in (r for r in rows if r["ratio"] == 0.0 and "tau" not in r):
+        assert r["rel_l2"] == 0.0 and r["psnr_db"] is None  # identical to the unpruned run
+        assert 0.5 < r["speedup"] < 2.0  # same work as the baseline: ~1 (loose: timing noise on shared CPUs)
+        assert r["keep"] == [64]
+    pruned = [r for r in rows if r["ratio"] == 0.5]
+    assert all(r["keep"] == [32] and r["rel_l2"] > 0 and r["psnr_db"] > 0 for r in pruned)
+    assert any("tau" in r for r in rows)
+    assert (tmp_path / "bench.md").read_text().startswith("| policy")
+    assert (tmp_path / "bench.png").stat().st_size > 1000
+    assert "default policy" in stdout

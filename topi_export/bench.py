@@ -1,0 +1,178 @@
+"""Speed and fidelity per ratio bucket and selection policy (``topi-export bench``).
+
+For every inputs file: one unpruned run (same noise) is the reference; every (ratio, policy) runs the
+ToPi schedule. Fidelity: PSNR / relative L2 of the final latents vs the unpruned run (and vs
+``target_latents`` when the file has them). Speed: end-to-end loop time and median step times."""
+from __future__ import annotations
+
+import math
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+
+from topi_export.method.selection import DEFAULT_POLICY
+
+
+@dataclass
+class BenchConfig:
+    ratios: tuple
+    policies: tuple
+    steps: int = 28
+    update_intervals: tuple = (10,)
+    taus: tuple = ()
+    seed: int = 0
+    repeats: int = 1
+
+
+@dataclass
+class Row:
+    policy: str
+    ratio: float
+    update_interval: int
+    tau: float | None = None
+    psnr: list = field(default_factory=list)
+    rel: list = field(default_factory=list)
+    psnr_gt: list = field(default_factory=list)
+    times: list = field(default_factory=list)
+    full_times: list = field(default_factory=list)
+    anchor_ms: list = field(default_factory=list)
+    pruned_ms: list = field(default_factory=list)
+    keeps: list = field(default_factory=list)
+
+    def summary(self) -> dict:
+        mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
+        finite = [p for p in self.psnr if math.isfinite(p)]
+        out = {"policy": self.policy, "ratio": self.ratio, "update_interval": self.update_interval,
+               "psnr_db": mean(finite) if len(finite) == len(self.psnr) else math.inf, "psnr_db_min": min(self.psnr),
+               "rel_l2": mean(self.rel), "speedup": sum(self.full_times) / sum(self.times),
+               "time_s": mean(self.times), "full_time_s": mean(self.full_times),
+               "anchor_step_ms": statistics.median(self.anchor_ms) if self.anchor_ms else None,
+               "pruned_step_ms": statistics.median(self.pruned_ms) if self.pruned_ms else None,
+               "keep": sorted(set(self.keeps))}
+        if self.tau is not None:
+            out["tau"] = self.tau
+        if self.psnr_gt:
+            out["psnr_gt_db"] = mean(self.psnr_gt)
+            out["psnr_gt_db_min"] = min(self.psnr_gt)
+        return out
+
+
+def _steps_ms(schedule, kind):
+    return [r["time_s"] * 1000 for r in schedule if r["graph"] == kind]
+
+
+def run_bench(session, inputs_list, cfg: BenchConfig, progress=None) -> dict:
+    from topi_export.runtime.loop import psnr, rel_l2
+
+    rows: dict[tuple, Row] = {}
+    full_steps, baseline = [], {"psnr_gt": [], "times": []}
+    warmed = False
+    for data in inputs_list:
+        if not warmed:
+            for ratio in cfg.ratios:
+                session.warmup(data, session.selector(data, ratio=ratio, policy="topi", seed=cfg.seed))
+            warmed = True
+        full = None
+        for _ in range(cfg.repeats):
+            r = session.denoise(data, steps=cfg.steps, seed=cfg.seed, selector=None)
+            full = r if full is None or r.time_s < full.time_s else full
+        full_steps += _steps_ms(full.schedule, "full")
+        baseline["times"].append(full.time_s)
+        if data.target_latents is not None:
+            baseline["psnr_gt"].append(psnr(full.latents, data.target_latents))
+        modes = [(p, r, None, dt) for dt in cfg.update_intervals for r in cfg.ratios for p in cfg.policies]
+        modes += [("topi", 0.0, tau, dt) for dt in cfg.update_intervals for tau in cfg.taus]
+        for policy, ratio, tau, dt in modes:
+            sel = session.selector(data, ratio=None if tau is not None else ratio, tau=tau,
+                                   ratio_buckets=",".join(str(r) for r in cfg.ratios if r > 0) if tau is not None else None,
+                                   policy=policy, seed=cfg.seed)
+            best = None
+            for _ in range(cfg.repeats):
+                res = session.denoise(data, steps=cfg.steps, seed=cfg.seed, selector=sel, update_interval=dt)
+                best = res if best is None or res.time_s < best.time_s else best
+            row = rows.setdefault((policy, ratio, tau, dt), Row(policy, ratio, dt, tau))
+            row.psnr.append(psnr(best.latents, full.latents))
+            row.rel.append(rel_l2(best.latents, full.latents))
+            row.times.append(best.time_s)
+            row.full_times.append(full.time_s)
+            row.anchor_ms += _steps_ms(best.schedule, "anchor")
+            row.pruned_ms += _steps_ms(best.schedule, "pruned")
+            row.keeps += [r["keep"] for r in best.schedule if r["kind"] == "pruned"]
+            if data.target_latents is not None:
+                row.psnr_gt.append(psnr(best.latents, data.target_latents))
+            if progress:
+                progress()
+    results = [r.summary() for r in rows.values()]
+    base = {"policy": "none", "ratio": 0.0, "psnr_db": math.inf, "psnr_db_min": math.inf, "rel_l2": 0.0,
+            "speedup": 1.0, "time_s": sum(baseline["times"]) / len(baseline["times"]),
+            "full_step_ms": statistics.median(full_steps)}
+    if baseline["psnr_gt"]:
+        base["psnr_gt_db"] = sum(baseline["psnr_gt"]) / len(baseline["psnr_gt"])
+    best = best_policy(results)
+    return {"default_policy": DEFAULT_POLICY, "best_policy": best, "baseline": base, "results": results,
+            "steps": cfg.steps, "inputs": [d.source for d in inputs_list], "backend": session.engine.name,
+            "model": session.model_info["source"], "machine": machine()}
+
+
+def best_policy(results) -> str | None:
+    """The policy with the highest mean PSNR at the largest common ratio (equal keep count)."""
+    fixed = [r for r in results if "tau" not in r]
+    if not fixed:
+        return None
+    top = max(r["ratio"] for r in fixed)
+    return max((r for r in fixed if r["ratio"] == top), key=lambda r: r["psnr_db"])["policy"]
+
+
+def machine() -> dict:
+    import os
+
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "python": platform.python_version()}
+
+
+def markdown_table(report) -> str:
+    gt = any("psnr_gt_db" in r for r in report["results"])
+    head = "| policy | ratio | dT | keep | PSNR vs unpruned [dB] (min) | rel. L2 | speedup | pruned step [ms] |"
+    head += " PSNR vs truth [dB] |" if gt else ""
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    b = report["baseline"]
+    lines.append(f"| none | 0 | - | all | - | - | 1.00x | {b['full_step_ms']:.1f} (full) |"
+                 + (f" {b.get('psnr_gt_db', float('nan')):.2f} |" if gt else ""))
+    for r in sorted(report["results"], key=lambda r: (r.get("tau") is not None, r["ratio"], r["policy"])):
+        name = r["policy"] + (f" tau={r['tau']}" if "tau" in r else "")
+        pruned = f"{r['pruned_step_ms']:.1f}" if r["pruned_step_ms"] else "-"
+        line = (f"| {name} | {r['ratio'] if 'tau' not in r else '-'} | {r['update_interval']} | {'/'.join(map(str, r['keep']))} | "
+                f"{r['psnr_db']:.2f} ({r['psnr_db_min']:.2f}) | {r['rel_l2']:.2e} | {r['speedup']:.2f}x | {pruned} |")
+        if gt:
+            line += f" {r.get('psnr_gt_db', float('nan')):.2f} |"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def plot(report, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    policies = sorted({r["policy"] for r in report["results"] if "tau" not in r})
+    for policy in policies:
+        pts = sorted((r["speedup"], r["psnr_db"], r["ratio"]) for r in report["results"]
+                     if r["policy"] == policy and "tau" not in r)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=policy)
+        for s, q, r in pts:
+            ax.annotate(f"{r:g}", (s, q), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xlabel("end-to-end speedup vs unpruned")
+    ax.set_ylabel("PSNR vs unpruned [dB]")
+    ax.set_title(f"{report['model']} on {report['backend']}, {report['steps']} steps")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def timestamp() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
