@@ -116,3 +116,16 @@ def test_help_is_fast_and_lists_commands(capsys):
                            capture_output=True, text=True)
     assert probe.stdout.strip() == "False"  # the CLI entry imports no heavy backend
     assert time.perf_counter() - t < 60
+
+
+def test_png_strip(tmp_path, capsys):
+    from PIL import Image
+
+    png = tmp_path / "strip.png"
+    code, out, err = run_cli(["run", "--model", "tiny-kontext", "--steps", "2", "--compare", "-q", "--png", str(png)],
+                             capsys)
+    assert code == 0, err
+    img = Image.open(png)
+    assert img.size[0] > 3 * img.size[1]  # four panels side by side
+    code, _, err = run_cli(["run", "--model", "tiny-kontext", "--steps", "2", "-q", "--png", str(png)], capsys)
+    assert code == 2 and "--compare" in err

@@ -27,9 +27,11 @@ from topi_export.commands.common import (model_option, quiet_option, save_latent
 @click.option("--compare", is_flag=True, help="Also run the unpruned loop; print time, speedup, PSNR, rel. L2.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write a JSON report.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write final latents (safetensors).")
+@click.option("--png", type=click.Path(dir_okay=False), default=None,
+              help="With --compare: save a strip reference | unpruned | ToPi | kept-token mask.")
 @quiet_option
 def cmd(model, inputs, engine_dir, backend, ratio, tau, ratio_buckets, policy, update_interval, calibration, steps,
-        seed, compare, json_path, out, quiet):
+        seed, compare, json_path, out, png, quiet):
     """Run a ToPi-pruned Kontext generation and report the per-step schedule."""
     from topi_export.runtime.session import open_session
 
@@ -53,6 +55,21 @@ def cmd(model, inputs, engine_dir, backend, ratio, tau, ratio_buckets, policy, u
         report["psnr_db"] = psnr(topi.latents, full.latents)
         report["rel_l2"] = rel_l2(topi.latents, full.latents)
         click.echo(session.compare_table(report))
+        if png:
+            from topi_export.runtime.visualize import save_strip
+
+            last = max(topi.kept) if topi.kept else None
+            save_strip(png, data, full.latents, topi.latents, topi.kept.get(last) if last is not None else None)
+            click.echo(f"strip -> {png}")
+        if data.target_latents is not None:
+            report["psnr_db_vs_truth"] = {"topi": psnr(topi.latents, data.target_latents),
+                                          "full": psnr(full.latents, data.target_latents)}
+            click.echo(f"vs ground truth: PSNR unpruned {report['psnr_db_vs_truth']['full']:.2f} dB, "
+                       f"ToPi {report['psnr_db_vs_truth']['topi']:.2f} dB")
+    elif png:
+        from topi_export.errors import TopiError
+
+        raise TopiError("--png needs --compare (the strip shows the unpruned and the ToPi result)")
     if out:
         save_latents(out, topi.latents)
         click.echo(f"latents -> {out}")

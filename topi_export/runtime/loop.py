@@ -33,6 +33,7 @@ class RunResult:
     latents: torch.Tensor
     schedule: list = field(default_factory=list)
     time_s: float = 0.0
+    kept: dict = field(default_factory=dict)  # anchor step -> kept context indices (None = all)
 
 
 def _progress(total, desc, enabled):
@@ -49,7 +50,7 @@ def denoise(engine, inputs, *, steps: int, seed: int = 0, selector: Selector | N
     sched = make_scheduler(steps, inputs.layout.num_target)
     plan = make_plan(steps, update_interval)
     keep_idx, ratio, keep = None, 0.0, inputs.layout.num_ctx
-    records = []
+    records, kept = [], {}
     start = time.perf_counter()
     with torch.inference_mode(), _progress(steps, desc, progress) as bar:
         for sp, t in zip(plan, sched.timesteps):
@@ -65,6 +66,7 @@ def denoise(engine, inputs, *, steps: int, seed: int = 0, selector: Selector | N
                     raise TopiError(f"influence at step {sp.step} is not finite: the model produced NaN/Inf; "
                                     f"check the inputs and weights")
                 keep_idx, ratio, keep = selector.select(influence, sp.step)
+                kept[sp.step] = None if keep_idx is None else keep_idx.tolist()
             elif keep_idx is None:
                 kind = "pruned"
                 velocity = engine.full(latents, timestep)
@@ -81,7 +83,7 @@ def denoise(engine, inputs, *, steps: int, seed: int = 0, selector: Selector | N
                    "bucket": ratio if kind != "full" else 0.0, "time_s": dt}
             records.append(rec)
             bar.update(1)
-    return RunResult(latents, records, time.perf_counter() - start)
+    return RunResult(latents, records, time.perf_counter() - start, kept)
 
 
 def warmup(engine, inputs, keep: int | None = None) -> None:
