@@ -7,11 +7,11 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from topi_export.errors import TopiError
+from topi_export.fsutil import staged_dir
 from topi_export.method import parse_buckets
 from topi_export.runtime.manifest import FORMAT, bucket_table, file_entries, write_manifest
 
@@ -93,10 +93,7 @@ def build_engines(*, model=None, calibration=None, layout=None, inputs=None, rat
         from topi_export.backends.tensorrt import import_trt
 
         import_trt(backend)
-    engine_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{engine_dir.name}.tmp-", dir=engine_dir.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the engine directory is shared (e.g. with Triton)
-    try:
+    with staged_dir(engine_dir) as tmp:
         graphs_dir = tmp / "onnx"
         meta = _onnx_meta(identity, layout, settings)
         if onnx_dir and _reuse_onnx(Path(onnx_dir), meta):
@@ -142,10 +139,6 @@ def build_engines(*, model=None, calibration=None, layout=None, inputs=None, rat
         }
         write_manifest(tmp, data)
         stages(f"move into place: {engine_dir}")
-        _replace_dir(tmp, engine_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return engine_dir
 
 
@@ -154,13 +147,3 @@ def _save_onnx_copy(src: Path, dst: Path, meta: dict) -> None:
     for f in src.iterdir():
         shutil.copy2(f, dst / f.name)
     (dst / "onnx_meta.json").write_text(json.dumps(meta, indent=2))
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.rename(final, old)
-    os.rename(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from topi_export.errors import TopiError
-from topi_export.models import kontext_ids
+from topi_export.runtime.engine import static_feed
 
 
 def _ort():
@@ -63,13 +63,7 @@ class OrtEngine:
         self.input_names = {k: {i.name for i in s.get_inputs()} for k, s in self.sessions.items()}
 
     def bind(self, inputs) -> None:
-        txt_ids, img_ids = kontext_ids(inputs.layout)
-        self.reference = inputs.reference_latents.numpy().astype(np.float32)
-        self.static = {"encoder_hidden_states": inputs.prompt_embeds.numpy().astype(np.float32),
-                       "pooled_projections": inputs.pooled_prompt_embeds.numpy().astype(np.float32),
-                       "img_ids": img_ids.numpy(), "txt_ids": txt_ids.numpy(),
-                       "guidance": inputs.guidance_tensor().numpy().astype(np.float32)}
-        self.all_idx = np.arange(inputs.layout.num_ctx, dtype=np.int64)
+        self.reference, self.static, self.all_idx = static_feed(inputs)
 
     def _feed(self, kind, latents, timestep, keep_idx=None):
         feed = {"hidden_states": np.concatenate([latents.numpy().astype(np.float32), self.reference], axis=1),

@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import click
 
 from topi_export.errors import TopiError
+from topi_export.fsutil import atomic_write_bytes  # noqa: F401  (re-exported for commands)
 
 
 def model_option(f):
@@ -29,19 +28,6 @@ def quiet_option(f):
 
 def show_progress(quiet: bool) -> bool:
     return not quiet and sys.stderr.isatty()
-
-
-def atomic_write_bytes(path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_json(path, obj) -> None:

@@ -21,3 +21,19 @@ class StepEngine(Protocol):
 
     def pruned(self, latents: torch.Tensor, timestep: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
         """Velocity with only the kept context tokens (sorted int64 indices) from layer L0 on."""
+
+
+def static_feed(inputs):
+    """The graph inputs that stay fixed for a request, as float32/int64 numpy arrays, plus the reference
+    latents (concatenated to the latents every step) and every context index (the unpruned keep_idx)."""
+    import numpy as np
+
+    from topi_export.models import kontext_ids
+
+    txt_ids, img_ids = kontext_ids(inputs.layout)
+    static = {"encoder_hidden_states": inputs.prompt_embeds.numpy().astype(np.float32),
+              "pooled_projections": inputs.pooled_prompt_embeds.numpy().astype(np.float32),
+              "img_ids": img_ids.numpy(), "txt_ids": txt_ids.numpy(),
+              "guidance": inputs.guidance_tensor().numpy().astype(np.float32)}
+    return (inputs.reference_latents.numpy().astype(np.float32), static,
+            np.arange(inputs.layout.num_ctx, dtype=np.int64))
