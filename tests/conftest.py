@@ -5,6 +5,9 @@ import pytest
 import torch
 
 os.environ.setdefault("TQDM_DISABLE", "1")
+if not torch.cuda.is_available():
+    # Triton reads this when it is first imported, which any test module may trigger: set it first
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 warnings.filterwarnings("ignore", category=UserWarning)
 
