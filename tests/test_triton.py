@@ -47,7 +47,7 @@ def _described_tensorrt_dir(ort_engine_dir: Path, dst: Path, backend="tensorrt")
     module = backend.replace("-", "_")
     data["backend"] = backend
     data["precision"] = "fp16"
-    # as backends/tensorrt.py records them: one anchor profile, one pruned profile per bucket
+    # as backends/tensorrt/ records them: one anchor profile, one pruned profile per bucket
     data["graphs"] = {"anchor": {"file": "anchor.engine", "onnx": "onnx/anchor.onnx", "profiles": [{"index": 0}]},
                       "pruned": {"file": "pruned.engine", "onnx": "onnx/pruned.onnx",
                                  "profiles": [{"index": b["profile"], "ratio": b["ratio"], "keep": b["keep"]}

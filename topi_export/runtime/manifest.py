@@ -168,7 +168,7 @@ def open_engine_session(engine_dir, *, backend=None, model=None, update_interval
 
         engine = OrtEngine(m)
     else:
-        from topi_export.backends.tensorrt import TensorRTEngine
+        from topi_export.backends.tensorrt.runtime import TensorRTEngine
 
         engine = TensorRTEngine(m)
     return Session(engine, settings, info, manifest=m)
