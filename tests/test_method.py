@@ -34,12 +34,13 @@ def test_tau_rounding_never_keeps_fewer_than_tau_asks():
         top = infl.sort(descending=True).values
         assert top[:need].sum() >= tau * infl.sum() - 1e-6
         assert need == 1 or top[:need - 1].sum() < tau * infl.sum()
-        sel = Selector(n, tau=tau, buckets=buckets)
-        idx, ratio, keep = sel.select(infl)
-        assert keep >= need
-        if idx is not None:
+        for policy in POLICIES:  # the kept COUNT never falls below what tau asks, whatever the policy
+            idx, ratio, keep = Selector(n, tau=tau, buckets=buckets, policy=policy).select(infl)
+            assert keep >= need and (idx is None or len(idx) == keep)
+        idx, ratio, keep = Selector(n, tau=tau, buckets=buckets, policy="topi").select(infl)
+        if idx is not None:  # top-k also keeps at least tau of the influence mass
             assert keep == keep_count(ratio, n) and ratio in buckets
-            assert len(idx) == keep and infl[idx].sum() >= tau * infl.sum() - 1e-6
+            assert infl[idx].sum() >= tau * infl.sum() - 1e-6
             # the smallest bucket that fits: the next larger ratio would keep too few
             larger = [r for r in buckets if r > ratio]
             if larger:
@@ -87,3 +88,22 @@ def test_schedule_anchors():
 def test_ratio_outside_range_is_refused(ratio):
     with pytest.raises(TopiError):
         Selector(10, ratio=ratio)
+
+
+def test_dither_policy_drops_weak_tokens_first_then_spreads_evenly():
+    infl = torch.ones(8, 8)
+    infl[:, 6:] = 0.01  # two weak columns (e.g. shifted out of the target): dropped first
+    idx = select_tokens(infl.flatten(), 32, "topi-dither", grid=(8, 8))
+    kept = torch.zeros(64, dtype=torch.bool)
+    kept[idx] = True
+    kept = kept.reshape(8, 8)
+    assert not kept[:, 6:].any()
+    # the other 16 removals are spread: every 2x2 cell of the strong part keeps 2 or 3 tokens
+    cells = kept[:, :6].reshape(4, 2, 3, 2).sum(dim=(1, 3))
+    assert cells.min() >= 2 and cells.max() <= 3
+
+
+def test_default_policy_is_a_registered_influence_policy():
+    from topi_export.method import DEFAULT_POLICY
+
+    assert DEFAULT_POLICY in POLICIES and DEFAULT_POLICY.startswith("topi")

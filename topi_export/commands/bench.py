@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from topi_export.commands.common import atomic_write_bytes, model_option, quiet_option, show_progress, steps_option
+from topi_export.commands.common import (ManyValues, atomic_write_bytes, model_option, quiet_option, show_progress,
+                                         steps_option)
 
 
 def parse_ratios(text: str) -> tuple:
@@ -39,7 +40,7 @@ def strict_json(obj):
 
 @click.command("bench")
 @model_option
-@click.option("--inputs", multiple=True, type=click.Path(dir_okay=False),
+@click.option("--inputs", cls=ManyValues, type=click.Path(dir_okay=False),
               help="Inputs files (repeatable, or several after one --inputs). Default: the model's samples, "
                    "else one synthetic input.")
 @click.option("--ratio-buckets", default="0.3,0.5", show_default=True, help="Ratios to measure.")

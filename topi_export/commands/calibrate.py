@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from topi_export.commands.common import model_option, quiet_option, show_progress
+from topi_export.commands.common import ManyValues, model_option, quiet_option, show_progress
 from topi_export.errors import TopiError
 
 
@@ -32,7 +32,7 @@ def _table(result: dict, rows: int) -> str:
 
 @click.command("calibrate")
 @model_option
-@click.option("--inputs", "inputs", multiple=True, type=click.Path(dir_okay=False),
+@click.option("--inputs", "inputs", cls=ManyValues, type=click.Path(dir_okay=False),
               help="Calibration inputs .safetensors (repeatable: several files form the set). "
                    "Default: a seeded synthetic set.")
 @click.option("--samples", type=int, default=None, help="Synthetic set size when no --inputs.  [default: 4]")

@@ -11,6 +11,32 @@ from topi_export.errors import TopiError
 from topi_export.fsutil import atomic_write_bytes  # noqa: F401  (re-exported for commands)
 
 
+class ManyValues(click.Option):
+    """``--inputs A B C`` as well as ``--inputs A --inputs B``: takes every following argument up to the
+    next option (click options take a fixed number of values)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("multiple", True)
+        super().__init__(*args, **kwargs)
+
+    def add_to_parser(self, parser, ctx):
+        super().add_to_parser(parser, ctx)
+        for name in self.opts:
+            opt = parser._long_opt.get(name) or parser._short_opt.get(name)
+            if opt is None:
+                continue
+            plain = opt.process
+
+            def process(value, state, plain=plain):
+                values = [value]
+                while state.rargs and not state.rargs[0].startswith("-"):
+                    values.append(state.rargs.pop(0))
+                for v in values:
+                    plain(v, state)
+
+            opt.process = process
+
+
 def model_option(f):
     return click.option("--model", default=None, metavar="NAME|PATH",
                         help="Built-in model (kontext-digits, tiny-kontext, mid-kontext) or a local diffusers folder (transformer or pipeline). "

@@ -82,7 +82,7 @@ def _load_dir(path: Path):
 
     cls = getattr(diffusers, cls_name)
     try:
-        return cls.from_pretrained(folder, use_safetensors=True, torch_dtype=torch.float32)
+        return cls.from_pretrained(folder, use_safetensors=True, torch_dtype=torch.float32, low_cpu_mem_usage=False)
     except Exception as exc:  # corrupt or truncated weights
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TopiError(f"cannot load weights from {folder}: {first}: re-save the model with save_pretrained")
