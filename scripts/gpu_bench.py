@@ -24,19 +24,10 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from topi_export.method import keep_count  # noqa: E402
+from topi_export.method.cost import step_flops  # noqa: E402
 from topi_export.method.defaults import scaled_defaults  # noqa: E402
 from topi_export.models import FluxKontextAdapter, Layout, kontext_ids  # noqa: E402
 from topi_export.runtime.loop import make_scheduler  # noqa: E402
-
-
-def step_flops(layout, keep, num_double, num_single, prune_start, dim):
-    """2 * MACs of linear layers (12 d^2 per token per block) and attention (2 S^2 d per block)."""
-    total = 0.0
-    for layer in range(num_double + num_single):
-        ctx = layout.num_ctx if layer < prune_start else keep
-        s = layout.text_tokens + layout.num_target + ctx
-        total += 2 * (12 * dim * dim * s + 2 * s * s * dim)
-    return total
 
 
 def timer(device):
@@ -112,15 +103,14 @@ def main():
     with torch.inference_mode():
         full_ms = run(lambda: fwd(), args.reps)
         results["steps_ms"]["full"] = full_ms
-        f_full = step_flops(layout, layout.num_ctx, cfg["num_layers"], cfg["num_single_layers"], l0,
-                            cfg["num_attention_heads"] * cfg["attention_head_dim"])
+        depth, width = cfg["num_layers"] + cfg["num_single_layers"], cfg["num_attention_heads"] * cfg["attention_head_dim"]
+        f_full = step_flops(layout, layout.num_ctx, depth, l0, width)
         results["pruned"] = []
         for ratio in (0.3, 0.5):
             keep = keep_count(ratio, layout.num_ctx)
             idx = torch.randperm(layout.num_ctx, generator=g)[:keep].sort().values.to(dev)
             ms = run(lambda: fwd(keep_idx=idx, prune_layer=l0), args.reps)
-            f = step_flops(layout, keep, cfg["num_layers"], cfg["num_single_layers"], l0,
-                           cfg["num_attention_heads"] * cfg["attention_head_dim"])
+            f = step_flops(layout, keep, depth, l0, width)
             results["pruned"].append({"ratio": ratio, "keep": keep, "ms": ms, "speedup": full_ms / ms,
                                       "flop_speedup": f_full / f, "efficiency": (full_ms / ms) / (f_full / f)})
         anchor_ref = run(lambda: fwd(influence_layers=pivotal), args.reps)

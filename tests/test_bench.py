@@ -11,7 +11,9 @@ def test_bench_json_on_tiny(tmp_path, capsys):
                                  "--tau", "0.5", "--json", str(out), "-q"], capsys)
     assert code == 0, err
     report = json.loads(out.read_text())  # strict JSON
-    assert report["default_policy"] in ("topi", "topi-cov", "uniform", "random")
+    from topi_export.method import DEFAULT_POLICY
+
+    assert report["default_policy"] == DEFAULT_POLICY
     rows = report["results"]
     assert {(r["policy"], r["ratio"]) for r in rows if "tau" not in r} == {
         (p, r) for p in ("topi", "random", "uniform") for r in (0.0, 0.5)}
@@ -24,7 +26,8 @@ def test_bench_json_on_tiny(tmp_path, capsys):
         assert r["keep"] == [64]
     pruned = [r for r in rows if r["ratio"] == 0.5]
     assert all(r["keep"] == [32] and r["rel_l2"] > 0 and r["psnr_db"] > 0 for r in pruned)
-    assert any("tau" in r for r in rows)
+    assert {r["policy"] for r in rows if "tau" in r} == {"topi", "random", "uniform"}  # tau per policy
+    assert all("flop_speedup" in r and r["flop_speedup"] > 1 for r in pruned)
     assert (tmp_path / "bench.md").read_text().startswith("| policy")
     assert (tmp_path / "bench.png").stat().st_size > 1000
     assert "default policy" in stdout

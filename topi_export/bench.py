@@ -23,6 +23,7 @@ class BenchConfig:
     taus: tuple = ()
     seed: int = 0
     repeats: int = 1
+    dim: int | None = None  # model width, for the FLOP-predicted step speedup
 
 
 @dataclass
@@ -82,7 +83,7 @@ def run_bench(session, inputs_list, cfg: BenchConfig, progress=None) -> dict:
         if data.target_latents is not None:
             baseline["psnr_gt"].append(psnr(full.latents, data.target_latents))
         modes = [(p, r, None, dt) for dt in cfg.update_intervals for r in cfg.ratios for p in cfg.policies]
-        modes += [("topi", 0.0, tau, dt) for dt in cfg.update_intervals for tau in cfg.taus]
+        modes += [(p, 0.0, tau, dt) for dt in cfg.update_intervals for tau in cfg.taus for p in cfg.policies]
         for policy, ratio, tau, dt in modes:
             sel = session.selector(data, ratio=None if tau is not None else ratio, tau=tau,
                                    ratio_buckets=",".join(str(r) for r in cfg.ratios if r > 0) if tau is not None else None,
@@ -104,9 +105,22 @@ def run_bench(session, inputs_list, cfg: BenchConfig, progress=None) -> dict:
             if progress:
                 progress()
     results = [r.summary() for r in rows.values()]
+    full_ms = statistics.median(full_steps)
+    if cfg.dim:
+        from topi_export.method.cost import predicted_speedup
+
+        layout = inputs_list[0].layout
+        for r in results:
+            if r["pruned_step_ms"] and len(r["keep"]) == 1:
+                r["flop_speedup"] = predicted_speedup(layout, r["keep"][0], session.model_info["num_layers"],
+                                                      session.settings["prune_start"], cfg.dim)
+                r["step_speedup"] = full_ms / r["pruned_step_ms"]
+                r["step_efficiency"] = r["step_speedup"] / r["flop_speedup"]
+            if r["anchor_step_ms"]:
+                r["influence_overhead"] = r["anchor_step_ms"] / full_ms - 1
     base = {"policy": "none", "ratio": 0.0, "psnr_db": math.inf, "psnr_db_min": math.inf, "rel_l2": 0.0,
             "speedup": 1.0, "time_s": sum(baseline["times"]) / len(baseline["times"]),
-            "full_step_ms": statistics.median(full_steps)}
+            "full_step_ms": full_ms}
     if baseline["psnr_gt"]:
         base["psnr_gt_db"] = sum(baseline["psnr_gt"]) / len(baseline["psnr_gt"])
     best = best_policy(results)

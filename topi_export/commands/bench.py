@@ -111,8 +111,10 @@ def cmd(model, inputs, ratio_buckets, policies, backend, engine_dir, steps, upda
                           engine_dir=out,
                           echo=lambda s: click.echo(s, err=True))
         session = open_engine_session(out)
-    cfg = BenchConfig(ratios, pols, steps, dts, tau_list, seed, repeats)
-    total = len(data) * (len(dts) * (len(ratios) * len(pols) + len(tau_list)))
+    mc = torch_session.adapter.config
+    cfg = BenchConfig(ratios, pols, steps, dts, tau_list, seed, repeats,
+                      dim=mc.num_attention_heads * mc.attention_head_dim)
+    total = len(data) * len(dts) * len(pols) * (len(ratios) + len(tau_list))
     with tqdm(total=total, disable=not show_progress(quiet), desc="bench", unit="run") as bar:
         report = run_bench(session, data, cfg, progress=lambda: bar.update(1))
     report["created"] = timestamp()
