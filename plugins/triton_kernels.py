@@ -205,15 +205,22 @@ def _check_influence_inputs(q_target, k, v_ctx):
 
 
 # ----------------------------------------------------------------------------------------- launchers
-def influence_score(q_target: torch.Tensor, k: torch.Tensor, v_ctx: torch.Tensor, **overrides) -> torch.Tensor:
-    """Two-pass fused influence score; returns [B, Nc] in the input dtype."""
-    b, h, nx, s, nc, d = _check_influence_inputs(q_target, k, v_ctx)
+def _influence_setup(q_target, k, v_ctx, overrides):
+    """Shared by both launchers: input checks, the output tensor and the empty-shape exits (cfg None)."""
+    dims = b, h, nx, s, nc, d = _check_influence_inputs(q_target, k, v_ctx)
     out = torch.empty(b, nc, device=q_target.device, dtype=q_target.dtype)
     if nc == 0 or b == 0:
-        return out
+        return dims, out, None
     if nx == 0 or h == 0:
-        return out.zero_()
-    cfg = {**influence_config(d, q_target.dtype), **overrides}
+        return dims, out.zero_(), None
+    return dims, out, {**influence_config(d, q_target.dtype), **overrides}
+
+
+def influence_score(q_target: torch.Tensor, k: torch.Tensor, v_ctx: torch.Tensor, **overrides) -> torch.Tensor:
+    """Two-pass fused influence score; returns [B, Nc] in the input dtype."""
+    (b, h, nx, s, nc, d), out, cfg = _influence_setup(q_target, k, v_ctx, overrides)
+    if cfg is None:
+        return out
     q, k, v = q_target.contiguous(), k.contiguous(), v_ctx.contiguous()
     qk_scale = LOG2E / math.sqrt(d)
     prec = _dot_precision(q.dtype)
@@ -231,13 +238,9 @@ def influence_score(q_target: torch.Tensor, k: torch.Tensor, v_ctx: torch.Tensor
 
 def influence_score_fused(q_target: torch.Tensor, k: torch.Tensor, v_ctx: torch.Tensor, **overrides) -> torch.Tensor:
     """Single-launch variant (the kernel the TensorRT AOT plugin embeds); same result, more work."""
-    b, h, nx, s, nc, d = _check_influence_inputs(q_target, k, v_ctx)
-    out = torch.empty(b, nc, device=q_target.device, dtype=q_target.dtype)
-    if nc == 0 or b == 0:
+    (b, h, nx, s, nc, d), out, cfg = _influence_setup(q_target, k, v_ctx, overrides)
+    if cfg is None:
         return out
-    if nx == 0 or h == 0:
-        return out.zero_()
-    cfg = {**influence_config(d, q_target.dtype), **overrides}
     _influence_fused_kernel[(triton.cdiv(nc, cfg["BLOCK_C"]), b)](
         q_target.contiguous(), k.contiguous(), v_ctx.contiguous(), h, nx, s, nc, out,
         QK_SCALE=LOG2E / math.sqrt(d), D=d,
