@@ -187,3 +187,22 @@ def test_build_refuses_bad_arguments(tmp_path, capsys, args, needle):
 def test_existing_engine_dir_needs_force(ort_engine_dir, capsys):
     code, _, err = run_cli(["build", "--model", "tiny-kontext", "--engine-dir", str(ort_engine_dir)], capsys)
     assert code == 2 and "--force" in err
+
+
+def test_external_data_graphs_build_check_and_serve(tmp_path, monkeypatch, capsys):
+    """Graphs over the protobuf limit are saved with external data; the ORT-optimized copies, the checks,
+    the runtime and the Triton repository must all follow. The limit is lowered so tiny-kontext crosses it."""
+    import topi_export.export.graphs as graphs
+    from topi_export.builder import build_engines
+
+    monkeypatch.setattr(graphs, "EXTERNAL_DATA_BYTES", 1000)
+    out = build_engines(model="tiny-kontext", layout=_small_layout(), engine_dir=tmp_path / "e", echo=lambda s: None)
+    files = json.loads((out / "manifest.json").read_text())["files"]
+    assert {"onnx/anchor.onnx.data", "onnx/pruned.onnx.data", "anchor.ort.onnx.data", "pruned.ort.onnx.data"} <= set(files)
+    assert onnx.load(str(out / "onnx" / "anchor.onnx"), load_external_data=False).graph.initializer[0].data_location == 1
+    code, stdout, err = run_cli(["check", "--engine-dir", str(out)], capsys)
+    assert code == 0 and "all 5 comparisons pass" in stdout, err
+    pytest.importorskip("tritonclient.grpc.model_config_pb2", reason="tritonclient[grpc] not installed")
+    code, _, err = run_cli(["triton", "--engine-dir", str(out), "--out", str(tmp_path / "repo")], capsys)
+    assert code == 0, err
+    assert (tmp_path / "repo" / "topi_anchor" / "1" / "anchor.onnx.data").is_file()

@@ -36,6 +36,10 @@ def build(onnx_dir: Path, out_dir: Path, options: dict, progress=None) -> dict:
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         so.optimized_model_filepath = str(out_dir / f"{kind}.ort.onnx")
+        if (onnx_dir / f"{kind}.onnx.data").exists():  # > 2 GB graph: the optimized copy needs its own data file
+            so.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                        f"{kind}.ort.onnx.data")
+            so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
         ort.InferenceSession(str(onnx_dir / f"{kind}.onnx"), so, providers=["CPUExecutionProvider"])
         graphs[kind] = {"file": f"{kind}.ort.onnx", "onnx": f"onnx/{kind}.onnx"}
     target = {"execution_provider": "CPUExecutionProvider", "onnxruntime": ort.__version__,
