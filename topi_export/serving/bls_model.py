@@ -14,7 +14,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import triton_python_backend_utils as pb_utils
 
 try:
     from topi_export.errors import TopiError
@@ -25,6 +24,11 @@ try:
 except ImportError as exc:  # surfaces in Triton's model load error
     raise ImportError(f"the Triton Python backend environment needs topi-export (with torch and diffusers): "
                       f"pip install topi-export ({exc})") from exc
+
+
+# Triton's triton_python_backend_utils, bound in initialize(): it exists only inside the Python backend, and
+# binding it late keeps this file importable (and checkable) anywhere else.
+pb_utils = None
 
 
 def _as_numpy(tensor):
@@ -57,6 +61,8 @@ def infer(model_name, inputs, outputs):
 
 class TritonPythonModel:
     def initialize(self, args):
+        global pb_utils
+        import triton_python_backend_utils as pb_utils
         config = json.loads(args["model_config"])
         params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
         engines = json.loads(params["topi_engines"])
