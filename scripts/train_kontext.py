@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from topi_export.models.flux_kontext import Layout, kontext_ids
+from topi_export.runtime.loop import calculate_shift, make_scheduler
 from topi_export.models.kontext_digits import (EDITS, SHIFT_TOKENS, TEXT_TOKENS, edit_conditioning,
                                                latents_to_image, model_config, mse_rgb, rgb_to_latents)
 
@@ -132,13 +133,6 @@ def make_batch(rng, levels, edit_idx: list[int], crop: int):
 
 
 # ------------------------------------------------------------------------------------------------ model
-def calculate_shift(n, base_seq=256, max_seq=4096, base_shift=0.5, max_shift=1.15):
-    """diffusers.pipelines.flux.pipeline_flux_kontext.calculate_shift (copied: importing the pipeline
-    module needs ``transformers``)."""
-    m = (max_shift - base_shift) / (max_seq - base_seq)
-    return n * m + base_shift - m * base_seq
-
-
 def velocity(model, xt, ref, t, guidance, prompt, pooled, layout: Layout):
     txt_ids, img_ids = kontext_ids(layout)
     out = model(hidden_states=torch.cat([xt, ref], dim=1), timestep=t, guidance=guidance,
@@ -147,23 +141,10 @@ def velocity(model, xt, ref, t, guidance, prompt, pooled, layout: Layout):
     return out[:, :layout.num_target]
 
 
-def make_scheduler():
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    # FLUX.1 Kontext's scheduler config (black-forest-labs/FLUX.1-Kontext-dev scheduler_config.json).
-    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
-                                           base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
-                                           max_image_seq_len=4096)
-
-
 @torch.no_grad()
 def generate(model, ref, prompt, pooled, noise, guidance, layout: Layout, steps: int):
     """The FluxKontextPipeline denoising loop (no CFG), starting from ``noise``."""
-    sched = make_scheduler()
-    c = sched.config
-    sigmas = np.linspace(1.0, 1 / steps, steps)
-    mu = calculate_shift(layout.num_target, c.base_image_seq_len, c.max_image_seq_len, c.base_shift, c.max_shift)
-    sched.set_timesteps(sigmas=sigmas, mu=mu)
+    sched = make_scheduler(steps, layout.num_target)
     x = noise.clone()
     for t in sched.timesteps:
         ts = t.expand(x.shape[0]).to(x.dtype)

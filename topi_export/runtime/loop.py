@@ -16,14 +16,18 @@ SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shiftin
                         max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
 
 
+def calculate_shift(num_target: int) -> float:
+    """FluxKontextPipeline's calculate_shift: the dynamic time shift mu for this many target tokens."""
+    c = SCHEDULER_CONFIG
+    m = (c["max_shift"] - c["base_shift"]) / (c["max_image_seq_len"] - c["base_image_seq_len"])
+    return num_target * m + c["base_shift"] - m * c["base_image_seq_len"]
+
+
 def make_scheduler(steps: int, num_target: int):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     sched = FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG)
-    c = SCHEDULER_CONFIG
-    m = (c["max_shift"] - c["base_shift"]) / (c["max_image_seq_len"] - c["base_image_seq_len"])
-    mu = num_target * m + c["base_shift"] - m * c["base_image_seq_len"]
-    sched.set_timesteps(sigmas=np.linspace(1.0, 1.0 / steps, steps), mu=mu)
+    sched.set_timesteps(sigmas=np.linspace(1.0, 1.0 / steps, steps), mu=calculate_shift(num_target))
     sched.set_begin_index(0)
     return sched
 
