@@ -206,3 +206,18 @@ def test_external_data_graphs_build_check_and_serve(tmp_path, monkeypatch, capsy
     code, _, err = run_cli(["triton", "--engine-dir", str(out), "--out", str(tmp_path / "repo")], capsys)
     assert code == 0, err
     assert (tmp_path / "repo" / "topi_anchor" / "1" / "anchor.onnx.data").is_file()
+
+
+def test_build_and_run_from_a_saved_model_directory(tmp_path, capsys):
+    from topi_export.models import build_builtin
+
+    build_builtin("tiny-kontext").save_pretrained(tmp_path / "model", safe_serialization=True)
+    eng = tmp_path / "eng"
+    code, _, err = run_cli(["build", "--model", str(tmp_path / "model"), "--ratio-buckets", "0.3,0.5",
+                            "--target-grid", "4x4", "--engine-dir", str(eng)], capsys)
+    assert code == 0, err
+    assert json.loads((eng / "manifest.json").read_text())["model"]["source"] == str(tmp_path / "model")
+    code, out, err = run_cli(["run", "--engine-dir", str(eng), "--steps", "3", "--compare", "-q"], capsys)
+    assert code == 0 and "ToPi" in out, err
+    code, out, err = run_cli(["check", "--engine-dir", str(eng)], capsys)  # reference loads the saved folder
+    assert code == 0 and "all 5 comparisons pass" in out, err
