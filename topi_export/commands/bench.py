@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
-from topi_export.commands.common import (ManyValues, atomic_write_bytes, model_option, quiet_option, show_progress,
-                                         steps_option)
+from topi_export.commands.common import (ManyValues, atomic_write_bytes, device_options, model_option, quiet_option,
+                                         show_progress, steps_option)
 
 
 def parse_ratios(text: str) -> tuple:
@@ -60,9 +60,10 @@ def strict_json(obj):
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), required=True, help="Report JSON.")
 @click.option("--md", "md_path", type=click.Path(dir_okay=False), default=None, help="Markdown table (default: next to JSON).")
 @click.option("--png", "png_path", type=click.Path(dir_okay=False), default=None, help="Plot (default: next to JSON).")
+@device_options
 @quiet_option
 def cmd(model, inputs, ratio_buckets, policies, backend, engine_dir, steps, update_intervals, taus, target_grid,
-        text_tokens, samples, repeats, seed, json_path, md_path, png_path, quiet):
+        text_tokens, samples, repeats, seed, json_path, md_path, png_path, device, dtype, quiet):
     """Benchmark speed and fidelity of every ratio and policy against the unpruned run."""
     from tqdm import tqdm
 
@@ -82,7 +83,9 @@ def cmd(model, inputs, ratio_buckets, policies, backend, engine_dir, steps, upda
         tau_list = tuple(float(v) for v in taus.split(",") if v.strip())
     except ValueError:
         raise TopiError("--update-interval and --tau take comma-separated numbers, e.g. 5,10 and 0.5,0.7")
-    torch_session = open_session(model=model)
+    if backend != "torch" and (device != "cpu" or dtype != "fp32"):
+        raise TopiError("--device/--dtype apply to --backend torch (ONNX Runtime engines are fp32 on the CPU here)")
+    torch_session = open_session(model=model, device=device, dtype=dtype)
     adapter = torch_session.adapter
     files = list(inputs)
     if files:

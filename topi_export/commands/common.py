@@ -48,6 +48,13 @@ def steps_option(f):
                         help="Denoising steps.")(f)
 
 
+def device_options(f):
+    f = click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
+                     help="PyTorch backend precision (fp16/bf16 need --device cuda).")(f)
+    return click.option("--device", default="cpu", show_default=True,
+                        help="PyTorch backend device: cpu or cuda[:N] (fused Triton kernels on CUDA).")(f)
+
+
 def quiet_option(f):
     return click.option("--quiet", "-q", is_flag=True, help="No progress bars.")(f)
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import click
 
-from topi_export.commands.common import (model_option, quiet_option, save_latents, show_progress, steps_option,
-                                         write_json)
+from topi_export.commands.common import (device_options, model_option, quiet_option, save_latents, show_progress,
+                                         steps_option, write_json)
 
 
 @click.command("run")
@@ -29,14 +29,15 @@ from topi_export.commands.common import (model_option, quiet_option, save_latent
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write final latents (safetensors).")
 @click.option("--png", type=click.Path(dir_okay=False), default=None,
               help="With --compare: save a strip reference | unpruned | ToPi | kept-token mask.")
+@device_options
 @quiet_option
 def cmd(model, inputs, engine_dir, backend, ratio, tau, ratio_buckets, policy, update_interval, calibration, steps,
-        seed, compare, json_path, out, png, quiet):
+        seed, compare, json_path, out, png, device, dtype, quiet):
     """Run a ToPi-pruned Kontext generation and report the per-step schedule."""
     from topi_export.runtime.session import open_session
 
     session = open_session(model=model, engine_dir=engine_dir, backend=backend, calibration=calibration,
-                           update_interval=update_interval)
+                           update_interval=update_interval, device=device, dtype=dtype)
     data = session.load_inputs(inputs, seed)
     selector = session.selector(data, ratio=ratio, tau=tau, ratio_buckets=ratio_buckets, policy=policy, seed=seed)
     progress = show_progress(quiet)

@@ -139,7 +139,7 @@ def verify(m: Manifest) -> None:
                             f"rebuild with `topi-export build --engine-dir {m.path} --force`")
 
 
-def open_engine_session(engine_dir, *, backend=None, model=None, update_interval=None):
+def open_engine_session(engine_dir, *, backend=None, model=None, update_interval=None, device="cpu", dtype="fp32"):
     from topi_export.runtime.session import Session, model_info
 
     m = read_manifest(engine_dir)
@@ -154,7 +154,7 @@ def open_engine_session(engine_dir, *, backend=None, model=None, update_interval
 
         loaded = load_model(model or info["source"])
         m.check_model(loaded.identity())
-        return Session(TorchEngine(loaded.adapter, settings), settings, model_info(loaded), manifest=m,
+        return Session(TorchEngine(loaded.adapter, settings, device, dtype), settings, model_info(loaded), manifest=m,
                        adapter=loaded.adapter)
     if model is not None:
         from topi_export.models import load_model

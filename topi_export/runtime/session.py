@@ -119,7 +119,7 @@ def model_info(loaded) -> dict:
 
 
 def open_session(*, model=None, engine_dir=None, backend=None, calibration=None, update_interval=None,
-                 prune_start=None) -> Session:
+                 prune_start=None, device="cpu", dtype="fp32") -> Session:
     from topi_export.backends import BACKENDS
 
     if backend is not None and backend not in BACKENDS:
@@ -127,7 +127,8 @@ def open_session(*, model=None, engine_dir=None, backend=None, calibration=None,
     if engine_dir is not None:
         from topi_export.runtime.manifest import open_engine_session
 
-        return open_engine_session(engine_dir, backend=backend, model=model, update_interval=update_interval)
+        return open_engine_session(engine_dir, backend=backend, model=model, update_interval=update_interval,
+                                   device=device, dtype=dtype)
     if backend not in (None, "torch"):
         raise TopiError(f"--backend {backend} runs built engines: pass --engine-dir (build one with "
                         f"`topi-export build --backend {backend}`)")
@@ -137,4 +138,5 @@ def open_session(*, model=None, engine_dir=None, backend=None, calibration=None,
 
     loaded = load_model(model)
     settings = method_settings(loaded.identity(), calibration, update_interval, prune_start)
-    return Session(TorchEngine(loaded.adapter, settings), settings, model_info(loaded), adapter=loaded.adapter)
+    return Session(TorchEngine(loaded.adapter, settings, device, dtype), settings, model_info(loaded),
+                   adapter=loaded.adapter)
