@@ -177,6 +177,7 @@ def _small_layout():
     (["--ratio-buckets", "0.3,0.3"], "duplicate"),
     (["--backend", "nope"], "unknown build backend"),
     (["--target-grid", "8by8"], "HxW"),
+    (["--build-dynamic-shape"], "static per shape"),
 ])
 def test_build_refuses_bad_arguments(tmp_path, capsys, args, needle):
     code, _, err = run_cli(["build", "--model", "tiny-kontext", "--engine-dir", str(tmp_path / "e")] + args, capsys)

@@ -33,14 +33,19 @@ from topi_export.commands.common import model_option
 @click.option("--compute-capability", "compute_capability", multiple=True,
               help="TensorRT-RTX ahead-of-time target, e.g. SM89 (repeatable).")
 @click.option("--no-plugins", is_flag=True, help="TensorRT: let the parser inline the topi function bodies.")
+@click.option("--build-dynamic-shape", is_flag=True, hidden=True)  # TensorRT demo users: explained, not silently ignored
 def cmd(model, ratio_buckets, calibration, inputs, target_grid, ref_grid, text_tokens, backend, engine_dir, onnx_dir,
-        policy, tau, force, precision, timing_cache, optimization_level, workspace, compute_capability, no_plugins):
+        policy, tau, force, precision, timing_cache, optimization_level, workspace, compute_capability, no_plugins,
+        build_dynamic_shape):
     """Export anchor/pruned graphs with topi custom ops and build engines per ratio bucket."""
     from topi_export.builder import build_engines
     from topi_export.errors import TopiError
     from topi_export.models import Layout
     from topi_export.runtime.inputs import parse_grid
 
+    if build_dynamic_shape:
+        raise TopiError("--build-dynamic-shape is not supported: engines are static per shape except keep_idx "
+                        "(one profile per ratio bucket); build one engine directory per resolution instead")
     layout = None
     if target_grid or ref_grid or text_tokens:
         if inputs:
