@@ -19,7 +19,8 @@ from topi_export.commands.common import (device_options, model_option, quiet_opt
 @click.option("--ratio", type=float, default=None, help="Fixed prune fraction in [0, 1). Default 0.5.")
 @click.option("--tau", type=float, default=None, help="Adaptive mode: keep tau of total influence, rounded up to a bucket.")
 @click.option("--ratio-buckets", default=None, help="Compiled buckets for --tau, e.g. 0.3,0.5.")
-@click.option("--policy", default=None, help="Token selection policy (topi, topi-cov, uniform, random).")
+@click.option("--policy", default=None, help="Token selection policy: topi-dither (default), topi, topi-cov, "
+                                            "uniform, random.")
 @click.option("--update-interval", type=int, default=None, help="Anchor every N steps (dT). Default: calibration's.")
 @click.option("--calibration", type=click.Path(dir_okay=False), default=None, help="Calibration profile JSON.")
 @steps_option
