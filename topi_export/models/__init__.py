@@ -40,7 +40,19 @@ def config_hash(config) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def files_hash(folder: Path) -> str:
+    """Weights identity of a saved model: its safetensors files, streamed (no tensor conversion at start-up)."""
+    h = hashlib.sha256()
+    for f in sorted(folder.glob("*.safetensors")):
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
 def weights_hash(model: torch.nn.Module) -> str:
+    """Weights identity of an in-memory model (the seeded built-ins)."""
     h = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         h.update(name.encode())
@@ -92,6 +104,7 @@ def load_model(spec: str | os.PathLike | None = None) -> LoadedModel:
     spec = str(spec or DEFAULT_MODEL)
     if spec in IN_MEMORY:
         model = build_builtin(spec)
+        w_hash = weights_hash(model)
     else:
         path = BUILTINS.get(spec) or Path(spec)
         path = Path(path)
@@ -99,9 +112,10 @@ def load_model(spec: str | os.PathLike | None = None) -> LoadedModel:
             raise TopiError(f"model {spec!r} not found: pass a local diffusers folder or one of "
                             f"{', '.join(n for n in BUILTINS if BUILTINS[n] is None or BUILTINS[n].exists())}")
         model = _load_dir(path)
+        w_hash = files_hash(_resolve_dir(path))
     cls_name = type(model).__name__
     if cls_name not in ADAPTERS:
         raise TopiError(f"unsupported model class {cls_name!r}: supported classes are {', '.join(sorted(ADAPTERS))}")
     model.requires_grad_(False)
     adapter = ADAPTERS[cls_name](model)
-    return LoadedModel(adapter, spec, config_hash(model.config), weights_hash(model))
+    return LoadedModel(adapter, spec, config_hash(model.config), w_hash)
