@@ -1,5 +1,6 @@
 """Make the Triton kernels the CUDA implementations of the ``topi`` torch custom ops, so the PyTorch
-path (``--backend torch`` on a GPU, the diffusers drop-in) runs the fused influence score and gather."""
+path (``--backend torch`` on a GPU, the diffusers drop-in) runs the Triton influence score (query_lse, then
+the column sums over context keys; see README.md) and gather."""
 from __future__ import annotations
 
 import torch

@@ -2,22 +2,28 @@
 
 influence_score(q_target [B,H,Nx,D], k [B,H,S,D], v_ctx [B,H,Nc,D]) -> [B,Nc]
     I_j = sum_h ||v_j^h||_2 * mean_i softmax_i(q_i K^T / sqrt(D))[S - Nc + j]
+  = context_influence(q_target, k, v_ctx, query_lse(q_target, k)), the two ``topi`` ONNX nodes
+  (``topi_export/ops/onnx.py``):
+query_lse(q_target, k) -> lse [B,H,Nx] float32
+    base-e log-sum-exp of each target query's logits q.k/sqrt(D) over all S keys
+context_influence(q_target, k, v_ctx, lse) -> [B,Nc] (dtype of q_target)
+    sum_h ||v_j^h|| * (1/Nx) sum_i exp(q_i.k_j/sqrt(D) - lse_i) over the last Nc keys j
 token_gather(x [B,N,C], keep_idx int64 [K]) -> x[:, keep_idx]
 
-The attention matrix is never materialised. Two-pass launcher (``influence_score``):
-  1. ``_lse_kernel``      one program per (query tile, b*h): log-sum-exp of each target query over
-                          all S keys, online over key tiles.
-  2. ``_colsum_kernel``   one program per (context tile, b*h): sum_i exp(q_i.k_j*scale - lse_i) over
-                          the target queries, times ||v_j|| / Nx -> fp32 partials [B,H,Nc].
-  3. ``_head_sum_kernel`` sums the partials over heads and casts to the input dtype.
-``influence_score_fused`` is the same maths in ONE launch (``_influence_fused_kernel``): it is what
-the TensorRT AOT plugin embeds, because an AOT plugin runs exactly one kernel with no workspace.
-Without a workspace the per-query log-sum-exp cannot be shared between context tiles, so each
-program recomputes it: ~Nc/BLOCK_C times the pass-1 work (~100 ms vs ~1 ms at FLUX 1024x1024 on an H200).
+The attention matrix is never materialised:
+  ``_query_lse_kernel``          one program per (query tile, b*h): online log-sum-exp over key tiles.
+  ``_context_influence_kernel``  one program per (context tile, b): loops over heads and query tiles,
+                                 reading the lse (no recomputation), sums over heads in registers and
+                                 writes the output in the input dtype. One launch, no workspace: what
+                                 the TensorRT AOT plugin runs.
+  ``_colsum_kernel`` + ``_head_sum_kernel``  the same column sums with one program per (context tile,
+                                 b*h) and an fp32 [B,H,Nc] workspace summed over heads by a second launch
+                                 (more programs when B and Nc are small).
+Each kernel's parameters are ordered (inputs, int32 scalars, outputs), TensorRT's AOT calling convention.
 
-Everything accumulates in fp32 (softmax in base 2). fp32 inputs use IEEE fp32 dots (not TF32) so the
-result matches the fp32 reference to ~1e-6. All launchers also run on CPU tensors with
-TRITON_INTERPRET=1 (set it before triton is imported).
+Everything accumulates in fp32 (softmax in base 2 inside the kernels; the lse crosses kernels in base e, as
+the ONNX contract says). fp32 inputs use IEEE fp32 dots (not TF32) so the result matches the fp32 reference
+to ~1e-6. All launchers also run on CPU tensors with TRITON_INTERPRET=1 (set it before triton is imported).
 """
 from __future__ import annotations
 
@@ -29,6 +35,9 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+_LOG2E = tl.constexpr(LOG2E)  # kernels convert the base-e lse to base 2 and back
+_LN2 = tl.constexpr(LN2)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 _TL_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
@@ -84,39 +93,61 @@ def _ctx_tile(K, V, bh, S, NC, offs_n, offs_d, D: tl.constexpr):
     return kc, tl.sqrt(tl.sum(v * v, 1))
 
 
-# ----------------------------------------------------------------------------------------- kernels
 @triton.jit
-def _lse_kernel(Q, K, LSE, NX, S, qk_scale, D: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
-    bh = tl.program_id(1).to(tl.int64)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D)
-    mmask = offs_m < NX
-    q = tl.load(Q + bh * NX * D + offs_m[:, None] * D + offs_d[None, :], mask=mmask[:, None], other=0.0)
-    lse = _tile_lse(q, K + bh * S * D, S, qk_scale, offs_d, D, BLOCK_N, DOT_PREC)
-    tl.store(LSE + bh * NX + offs_m, lse, mask=mmask)
-
-
-@triton.jit
-def _colsum_kernel(Q, K, V, LSE, PART, NX, S, NC, qk_scale, D: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
-    bh = tl.program_id(1).to(tl.int64)
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, D)
-    kc, vnorm = _ctx_tile(K, V, bh, S, NC, offs_n, offs_d, D)
-    acc = tl.zeros([BLOCK_N], tl.float32)
+def _colsum_over_queries(Q, LSE, kc, bh, NX, qk_scale, offs_d, D: tl.constexpr, BLOCK_M: tl.constexpr,
+                         DOT_PREC: tl.constexpr):
+    """sum_i exp(q_i.k_j/sqrt(D) - lse_i) over all target queries of head bh, for each row j of kc."""
+    acc = tl.zeros([kc.shape[0]], tl.float32)
     for start in range(0, NX, BLOCK_M):
         offs_m = start + tl.arange(0, BLOCK_M)
         mmask = offs_m < NX
         q = tl.load(Q + bh * NX * D + offs_m[:, None] * D + offs_d[None, :], mask=mmask[:, None], other=0.0)
         # padded query rows get lse=+inf, so they contribute exp2(-inf) = 0
-        lse = tl.load(LSE + bh * NX + offs_m, mask=mmask, other=float("inf"))
+        lse = tl.load(LSE + bh * NX + offs_m, mask=mmask, other=float("inf")) * _LOG2E
         acc += _tile_colsum(q, lse, kc, qk_scale, DOT_PREC)
+    return acc
+
+
+# ----------------------------------------------------------------------------------------- kernels
+@triton.jit
+def _query_lse_kernel(Q, K, NX, S, LSE, QK_SCALE: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+    bh = tl.program_id(1).to(tl.int64)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    mmask = offs_m < NX
+    q = tl.load(Q + bh * NX * D + offs_m[:, None] * D + offs_d[None, :], mask=mmask[:, None], other=0.0)
+    lse = _tile_lse(q, K + bh * S * D, S, QK_SCALE, offs_d, D, BLOCK_N, DOT_PREC)
+    tl.store(LSE + bh * NX + offs_m, lse * _LN2, mask=mmask)
+
+
+@triton.jit
+def _context_influence_kernel(Q, K, V, LSE, H, NX, S, NC, OUT, QK_SCALE: tl.constexpr, D: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, DOT_PREC: tl.constexpr):
+    b = tl.program_id(1).to(tl.int64)
+    offs_n = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_d = tl.arange(0, D)
+    total = tl.zeros([BLOCK_C], tl.float32)
+    for h in range(H):
+        bh = b * H + h
+        kc, vnorm = _ctx_tile(K, V, bh, S, NC, offs_n, offs_d, D)
+        total += _colsum_over_queries(Q, LSE, kc, bh, NX, QK_SCALE, offs_d, D, BLOCK_M, DOT_PREC) * vnorm
+    tl.store(OUT + b * NC + offs_n, (total / NX).to(OUT.dtype.element_ty), mask=offs_n < NC)
+
+
+@triton.jit
+def _colsum_kernel(Q, K, V, LSE, NX, S, NC, PART, QK_SCALE: tl.constexpr, D: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, DOT_PREC: tl.constexpr):
+    bh = tl.program_id(1).to(tl.int64)
+    offs_n = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_d = tl.arange(0, D)
+    kc, vnorm = _ctx_tile(K, V, bh, S, NC, offs_n, offs_d, D)
+    acc = _colsum_over_queries(Q, LSE, kc, bh, NX, QK_SCALE, offs_d, D, BLOCK_M, DOT_PREC)
     tl.store(PART + bh * NC + offs_n, acc * vnorm / NX, mask=offs_n < NC)
 
 
 @triton.jit
-def _head_sum_kernel(PART, OUT, H, NC, BLOCK: tl.constexpr):
+def _head_sum_kernel(PART, H, NC, OUT, BLOCK: tl.constexpr):
     b = tl.program_id(1).to(tl.int64)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < NC
@@ -124,31 +155,6 @@ def _head_sum_kernel(PART, OUT, H, NC, BLOCK: tl.constexpr):
     for h in range(H):
         acc += tl.load(PART + (b * H + h) * NC + offs, mask=mask, other=0.0)
     tl.store(OUT + b * NC + offs, acc.to(OUT.dtype.element_ty), mask=mask)
-
-
-# Parameter order (inputs, int32 scalars, outputs) is the TensorRT AOT plugin calling convention.
-@triton.jit
-def _influence_fused_kernel(Q, K, V, H, NX, S, NC, OUT, QK_SCALE: tl.constexpr, D: tl.constexpr,
-                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-                            DOT_PREC: tl.constexpr):
-    b = tl.program_id(1).to(tl.int64)
-    offs_n = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    offs_d = tl.arange(0, D)
-    qk_scale = QK_SCALE
-    total = tl.zeros([BLOCK_C], tl.float32)
-    for h in range(H):
-        bh = b * H + h
-        kc, vnorm = _ctx_tile(K, V, bh, S, NC, offs_n, offs_d, D)
-        acc = tl.zeros([BLOCK_C], tl.float32)
-        for start in range(0, NX, BLOCK_M):
-            offs_m = start + tl.arange(0, BLOCK_M)
-            mmask = offs_m < NX
-            q = tl.load(Q + bh * NX * D + offs_m[:, None] * D + offs_d[None, :], mask=mmask[:, None], other=0.0)
-            lse = _tile_lse(q, K + bh * S * D, S, qk_scale, offs_d, D, BLOCK_N, DOT_PREC)
-            lse = tl.where(mmask, lse, float("inf"))
-            acc += _tile_colsum(q, lse, kc, qk_scale, DOT_PREC)
-        total += acc * vnorm
-    tl.store(OUT + b * NC + offs_n, (total / NX).to(OUT.dtype.element_ty), mask=offs_n < NC)
 
 
 @triton.jit
@@ -176,77 +182,103 @@ def _dot_precision(dtype: torch.dtype, interpret: bool | None = None) -> str:
 def influence_config(d: int, dtype: torch.dtype, interpret: bool | None = None) -> dict:
     """Tile sizes and launch options. The interpreter is fastest with few, large tiles."""
     if interpret if interpret is not None else interpreting():
-        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_C=32, num_warps=4, num_stages=1)
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_C=32, num_warps=4, num_stages=1, split_heads=False)
     # measured on an H200 at FLUX width (24 x 128, bf16): BLOCK_M=128 is ~20% faster than 64
     wide = d >= 128 or dtype == torch.float32
     return dict(BLOCK_M=128 if d >= 128 and dtype != torch.float32 else 64, BLOCK_N=64 if wide else 128,
-                BLOCK_C=64, num_warps=4 if d <= 64 else 8, num_stages=2 if wide else 3)
+                BLOCK_C=64, num_warps=4 if d <= 64 else 8, num_stages=2 if wide else 3, split_heads=True)
 
 
 GATHER_CONFIG = dict(BLOCK_K=8, BLOCK_C=512, num_warps=4)
 
 
-def _check_influence_inputs(q_target, k, v_ctx):
-    if q_target.dim() != 4 or k.dim() != 4 or v_ctx.dim() != 4:
-        raise ValueError("influence_score expects 4-D q_target [B,H,Nx,D], k [B,H,S,D], v_ctx [B,H,Nc,D]")
+def _check_influence_inputs(q_target, k, v_ctx=None, lse=None):
+    """Shapes (b, h, nx, s, nc, d); v_ctx / lse are checked when given."""
+    if q_target.dim() != 4 or k.dim() != 4 or (v_ctx is not None and v_ctx.dim() != 4):
+        raise ValueError("influence expects 4-D q_target [B,H,Nx,D], k [B,H,S,D], v_ctx [B,H,Nc,D]")
     b, h, nx, d = q_target.shape
-    s, nc = k.shape[2], v_ctx.shape[2]
-    if tuple(k.shape) != (b, h, s, d) or tuple(v_ctx.shape) != (b, h, nc, d):
-        raise ValueError(f"shape mismatch: q {tuple(q_target.shape)}, k {tuple(k.shape)}, v {tuple(v_ctx.shape)}")
+    s = k.shape[2]
+    nc = v_ctx.shape[2] if v_ctx is not None else 0
+    if tuple(k.shape) != (b, h, s, d) or (v_ctx is not None and tuple(v_ctx.shape) != (b, h, nc, d)):
+        shapes = ", ".join(str(tuple(t.shape)) for t in (q_target, k, v_ctx) if t is not None)
+        raise ValueError(f"shape mismatch: q, k, v = {shapes}")
     if nc > s:
         raise ValueError(f"Nc={nc} context keys but only S={s} keys")
     if d not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"head dim {d} not in {SUPPORTED_HEAD_DIMS}")
-    if q_target.dtype not in _TL_NAMES or k.dtype != q_target.dtype or v_ctx.dtype != q_target.dtype:
-        raise TypeError(f"dtypes must match and be fp32/fp16/bf16, got {q_target.dtype}, {k.dtype}, {v_ctx.dtype}")
+    if q_target.dtype not in _TL_NAMES or any(t is not None and t.dtype != q_target.dtype for t in (k, v_ctx)):
+        raise TypeError(f"dtypes must match and be fp32/fp16/bf16, got {q_target.dtype}, {k.dtype}"
+                        + (f", {v_ctx.dtype}" if v_ctx is not None else ""))
+    if lse is not None:
+        if tuple(lse.shape) != (b, h, nx) or lse.dtype != torch.float32:
+            raise ValueError(f"lse must be float32 [B,H,Nx] = {(b, h, nx)}, got {lse.dtype} {tuple(lse.shape)}")
+        if lse.device != q_target.device:
+            raise ValueError("lse and q_target must be on the same device")
     if not interpreting() and not q_target.is_cuda:
         raise RuntimeError("Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)")
     return b, h, nx, s, nc, d
 
 
+def _launch_options(cfg):
+    return dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
 # ----------------------------------------------------------------------------------------- launchers
-def _influence_setup(q_target, k, v_ctx, overrides):
-    """Shared by both launchers: input checks, the output tensor and the empty-shape exits (cfg None)."""
-    dims = b, h, nx, s, nc, d = _check_influence_inputs(q_target, k, v_ctx)
-    out = torch.empty(b, nc, device=q_target.device, dtype=q_target.dtype)
-    if nc == 0 or b == 0:
-        return dims, out, None
+def query_lse(q_target: torch.Tensor, k: torch.Tensor, out: torch.Tensor | None = None, **overrides) -> torch.Tensor:
+    """Base-e log-sum-exp of each target query's logits over all S keys: float32 [B, H, Nx]."""
+    b, h, nx, s, _, d = _check_influence_inputs(q_target, k)
+    lse = out if out is not None else torch.empty(b, h, nx, device=q_target.device, dtype=torch.float32)
+    if lse.numel() == 0:
+        return lse
+    if s == 0:
+        return lse.fill_(float("-inf"))
+    cfg = {**influence_config(d, q_target.dtype), **overrides}
+    _query_lse_kernel[(triton.cdiv(nx, cfg["BLOCK_M"]), b * h)](
+        q_target.contiguous(), k.contiguous(), nx, s, lse, QK_SCALE=LOG2E / math.sqrt(d), D=d,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], DOT_PREC=_dot_precision(q_target.dtype),
+        **_launch_options(cfg))
+    return lse
+
+
+def context_influence(q_target: torch.Tensor, k: torch.Tensor, v_ctx: torch.Tensor, lse: torch.Tensor,
+                      out: torch.Tensor | None = None, split_heads: bool | None = None, **overrides) -> torch.Tensor:
+    """Influence of the last Nc keys given ``query_lse``'s output; [B, Nc] in the input dtype.
+
+    split_heads=False: ONE launch (``_context_influence_kernel``, the TensorRT AOT kernel); True: one program
+    per (context tile, head) into an fp32 workspace, then a head-sum launch; None: ``influence_config``'s choice."""
+    b, h, nx, s, nc, d = _check_influence_inputs(q_target, k, v_ctx, lse)
+    out = out if out is not None else torch.empty(b, nc, device=q_target.device, dtype=q_target.dtype)
+    if out.numel() == 0:
+        return out
     if nx == 0 or h == 0:
-        return dims, out.zero_(), None
-    return dims, out, {**influence_config(d, q_target.dtype), **overrides}
+        return out.zero_()
+    cfg = {**influence_config(d, q_target.dtype), **overrides}
+    split = cfg["split_heads"] if split_heads is None else split_heads
+    q, k, v, lse = q_target.contiguous(), k.contiguous(), v_ctx.contiguous(), lse.contiguous()
+    consts = dict(QK_SCALE=LOG2E / math.sqrt(d), D=d, BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"],
+                  DOT_PREC=_dot_precision(q.dtype), **_launch_options(cfg))
+    if not split:
+        _context_influence_kernel[(triton.cdiv(nc, cfg["BLOCK_C"]), b)](q, k, v, lse, h, nx, s, nc, out, **consts)
+        return out
+    part = torch.empty(b * h * nc, device=q.device, dtype=torch.float32)
+    _colsum_kernel[(triton.cdiv(nc, cfg["BLOCK_C"]), b * h)](q, k, v, lse, nx, s, nc, part, **consts)
+    _head_sum_kernel[(triton.cdiv(nc, 1024), b)](part, h, nc, out, BLOCK=1024)
+    return out
 
 
 def influence_score(q_target: torch.Tensor, k: torch.Tensor, v_ctx: torch.Tensor, **overrides) -> torch.Tensor:
-    """Two-pass fused influence score; returns [B, Nc] in the input dtype."""
-    (b, h, nx, s, nc, d), out, cfg = _influence_setup(q_target, k, v_ctx, overrides)
-    if cfg is None:
-        return out
-    q, k, v = q_target.contiguous(), k.contiguous(), v_ctx.contiguous()
-    qk_scale = LOG2E / math.sqrt(d)
-    prec = _dot_precision(q.dtype)
-    opts = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    lse = torch.empty(b * h * nx, device=q.device, dtype=torch.float32)
-    _lse_kernel[(triton.cdiv(nx, cfg["BLOCK_M"]), b * h)](
-        q, k, lse, nx, s, qk_scale, D=d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], DOT_PREC=prec, **opts)
-    part = torch.empty(b * h * nc, device=q.device, dtype=torch.float32)
-    _colsum_kernel[(triton.cdiv(nc, cfg["BLOCK_C"]), b * h)](
-        q, k, v, lse, part, nx, s, nc, qk_scale, D=d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_C"],
-        DOT_PREC=prec, **opts)
-    _head_sum_kernel[(triton.cdiv(nc, 1024), b)](part, out, h, nc, BLOCK=1024)
-    return out
+    """query_lse then context_influence (the CUDA kernel of the torch op); [B, Nc] in the input dtype."""
+    _check_influence_inputs(q_target, k, v_ctx)
+    return context_influence(q_target, k, v_ctx, query_lse(q_target, k, **overrides), **overrides)
 
 
-def influence_score_fused(q_target: torch.Tensor, k: torch.Tensor, v_ctx: torch.Tensor, **overrides) -> torch.Tensor:
-    """Single-launch variant (the kernel the TensorRT AOT plugin embeds); same result, more work."""
-    (b, h, nx, s, nc, d), out, cfg = _influence_setup(q_target, k, v_ctx, overrides)
-    if cfg is None:
-        return out
-    _influence_fused_kernel[(triton.cdiv(nc, cfg["BLOCK_C"]), b)](
-        q_target.contiguous(), k.contiguous(), v_ctx.contiguous(), h, nx, s, nc, out,
-        QK_SCALE=LOG2E / math.sqrt(d), D=d,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_C=cfg["BLOCK_C"],
-        DOT_PREC=_dot_precision(q_target.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    return out
+def influence_score_aot(q_target: torch.Tensor, k: torch.Tensor, v_ctx: torch.Tensor, **overrides) -> torch.Tensor:
+    """What a TensorRT engine with the AOT plugins runs: the two single-launch kernels."""
+    return influence_score(q_target, k, v_ctx, **{**overrides, "split_heads": False})
+
+
+# Older name, still used by scripts/gpu_kernels_bench.py ("single-launch ... TensorRT AOT path").
+influence_score_fused = influence_score_aot
 
 
 def token_gather(x: torch.Tensor, keep_idx: torch.Tensor, **overrides) -> torch.Tensor:
@@ -276,13 +308,36 @@ def token_gather(x: torch.Tensor, keep_idx: torch.Tensor, **overrides) -> torch.
 # hidden scratch pointers with null. It does not raise the 48 KiB dynamic shared-memory limit, so
 # the first tiling that fits is used.
 AOT_SHARED_LIMIT = 48 * 1024
-_AOT_INFLUENCE_TILES = ((64, 64, 64), (64, 32, 32), (32, 32, 32), (16, 16, 16))  # BLOCK_M, BLOCK_N, BLOCK_C
+AOT_KERNELS = ("query_lse", "context_influence", "token_gather")
+_AOT_LSE_TILES = ((64, 64), (64, 32), (32, 32), (16, 16))  # BLOCK_M, BLOCK_N
+_AOT_CONTEXT_TILES = ((64, 32), (32, 32), (16, 16))  # BLOCK_M, BLOCK_C
+
+
+def _aot_candidates(kernel, dtype_name, head_dim):
+    """(kernel fn, signature, [(constexprs, options)]) in order of preference."""
+    ptr = f"*{dtype_name}"
+    if kernel == "token_gather":
+        return _token_gather_kernel, dict(X=ptr, IDX="*i64", N="i32", C="i32", KEEP="i32", Y=ptr), [
+            (dict(BLOCK_K=GATHER_CONFIG["BLOCK_K"], BLOCK_C=GATHER_CONFIG["BLOCK_C"]),
+             dict(num_warps=GATHER_CONFIG["num_warps"], num_stages=1))]
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head dim {head_dim} not in {SUPPORTED_HEAD_DIMS}")
+    common = dict(QK_SCALE=LOG2E / math.sqrt(head_dim), D=head_dim, DOT_PREC="ieee" if dtype_name == "fp32" else "tf32")
+    options = dict(num_warps=8 if head_dim >= 128 else 4, num_stages=2)
+    if kernel == "query_lse":
+        return _query_lse_kernel, dict(Q=ptr, K=ptr, NX="i32", S="i32", LSE="*fp32"), [
+            (dict(common, BLOCK_M=m, BLOCK_N=n), options) for m, n in _AOT_LSE_TILES]
+    if kernel == "context_influence":
+        signature = dict(Q=ptr, K=ptr, V=ptr, LSE="*fp32", H="i32", NX="i32", S="i32", NC="i32", OUT=ptr)
+        return _context_influence_kernel, signature, [
+            (dict(common, BLOCK_M=m, BLOCK_C=c), options) for m, c in _AOT_CONTEXT_TILES]
+    raise ValueError(f"unknown kernel {kernel!r}; known: {', '.join(AOT_KERNELS)}")
 
 
 def compile_aot(kernel: str, dtype_name: str, head_dim: int | None = None, target=None) -> dict:
     """Compile one kernel to PTX for the TensorRT AOT plugin (TensorRT itself is not needed).
 
-    kernel: "influence_score" or "token_gather"; dtype_name: "fp32" | "fp16" | "bf16" (data dtype);
+    kernel: one of ``AOT_KERNELS``; dtype_name: "fp32" | "fp16" | "bf16" (data dtype; the lse is fp32);
     target: a ``triton.backends.compiler.GPUTarget`` (None = the current GPU).
     Returns name, ptx, block_x (threads per block), shared (bytes), signature and the constexprs.
     """
@@ -290,23 +345,7 @@ def compile_aot(kernel: str, dtype_name: str, head_dim: int | None = None, targe
         raise RuntimeError("compile_aot needs the Triton compiler: unset TRITON_INTERPRET")
     if dtype_name not in ("fp32", "fp16", "bf16"):
         raise ValueError(f"unsupported dtype {dtype_name}")
-    ptr = f"*{dtype_name}"
-    if kernel == "influence_score":
-        if head_dim not in SUPPORTED_HEAD_DIMS:
-            raise ValueError(f"head dim {head_dim} not in {SUPPORTED_HEAD_DIMS}")
-        signature = dict(Q=ptr, K=ptr, V=ptr, H="i32", NX="i32", S="i32", NC="i32", OUT=ptr)
-        prec = "ieee" if dtype_name == "fp32" else "tf32"
-        candidates = [(dict(QK_SCALE=LOG2E / math.sqrt(head_dim), D=head_dim, BLOCK_M=m, BLOCK_N=n,
-                            BLOCK_C=c, DOT_PREC=prec), dict(num_warps=8 if head_dim >= 128 else 4, num_stages=2))
-                      for m, n, c in _AOT_INFLUENCE_TILES]
-        fn = _influence_fused_kernel
-    elif kernel == "token_gather":
-        signature = dict(X=ptr, IDX="*i64", N="i32", C="i32", KEEP="i32", Y=ptr)
-        candidates = [(dict(BLOCK_K=GATHER_CONFIG["BLOCK_K"], BLOCK_C=GATHER_CONFIG["BLOCK_C"]),
-                       dict(num_warps=GATHER_CONFIG["num_warps"], num_stages=1))]
-        fn = _token_gather_kernel
-    else:
-        raise ValueError(f"unknown kernel {kernel!r}")
+    fn, signature, candidates = _aot_candidates(kernel, dtype_name, head_dim)
     for consts, options in candidates:
         src = triton.compiler.ASTSource(fn=fn, signature={**signature, **{k: "constexpr" for k in consts}},
                                         constexprs=consts)

@@ -2,9 +2,10 @@
 
 Importing this file needs neither TensorRT nor a GPU: all TensorRT imports happen in
 ``register_plugins``. After ``register_plugins()`` the ONNX parser imports a node whose op_type is
-``influence_score`` / ``token_gather`` with attribute ``plugin_namespace="topi"`` as the plugin
-(version "1"). Each plugin's ``aot_impl`` returns a Triton kernel compiled to PTX, which TensorRT
-serializes into the engine, so the engine runs under plain ``trtexec`` without Python.
+``query_lse`` / ``context_influence`` / ``token_gather`` with attribute ``plugin_namespace="topi"`` as the
+plugin (version "1"). Each plugin's ``aot_impl`` returns ONE Triton kernel compiled to PTX, which TensorRT
+serializes into the engine, so the engine runs under plain ``trtexec`` without Python. Influence is two
+nodes (``topi_export/ops/onnx.py``): the log-sum-exps are a tensor between them, so no kernel recomputes them.
 
 No ``from __future__ import annotations`` here: tensorrt.plugin validates the real annotation
 objects of the decorated functions.
@@ -16,25 +17,43 @@ from topi_export.errors import TopiError
 
 PLUGIN_NAMESPACE = "topi"
 PLUGIN_VERSION = "1"
+_FLOATS = "FP32|FP16|BF16"
 
 # What each plugin looks like from the outside, checkable without TensorRT. Shapes use the input
-# names; "types" lists the supported data dtypes (TensorRT names), shared by all float I/O.
+# names; "output_dtype" is the input whose dtype the output takes, or a fixed TensorRT type;
+# "io_types" is the autotune type combination over inputs then outputs ('|' options go together).
 PLUGINS = {
-    "influence_score": {
-        "id": f"{PLUGIN_NAMESPACE}::influence_score",
-        "name": "influence_score",
+    "query_lse": {
+        "id": f"{PLUGIN_NAMESPACE}::query_lse",
+        "name": "query_lse",
         "namespace": PLUGIN_NAMESPACE,
         "version": PLUGIN_VERSION,
-        "inputs": ("q_target", "k", "v_ctx"),
-        "input_shapes": ("[B,H,Nx,D]", "[B,H,S,D]", "[B,H,Nc,D]"),
+        "inputs": ("q_target", "k"),
+        "input_shapes": ("[B,H,Nx,D]", "[B,H,S,D]"),
+        "outputs": ("lse",),
+        "output_shapes": ("[B,H,Nx]",),
+        "output_dtype": "FP32",
+        "attributes": {},
+        "io_types": f"{_FLOATS}, {_FLOATS}, FP32",
+        "formats": ("LINEAR",),
+        "aot_kernel": "_query_lse_kernel",
+        "jit_kernels": ("_query_lse_kernel",),
+    },
+    "context_influence": {
+        "id": f"{PLUGIN_NAMESPACE}::context_influence",
+        "name": "context_influence",
+        "namespace": PLUGIN_NAMESPACE,
+        "version": PLUGIN_VERSION,
+        "inputs": ("q_target", "k", "v_ctx", "lse"),
+        "input_shapes": ("[B,H,Nx,D]", "[B,H,S,D]", "[B,H,Nc,D]", "[B,H,Nx]"),
         "outputs": ("influence",),
         "output_shapes": ("[B,Nc]",),
         "output_dtype": "q_target",
         "attributes": {},
-        "types": ("FP32", "FP16", "BF16"),
+        "io_types": f"{_FLOATS}, {_FLOATS}, {_FLOATS}, FP32, {_FLOATS}",
         "formats": ("LINEAR",),
-        "aot_kernel": "_influence_fused_kernel",
-        "jit_kernels": ("_lse_kernel", "_colsum_kernel", "_head_sum_kernel"),
+        "aot_kernel": "_context_influence_kernel",
+        "jit_kernels": ("_colsum_kernel", "_head_sum_kernel"),
     },
     "token_gather": {
         "id": f"{PLUGIN_NAMESPACE}::token_gather",
@@ -47,8 +66,7 @@ PLUGINS = {
         "output_shapes": ("[B,K,C]",),
         "output_dtype": "x",
         "attributes": {},
-        "types": ("FP32", "FP16", "BF16"),
-        "index_type": "INT64",
+        "io_types": f"{_FLOATS}, INT64, {_FLOATS}",
         "formats": ("LINEAR",),
         "aot_kernel": "_token_gather_kernel",
         "jit_kernels": ("_token_gather_kernel",),
@@ -67,10 +85,10 @@ def register_plugins(trt_module_name: str = "tensorrt", jit: bool = False, ops=t
     """Register the plugins named in ``ops`` with ``<trt_module_name>.plugin``; idempotent per module.
 
     jit=False registers only the AOT kernels (engines run without Python). jit=True also registers
-    Python ``impl``s (for influence the two-pass kernels, 100-200x faster than the single-launch
-    AOT kernel at FLUX 1024x1024 on an H200); with both present, the ONNX node attribute ``aot`` or the network flag
+    Python ``impl``s (Triton launches from the serving process; for context_influence the head-parallel
+    two-launch kernels); with both present, the ONNX node attribute ``aot`` or the network flag
     PREFER_AOT_PYTHON_PLUGINS / PREFER_JIT_PYTHON_PLUGINS must choose, or TensorRT refuses to create
-    the plugin. ops=("token_gather",) leaves influence_score to the inlined ONNX function body.
+    the plugin. ops=("token_gather",) leaves influence to the inlined ONNX function bodies.
     """
     key = (jit, tuple(sorted(ops)))
     if unknown := set(ops) - set(PLUGINS):
@@ -96,7 +114,6 @@ def register_plugins(trt_module_name: str = "tensorrt", jit: bool = False, ops=t
     from . import triton_kernels as tk  # Triton is only needed once TensorRT is there
 
     tl_name = {trt.float32: "fp32", trt.float16: "fp16", trt.bfloat16: "bf16"}
-    types = "|".join(PLUGINS["influence_score"]["types"])
     AotResult = Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymIntExprs]
 
     def data_type(desc, plugin):
@@ -104,68 +121,103 @@ def register_plugins(trt_module_name: str = "tensorrt", jit: bool = False, ops=t
             raise TypeError(f"topi::{plugin}: unsupported dtype {desc.dtype}")
         return tl_name[desc.dtype]
 
-    if "influence_score" in ops:
-        _register_influence(trtp, tk, data_type, types, AotResult)
-    if "token_gather" in ops:
-        _register_gather(trtp, tk, data_type, types, AotResult)
+    def head_dim(q, plugin):
+        d = q.shape_expr[3]
+        if not d.is_constant:
+            raise ValueError(f"topi::{plugin}: the head dim must be a build-time constant")
+        return d.constant_value()
+
+    def launch(kern, grid, scalars):
+        """Launch parameters and the kernel's int32 scalar arguments (in its parameter order)."""
+        params = trtp.KernelLaunchParams()
+        params.grid_x, params.grid_y = grid[0], grid[1]
+        if len(grid) > 2:
+            params.grid_z = grid[2]
+        params.block_x = kern["block_x"]
+        params.shared_mem = kern["shared"]
+        extra = trtp.SymIntExprs.from_tuple([trtp.SymInt32(e) for e in scalars])
+        return kern["name"].encode(), kern["ptx"].encode(), params, extra
+
+    registrations = dict(query_lse=_register_query_lse, context_influence=_register_context_influence,
+                         token_gather=_register_gather)
+    for op in ops:
+        registrations[op](trt, trtp, tk, data_type, head_dim, launch, AotResult)
     if jit:
         _register_jit(trt, trtp, tk, ops)
     _registered[trt_module_name] = key
 
 
-def _register_influence(trtp, tk, data_type, types, AotResult) -> None:
-    @trtp.register(PLUGINS["influence_score"]["id"])
-    def influence_score_desc(q_target: trtp.TensorDesc, k: trtp.TensorDesc, v_ctx: trtp.TensorDesc) -> trtp.TensorDesc:
+def _autotune_types(name):
+    return PLUGINS[name]["io_types"], PLUGINS[name]["formats"][0]
+
+
+def _register_query_lse(trt, trtp, tk, data_type, head_dim, launch, AotResult) -> None:
+    pid = PLUGINS["query_lse"]["id"]
+
+    @trtp.register(pid)
+    def query_lse_desc(q_target: trtp.TensorDesc, k: trtp.TensorDesc) -> trtp.TensorDesc:
+        shape = q_target.shape_expr
+        return trtp.from_shape_expr((shape[0], shape[1], shape[2]), dtype=trt.float32)
+
+    @trtp.autotune(pid)
+    def query_lse_autotune(q_target: trtp.TensorDesc, k: trtp.TensorDesc,
+                           outputs: Tuple[trtp.TensorDesc]) -> List[trtp.AutoTuneCombination]:
+        return [trtp.AutoTuneCombination(*_autotune_types("query_lse"))]
+
+    @trtp.aot_impl(pid)
+    def query_lse_aot(q_target: trtp.TensorDesc, k: trtp.TensorDesc, outputs: Tuple[trtp.TensorDesc],
+                      tactic: int) -> AotResult:
+        kern = tk.compile_aot("query_lse", data_type(q_target, "query_lse"), head_dim(q_target, "query_lse"))
+        b, h, nx = q_target.shape_expr[0], q_target.shape_expr[1], q_target.shape_expr[2]
+        # one program per (query tile, b*h); scalars NX, S
+        return launch(kern, (trtp.cdiv(nx, kern["BLOCK_M"]), b * h), (nx, k.shape_expr[2]))
+
+
+def _register_context_influence(trt, trtp, tk, data_type, head_dim, launch, AotResult) -> None:
+    pid = PLUGINS["context_influence"]["id"]
+
+    @trtp.register(pid)
+    def context_influence_desc(q_target: trtp.TensorDesc, k: trtp.TensorDesc, v_ctx: trtp.TensorDesc,
+                               lse: trtp.TensorDesc) -> trtp.TensorDesc:
         return trtp.from_shape_expr((q_target.shape_expr[0], v_ctx.shape_expr[2]), dtype=q_target.dtype)
 
-    @trtp.autotune(PLUGINS["influence_score"]["id"])
-    def influence_score_autotune(q_target: trtp.TensorDesc, k: trtp.TensorDesc, v_ctx: trtp.TensorDesc,
-                                 outputs: Tuple[trtp.TensorDesc]) -> List[trtp.AutoTuneCombination]:
-        return [trtp.AutoTuneCombination(", ".join([types] * 4), "LINEAR")]
+    @trtp.autotune(pid)
+    def context_influence_autotune(q_target: trtp.TensorDesc, k: trtp.TensorDesc, v_ctx: trtp.TensorDesc,
+                                   lse: trtp.TensorDesc,
+                                   outputs: Tuple[trtp.TensorDesc]) -> List[trtp.AutoTuneCombination]:
+        return [trtp.AutoTuneCombination(*_autotune_types("context_influence"))]
 
-    @trtp.aot_impl(PLUGINS["influence_score"]["id"])
-    def influence_score_aot(q_target: trtp.TensorDesc, k: trtp.TensorDesc, v_ctx: trtp.TensorDesc,
-                            outputs: Tuple[trtp.TensorDesc], tactic: int) -> AotResult:
-        d = q_target.shape_expr[3]
-        if not d.is_constant:
-            raise ValueError("topi::influence_score: the head dim must be a build-time constant")
-        kern = tk.compile_aot("influence_score", data_type(q_target, "influence_score"), d.constant_value())
+    @trtp.aot_impl(pid)
+    def context_influence_aot(q_target: trtp.TensorDesc, k: trtp.TensorDesc, v_ctx: trtp.TensorDesc,
+                              lse: trtp.TensorDesc, outputs: Tuple[trtp.TensorDesc], tactic: int) -> AotResult:
+        kern = tk.compile_aot("context_influence", data_type(q_target, "context_influence"),
+                              head_dim(q_target, "context_influence"))
         b, h, nx = q_target.shape_expr[0], q_target.shape_expr[1], q_target.shape_expr[2]
         s, nc = k.shape_expr[2], v_ctx.shape_expr[2]
-        launch = trtp.KernelLaunchParams()
-        launch.grid_x = trtp.cdiv(nc, kern["BLOCK_C"])
-        launch.grid_y = b
-        launch.block_x = kern["block_x"]
-        launch.shared_mem = kern["shared"]
-        # order = the kernel's int32 parameters H, NX, S, NC
-        extra = trtp.SymIntExprs.from_tuple([trtp.SymInt32(e) for e in (h, nx, s, nc)])
-        return kern["name"].encode(), kern["ptx"].encode(), launch, extra
+        # one program per (context tile, b), looping over heads; scalars H, NX, S, NC
+        return launch(kern, (trtp.cdiv(nc, kern["BLOCK_C"]), b), (h, nx, s, nc))
 
 
-def _register_gather(trtp, tk, data_type, types, AotResult) -> None:
-    @trtp.register(PLUGINS["token_gather"]["id"])
+def _register_gather(trt, trtp, tk, data_type, head_dim, launch, AotResult) -> None:
+    pid = PLUGINS["token_gather"]["id"]
+
+    @trtp.register(pid)
     def token_gather_desc(x: trtp.TensorDesc, keep_idx: trtp.TensorDesc) -> trtp.TensorDesc:
         return trtp.from_shape_expr((x.shape_expr[0], keep_idx.shape_expr[0], x.shape_expr[2]), dtype=x.dtype)
 
-    @trtp.autotune(PLUGINS["token_gather"]["id"])
+    @trtp.autotune(pid)
     def token_gather_autotune(x: trtp.TensorDesc, keep_idx: trtp.TensorDesc,
                               outputs: Tuple[trtp.TensorDesc]) -> List[trtp.AutoTuneCombination]:
-        return [trtp.AutoTuneCombination(f"{types}, {PLUGINS['token_gather']['index_type']}, {types}", "LINEAR")]
+        return [trtp.AutoTuneCombination(*_autotune_types("token_gather"))]
 
-    @trtp.aot_impl(PLUGINS["token_gather"]["id"])
+    @trtp.aot_impl(pid)
     def token_gather_aot(x: trtp.TensorDesc, keep_idx: trtp.TensorDesc, outputs: Tuple[trtp.TensorDesc],
                          tactic: int) -> AotResult:
         kern = tk.compile_aot("token_gather", data_type(x, "token_gather"))
         b, n, c = x.shape_expr[0], x.shape_expr[1], x.shape_expr[2]
         kk = keep_idx.shape_expr[0]
-        launch = trtp.KernelLaunchParams()
-        launch.grid_x = trtp.cdiv(c, kern["BLOCK_C"])
-        launch.grid_y = trtp.cdiv(kk, kern["BLOCK_K"])
-        launch.grid_z = b
-        launch.block_x = kern["block_x"]
-        launch.shared_mem = kern["shared"]
-        extra = trtp.SymIntExprs.from_tuple([trtp.SymInt32(e) for e in (n, c, kk)])  # N, C, KEEP
-        return kern["name"].encode(), kern["ptx"].encode(), launch, extra
+        grid = (trtp.cdiv(c, kern["BLOCK_C"]), trtp.cdiv(kk, kern["BLOCK_K"]), b)
+        return launch(kern, grid, (n, c, kk))  # N, C, KEEP
 
 
 def _register_jit(trt, trtp, tk, ops) -> None:
@@ -189,12 +241,19 @@ def _register_jit(trt, trtp, tk, ops) -> None:
                 "data": (t.data_ptr, False), "strides": tuple(s * size for s in t.strides), "version": 3}
         return torch.as_tensor(View(), device="cuda").view(dtype)
 
-    if "influence_score" in ops:
-        @trtp.impl(PLUGINS["influence_score"]["id"])
-        def influence_score_impl(q_target: trtp.Tensor, k: trtp.Tensor, v_ctx: trtp.Tensor,
-                                 outputs: Tuple[trtp.Tensor], stream: int) -> None:
+    if "query_lse" in ops:
+        @trtp.impl(PLUGINS["query_lse"]["id"])
+        def query_lse_impl(q_target: trtp.Tensor, k: trtp.Tensor, outputs: Tuple[trtp.Tensor], stream: int) -> None:
             with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
-                as_torch(outputs[0]).copy_(tk.influence_score(as_torch(q_target), as_torch(k), as_torch(v_ctx)))
+                tk.query_lse(as_torch(q_target), as_torch(k), out=as_torch(outputs[0]))
+
+    if "context_influence" in ops:
+        @trtp.impl(PLUGINS["context_influence"]["id"])
+        def context_influence_impl(q_target: trtp.Tensor, k: trtp.Tensor, v_ctx: trtp.Tensor, lse: trtp.Tensor,
+                                   outputs: Tuple[trtp.Tensor], stream: int) -> None:
+            with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
+                tk.context_influence(as_torch(q_target), as_torch(k), as_torch(v_ctx), as_torch(lse),
+                                     out=as_torch(outputs[0]))
 
     if "token_gather" in ops:
         @trtp.impl(PLUGINS["token_gather"]["id"])

@@ -1,69 +1,101 @@
-"""Experiment (not shipped): a mass-preserving merge on top of a selection policy.
+"""Experiment (not shipped): mass-preserving attention on top of a selection policy.
 
-Each pruned context token is assigned to its spatially nearest kept token; in the pruned layers every kept
-key gets an additive attention-logit bias log(n_j) (n_j = tokens it stands for). Torch path only: it
-patches the attention processor and the torch engine at run time. Shipping it would add a `keep_bias`
-input to the pruned graph (ONNX Runtime, TensorRT profiles, Triton configs).
+Each pruned context token is assigned to its nearest kept token of the same reference (grid distance); in the
+pruned layers every kept key then counts n_j times in the softmax (n_j = the tokens it stands for), i.e. its
+logits get a log(n_j) bias, as proportional attention in token merging. Measured here exactly, by repeating the
+kept keys/values n_j times inside the attention hook (PyTorch path only; it restores the key count, so it shows the
+fidelity, not the speed). Shipping it would add a key-bias input to the topi graph and every backend.
 
-    python3 scripts/experiment_merge_bias.py   # kontext-digits, held-out samples 4-7, 28 steps
+    python3 scripts/experiment_merge_bias.py --model kontext-digits --ratio 0.5
+    python3 scripts/experiment_merge_bias.py --model flux2-pick --ratio 0.5
 """
 from __future__ import annotations
 
+import argparse
+import json
+import sys
+from pathlib import Path
+
 import torch
 
-import topi_export.models.flux_kontext as fk
-from topi_export.backends.torch import TorchEngine
-from topi_export.models import BUILTINS
-from topi_export.runtime.inputs import load_inputs
-from topi_export.runtime.loop import psnr
-from topi_export.runtime.session import open_session
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-STATE = {"bias": None, "merge": False}
-_call = fk.TopiFluxAttnProcessor.__call__
-_pruned = TorchEngine.pruned
+import topi_export.models.base as base  # noqa: E402
+from topi_export.runtime.inputs import load_inputs, sample_files  # noqa: E402
+from topi_export.runtime.loop import psnr  # noqa: E402
+from topi_export.runtime.session import open_session  # noqa: E402
 
-
-def call(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
-    bias = STATE["bias"]
-    total = (encoder_hidden_states.shape[1] if encoder_hidden_states is not None else 0) + hidden_states.shape[1]
-    if bias is not None and total == self.n_text + self.n_target + bias.numel():  # a pruned layer
-        attention_mask = torch.zeros(1, 1, 1, total)
-        attention_mask[..., -bias.numel():] = bias
-    return _call(self, attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+STATE = {"counts": None}
+_hook_call = base.AttentionHook.__call__
 
 
-def pruned(self, latents, timestep, keep_idx):
-    if STATE["merge"]:
-        h, w = self.inputs.layout.ref_grid
+def hook_call(self, q, k, v):
+    q, k, v = _hook_call(self, q, k, v)
+    counts = STATE["counts"]
+    x_end = self.n_text + self.n_target
+    if counts is not None and k.shape[2] - x_end == counts.numel():  # a pruned layer: repeat kept keys n_j times
+        k = torch.cat([k[:, :, :x_end], k[:, :, x_end:].repeat_interleave(counts, dim=2)], dim=2)
+        v = torch.cat([v[:, :, :x_end], v[:, :, x_end:].repeat_interleave(counts, dim=2)], dim=2)
+    return q, k, v
+
+
+def merge_counts(keep_idx, grids):
+    """n_j: how many context tokens (itself included) each kept token stands for, per reference."""
+    counts = torch.zeros(len(keep_idx), dtype=torch.long)
+    start = 0
+    for h, w in grids:
+        n = h * w
         yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
         pos = torch.stack([yy.flatten(), xx.flatten()], 1).float()
-        nearest = torch.cdist(pos, pos[keep_idx]).argmin(1)
-        STATE["bias"] = torch.bincount(nearest, minlength=len(keep_idx)).float().log()
-    try:
-        return _pruned(self, latents, timestep, keep_idx)
-    finally:
-        STATE["bias"] = None
+        mine = ((keep_idx >= start) & (keep_idx < start + n)).nonzero().flatten()
+        if len(mine):
+            nearest = torch.cdist(pos, pos[keep_idx[mine] - start]).argmin(1)
+            counts[mine] += torch.bincount(nearest, minlength=len(mine))
+        start += n
+    return counts
 
 
 def main():
-    fk.TopiFluxAttnProcessor.__call__ = call
-    TorchEngine.pruned = pruned
-    session = open_session(model="kontext-digits")
-    samples = BUILTINS["kontext-digits"] / "samples"
-    data = [load_inputs(samples / f"sample_{i}.safetensors", session.adapter) for i in (4, 5, 6, 7)]
-    fulls = [session.denoise(d, steps=28, selector=None) for d in data]
-    print("ratio policy       merge  PSNR vs unpruned (min)  PSNR vs truth")
-    for ratio in (0.3, 0.5):
-        for policy in ("random", "topi", "topi-dither"):
-            for merge in (False, True):
-                STATE["merge"] = merge
-                ps, gt = [], []
-                for d, full in zip(data, fulls):
-                    r = session.denoise(d, steps=28, selector=session.selector(d, ratio=ratio, policy=policy))
-                    ps.append(psnr(r.latents, full.latents))
-                    gt.append(psnr(r.latents, d.target_latents))
-                print(f"{ratio:<5} {policy:12} {str(merge):6} {sum(ps) / len(ps):6.2f} ({min(ps):5.2f})"
-                      f"          {sum(gt) / len(gt):6.2f}", flush=True)
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="kontext-digits")
+    ap.add_argument("--ratio", type=float, default=0.5)
+    ap.add_argument("--policies", default="topi-budget,topi,uniform,random")
+    ap.add_argument("--steps", type=int, default=28)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    base.AttentionHook.__call__ = hook_call
+    session = open_session(model=args.model)
+    files = sample_files(args.model)
+    data = [load_inputs(f, session.family) for f in files]
+    fulls = [session.denoise(d, steps=args.steps, mode="dense") for d in data]
+    engine = session.engine
+    plain_pruned = type(engine).pruned
+
+    def pruned(self, latents, timestep, keep_idx):
+        STATE["counts"] = merge_counts(keep_idx, self.layout.ref_grids) if STATE.get("merge") else None
+        try:
+            return plain_pruned(self, latents, timestep, keep_idx)
+        finally:
+            STATE["counts"] = None
+
+    type(engine).pruned = pruned
+    rows = []
+    print("policy       merge  PSNR vs unpruned (min)  PSNR vs truth")
+    for policy in args.policies.split(","):
+        for merge in (False, True):
+            STATE["merge"] = merge
+            ps, gt = [], []
+            for d, full in zip(data, fulls):
+                r = session.denoise(d, steps=args.steps, selector=session.selector(d, ratio=args.ratio, policy=policy))
+                ps.append(psnr(r.latents, full.latents))
+                gt.append(psnr(r.latents, d.target_latents))
+            rows.append({"policy": policy, "merge": merge, "psnr_db": sum(ps) / len(ps), "psnr_db_min": min(ps),
+                         "psnr_truth_db": sum(gt) / len(gt)})
+            print(f"{policy:12} {str(merge):6} {rows[-1]['psnr_db']:6.2f} ({min(ps):5.2f})          "
+                  f"{rows[-1]['psnr_truth_db']:6.2f}", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model": args.model, "ratio": args.ratio, "samples": len(data),
+                                               "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

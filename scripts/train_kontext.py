@@ -44,8 +44,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from topi_export.models.flux_kontext import Layout, kontext_ids
-from topi_export.runtime.loop import calculate_shift, make_scheduler
+from topi_export.models.flux_kontext import SCHEDULER, kontext_ids
+from topi_export.models.sampling import calculate_shift, flow_match_scheduler
+from topi_export.plan import Layout
 from topi_export.models.kontext_digits import (EDITS, SHIFT_TOKENS, TEXT_TOKENS, edit_conditioning,
                                                latents_to_image, model_config, mse_rgb, rgb_to_latents)
 
@@ -133,6 +134,11 @@ def make_batch(rng, levels, edit_idx: list[int], crop: int):
 
 
 # ------------------------------------------------------------------------------------------------ model
+def make_scheduler(steps: int, num_target: int):
+    """FluxKontextPipeline's scheduler: sigmas linspace(1, 1/N, N), mu = calculate_shift(Nx)."""
+    return flow_match_scheduler(SCHEDULER, steps, calculate_shift(num_target))
+
+
 def velocity(model, xt, ref, t, guidance, prompt, pooled, layout: Layout):
     txt_ids, img_ids = kontext_ids(layout)
     out = model(hidden_states=torch.cat([xt, ref], dim=1), timestep=t, guidance=guidance,
@@ -214,7 +220,7 @@ def main(argv=None) -> dict:
     log(f"# torch {torch.__version__}, threads {torch.get_num_threads()}, cpu {cpu_name()}, {os.cpu_count()} cores")
 
     grid = (args.crop // 2, args.crop // 2)
-    layout = Layout(TEXT_TOKENS, grid, grid)
+    layout = Layout(TEXT_TOKENS, grid, (grid,))
     mu = calculate_shift(layout.num_target)
     t0 = time.time()
     train_levels = [pyramid(load_image(n), args.crop) for n in TRAIN_IMAGES]

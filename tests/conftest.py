@@ -10,6 +10,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 warnings.filterwarnings("ignore", category=UserWarning)
+warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 @pytest.fixture(scope="session")
@@ -23,16 +24,19 @@ def tiny():
 def tiny_settings(tiny):
     from topi_export.runtime.settings import method_settings
 
-    return method_settings(tiny.identity())
+    return method_settings(tiny.identity(), tiny.family.default_settings())
 
 
 @pytest.fixture(scope="session")
 def ort_engine_dir(tmp_path_factory):
-    """One ONNX Runtime engine directory for tiny-kontext (8x8 target, 8x8 reference, 8 text tokens)."""
+    """One ONNX Runtime engine directory for tiny-kontext (8x8 target, 8x8 reference, 8 text tokens), with the
+    dense baseline. Shared by the test modules: an export takes tens of seconds here."""
     from topi_export.builder import build_engines
+    from topi_export.plan import Layout
 
     out = tmp_path_factory.mktemp("engines") / "tiny-ort"
-    return build_engines(model="tiny-kontext", ratio_buckets="0.3,0.5", engine_dir=out, echo=lambda s: None)
+    return build_engines(model="tiny-kontext", ratio_buckets="0.3,0.5", layouts=(Layout(8, (8, 8), ((8, 8),)),),
+                         engine_dir=str(out), echo=lambda s: None)
 
 
 def run_cli(args, capsys=None):

@@ -11,23 +11,25 @@ def test_bench_json_on_tiny(tmp_path, capsys):
                                  "--tau", "0.5", "--json", str(out), "-q"], capsys)
     assert code == 0, err
     report = json.loads(out.read_text())  # strict JSON
-    from topi_export.method import DEFAULT_POLICY
+    from topi_export.method.selection import DEFAULT_POLICY
 
     assert report["default_policy"] == DEFAULT_POLICY
     rows = report["results"]
-    assert {(r["policy"], r["ratio"]) for r in rows if "tau" not in r} == {
-        (p, r) for p in ("topi", "random", "uniform") for r in (0.0, 0.5)}
+    pols = (DEFAULT_POLICY, "topi", "random", "uniform")  # the default policy is always benchmarked
+    assert {(r["policy"], r["ratio"]) for r in rows if "tau" not in r} == {(p, r) for p in pols for r in (0.0, 0.5)}
+    assert report["baseline"]["mode"] == "dense" and report["policies_use_influence"]["uniform"] is False
     for r in rows:
         for key in ("policy", "ratio", "psnr_db", "psnr_db_min", "rel_l2", "speedup"):
             assert key in r
     for r in (r for r in rows if r["ratio"] == 0.0 and "tau" not in r):
         assert r["rel_l2"] == 0.0 and r["psnr_db"] is None  # identical to the unpruned run
-        assert 0.5 < r["speedup"] < 2.0  # same work as the baseline: ~1 (loose: timing noise on shared CPUs)
+        assert r["speedup"] > 0
         assert r["keep"] == [64]
     pruned = [r for r in rows if r["ratio"] == 0.5]
     assert all(r["keep"] == [32] and r["rel_l2"] > 0 and r["psnr_db"] > 0 for r in pruned)
-    assert {r["policy"] for r in rows if "tau" in r} == {"topi", "random", "uniform"}  # tau per policy
-    assert all("flop_speedup" in r and r["flop_speedup"] > 1 for r in pruned)
+    assert {r["policy"] for r in rows if "tau" in r} == set(pols)  # tau per policy
+    assert all(r["kept_influence"] >= 0.5 - 1e-6 for r in rows if "tau" in r)  # tau keeps tau of the influence
+    assert all(r["flop_speedup"] > 1 and r["flop_e2e_speedup"] > 1 for r in pruned)
     assert (tmp_path / "bench.md").read_text().startswith("| policy")
     assert (tmp_path / "bench.png").stat().st_size > 1000
     assert "default policy" in stdout

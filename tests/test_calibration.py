@@ -1,4 +1,4 @@
-"""Calibration (DESIGN §2.1): context sensitivity per layer, pivotal layers, L0, the profile and its CLI."""
+"""Calibration (docs/design.md, "The method"): context sensitivity per layer, pivotal layers, L0, the profile and its CLI."""
 from __future__ import annotations
 
 import json
@@ -11,8 +11,16 @@ from topi_export.errors import TopiError
 from topi_export.method.calibration import (calibrate, describe_set, plot_profile, prune_start_rule,
                                             write_profile)
 from topi_export.models import load_model, weights_hash
-from topi_export.runtime.inputs import synthetic_inputs
+from topi_export.plan import Layout
 from topi_export.runtime.settings import PROFILE_SCHEMA, method_settings, read_profile
+
+
+def _raw(path):
+    return json.loads(path.read_text())
+
+
+def _settings(loaded, calibration=None):
+    return method_settings(loaded.identity(), loaded.family.default_settings(), calibration)
 
 TS = (0.9, 0.5)
 
@@ -31,7 +39,7 @@ def _tiny():
 
 
 def _samples(adapter, n=1, seed=0, grid=(4, 4)):
-    return [synthetic_inputs(adapter, seed + i, grid, grid, 4) for i in range(n)]
+    return [adapter.synthetic_inputs(Layout(4, grid, (grid,)), seed + i) for i in range(n)]
 
 
 def _blocks(adapter):
@@ -63,7 +71,7 @@ def model_dir(tmp_path_factory):
     """A tiny Kontext transformer with other weights than tiny-kontext, saved with save_pretrained."""
     from diffusers import FluxTransformer2DModel
 
-    from topi_export.models import tiny_config
+    from topi_export.models.flux_kontext import tiny_config
 
     path = tmp_path_factory.mktemp("model") / "tiny-other"
     with torch.random.fork_rng():
@@ -108,12 +116,13 @@ def test_profile_round_trip(tmp_path):
     result = calibrate(loaded.adapter, samples, TS, top_k=2, seed=5, update_interval=7)
     path = tmp_path / "p.json"
     written = write_profile(path, result, loaded.identity(), describe_set(samples, TS, seed=5))
-    profile = read_profile(path)
+    profile = _raw(path)
     assert profile == json.loads(json.dumps(written))
     assert profile["schema"] == PROFILE_SCHEMA and profile["measured"] is True
     model = profile["model"]
     assert model["config_hash"] == loaded.config_hash and model["weights_hash"] == loaded.weights_hash
-    assert (model["num_layers"], model["num_double"], model["class"]) == (6, 2, "FluxTransformer2DModel")
+    assert (model["num_layers"], model["class"], model["family"]) == (6, "FluxTransformer2DModel", "flux-kontext")
+    assert model["layer_groups"] == [["double", 0, 2], ["single", 2, 6]]
     sens = profile["sensitivity"]
     assert len(sens["mean"]) == len(sens["std"]) == len(sens["layer_names"]) == 6
     assert sens["layer_names"][:3] == ["double[0]", "double[1]", "single[0]"]
@@ -121,11 +130,11 @@ def test_profile_round_trip(tmp_path):
     assert profile["calibration_set"]["description"] == "synthetic seeded set, seed 5, 2 samples"
     assert profile["calibration_set"]["timesteps"] == list(TS)
     assert set(profile["versions"]) == {"topi-export", "torch", "diffusers"}
-    settings = method_settings(loaded.identity(), calibration=path)
-    assert settings["pivotal_layers"] == result["pivotal_layers"] == sorted(result["ranking"][:2])
-    assert settings["prune_start"] == result["prune_start"]
-    assert settings["update_interval"] == 7
-    assert settings["source"] == str(path)
+    settings = _settings(loaded, calibration=path)
+    assert list(settings.pivotal_layers) == result["pivotal_layers"] == sorted(result["ranking"][:2])
+    assert settings.prune_start == result["prune_start"]
+    assert settings.update_interval == 7
+    assert settings.source == str(path) and settings.provenance == "measured"
 
 
 # (d) a profile for another model (other weights) is refused by `run --calibration`, naming both hashes --
@@ -133,7 +142,9 @@ def test_run_refuses_profile_of_other_weights(tmp_path, capsys):
     loaded = _tiny()
     _blind(loaded.adapter, 1)
     other_hash = weights_hash(loaded.adapter.model)
-    identity = {**loaded.identity(), "weights_hash": other_hash, "source": "tiny-kontext (modified)"}
+    from dataclasses import replace
+
+    identity = replace(loaded.identity(), weights_hash=other_hash, source="tiny-kontext (modified)")
     samples = _samples(loaded.adapter)
     path = tmp_path / "other.json"
     write_profile(path, calibrate(loaded.adapter, samples, TS), identity, describe_set(samples, TS))
@@ -173,7 +184,7 @@ def test_cli_calibrate_then_run(which, model_dir, tmp_path, capsys):
                               "--timesteps", "0.9,0.5", "--top-k", "2", "--out", out, "--quiet"], capsys)
     assert code == 0, err
     assert out.is_file() and out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    profile = read_profile(out)
+    profile = _raw(out)
     assert profile["model"]["source"] == model and len(profile["pivotal_layers"]) == 2
     assert "pivotal layers" in stdout and "prune start L0" in stdout and "rank" in stdout
     report = tmp_path / "run.json"
@@ -201,7 +212,7 @@ def test_cli_calibrate_from_inputs_files(tmp_path, capsys):
     code, _, err = _cli(["calibrate", "--model", "tiny-kontext", "--inputs", a, "--inputs", b, "--timesteps", "1,0.4",
                          "--out", out, "-q"], capsys)
     assert code == 0, err
-    cal = read_profile(out)["calibration_set"]
+    cal = _raw(out)["calibration_set"]
     assert cal["files"] == [str(a), str(b)] and cal["num_samples"] == 2
     assert [s["x0"] for s in cal["samples"]] == ["target_latents", "reference_latents"]
     assert [s["target_grid"] for s in cal["samples"]] == [[2, 2], [2, 2]]
@@ -209,7 +220,7 @@ def test_cli_calibrate_from_inputs_files(tmp_path, capsys):
 
 @pytest.mark.parametrize("args, needle", [
     (["--top-k", "7"], "--top-k 7"),
-    (["--top-k", "0"], "--top-k 0"),
+    (["--top-k", "0"], "--top-k': 0"),
     (["--timesteps", "0,0.5"], "outside (0, 1]"),
     (["--timesteps", "0.5,1.5"], "outside (0, 1]"),
     (["--timesteps", "a,b"], "bad --timesteps"),
@@ -238,20 +249,19 @@ def test_shipped_profiles():
 
     root = Path(__file__).resolve().parents[1] / "calibration"
     published = read_profile(root / "flux.1-kontext-dev.json")
-    assert published["pivotal_layers"] == [13, 18, 31] and published["prune_start"] == 10
-    assert published["update_interval"] == 10 and published["measured"] is False
-    assert published["model"]["weights_hash"] is None and published["model"]["num_layers"] == 57
+    assert published.pivotal_layers == (13, 18, 31) and published.prune_start == 10
+    assert published.update_interval == 10 and published.measured is False
+    assert published.weights_hash is None and published.num_layers == 57
+    assert published.settings().provenance == "published"
     tiny = _tiny()
-    shipped = root / "tiny-kontext.json"
-    if shipped.exists():
-        profile = read_profile(shipped)
-        assert profile["measured"] is True and profile["model"]["weights_hash"] == tiny.weights_hash
-        settings = method_settings(tiny.identity())
-        assert settings["source"] == str(shipped) and settings["pivotal_layers"] == profile["pivotal_layers"]
+    profile = read_profile(root / "tiny-kontext.json")
+    assert profile.measured is True and profile.weights_hash == tiny.weights_hash
+    settings = _settings(tiny)
+    assert settings.source == str(root / "tiny-kontext.json") and settings.pivotal_layers == profile.pivotal_layers
 
 
 def test_plot_profile_writes_png(tmp_path):
     result = {"mean": [0.1, 0.3, 0.2], "std": [0.01, 0.02, 0.0], "pivotal_layers": [1], "prune_start": 1,
-              "num_double": 1, "update_interval": 10, "num_samples": 1, "timesteps": [0.5]}
+              "layer_groups": [["double", 0, 1], ["single", 1, 3]], "update_interval": 10, "num_samples": 1, "timesteps": [0.5]}
     plot_profile(tmp_path / "p.png", result)
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"

@@ -30,9 +30,13 @@ def test_run_compare_prints_table_and_writes_json(tmp_path, capsys):
     report = json.loads((tmp_path / "r.json").read_text())
     for key in ("speedup", "psnr_db", "rel_l2", "time_s", "schedule"):
         assert key in report
-    assert set(report["time_s"]) == {"topi", "full"}
+    assert set(report["time_s"]) == {"topi", "dense"} and report["baseline"] == "dense"
+    assert report["speedup"] == report["time_s"]["dense"] / report["time_s"]["topi"]
     assert [s["kind"] for s in report["schedule"]] == ["anchor", "pruned", "pruned"] * 2
-    assert all(s["keep"] == 8 for s in report["schedule"])
+    assert [s["keep"] for s in report["schedule"]] == [16, 8, 8] * 2
+    assert all(s["keep_per_reference"] == [s["keep"]] for s in report["schedule"])
+    anchors = [s for s in report["schedule"] if s["kind"] == "anchor"]
+    assert all(s["selected_keep"] == 8 and 0 < s["kept_influence"] <= 1 for s in anchors)
     from safetensors.torch import load_file
 
     assert load_file(str(tmp_path / "lat.safetensors"))["latents"].shape == (1, 16, 16)
@@ -49,7 +53,7 @@ def test_run_without_compare_has_no_fidelity_keys(tmp_path, capsys):
 def test_run_on_saved_model_directory(tmp_path, capsys):
     from topi_export.models import build_builtin
 
-    model = build_builtin()
+    model = build_builtin("tiny-kontext")
     model.save_pretrained(tmp_path / "pipe" / "transformer", safe_serialization=True)  # pipeline-folder layout
     code, out, err = run_cli(["run", "--model", str(tmp_path / "pipe"), "--steps", "3", "--compare", "-q"], capsys)
     assert code == 0, err
@@ -104,18 +108,15 @@ def test_unsupported_model_class_lists_supported(tmp_path, capsys):
     assert code == 2 and "FluxTransformer2DModel" in err
 
 
-def test_help_is_fast_and_lists_commands(capsys):
+def test_help_lists_commands_without_heavy_imports(capsys):
     import subprocess
     import sys
-    import time
 
-    t = time.perf_counter()
     out = subprocess.run([sys.executable, "-m", "topi_export.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "build" in out.stdout and "run" in out.stdout
     probe = subprocess.run([sys.executable, "-c", "import topi_export.cli, sys; print('torch' in sys.modules)"],
                            capture_output=True, text=True)
     assert probe.stdout.strip() == "False"  # the CLI entry imports no heavy backend
-    assert time.perf_counter() - t < 60
 
 
 def test_png_strip(tmp_path, capsys):

@@ -45,6 +45,10 @@ def _rel(a, b):
 SHAPES = [(1, 2, 37, 70, 21, 16), (2, 3, 50, 113, 45, 32), (1, 1, 1, 40, 40, 64), (1, 2, 65, 97, 66, 128)]
 
 
+def _lse_oracle(q, k):
+    return torch.logsumexp(q.double() @ k.double().transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_influence_fp32_matches_reference_and_oracle(shape):
     q, k, v = _inputs(*shape)
@@ -56,10 +60,25 @@ def test_influence_fp32_matches_reference_and_oracle(shape):
     assert _rel(out, oracle) < 1e-5
 
 
+@pytest.mark.parametrize("shape", SHAPES[:3], ids=lambda s: "x".join(map(str, s)))
+def test_query_lse_is_the_base_e_log_sum_exp(shape):
+    q, k, _ = _inputs(*shape)
+    lse = tk.query_lse(q, k)
+    assert lse.shape == q.shape[:3] and lse.dtype == torch.float32
+    assert (lse.double().cpu() - _lse_oracle(q, k).cpu()).abs().max().item() < 1e-5
+
+
 @pytest.mark.parametrize("shape", SHAPES[:2], ids=lambda s: "x".join(map(str, s)))
-def test_influence_fused_single_launch_matches(shape):
+@pytest.mark.parametrize("split_heads", [False, True], ids=["one-launch", "split-heads"])
+def test_context_influence_both_variants_match(shape, split_heads):
     q, k, v = _inputs(*shape)
-    assert _rel(tk.influence_score_fused(q, k, v), reference.influence_score_materialized(q, k, v)) < 1e-5
+    out = tk.context_influence(q, k, v, tk.query_lse(q, k), split_heads=split_heads)
+    assert _rel(out, reference.influence_score_materialized(q, k, v)) < 1e-5
+    # fed the float64 lse it is the same column sums: the kernel reads the lse, it does not recompute it
+    lse = _lse_oracle(q, k).float().to(DEVICE)
+    assert _rel(tk.context_influence(q, k, v, lse, split_heads=split_heads), out) < 1e-5
+    # a wrong lse gives a wrong answer (lse + log 2 halves every term)
+    assert _rel(tk.context_influence(q, k, v, lse + 0.6931471805599453, split_heads=split_heads), out / 2) < 1e-5
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -68,8 +87,10 @@ def test_influence_half_precision(dtype):
     out = tk.influence_score(q, k, v)
     assert out.dtype == dtype
     # fp32 maths on the same rounded inputs; the only difference left is the output rounding
-    assert _rel(out, reference.influence_score_materialized(q, k, v)) < (1e-2 if dtype == torch.bfloat16 else 2e-3)
-    assert _rel(tk.influence_score_fused(q, k, v), reference.influence_score(q, k, v)) < 1e-2
+    tol = 1e-2 if dtype == torch.bfloat16 else 2e-3
+    assert _rel(out, reference.influence_score_materialized(q, k, v)) < tol
+    assert _rel(tk.influence_score_aot(q, k, v), reference.influence_score(q, k, v)) < 1e-2
+    assert tk.query_lse(q, k).dtype == torch.float32
 
 
 def test_influence_rejects_bad_inputs():
@@ -80,6 +101,11 @@ def test_influence_rejects_bad_inputs():
         tk.influence_score(q[..., :8], k[..., :8], v[..., :8])  # D = 8
     with pytest.raises(TypeError):
         tk.influence_score(q, k.double(), v)
+    lse = tk.query_lse(q, k)
+    with pytest.raises(ValueError, match="lse must be float32"):
+        tk.context_influence(q, k, v, lse[:, :, :3])
+    with pytest.raises(ValueError, match="lse must be float32"):
+        tk.context_influence(q, k, v, lse.double())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -96,16 +122,27 @@ def test_token_gather_matches_reference(dtype):
 # ----------------------------------------------------------------------------- plugin descriptors
 def test_plugin_descriptors():
     assert trt_plugins.PLUGIN_NAMESPACE == "topi" and trt_plugins.PLUGIN_VERSION == "1"
-    assert set(trt_plugins.PLUGINS) == {"influence_score", "token_gather"}
+    assert set(trt_plugins.PLUGINS) == {"query_lse", "context_influence", "token_gather"}
+    assert set(trt_plugins.PLUGINS) == set(tk.AOT_KERNELS)
     for name, p in trt_plugins.PLUGINS.items():
         assert p["name"] == name and p["id"] == f"topi::{name}"
         assert p["namespace"] == "topi" and p["version"] == "1"
         assert p["attributes"] == {}
         assert len(p["inputs"]) == len(p["input_shapes"]) and len(p["outputs"]) == len(p["output_shapes"]) == 1
+        assert len(p["io_types"].split(",")) == len(p["inputs"]) + len(p["outputs"])
+        assert p["output_dtype"] in p["inputs"] or p["output_dtype"] == "FP32"
         assert hasattr(tk, p["aot_kernel"]) and all(hasattr(tk, kern) for kern in p["jit_kernels"])
-    assert trt_plugins.PLUGINS["influence_score"]["inputs"] == ("q_target", "k", "v_ctx")
-    assert trt_plugins.PLUGINS["influence_score"]["output_shapes"] == ("[B,Nc]",)
-    assert trt_plugins.PLUGINS["token_gather"]["inputs"] == ("x", "keep_idx")
+    # the plugins are the ONNX nodes: same names, inputs and outputs as the schemas
+    from topi_export.ops.onnx import register_schemas
+    import onnx
+
+    register_schemas()
+    for name, p in trt_plugins.PLUGINS.items():
+        schema = onnx.defs.get_schema(name, 1, "topi")
+        assert tuple(i.name for i in schema.inputs) == p["inputs"]
+        assert tuple(o.name for o in schema.outputs) == p["outputs"]
+    assert trt_plugins.PLUGINS["query_lse"]["output_shapes"] == ("[B,H,Nx]",)
+    assert trt_plugins.PLUGINS["context_influence"]["output_shapes"] == ("[B,Nc]",)
     assert trt_plugins.PLUGINS["token_gather"]["output_shapes"] == ("[B,K,C]",)
 
 
@@ -216,46 +253,59 @@ def _compile_aot_elsewhere(requests):
 
 
 def _aot_launches(trtp, b=2, h=3, nx=50, s=113, nc=45, d=16, n=37, c=600, kk=11):
-    """Run both registered aot_impls on concrete shapes; returns {plugin: (name, ptx, launch, extras)}."""
+    """Run every registered aot_impl on concrete shapes; returns {plugin: (name, ptx, launch, extras)}."""
     F = trtp.TensorDesc
-    inf, gat = trtp.registry["topi::influence_score"], trtp.registry["topi::token_gather"]
+    reg = {name: trtp.registry[f"topi::{name}"] for name in trt_plugins.PLUGINS}
     q, k, v = F((b, h, nx, d), "HALF"), F((b, h, s, d), "HALF"), F((b, h, nc, d), "HALF")
-    out = inf["register"](q, k, v)
+    lse = reg["query_lse"]["register"](q, k)
+    assert tuple(lse.shape_expr) == (b, h, nx) and lse.dtype == "FLOAT"
+    out = reg["context_influence"]["register"](q, k, v, lse)
     assert tuple(out.shape_expr) == (b, nc) and out.dtype == "HALF"
     x, idx = F((b, n, c), "HALF"), F((kk,), "INT64")
-    y = gat["register"](x, idx)
+    y = reg["token_gather"]["register"](x, idx)
     assert tuple(y.shape_expr) == (b, kk, c) and y.dtype == "HALF"
-    return {"influence_score": inf["aot_impl"](q, k, v, (out,), 0),
-            "token_gather": gat["aot_impl"](x, idx, (y,), 0)}
+    return {"query_lse": reg["query_lse"]["aot_impl"](q, k, (lse,), 0),
+            "context_influence": reg["context_influence"]["aot_impl"](q, k, v, lse, (out,), 0),
+            "token_gather": reg["token_gather"]["aot_impl"](x, idx, (y,), 0)}
+
+
+def _entry_params(ptx: bytes, name: bytes) -> int:
+    entry = ptx.decode()
+    entry = entry[entry.index(f".entry {name.decode()}"):]
+    return entry[:entry.index(")")].count(".param")
 
 
 def test_register_plugins_with_fake_tensorrt(fake_trt, monkeypatch):
     name, trt, trtp = fake_trt
     if not HAS_CUDA:
-        compiled = _compile_aot_elsewhere([["influence_score", "fp16", 16], ["token_gather", "fp16", None]])
+        compiled = _compile_aot_elsewhere([["query_lse", "fp16", 16], ["context_influence", "fp16", 16],
+                                           ["token_gather", "fp16", None]])
         monkeypatch.setattr(tk, "compile_aot", lambda kern, dt, d=None: compiled[(kern, dt, d)])
     trt_plugins.register_plugins(name)
     trt_plugins.register_plugins(name)  # idempotent
-    assert set(trtp.registry) == {"topi::influence_score", "topi::token_gather"}
+    assert set(trtp.registry) == {"topi::query_lse", "topi::context_influence", "topi::token_gather"}
     for entry in trtp.registry.values():
         assert {"register", "autotune", "aot_impl"} <= set(entry) and "impl" not in entry
-    combos = trtp.registry["topi::influence_score"]["autotune"](None, None, None, ())
-    assert combos == [("FP32|FP16|BF16, FP32|FP16|BF16, FP32|FP16|BF16, FP32|FP16|BF16", "LINEAR")]
-    combos = trtp.registry["topi::token_gather"]["autotune"](None, None, ())
-    assert combos == [("FP32|FP16|BF16, INT64, FP32|FP16|BF16", "LINEAR")]
+    T = "FP32|FP16|BF16"
+    assert trtp.registry["topi::query_lse"]["autotune"](None, None, ()) == [(f"{T}, {T}, FP32", "LINEAR")]
+    combos = trtp.registry["topi::context_influence"]["autotune"](None, None, None, None, ())
+    assert combos == [(f"{T}, {T}, {T}, FP32, {T}", "LINEAR")]
+    assert trtp.registry["topi::token_gather"]["autotune"](None, None, ()) == [(f"{T}, INT64, {T}", "LINEAR")]
 
+    # TensorRT passes (inputs, int32 scalars, outputs) then pads Triton's 2 hidden scratch pointers
     launches = _aot_launches(trtp)
-    kname, ptx, launch, extra = launches["influence_score"]
-    assert kname == b"_influence_fused_kernel" and b".entry _influence_fused_kernel" in ptx
-    assert (launch.grid_x, launch.grid_y) == (-(-45 // tk._AOT_INFLUENCE_TILES[0][2]), 2)
-    assert list(extra) == [3, 50, 113, 45] and launch.shared_mem <= tk.AOT_SHARED_LIMIT
+    kname, ptx, launch, extra = launches["query_lse"]
+    assert kname == b"_query_lse_kernel" and _entry_params(ptx, kname) == 5 + 2
+    assert (launch.grid_x, launch.grid_y) == (-(-50 // tk._AOT_LSE_TILES[0][0]), 2 * 3)  # (query tiles, b*h)
+    assert list(extra) == [50, 113] and launch.shared_mem <= tk.AOT_SHARED_LIMIT  # NX, S
+    kname, ptx, launch, extra = launches["context_influence"]
+    assert kname == b"_context_influence_kernel" and _entry_params(ptx, kname) == 9 + 2
+    assert (launch.grid_x, launch.grid_y) == (-(-45 // tk._AOT_CONTEXT_TILES[0][1]), 2)  # (context tiles, b)
+    assert list(extra) == [3, 50, 113, 45] and launch.shared_mem <= tk.AOT_SHARED_LIMIT  # H, NX, S, NC
     kname, ptx, launch, extra = launches["token_gather"]
     assert kname == b"_token_gather_kernel" and list(extra) == [37, 600, 11]
     assert (launch.grid_x, launch.grid_y, launch.grid_z) == (2, 2, 2)
-    # TensorRT passes (inputs, int32 scalars, outputs) then pads Triton's 2 hidden scratch pointers
-    entry = ptx.decode()
-    entry = entry[entry.index(".entry _token_gather_kernel"):]
-    assert entry[:entry.index(")")].count(".param") == 6 + 2
+    assert _entry_params(ptx, kname) == 6 + 2
 
     with pytest.raises(trt_plugins.PluginUnavailableError):
         trt_plugins.register_plugins(name, jit=True)
@@ -279,7 +329,7 @@ def test_gpu_influence_flux_like(dtype, d):
     oracle = reference.influence_score_materialized(q, k, v)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     assert _rel(tk.influence_score(q, k, v), oracle) < tol
-    assert _rel(tk.influence_score_fused(q, k, v), oracle) < tol
+    assert _rel(tk.influence_score_aot(q, k, v), oracle) < tol
 
 
 def _cu_launch(name, ptx, launch, args):
@@ -307,9 +357,13 @@ def test_gpu_aot_kernels_launch_like_tensorrt(fake_trt):
     trt_plugins.register_plugins(name)
     launches = _aot_launches(trtp)
     q, k, v = _inputs(2, 3, 50, 113, 45, 16, dtype=torch.float16)
+    lse = torch.full((2, 3, 50), float("nan"), dtype=torch.float32, device="cuda")
+    kname, ptx, launch, extra = launches["query_lse"]
+    _cu_launch(kname, ptx, launch, [q, k, *extra, lse])
+    assert (lse.double() - _lse_oracle(q, k)).abs().max().item() < 1e-4
     out = torch.empty(2, 45, dtype=torch.float16, device="cuda")
-    kname, ptx, launch, extra = launches["influence_score"]
-    _cu_launch(kname, ptx, launch, [q, k, v, *extra, out])
+    kname, ptx, launch, extra = launches["context_influence"]
+    _cu_launch(kname, ptx, launch, [q, k, v, lse, *extra, out])
     assert _rel(out, reference.influence_score_materialized(q, k, v)) < 2e-3
     x = torch.randn(2, 37, 600, device="cuda", dtype=torch.float16)
     idx = torch.tensor([0, 5, 36, 3, 3, 20, 11, 12, 13, 30, 1], device="cuda")
@@ -333,9 +387,12 @@ def test_gpu_jit_impls_with_fake_tensorrt(fake_trt):
     trt_plugins.register_plugins(name, jit=True)
     stream = torch.cuda.current_stream().cuda_stream
     q, k, v = _inputs(1, 2, 70, 150, 60, 64, dtype=torch.bfloat16)
+    lse = torch.full((1, 2, 70), float("nan"), dtype=torch.float32, device="cuda")
     out = torch.full((1, 60), float("nan"), dtype=torch.bfloat16, device="cuda")
-    T = lambda t: _FakeTrtTensor(t, {torch.bfloat16: "BF16", torch.int64: "INT64"}[t.dtype])  # noqa: E731
-    trtp.registry["topi::influence_score"]["impl"](T(q), T(k), T(v), (T(out),), stream)
+    names = {torch.bfloat16: "BF16", torch.float32: "FLOAT", torch.int64: "INT64"}
+    T = lambda t: _FakeTrtTensor(t, names[t.dtype])  # noqa: E731
+    trtp.registry["topi::query_lse"]["impl"](T(q), T(k), (T(lse),), stream)
+    trtp.registry["topi::context_influence"]["impl"](T(q), T(k), T(v), T(lse), (T(out),), stream)
     torch.cuda.synchronize()
     assert _rel(out, reference.influence_score_materialized(q, k, v)) < 1e-2
     x = torch.randn(2, 37, 600, device="cuda", dtype=torch.bfloat16)
@@ -351,7 +408,8 @@ def test_gpu_jit_impls_with_fake_tensorrt(fake_trt):
 def test_gpu_aot_compiles_all_dtypes():
     for dt in ("fp32", "fp16", "bf16"):
         for d in tk.SUPPORTED_HEAD_DIMS:
-            assert tk.compile_aot("influence_score", dt, d)["shared"] <= tk.AOT_SHARED_LIMIT
+            for kern in ("query_lse", "context_influence"):
+                assert tk.compile_aot(kern, dt, d)["shared"] <= tk.AOT_SHARED_LIMIT
         assert tk.compile_aot("token_gather", dt)["block_x"] > 0
 
 

@@ -56,7 +56,7 @@ def test_tau_without_fitting_bucket_runs_unpruned():
 @pytest.mark.parametrize("policy", sorted(POLICIES))
 def test_policies_return_sorted_unique_indices_of_the_right_count(policy):
     infl = torch.rand(64, generator=torch.Generator().manual_seed(1))
-    idx = select_tokens(infl, 24, policy, grid=(8, 8), seed=3)
+    idx = select_tokens(infl, 24, policy, grids=((8, 8),), seed=3)
     assert len(idx) == 24 and idx.unique().numel() == 24
     assert torch.equal(idx, idx.sort().values) and idx.dtype == torch.int64
 
@@ -70,7 +70,7 @@ def test_coverage_policy_keeps_every_cell():
     # all the influence sits in one corner: top-k leaves holes, the coverage policy does not
     infl = torch.zeros(8, 8)
     infl[:4, :4] = torch.rand(4, 4) + 1
-    idx = select_tokens(infl.flatten(), 32, "topi-cov", grid=(8, 8))
+    idx = select_tokens(infl.flatten(), 32, "topi-cov", grids=((8, 8),))
     cells = {(int(i) // 8 // 2, int(i) % 8 // 2) for i in idx}
     assert len(cells) == 16
 
@@ -82,6 +82,23 @@ def test_schedule_anchors():
     assert [p.kind for p in make_plan(3, 1)] == ["anchor"] * 3
     with pytest.raises(TopiError):
         make_plan(10, 0)
+    with pytest.raises(TopiError):
+        make_plan(0, 10)
+
+
+def test_temporal_controller_plans_anchors_and_reuses_the_kept_set():
+    from topi_export.method.schedule import TemporalController
+
+    c = TemporalController(Selector(8, ratio=0.5, grids=((2, 4),)), 3, 8)
+    assert c.plan(0).kind == "anchor"
+    with pytest.raises(TopiError):
+        c.observe(0, torch.ones(7))  # influence of another context size
+    info = c.observe(0, torch.arange(8.0))
+    assert info["selected_keep"] == 4 and 0 < info["kept_influence"] <= 1
+    p1, p2 = c.plan(1), c.plan(2)
+    assert p1.kind == p2.kind == "pruned" and torch.equal(p1.keep_idx, p2.keep_idx) and p1.keep == 4
+    assert c.plan(3).kind == "anchor"
+    assert TemporalController(None, 3, 8).plan(1).kind == "full"
 
 
 @pytest.mark.parametrize("ratio", [-0.1, 1.0, float("nan")])
@@ -90,20 +107,7 @@ def test_ratio_outside_range_is_refused(ratio):
         Selector(10, ratio=ratio)
 
 
-def test_dither_policy_drops_weak_tokens_first_then_spreads_evenly():
-    infl = torch.ones(8, 8)
-    infl[:, 6:] = 0.01  # two weak columns (e.g. shifted out of the target): dropped first
-    idx = select_tokens(infl.flatten(), 32, "topi-dither", grid=(8, 8))
-    kept = torch.zeros(64, dtype=torch.bool)
-    kept[idx] = True
-    kept = kept.reshape(8, 8)
-    assert not kept[:, 6:].any()
-    # the other 16 removals are spread: every 2x2 cell of the strong part keeps 2 or 3 tokens
-    cells = kept[:, :6].reshape(4, 2, 3, 2).sum(dim=(1, 3))
-    assert cells.min() >= 2 and cells.max() <= 3
-
-
 def test_default_policy_is_a_registered_influence_policy():
-    from topi_export.method import DEFAULT_POLICY
+    from topi_export.method.selection import DEFAULT_POLICY
 
-    assert DEFAULT_POLICY in POLICIES and DEFAULT_POLICY.startswith("topi")
+    assert DEFAULT_POLICY in POLICIES and POLICIES[DEFAULT_POLICY].uses_influence

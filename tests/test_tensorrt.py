@@ -1,78 +1,73 @@
-"""TensorRT / TensorRT-RTX backend: profile table, precision pass, manifest target checks (pure), real
-TensorRT-RTX ahead-of-time builds of tiny-kontext on CPU, and GPU / data-center TensorRT tests that skip
-with a reason where the hardware or module is absent."""
-import importlib.util
+"""TensorRT / TensorRT-RTX backend: the profile shapes, target checks and profile selection (pure), real
+TensorRT-RTX ahead-of-time engines of tiny-kontext built on CPU through the CLI, and GPU / data-center TensorRT
+tests that skip with a reason where the hardware or module is absent."""
 import json
+import re
 import sys
 
-import numpy as np
 import pytest
 import torch
 
 from topi_export.backends import tensorrt as T
+from topi_export.backends.base import BuildJob
+from topi_export.backends.tensorrt.runtime import select_profile
 from topi_export.errors import TopiError
-from topi_export.models import Layout
-from topi_export.runtime.manifest import bucket_table
+from topi_export.plan import GraphEntry, GraphTensor, Layout, profile_table
 
-LAYOUT = Layout(4, (4, 4), (4, 4))  # 16 target + 16 context tokens
-BUCKETS = "0.3,0.5"
-
-
-def _has(module):
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        return False
+RTX = "tensorrt-rtx not installed (pip install tensorrt-rtx-cu13)"
+DC = "data-center TensorRT is not installed (it needs NVIDIA's package index)"
+LAY = Layout(8, (8, 8), ((8, 8),))  # tiny-kontext's default request: 64 target + 64 context tokens
+WIDE = Layout(8, (6, 10), ((6, 10),))  # 160x96 pixels at 16 pixels per token
 
 
 def _cuda():
     return torch.cuda.is_available()
 
 
-def _shapes(keep_dim=None):
-    common = {"hidden_states": [1, 32, 16], "encoder_hidden_states": [1, 4, 32], "pooled_projections": [1, 16],
-              "timestep": [1], "img_ids": [32, 3], "txt_ids": [4, 3], "guidance": [1]}
-    return {"anchor": dict(common), "pruned": {**common, "keep_idx": [keep_dim]}}
+def _cli(args):
+    from click.testing import CliRunner
+
+    from topi_export.cli import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def _graph(tiny, kind="topi"):
+    from topi_export.export.graphs import graph_tensors
+
+    inputs, outputs = graph_tensors(tiny.family, kind)
+    return GraphEntry(f"{kind}.onnx", inputs, outputs, f"{kind}.onnx")
 
 
 # ------------------------------------------------------------------------------------------------- pure
-def test_profile_table_anchor_one_profile_pruned_one_per_bucket():
-    table = bucket_table([0.3, 0.5], LAYOUT.num_ctx)
-    assert [b["keep"] for b in table] == [12, 8]
-    prof = T.profile_table(table, LAYOUT, _shapes())
-    assert len(prof["anchor"]) == 1
-    assert "keep_idx" not in prof["anchor"][0]
-    assert prof["anchor"][0]["hidden_states"] == ((1, 32, 16),) * 3
-    assert len(prof["pruned"]) == 2
-    for b, p in zip(table, prof["pruned"]):
-        assert p["keep_idx"] == ((b["keep"],),) * 3  # min = opt = max = the bucket's keep count
-        for name, shape in _shapes()["anchor"].items():
-            assert p[name] == (tuple(shape),) * 3  # every other input fixed to the build shape
+def test_profile_shapes_anchor_and_buckets(tiny):
+    layouts = (LAY, WIDE)
+    table = profile_table(layouts, (0.3, 0.5))
+    assert [(p.layout, p.keep) for p in table] == [(0, 64), (0, 45), (0, 32), (1, 60), (1, 42), (1, 30)]
+    prof = T.profile_shapes(_graph(tiny), "topi", table, layouts, batch=2)
+    assert len(prof) == 6
+    for p, shapes in zip(table, prof):
+        lay = layouts[p.layout]
+        nx, nc, n = lay.num_target, lay.num_ctx, lay.num_tokens
+        assert shapes["keep_idx"] == ((p.keep,),) * 3
+        # anchor: 1..Nx scored queries (opt Nx); bucket: one query
+        assert shapes["score_idx"] == (((1,), (nx,), (nx,)) if p.ratio == 0 else ((1,),) * 3)
+        assert shapes["latents"] == ((1, nx, 16), (2, nx, 16), (2, nx, 16))  # batch 1..2, opt 2
+        assert shapes["context"] == ((1, nc, 16), (2, nc, 16), (2, nc, 16))
+        assert shapes["rope_cos"] == ((n, 16),) * 3  # fixed by the layout: T + Nx + Nc rows
+        assert set(shapes) == {t.name for t in _graph(tiny).inputs}
+    dense = T.profile_shapes(_graph(tiny, "dense"), "dense", table, layouts, batch=1)
+    assert len(dense) == 2 and "keep_idx" not in dense[0]
+    assert [d["latents"] for d in dense] == [((1, 64, 16),) * 3, ((1, 60, 16),) * 3]
 
 
-@pytest.mark.parametrize("change, match", [
-    (lambda s: s["pruned"].update(hidden_states=[1, None, 16]), "dynamic dimension"),
-    (lambda s: s["anchor"].update(hidden_states=[1, 40, 16]), "40 image tokens"),
-    (lambda s: s["pruned"].pop("keep_idx"), "no 'keep_idx'"),
-    (lambda s: s["anchor"].update(keep_idx=[None]), "swapped or stale"),
-    (lambda s: s["pruned"].update(keep_idx=[None, 2]), "1-D"),
-])
-def test_profile_table_rejects_bad_graph_shapes(change, match):
-    shapes = _shapes()
-    change(shapes)
-    with pytest.raises(TopiError, match=match):
-        T.profile_table(bucket_table([0.3, 0.5], LAYOUT.num_ctx), LAYOUT, shapes)
-
-
-def test_profile_table_rejects_bad_buckets():
-    with pytest.raises(TopiError, match="outside 1..16"):
-        T.profile_table([{"ratio": 0.1, "keep": 17, "profile": 0}], LAYOUT, _shapes())
-    with pytest.raises(TopiError, match="equal keep counts"):
-        T.profile_table(bucket_table([0.3, 0.31], 4), Layout(4, (4, 4), (2, 2)),
-                        {"anchor": {"hidden_states": [1, 20, 16]}, "pruned": {"hidden_states": [1, 20, 16],
-                                                                               "keep_idx": [None]}})
-    with pytest.raises(TopiError, match="profile i must be bucket i"):
-        T.profile_table([{"ratio": 0.5, "keep": 8, "profile": 1}], LAYOUT, _shapes())
+def test_profile_shapes_refuses_bad_tables(tiny):
+    table = profile_table((LAY,), (0.5,))
+    with pytest.raises(TopiError, match="profile i must be entry i"):
+        T.profile_shapes(_graph(tiny), "topi", table[::-1], (LAY,), 1)
+    bad = GraphEntry("g.onnx", (GraphTensor("x", ("B", "Nx+S"), "float32"),), ())
+    with pytest.raises(TopiError, match="unknown dimension"):
+        T.profile_shapes(bad, "topi", table, (LAY,), 1)
 
 
 def test_workspace_and_compute_capability_parsing():
@@ -117,334 +112,339 @@ def test_check_target_data_center_names_build_gpu():
 
 
 @pytest.mark.parametrize("backend, module", [("tensorrt", "tensorrt"), ("tensorrt-rtx", "tensorrt_rtx")])
-def test_import_trt_missing_module_names_install(monkeypatch, backend, module):
+def test_missing_module_names_install_and_cli_imports_without_it(monkeypatch, tmp_path, backend, module):
+    from topi_export.backends import get_backend
+
     monkeypatch.setitem(sys.modules, module, None)  # import of that name raises ImportError
+    be = get_backend(backend)  # no top-level import of the TensorRT module
+    assert be.BACKEND.name == backend and be.BACKEND.builds and be.BACKEND.precisions == ("fp32", "fp16", "bf16")
+    job = BuildJob(tmp_path, tmp_path, {}, (LAY,), profile_table((LAY,), (0.5,)), 1, "fp32")
     with pytest.raises(TopiError, match=r"needs the Python module '%s'.*pip install" % module):
-        T.import_trt(backend)
+        be.build(job)
 
 
-def test_build_tensorrt_fails_early_without_module(monkeypatch, tmp_path):
-    from topi_export.builder import build_engines
+def test_builder_registers_plugins_with_the_module_it_builds_with(monkeypatch):
+    """Data-center TensorRT: plugins/trt_plugins.register_plugins(<module name>) runs before parsing (the plugin
+    registrations themselves are tested with a fake tensorrt.plugin in test_kernels.py); a failure builds inlined.
+    TensorRT-RTX has no Python plugin API: nothing is registered."""
+    from plugins import trt_plugins
+    from topi_export.backends.tensorrt.build import _register_plugins
 
-    monkeypatch.setitem(sys.modules, "tensorrt", None)
-    with pytest.raises(TopiError, match="tensorrt"):
-        build_engines(model="tiny-kontext", backend="tensorrt", layout=LAYOUT, engine_dir=tmp_path / "e",
-                      echo=lambda s: None)
-    assert not (tmp_path / "e").exists()
+    calls, notes = [], []
 
+    class Log:
+        def note(self, msg):
+            notes.append(msg)
 
-def _small_onnx():
-    """x[1,4,8] -> MatMul -> LayerNorm -> Softmax -> MatMul (+ bias) -> y, plus a Sin branch on t."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    monkeypatch.setattr(trt_plugins, "register_plugins", lambda name: calls.append(name))
+    assert _register_plugins("tensorrt", "tensorrt", Log(), lambda s: None) is True
+    assert calls == ["tensorrt"] and "topi plugins registered" in notes[-1]
+    assert _register_plugins("tensorrt-rtx", "tensorrt_rtx", Log(), lambda s: None) is False
+    assert calls == ["tensorrt"] and "no Python plugin API" in notes[-1]
 
-    rng = np.random.default_rng(0)
-    w1 = numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "w1")
-    w2 = numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "w2")
-    b = numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "b")
-    sc = numpy_helper.from_array(np.ones(8, np.float32), "scale")
-    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]),
-             helper.make_node("LayerNormalization", ["h", "scale"], ["n"], axis=-1),
-             helper.make_node("Softmax", ["n"], ["p"], axis=-1),
-             helper.make_node("MatMul", ["p", "w2"], ["q"]),
-             helper.make_node("Add", ["q", "b"], ["r"]),
-             helper.make_node("Sin", ["t"], ["st"]),
-             helper.make_node("Mul", ["r", "st"], ["y"])]
-    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8]),
-                                       helper.make_tensor_value_info("t", TensorProto.FLOAT, [1])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8])], [w1, w2, b, sc])
-    return onnx.shape_inference.infer_shapes(helper.make_model(g, opset_imports=[helper.make_opsetid("", 20)]))
+    def broken(name):
+        raise trt_plugins.PluginUnavailableError("cannot import tensorrt.plugin")
 
-
-@pytest.mark.parametrize("precision", ["fp16", "bf16"])
-def test_autocast_keeps_io_fp32_and_sensitive_ops_fp32(precision):
-    import onnx
-    from onnx import TensorProto
-
-    low = {"fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}[precision]
-    model, stats = T.autocast_onnx(_small_onnx(), precision)
-    onnx.checker.check_model(model, full_check=True)
-    g = model.graph
-    assert [i.type.tensor_type.elem_type for i in g.input] == [TensorProto.FLOAT] * 2
-    assert g.output[0].type.tensor_type.elem_type == TensorProto.FLOAT
-    types = {vi.name: vi.type.tensor_type.elem_type
-             for vi in onnx.shape_inference.infer_shapes(model, strict_mode=True).graph.value_info}
-    by_op = {n.op_type: n for n in g.node if not n.name.startswith("autocast_")}
-    assert types[by_op["LayerNormalization"].output[0]] == TensorProto.FLOAT
-    assert types[by_op["Softmax"].output[0]] == TensorProto.FLOAT
-    assert types[by_op["Sin"].output[0]] == TensorProto.FLOAT
-    assert types[[n for n in g.node if n.op_type == "MatMul"][1].output[0]] == low
-    assert stats["low_initializers"] == 3  # w1, w2, b converted; the LayerNorm scale stays fp32
-    if precision == "fp16":  # ONNX Runtime's CPU kernels cover fp16: the pass keeps the graph's meaning
-        import onnxruntime as ort
-
-        feed = {"x": np.random.default_rng(1).standard_normal((1, 4, 8)).astype(np.float32),
-                "t": np.array([0.7], np.float32)}
-        ref = ort.InferenceSession(_small_onnx().SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)
-        out = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)
-        assert out[0].dtype == np.float32
-        np.testing.assert_allclose(out[0], ref[0], atol=2e-2, rtol=2e-2)
+    monkeypatch.setattr(trt_plugins, "register_plugins", broken)
+    assert _register_plugins("tensorrt", "tensorrt", Log(), lambda s: None) is False
+    assert "PluginUnavailableError: cannot import tensorrt.plugin" in notes[-1] and "inlines" in notes[-1]
 
 
 # ------------------------------------------------------------------------------ real TensorRT-RTX builds
 @pytest.fixture(scope="module")
-def rtx_build(tmp_path_factory):
-    """tiny-kontext engines built ahead of time for SM89 on this machine (no GPU needed)."""
-    trt = pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx not installed (pip install tensorrt-rtx-cu13)")
-    from topi_export.builder import build_engines
+def rtx(tmp_path_factory):
+    """Engine directories built ahead of time on this machine (no GPU) by `topi-export build`:
+    multi: fp32, two resolutions, dense baseline, SM89. bf16: bf16 graphs, SM89 + SM120, topi graph only."""
+    trt = pytest.importorskip("tensorrt_rtx", reason=RTX)
+    root = tmp_path_factory.mktemp("rtx")
+    common = ["build", "--backend", "tensorrt-rtx", "--model", "tiny-kontext", "--ratio-buckets", "0.3,0.5"]
+    runs = {
+        "multi": ["--resolutions", "128x128,160x96", "--dense-baseline", "--compute-capability", "SM89",
+                  "--onnx-dir", root / "onnx-fp32"],
+        "bf16": ["--precision", "bf16", "--compute-capability", "SM89", "--compute-capability", "SM120",
+                 "--onnx-dir", root / "onnx-bf16"],
+    }
+    out = {"root": root, "trt": trt}
+    for name, args in runs.items():
+        r = _cli(common + args + ["--engine-dir", root / name])
+        assert r.exit_code == 0, f"{name}: {r.output}\n{r.exception!r}"
+        out[name], out[f"{name}_output"] = root / name, r.output
+    return out
 
-    root = tmp_path_factory.mktemp("trt")
-    lines = []
-    out = build_engines(model="tiny-kontext", backend="tensorrt-rtx", ratio_buckets=BUCKETS, layout=LAYOUT,
-                        engine_dir=root / "rtx", onnx_dir=root / "onnx-cache", echo=lines.append,
-                        backend_options={"precision": "fp32", "compute_capabilities": ["SM89"], "plugins": False,
-                                         "optimization_level": 3, "workspace": "1G"})
-    return {"dir": out, "root": root, "trt": trt, "echo": lines}
+
+def _log(engine_dir):
+    return (engine_dir / "build_log.txt").read_text()
+
+
+def _read_back(log: str, kind: str):
+    """The optimization profiles TensorRT read back for one engine (the builder logs them as JSON)."""
+    lines = [m.group(1) for m in re.finditer(r"^\[%s\] TOPI: profiles (.*)$" % kind, log, re.M)]
+    assert len(lines) == 1, lines
+    return json.loads(lines[0])
+
+
+def _manifest(engine_dir):
+    from topi_export.runtime.manifest import read_manifest
+
+    return read_manifest(engine_dir)  # every file's sha256 verified
 
 
 @pytest.mark.tensorrt_rtx
-def test_rtx_build_writes_engines_log_and_manifest(rtx_build):
-    from topi_export.runtime.manifest import read_manifest
-
-    out, trt = rtx_build["dir"], rtx_build["trt"]
-    for f in ("anchor.engine", "pruned.engine", "build_log.txt", "onnx/anchor.onnx", "onnx/pruned.onnx"):
-        assert (out / f).is_file(), f
-    assert (out / "pruned.engine").stat().st_size > 100_000
-    m = read_manifest(out)  # sha256 of every file verified, build_log.txt included
-    assert {"anchor.engine", "pruned.engine", "build_log.txt"} <= set(m.data["files"])
-    assert m.backend == "tensorrt-rtx" and m.data["precision"] == "fp32"
-    target = m.data["target"]
-    assert target["module"] == "tensorrt_rtx" and target["version"] == trt.__version__
+def test_rtx_build_parses_without_errors_and_drops_onnx(rtx):
+    out = rtx["multi"]
+    assert sorted(p.name for p in out.iterdir()) == ["build_log.txt", "dense.engine", "manifest.json", "topi.engine"]
+    m = _manifest(out)
+    assert m.backend == "tensorrt-rtx" and m.precision == "fp32"
+    assert {k: (g.file, g.onnx) for k, g in m.graphs.items()} == {"topi": ("topi.engine", None),
+                                                                 "dense": ("dense.engine", None)}
+    assert m.weights == {}  # no portable copy of the weights: the engines hold them
+    target = m.target
+    assert target["module"] == "tensorrt_rtx" and target["version"] == rtx["trt"].__version__
     assert target["compute_capabilities"] == ["SM89"] and target["ahead_of_time"] is True
-    assert target["plugins"] == "inlined" and target["strongly_typed"] is True
-    assert m.data["versions"]["tensorrt_rtx"] == trt.__version__
-    log = (out / "build_log.txt").read_text()
+    assert target["plugins"] == "inlined" and target["strongly_typed"] is True and target["weights"] == "engine"
+    assert m.versions["tensorrt_rtx"] == rtx["trt"].__version__
+    log = _log(out)
     assert "PARSER_ERROR" not in log and "] ERROR:" not in log and "INTERNAL_ERROR" not in log
-    assert "[anchor] TOPI: parsed anchor.onnx" in log and "[pruned] TOPI: parsed pruned.onnx" in log
-    assert log.count("parser errors: 0") >= 2
-    assert any("pruned:" in line and "2 profile(s)" in line for line in rtx_build["echo"])
+    for kind in ("topi", "dense"):
+        assert re.search(r"^\[%s\] TOPI: parsed %s\.onnx: .* parser errors: 0$" % (kind, kind), log, re.M)
+    assert "the dense engine holds a second copy of the weights" in rtx["multi_output"]
 
 
 @pytest.mark.tensorrt_rtx
-def test_rtx_profiles_match_buckets(rtx_build):
-    from topi_export.export.graphs import graph_io
-    from topi_export.models import load_model
-    from topi_export.runtime.manifest import read_manifest
-
-    m = read_manifest(rtx_build["dir"])
-    graphs, buckets = m.data["graphs"], m.data["buckets"]
-    assert [b["keep"] for b in buckets] == [12, 8] and [b["profile"] for b in buckets] == [0, 1]
-    assert len(graphs["anchor"]["profiles"]) == 1
-    pruned = graphs["pruned"]["profiles"]
-    assert len(pruned) == 2  # read back from TensorRT's IOptimizationProfile objects
-    adapter = load_model("tiny-kontext").adapter
-    for b, p in zip(buckets, pruned):
-        assert p["index"] == b["profile"] and p["keep"] == b["keep"] and p["ratio"] == b["ratio"]
-        assert p["shapes"]["keep_idx"] == {"min": [b["keep"]], "opt": [b["keep"]], "max": [b["keep"]]}
-        assert m.profile_for(b["keep"]) == p["index"]
-    for kind in ("anchor", "pruned"):
-        inputs, _ = graph_io(adapter, LAYOUT, kind)
-        for prof in graphs[kind]["profiles"]:
-            for name, t in inputs.items():
-                if name != "keep_idx":
-                    assert prof["shapes"][name] == {k: list(t.shape) for k in ("min", "opt", "max")}, name
-            assert set(prof["shapes"]) == set(inputs)
+def test_rtx_profiles_match_manifest_two_resolutions(rtx, tiny):
+    m = _manifest(rtx["multi"])
+    assert m.layouts == (LAY, WIDE)  # --resolutions 128x128,160x96: 16 pixels per token
+    assert len(m.profiles) == len(m.layouts) * (1 + len(m.buckets)) == 6
+    assert m.target["engines"]["topi"]["profiles"] == 6 and m.target["engines"]["dense"]["profiles"] == 2
+    log = _log(rtx["multi"])
+    for kind in ("topi", "dense"):
+        want = T.profile_shapes(m.graphs[kind], kind, m.profiles, m.layouts, m.batch)
+        got = _read_back(log, kind)
+        assert [{n: [list(s) for s in v] for n, v in p.items()} for p in want] == got
+    topi = _read_back(log, "topi")
+    for p in m.profiles:
+        assert topi[p.index]["keep_idx"] == [[p.keep]] * 3  # profile i keeps manifest.profiles[i].keep tokens
 
 
 @pytest.mark.tensorrt_rtx
-def test_rtx_bf16_build_two_targets(rtx_build):
-    """Strongly typed bf16 (autocast graph) for SM89 + SM120, reusing the exported ONNX graphs."""
-    from topi_export.builder import build_engines
-    from topi_export.runtime.manifest import read_manifest
-
-    root = rtx_build["root"]
-    cache = root / "timing.cache"
-    out = build_engines(model="tiny-kontext", backend="tensorrt-rtx", ratio_buckets=BUCKETS, layout=LAYOUT,
-                        engine_dir=root / "rtx-bf16", onnx_dir=root / "onnx-cache", echo=lambda s: None,
-                        backend_options={"precision": "bf16", "compute_capabilities": ["SM89", "SM120"],
-                                         "plugins": True, "timing_cache": str(cache)})
-    m = read_manifest(out)
-    assert m.data["precision"] == "bf16"
-    assert m.data["target"]["compute_capabilities"] == ["SM89", "SM120"]
-    assert m.data["target"]["plugins"] == "inlined"  # TensorRT-RTX has no Python plugin API
-    for kind in ("anchor", "pruned"):
-        stats = m.data["graphs"][kind]["autocast"]
-        assert stats["precision"] == "bf16" and stats["low_nodes"] > 0 and stats["fp32_nodes"] > 0
-    assert len(m.data["graphs"]["pruned"]["profiles"]) == 2
-    log = (out / "build_log.txt").read_text()
-    assert "PARSER_ERROR" not in log and "] ERROR:" not in log
-    assert "TensorRT-RTX has no Python plugin API" in log
-    assert "timing caches are no-ops in TensorRT-RTX" in log and not cache.exists()
+def test_rtx_runtime_profile_selection(rtx):
+    m = _manifest(rtx["multi"])
+    for li, lay in enumerate(m.layouts):
+        anchor = [p for p in m.profiles if p.layout == li and p.ratio == 0][0]
+        assert select_profile(m, li, "topi", lay.num_ctx) == anchor.index
+        for p in m.profiles:
+            if p.layout == li and p.ratio > 0:
+                assert select_profile(m, li, "topi", p.keep) == p.index
+        assert select_profile(m, li, "dense", None) == li
+    with pytest.raises(TopiError, match="no compiled profile keeps 5 context tokens"):
+        select_profile(m, 1, "topi", 5)
 
 
 @pytest.mark.tensorrt_rtx
-def test_rtx_autocast_of_project_graph_runs_in_onnxruntime(rtx_build):
-    """The fp16 pass applied to the real anchor graph still computes the same velocity / influence."""
+def test_rtx_bf16_two_compute_capabilities_weights_once(rtx):
     import onnx
-    import onnxruntime as ort
 
-    from topi_export.export.graphs import graph_io
-    from topi_export.models import load_model
-    from topi_export.ops.onnx import register_schemas
+    out = rtx["bf16"]
+    m = _manifest(out)
+    assert m.precision == "bf16" and m.target["precision"] == "bf16"
+    assert m.target["compute_capabilities"] == ["SM89", "SM120"]
+    assert len(m.profiles) == 3 and m.target["engines"]["topi"]["profiles"] == 3 and list(m.graphs) == ["topi"]
+    assert "TensorRT-RTX has no Python plugin API" in _log(out)
+    assert "PARSER_ERROR" not in _log(out) and "] ERROR:" not in _log(out)
+    # the graph the engine was built from carries bf16 weights (exported at the build precision)
+    cache = rtx["root"] / "onnx-bf16"
+    graph = onnx.load(str(cache / "topi.onnx"), load_external_data=False)
+    assert any(i.data_type == onnx.TensorProto.BFLOAT16 for i in graph.graph.initializer)
+    # weights once: the directory is the engine (no ONNX, no weights file), and no weight's bytes appear twice
+    assert sorted(p.name for p in out.iterdir()) == ["build_log.txt", "manifest.json", "topi.engine"]
+    weights = (cache / "weights.data").read_bytes()
+    blob = (out / "topi.engine").read_bytes()
+    assert len(blob) > len(weights)
+    counts = []
+    for init in graph.graph.initializer:
+        ext = {e.key: e.value for e in init.external_data}
+        if ext and int(ext["length"]) >= 256:
+            off = int(ext.get("offset", 0))
+            counts.append(blob.count(weights[off:off + 256]))
+    assert counts and max(counts) == 1  # never twice (not once per profile or per compute capability)
+    assert sum(counts) >= len(counts) // 2  # most weights are stored as exported (the rest reformatted)
 
-    register_schemas()
-    path = rtx_build["dir"] / "onnx" / "anchor.onnx"
-    inputs, _ = graph_io(load_model("tiny-kontext").adapter, LAYOUT, "anchor")
-    feed = {k: v.numpy() for k, v in inputs.items()}
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    ref = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(None, feed)
-    model, _ = T.autocast_onnx(onnx.load(str(path)), "fp16")
-    out = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, feed)
-    for r, o in zip(ref, out):
-        assert o.dtype == np.float32
-        assert np.linalg.norm(o - r) / np.linalg.norm(r) < 1e-2
+
+@pytest.mark.tensorrt_rtx
+def test_rtx_strip_weights_built_or_refused(rtx):
+    """--strip-weights: a weight-stripped engine refitted at load from the kept ONNX weights, where this TensorRT
+    can build one; TensorRT-RTX 1.7.1 cannot without a GPU, and the build says so."""
+    out = rtx["root"] / "stripped"
+    r = _cli(["build", "--backend", "tensorrt-rtx", "--model", "tiny-kontext", "--ratio-buckets", "0.3,0.5",
+              "--dense-baseline", "--strip-weights", "--compute-capability", "SM89",
+              "--onnx-dir", rtx["root"] / "onnx-fp32", "--engine-dir", out])
+    if r.exit_code != 0:
+        assert isinstance(r.exception, TopiError), r.output
+        assert "--strip-weights: " in str(r.exception) and "drop --strip-weights" in str(r.exception)
+        assert not out.exists()
+        if not _cuda():
+            assert rtx["trt"].__version__.startswith("1.7.")  # measured: refittable builds need a GPU there
+        return
+    m = _manifest(out)
+    assert m.target["weights"] == "stripped" and m.weights["file"] == "onnx/weights.data"
+    assert {k: g.onnx for k, g in m.graphs.items()} == {"topi": "onnx/topi.onnx", "dense": "onnx/dense.onnx"}
+    weights = m.files["onnx/weights.data"].bytes
+    assert sum(f.bytes for rel, f in m.files.items() if rel.endswith(".engine")) < \
+        sum(f.bytes for rel, f in _manifest(rtx["multi"]).files.items() if rel.endswith(".engine"))
+    assert weights > 0 and not any(rel.endswith(".data") and rel != "onnx/weights.data" for rel in m.files)
 
 
-def _tiny_graphs(tmp_path, op="Relu", domain=""):
-    """Minimal anchor/pruned ONNX files (input x[1,4]) whose one node is `op`."""
+def _tiny_graph(tmp_path, op="Relu", domain=""):
+    """A minimal topi graph (latents -> op -> velocity) and its GraphEntry."""
     import onnx
     from onnx import TensorProto, helper
 
     d = tmp_path / "graphs"
     d.mkdir()
-    for kind in ("anchor", "pruned"):
-        ins = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])]
-        nodes = [helper.make_node(op, ["x"], ["y"], domain=domain, name=f"{kind}_node")]
-        if kind == "pruned":
-            ins.append(helper.make_tensor_value_info("keep_idx", TensorProto.INT64, ["keep"]))
-            nodes.append(helper.make_node("Gather", ["y", "keep_idx"], ["z"], axis=1))
-        out = helper.make_tensor_value_info("z" if kind == "pruned" else "y", TensorProto.FLOAT, None)
-        opsets = [helper.make_opsetid("", 20)] + ([helper.make_opsetid(domain, 1)] if domain else [])
-        onnx.save(helper.make_model(helper.make_graph(nodes, kind, ins, [out]), opset_imports=opsets),
-                  str(d / f"{kind}.onnx"))
-    return d
+    ins = [helper.make_tensor_value_info("latents", TensorProto.FLOAT, ["B", "Nx", 4])]
+    nodes = [helper.make_node(op, ["latents"], ["velocity"], domain=domain, name="the_node")]
+    out = helper.make_tensor_value_info("velocity", TensorProto.FLOAT, ["B", "Nx", 4])
+    opsets = [helper.make_opsetid("", 20)] + ([helper.make_opsetid(domain, 1)] if domain else [])
+    onnx.save(helper.make_model(helper.make_graph(nodes, "topi", ins, [out]), opset_imports=opsets),
+              str(d / "topi.onnx"))
+    entry = GraphEntry("topi.onnx", (GraphTensor("latents", ("B", "Nx", 4), "float32"),),
+                       (GraphTensor("velocity", ("B", "Nx", 4), "float32"),))
+    return d, {"topi": entry}
+
+
+def _job(tmp_path, graphs_dir, graphs, **options):
+    return BuildJob(graphs_dir, tmp_path, graphs, (LAY,), profile_table((LAY,), (0.5,)), 1, "fp32",
+                    {"compute_capabilities": ["SM89"], **options}, echo=lambda s: None)
 
 
 @pytest.mark.tensorrt_rtx
 def test_rtx_parser_error_is_named(tmp_path):
-    pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx not installed (pip install tensorrt-rtx-cu13)")
-    graphs = _tiny_graphs(tmp_path, op="NoSuchOp", domain="nowhere")
-    layout = Layout(1, (1, 1), (1, 4))
-    with pytest.raises(TopiError, match=r"ONNX parser rejected the anchor graph .*first: .*NoSuchOp"):
-        T.build(graphs, tmp_path, bucket_table([0.5], 4), layout, "tensorrt-rtx",
-                {"compute_capabilities": ["SM89"], "plugins": False}, echo=lambda s: None)
+    pytest.importorskip("tensorrt_rtx", reason=RTX)
+    from topi_export.backends import tensorrt_rtx
+
+    d, graphs = _tiny_graph(tmp_path, op="NoSuchOp", domain="nowhere")
+    with pytest.raises(TopiError, match=r"ONNX parser rejected the topi graph .*first: .*NoSuchOp"):
+        tensorrt_rtx.build(_job(tmp_path, d, graphs))
 
 
 @pytest.mark.tensorrt_rtx
 def test_rtx_rejects_non_rtx_compute_capability(tmp_path):
-    pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx not installed (pip install tensorrt-rtx-cu13)")
-    graphs = _tiny_graphs(tmp_path)
+    pytest.importorskip("tensorrt_rtx", reason=RTX)
+    from topi_export.backends import tensorrt_rtx
+
+    d, graphs = _tiny_graph(tmp_path)
     with pytest.raises(TopiError, match="SM90 is not a TensorRT-RTX .* target.*Hopper"):
-        T.build(graphs, tmp_path, bucket_table([0.5], 4), Layout(1, (1, 1), (1, 4)), "tensorrt-rtx",
-                {"compute_capabilities": ["SM90"]}, echo=lambda s: None)
+        tensorrt_rtx.build(_job(tmp_path, d, graphs, compute_capabilities=["SM90"]))
 
 
 @pytest.mark.tensorrt_rtx
-def test_rtx_small_graph_profiles_per_keep(tmp_path):
-    pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx not installed (pip install tensorrt-rtx-cu13)")
-    graphs = _tiny_graphs(tmp_path)
-    table = bucket_table([0.25, 0.5, 0.75], 4)  # keeps 3, 2, 1
-    built = T.build(graphs, tmp_path, table, Layout(1, (1, 1), (1, 4)), "tensorrt-rtx",
-                    {"compute_capabilities": ["SM86"], "plugins": False, "optimization_level": 0},
-                    echo=lambda s: None)
-    assert [p["shapes"]["keep_idx"]["opt"] for p in built["graphs"]["pruned"]["profiles"]] == [[3], [2], [1]]
-    assert built["target"]["compute_capabilities"] == ["SM86"]
-    assert (tmp_path / "pruned.engine").is_file() and (tmp_path / "build_log.txt").is_file()
+def test_rtx_timing_cache_is_a_noted_no_op(tmp_path):
+    pytest.importorskip("tensorrt_rtx", reason=RTX)
+    from topi_export.backends import tensorrt_rtx
+
+    d, graphs = _tiny_graph(tmp_path)
+    cache = tmp_path / "timing.cache"
+    out = tensorrt_rtx.build(_job(tmp_path, d, graphs, timing_cache=str(cache), optimization_level=0))
+    assert out.graphs == {"topi": "topi.engine"} and out.keep_onnx is False
+    assert "timing caches are no-ops in TensorRT-RTX" in (tmp_path / "build_log.txt").read_text()
+    assert not cache.exists() and (tmp_path / "topi.engine").stat().st_size > 0
 
 
 @pytest.mark.tensorrt_rtx
-def test_rtx_runtime_refuses_without_gpu(rtx_build):
+def test_rtx_runtime_refuses_without_gpu(rtx):
     if _cuda():
         pytest.skip("a CUDA GPU is present: the no-GPU refusal does not apply")
-    from topi_export.runtime.manifest import open_engine_session
+    from topi_export.runtime.session import open_session
 
     with pytest.raises(TopiError, match="no CUDA GPU is visible"):
-        open_engine_session(rtx_build["dir"])
+        open_session(engine_dir=rtx["multi"])
 
 
 @pytest.mark.tensorrt_rtx
-def test_rtx_manifest_target_refuses_other_gpu(rtx_build):
-    from topi_export.runtime.manifest import read_manifest
-
-    m = read_manifest(rtx_build["dir"])
-    running = {"module": "tensorrt_rtx", "version": rtx_build["trt"].__version__, "compute_capability": (9, 0),
+def test_rtx_manifest_target_refuses_other_gpu(rtx):
+    m = _manifest(rtx["bf16"])
+    running = {"module": "tensorrt_rtx", "version": rtx["trt"].__version__, "compute_capability": (9, 0),
                "gpu": "NVIDIA H100"}
-    with pytest.raises(TopiError, match="compute capability SM89 but NVIDIA H100 is SM90"):
-        T.check_target(m.data["target"], running, m.path)
+    with pytest.raises(TopiError, match="compute capability SM89, SM120 but NVIDIA H100 is SM90"):
+        T.check_target(m.target, running, m.root)
 
 
 # --------------------------------------------------------------------------------- GPU / data-center TRT
-def _compare_with_torch(engine_dir):
+def _compare_with_torch(engine_dir, dense=False):
     from topi_export.runtime.loop import rel_l2
-    from topi_export.runtime.manifest import open_engine_session
+    from topi_export.runtime.session import open_session
 
-    session = open_engine_session(engine_dir)
-    reference = open_engine_session(engine_dir, backend="torch")
+    session = open_session(engine_dir=engine_dir)
+    ref = open_session(engine_dir=engine_dir, backend="torch")
     data = session.load_inputs(None)
-    latents = data.initial_noise(0)
-    t = torch.tensor([0.5])
-    for eng in (session.engine, reference.engine):
-        eng.bind(data)
-    v, inf = session.engine.anchor(latents, t)
-    rv, rinf = reference.engine.anchor(latents, t)
-    assert rel_l2(v, rv) < 1e-3 and rel_l2(inf, rinf) < 1e-3
-    for b in session.manifest.data["buckets"]:
-        keep_idx = torch.arange(b["keep"]) * (data.layout.num_ctx // b["keep"])
-        assert rel_l2(session.engine.pruned(latents, t, keep_idx), reference.engine.pruned(latents, t, keep_idx)) < 1e-3
+    cond = session.family.conditioning(data, data.layout)
+    for eng in (session.engine, ref.engine):
+        eng.bind(cond, data.reference_latents, data.layout)
+    lat, t = data.initial_noise(0), torch.tensor([0.5])
+    with torch.inference_mode():
+        v, inf = session.engine.anchor(lat, t)
+        rv, rinf = ref.engine.anchor(lat, t)
+        assert rel_l2(v, rv) < 1e-3 and rel_l2(inf, rinf) < 1e-3
+        for p in session.manifest.profiles:
+            if p.layout == session.manifest.layout_index(data.layout) and p.ratio > 0:
+                keep = torch.linspace(0, data.layout.num_ctx - 1, p.keep).round().long()
+                assert rel_l2(session.engine.pruned(lat, t, keep), ref.engine.pruned(lat, t, keep)) < 1e-3
+        if dense:
+            assert rel_l2(session.engine.dense(lat, t), ref.engine.dense(lat, t)) < 1e-3
 
 
 @pytest.mark.gpu
 @pytest.mark.tensorrt_rtx
 def test_rtx_engines_run_on_rtx_gpu(tmp_path):
-    pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx not installed (pip install tensorrt-rtx-cu13)")
+    pytest.importorskip("tensorrt_rtx", reason=RTX)
     if not _cuda():
         pytest.skip("no CUDA GPU: TensorRT-RTX engines run on RTX-class GPUs")
     if T.sm_name(torch.cuda.get_device_capability()) not in ("SM75", "SM80", "SM86", "SM89", "SM120", "SM121"):
         pytest.skip(f"{torch.cuda.get_device_name()} is not a TensorRT-RTX target (e.g. Hopper SM90)")
-    from topi_export.builder import build_engines
-
-    out = build_engines(model="tiny-kontext", backend="tensorrt-rtx", ratio_buckets=BUCKETS, layout=LAYOUT,
-                        engine_dir=tmp_path / "rtx", echo=lambda s: None, backend_options={"plugins": False})
-    _compare_with_torch(out)
+    r = _cli(["build", "--backend", "tensorrt-rtx", "--model", "tiny-kontext", "--dense-baseline",
+              "--engine-dir", tmp_path / "rtx"])
+    assert r.exit_code == 0, r.output
+    _compare_with_torch(tmp_path / "rtx", dense=True)
 
 
 @pytest.mark.gpu
 @pytest.mark.tensorrt
 def test_tensorrt_build_and_run_on_gpu(tmp_path):
-    pytest.importorskip("tensorrt", reason="data-center TensorRT is not installed (it needs NVIDIA's package index)")
+    pytest.importorskip("tensorrt", reason=DC)
     if not _cuda():
         pytest.skip("no CUDA GPU: data-center TensorRT builds and runs on the GPU")
-    from topi_export.builder import build_engines
-
-    out = build_engines(model="tiny-kontext", backend="tensorrt", ratio_buckets=BUCKETS, layout=LAYOUT,
-                        engine_dir=tmp_path / "trt", echo=lambda s: None, backend_options={"plugins": True})
-    data = json.loads((out / "manifest.json").read_text())
-    assert data["target"]["module"] == "tensorrt" and data["target"]["gpu"]
-    assert len(data["graphs"]["pruned"]["profiles"]) == 2
-    _compare_with_torch(out)
+    for name, extra in (("trt", []), ("stripped", ["--strip-weights"])):
+        r = _cli(["build", "--backend", "tensorrt", "--model", "tiny-kontext", "--dense-baseline",
+                  "--engine-dir", tmp_path / name] + extra)
+        assert r.exit_code == 0, r.output
+        m = _manifest(tmp_path / name)
+        assert m.target["module"] == "tensorrt" and m.target["gpu"]
+        assert m.target["engines"]["topi"]["profiles"] == len(m.profiles)
+        _compare_with_torch(tmp_path / name, dense=True)
 
 
 @pytest.mark.tensorrt
 def test_tensorrt_build_without_gpu_is_refused(tmp_path):
-    pytest.importorskip("tensorrt", reason="data-center TensorRT is not installed (it needs NVIDIA's package index)")
+    pytest.importorskip("tensorrt", reason=DC)
     if _cuda():
         pytest.skip("a CUDA GPU is present")
+    from topi_export.backends import tensorrt
+
+    d, graphs = _tiny_graph(tmp_path)
     with pytest.raises(TopiError, match="no CUDA GPU is visible"):
-        T.build(_tiny_graphs(tmp_path), tmp_path, bucket_table([0.5], 4), Layout(1, (1, 1), (1, 4)), "tensorrt",
-                {}, echo=lambda s: None)
+        tensorrt.build(_job(tmp_path, d, graphs, compute_capabilities=[]))
 
 
 # ------------------------------------------- runtime plumbing on a GPU with a stand-in TensorRT module
 class _FakeTRT:
-    """Just enough of the TensorRT Python API for TensorRTEngine; 'engines' run the exported graphs' torch
-    modules on the raw CUDA addresses bound with set_tensor_address (via __cuda_array_interface__)."""
+    """Just enough of the TensorRT Python API for TensorRTEngine; an 'engine' runs the exported graph's torch
+    module on the raw CUDA addresses bound with set_tensor_address (via __cuda_array_interface__), with the
+    profiles of profile_shapes."""
 
     def __init__(self, modules, profiles, version):
         import types
 
-        self.mod = types.ModuleType("tensorrt_rtx")
-        m = self.mod
+        self.mod = m = types.ModuleType("tensorrt_rtx")
         m.__version__ = version
         m.float32, m.float16, m.bfloat16, m.int64, m.int32, m.bool, m.uint8 = (
             torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.bool, torch.uint8)
@@ -457,7 +457,15 @@ class _FakeTRT:
 
         m.ILogger = ILogger
         fake = self
-        self.calls = []  # (kind, profile, keep length)
+        self.calls = []  # (kind, profile, keep length, scored queries)
+
+        def wrap(ptr, shape, dtype):
+            typestr = {torch.float32: "<f4", torch.int64: "<i8"}[dtype]
+
+            class View:
+                __cuda_array_interface__ = {"shape": tuple(shape), "typestr": typestr, "data": (ptr, False),
+                                            "version": 3}
+            return torch.as_tensor(View(), device="cuda")
 
         class Context:
             def __init__(self, engine):
@@ -472,35 +480,31 @@ class _FakeTRT:
                 return True
 
             def set_input_shape(self, name, shape):
-                ok = tuple(shape) == tuple(self.e.profiles[self.profile][name])
+                lo, _, hi = self.e.profiles[self.profile][name]
                 self.shapes[name] = tuple(shape)
-                return ok
+                return all(a <= s <= b for a, s, b in zip(lo, shape, hi))
 
-            def get_tensor_shape(self, name):
-                return self.e.out_shape(name, self.profile)
+            def _run(self, zeros=False):
+                ins = {n: torch.zeros(self.shapes[n], dtype=self.e.dtypes[n], device="cuda") if zeros else
+                       wrap(self.addr[n], self.shapes[n], self.e.dtypes[n]) for n in self.e.inputs}
+                outs = self.e.module(**ins)
+                return outs if isinstance(outs, tuple) else (outs,)
+
+            def get_tensor_shape(self, name):  # the shapes TensorRT would infer: run the module once
+                with torch.no_grad():
+                    return tuple(self._run(zeros=True)[self.e.outputs.index(name)].shape)
 
             def set_tensor_address(self, name, ptr):
                 self.addr[name] = ptr
                 return True
 
             def execute_async_v3(self, stream):
-                def wrap(ptr, shape, dtype):
-                    typestr = {torch.float32: "<f4", torch.int64: "<i8"}[dtype]
-
-                    class View:
-                        __cuda_array_interface__ = {"shape": tuple(shape), "typestr": typestr,
-                                                    "data": (ptr, False), "version": 3}
-                    return torch.as_tensor(View(), device="cuda")
-
-                prof = self.e.profiles[self.profile]
-                ins = {n: wrap(self.addr[n], prof[n], self.e.dtypes[n]) for n in self.e.inputs}
-                with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
-                    outs = self.e.module(**ins)
-                    outs = outs if isinstance(outs, tuple) else (outs,)
-                    for name, value in zip(self.e.outputs, outs):
-                        wrap(self.addr[name], self.e.out_shape(name, self.profile), torch.float32).copy_(value)
+                with torch.cuda.stream(torch.cuda.ExternalStream(stream)), torch.no_grad():
+                    for name, value in zip(self.e.outputs, self._run()):
+                        wrap(self.addr[name], value.shape, torch.float32).copy_(value)
                 if not torch.cuda.is_current_stream_capturing():
-                    fake.calls.append((self.e.kind, self.profile, tuple(ins.get("keep_idx", torch.empty(0)).shape)))
+                    fake.calls.append((self.e.kind, self.profile, self.shapes.get("keep_idx"),
+                                       self.shapes.get("score_idx")))
                 return True
 
         class Engine:
@@ -509,8 +513,8 @@ class _FakeTRT:
             def __init__(self, kind):
                 self.kind, self.module, self.profiles = kind, modules[kind], profiles[kind]
                 self.inputs = list(self.profiles[0])
-                self.outputs = ["velocity", "influence"] if kind == "anchor" else ["velocity"]
-                self.dtypes = {n: torch.int64 if n == "keep_idx" else torch.float32 for n in self.inputs}
+                self.outputs = ["velocity", "influence"] if kind == "topi" else ["velocity"]
+                self.dtypes = {n: torch.int64 if n.endswith("_idx") else torch.float32 for n in self.inputs}
                 self.num_io_tensors = len(self.inputs) + len(self.outputs)
                 self.num_optimization_profiles = len(self.profiles)
 
@@ -522,13 +526,6 @@ class _FakeTRT:
 
             def get_tensor_dtype(self, name):
                 return self.dtypes.get(name, torch.float32)
-
-            def get_tensor_profile_shape(self, name, p):
-                return [self.profiles[p][name]] * 3
-
-            def out_shape(self, name, p):
-                hs = self.profiles[p]["hidden_states"]
-                return (1, LAYOUT.num_target, hs[2]) if name == "velocity" else (1, LAYOUT.num_ctx)
 
             def create_execution_context(self, strategy):
                 assert strategy == "user"
@@ -545,51 +542,54 @@ class _FakeTRT:
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")  # before the fixtures are built
 @pytest.mark.parametrize("cuda_graphs", [False, True])
-def test_runtime_plumbing_on_gpu_with_stand_in_module(tmp_path, monkeypatch, cuda_graphs):
-    """TensorRTEngine's buffers, per-bucket profile switching, shared memory, outputs and CUDA graphs,
-    with the engines replaced by the graphs' torch modules on the GPU (real TensorRT is not needed)."""
-    if not _cuda():
-        pytest.skip("no CUDA GPU")
+def test_runtime_plumbing_on_gpu_with_stand_in_module(tmp_path, monkeypatch, ort_engine_dir, tiny, cuda_graphs):
+    """TensorRTEngine's buffers, per-call profile choice, shared memory, lazy dense engine, outputs and CUDA
+    graphs, with the engines replaced by the graphs' torch modules on the GPU (real TensorRT is not needed)."""
     import copy
+    import shutil
 
-    from topi_export.builder import build_engines
-    from topi_export.export.graphs import _Graph
-    from topi_export.models import load_model
-    from topi_export.runtime.manifest import NAME, file_entries, open_engine_session
-    from topi_export.runtime.settings import method_settings
+    from topi_export.export.graphs import graph_module
+    from topi_export.plan import NAME
+    from topi_export.runtime.loop import rel_l2
+    from topi_export.runtime.manifest import file_entries, read_manifest
 
-    out = build_engines(model="tiny-kontext", ratio_buckets=BUCKETS, layout=LAYOUT, engine_dir=tmp_path / "e",
-                        echo=lambda s: None)  # an ONNX Runtime directory, turned into a fake TensorRT-RTX one
-    data = json.loads((out / NAME).read_text())
-    loaded = load_model("tiny-kontext")
-    settings = method_settings(loaded.identity())
-    adapter = copy.deepcopy(loaded.adapter)
-    modules = {k: _Graph(adapter, LAYOUT, settings, k).cuda().eval() for k in ("anchor", "pruned")}
-    profiles = T.profile_table(data["buckets"], LAYOUT,
-                               {k: T.onnx_input_shapes(out / "onnx" / f"{k}.onnx") for k in ("anchor", "pruned")})
-    profiles = {k: [{n: s[1] for n, s in p.items()} for p in v] for k, v in profiles.items()}
-    for kind in ("anchor", "pruned"):
+    out = tmp_path / "e"
+    shutil.copytree(ort_engine_dir, out)  # an ONNX Runtime directory, turned into a fake TensorRT-RTX one
+    m = read_manifest(out)
+    family = copy.deepcopy(tiny.family)  # one copy: the attention processors call this copy's hooks
+    family.model.cuda()
+    modules, profiles = {}, {}
+    for kind, g in m.graphs.items():
+        modules[kind] = graph_module(family, m.settings, kind, [t.name for t in g.inputs])
+        profiles[kind] = T.profile_shapes(g, kind, m.profiles, m.layouts, m.batch)
         (out / f"{kind}.engine").write_bytes(f"FAKE {kind}".encode())
-        data["graphs"][kind] = {"file": f"{kind}.engine", "profiles": [{"index": i} for i in range(len(profiles[kind]))]}
-    data["files"] = file_entries(out, [f for f in data["files"] if not f.endswith(".ort.onnx")] +
-                                 ["anchor.engine", "pruned.engine"])
+    data = json.loads((out / NAME).read_text())
+    for kind in m.graphs:
+        data["graphs"][kind]["file"] = f"{kind}.engine"
+    data["files"] = {k: {"sha256": v.sha256, "bytes": v.bytes} for k, v in
+                     file_entries(out, list(data["files"]) + [f"{k}.engine" for k in m.graphs]).items()}
     data["backend"] = "tensorrt-rtx"
-    data["target"] = {"module": "tensorrt_rtx", "version": "0.0-fake",
+    data["target"] = {"module": "tensorrt_rtx", "version": "0.0-fake", "weights": "engine",
                       "compute_capabilities": [T.sm_name(torch.cuda.get_device_capability())]}
     (out / NAME).write_text(json.dumps(data))
     fake = _FakeTRT(modules, profiles, "0.0-fake")
     monkeypatch.setitem(sys.modules, "tensorrt_rtx", fake.mod)
     monkeypatch.setenv("TOPI_TRT_CUDA_GRAPHS", "1" if cuda_graphs else "0")
+    monkeypatch.delenv("TOPI_TRT_RUNTIME_CACHE", raising=False)
 
-    session = open_engine_session(out)
-    ref = open_engine_session(out, backend="torch").engine
+    from topi_export.runtime.session import open_session
+
+    session = open_session(engine_dir=out)
+    ref = open_session(engine_dir=out, backend="torch").engine
     eng = session.engine
+    assert "dense" not in eng.engines  # deserialised on the first dense step
     inputs = session.load_inputs(None)
-    eng.bind(inputs)
-    ref.bind(inputs)
-    from topi_export.runtime.loop import rel_l2
-
+    cond = session.family.conditioning(inputs, inputs.layout)
+    eng.bind(cond, inputs.reference_latents, inputs.layout)
+    ref.bind(cond, inputs.reference_latents, inputs.layout)
+    keeps = [p.keep for p in session.manifest.profiles if p.ratio > 0]
     t = torch.tensor([0.4])
     with torch.inference_mode():
         for seed in (0, 1):  # second pass: replays (CUDA graphs) must see the new latents
@@ -599,12 +599,18 @@ def test_runtime_plumbing_on_gpu_with_stand_in_module(tmp_path, monkeypatch, cud
             assert v.device.type == "cpu" and v.shape == rv.shape and inf.shape == rinf.shape
             assert rel_l2(v, rv) < 1e-3 and rel_l2(inf, rinf) < 1e-3
             assert rel_l2(eng.full(lat, t), ref.full(lat, t)) < 1e-3
-            for keep in (12, 8, 12):
-                idx = torch.randperm(LAYOUT.num_ctx, generator=torch.Generator().manual_seed(keep))[:keep].sort().values
+            for keep in keeps + keeps[:1]:
+                g = torch.Generator().manual_seed(keep)
+                idx = torch.randperm(inputs.layout.num_ctx, generator=g)[:keep].sort().values
                 assert rel_l2(eng.pruned(lat, t, idx), ref.pruned(lat, t, idx)) < 1e-3
-        with pytest.raises(TopiError, match="no compiled bucket keeps 5"):
+            assert rel_l2(eng.dense(lat, t), ref.dense(lat, t)) < 1e-3
+        with pytest.raises(TopiError, match="no compiled profile keeps 5"):
             eng.pruned(lat, t, torch.arange(5))
-    pruned_calls = [c for c in fake.calls if c[0] == "pruned"]
-    assert all(shape == ((12,) if p == 0 else (8,)) for _, p, shape in pruned_calls)  # profile <-> keep length
-    if cuda_graphs and eng.cuda_graphs:  # captured: one eager run per (engine, profile), then replays
-        assert len(fake.calls) == 3 and all(s.graph is not None for s in eng.slots.values())
+    nc, nx = inputs.layout.num_ctx, inputs.layout.num_target
+    for kind, profile, k, q in fake.calls:  # profile <-> shapes: anchor/full at profile 0, bucket i at i + 1
+        if kind == "topi":
+            p = session.manifest.profiles[profile]
+            assert k == (p.keep,) and (p.ratio == 0) == (k == (nc,))
+            assert q in ((nx,), (1,)) if p.ratio == 0 else q == (1,)
+    if cuda_graphs and eng.cuda_graphs:  # captured: one eager run per slot, then replays
+        assert len(fake.calls) == len(eng.slots) and all(s.graph is not None for s in eng.slots.values())

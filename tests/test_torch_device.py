@@ -26,15 +26,14 @@ def test_bench_device_needs_torch_backend(tmp_path, capsys):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
 def test_cuda_run_equals_cpu_reference():
-    from topi_export import denoise, open_session
+    from topi_export import open_session
     from topi_export.runtime.loop import rel_l2
 
     results = {}
     for device, dtype in (("cpu", "fp32"), ("cuda", "fp32"), ("cuda", "bf16")):
         s = open_session(model="kontext-digits", device=device, dtype=dtype)
         data = s.load_inputs(None)
-        results[(device, dtype)] = denoise(s.engine, data, steps=12, selector=s.selector(data, ratio=0.5),
-                                           update_interval=4)
+        results[(device, dtype)] = s.denoise(data, steps=12, selector=s.selector(data, ratio=0.5), update_interval=4)
     cpu = results[("cpu", "fp32")]
     assert rel_l2(results[("cuda", "fp32")].latents, cpu.latents) < 1e-3
     assert rel_l2(results[("cuda", "bf16")].latents, cpu.latents) < 0.1

@@ -11,7 +11,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
-from topi_export.method.selection import DEFAULT_POLICY
+from topi_export.method.selection import DEFAULT_POLICY, POLICIES
 
 
 @dataclass
@@ -23,7 +23,7 @@ class BenchConfig:
     taus: tuple = ()
     seed: int = 0
     repeats: int = 1
-    dim: int | None = None  # model width, for the FLOP-predicted step speedup
+    dim: int | None = None  # model width, for the FLOP-predicted speedups
 
 
 @dataclass
@@ -40,6 +40,7 @@ class Row:
     anchor_ms: list = field(default_factory=list)
     pruned_ms: list = field(default_factory=list)
     keeps: list = field(default_factory=list)
+    kept_influence: list = field(default_factory=list)
 
     def summary(self) -> dict:
         mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
@@ -50,7 +51,8 @@ class Row:
                "time_s": mean(self.times), "full_time_s": mean(self.full_times),
                "anchor_step_ms": statistics.median(self.anchor_ms) if self.anchor_ms else None,
                "pruned_step_ms": statistics.median(self.pruned_ms) if self.pruned_ms else None,
-               "keep": sorted(set(self.keeps))}
+               "keep": sorted(set(self.keeps)), "psnr_db_per_sample": list(self.psnr),
+               "kept_influence": mean(self.kept_influence)}
         if self.tau is not None:
             out["tau"] = self.tau
         if self.psnr_gt:
@@ -64,21 +66,24 @@ def _steps_ms(schedule, kind):
 
 
 def run_bench(session, inputs_list, cfg: BenchConfig, progress=None) -> dict:
+    """Every (policy, ratio | tau, dT) against the dense baseline (the plain model at the same backend and
+    precision; the in-engine unpruned step where an engine directory has no dense graph)."""
     from topi_export.runtime.loop import psnr, rel_l2
 
     rows: dict[tuple, Row] = {}
     full_steps, baseline = [], {"psnr_gt": [], "times": []}
+    base_mode = session.baseline_mode()
     warmed = False
     for data in inputs_list:
         if not warmed:
             for ratio in cfg.ratios:
-                session.warmup(data, session.selector(data, ratio=ratio, policy="topi", seed=cfg.seed))
+                session.warmup(data, session.selector(data, ratio=ratio, policy="topi", seed=cfg.seed), dense=True)
             warmed = True
         full = None
         for _ in range(cfg.repeats):
-            r = session.denoise(data, steps=cfg.steps, seed=cfg.seed, selector=None)
+            r = session.denoise(data, steps=cfg.steps, seed=cfg.seed, mode=base_mode)
             full = r if full is None or r.time_s < full.time_s else full
-        full_steps += _steps_ms(full.schedule, "full")
+        full_steps += _steps_ms(full.schedule, base_mode)
         baseline["times"].append(full.time_s)
         if data.target_latents is not None:
             baseline["psnr_gt"].append(psnr(full.latents, data.target_latents))
@@ -100,6 +105,7 @@ def run_bench(session, inputs_list, cfg: BenchConfig, progress=None) -> dict:
             row.anchor_ms += _steps_ms(best.schedule, "anchor")
             row.pruned_ms += _steps_ms(best.schedule, "pruned")
             row.keeps += [r["keep"] for r in best.schedule if r["kind"] == "pruned"]
+            row.kept_influence += [r["kept_influence"] for r in best.schedule if "kept_influence" in r]
             if data.target_latents is not None:
                 row.psnr_gt.append(psnr(best.latents, data.target_latents))
             if progress:
@@ -107,18 +113,21 @@ def run_bench(session, inputs_list, cfg: BenchConfig, progress=None) -> dict:
     results = [r.summary() for r in rows.values()]
     full_ms = statistics.median(full_steps)
     if cfg.dim:
-        from topi_export.method.cost import predicted_speedup
+        from topi_export.method.cost import predicted_end_to_end, predicted_speedup
 
         layout = inputs_list[0].layout
         for r in results:
             if r["pruned_step_ms"] and len(r["keep"]) == 1:
-                r["flop_speedup"] = predicted_speedup(layout, r["keep"][0], session.model_info["num_layers"],
-                                                      session.settings["prune_start"], cfg.dim)
+                r["flop_speedup"] = predicted_speedup(layout, r["keep"][0], session.identity.num_layers,
+                                                      session.settings.prune_start, cfg.dim)
+                r["flop_e2e_speedup"] = predicted_end_to_end(layout, r["keep"][0], session.identity.num_layers,
+                                                             session.settings.prune_start, cfg.dim, cfg.steps,
+                                                             r["update_interval"])
                 r["step_speedup"] = full_ms / r["pruned_step_ms"]
                 r["step_efficiency"] = r["step_speedup"] / r["flop_speedup"]
             if r["anchor_step_ms"]:
                 r["influence_overhead"] = r["anchor_step_ms"] / full_ms - 1
-    base = {"policy": "none", "ratio": 0.0, "psnr_db": math.inf, "psnr_db_min": math.inf, "rel_l2": 0.0,
+    base = {"policy": "none", "mode": base_mode, "ratio": 0.0, "psnr_db": math.inf, "psnr_db_min": math.inf, "rel_l2": 0.0,
             "speedup": 1.0, "time_s": sum(baseline["times"]) / len(baseline["times"]),
             "full_step_ms": full_ms}
     if baseline["psnr_gt"]:
@@ -126,7 +135,9 @@ def run_bench(session, inputs_list, cfg: BenchConfig, progress=None) -> dict:
     best = best_policy(results)
     return {"default_policy": DEFAULT_POLICY, "best_policy": best, "baseline": base, "results": results,
             "steps": cfg.steps, "inputs": [d.source for d in inputs_list], "backend": session.engine.name,
-            "model": session.model_info["source"], "machine": machine()}
+            "model": session.source, "family": session.family.name, "layout": inputs_list[0].layout.to_json(),
+            "method": session.settings.to_json(), "policies_use_influence":
+                {p: POLICIES[p].uses_influence for p in cfg.policies}, "machine": machine()}
 
 
 def best_policy(results) -> str | None:
@@ -151,7 +162,7 @@ def markdown_table(report) -> str:
     head += " PSNR vs truth [dB] |" if gt else ""
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     b = report["baseline"]
-    lines.append(f"| none | 0 | - | all | - | - | 1.00x | {b['full_step_ms']:.1f} (full) |"
+    lines.append(f"| {b['mode']} (baseline) | 0 | - | all | - | - | 1.00x | {b['full_step_ms']:.1f} |"
                  + (f" {b.get('psnr_gt_db', float('nan')):.2f} |" if gt else ""))
     for r in sorted(report["results"], key=lambda r: (r.get("tau") is not None, r["ratio"], r["policy"])):
         name = r["policy"] + (f" tau={r['tau']}" if "tau" in r else "")
@@ -178,7 +189,7 @@ def plot(report, path) -> None:
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=policy)
         for s, q, r in pts:
             ax.annotate(f"{r:g}", (s, q), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.set_xlabel("end-to-end speedup vs unpruned")
+    ax.set_xlabel(f"end-to-end speedup vs {report['baseline']['mode']}")
     ax.set_ylabel("PSNR vs unpruned [dB]")
     ax.set_title(f"{report['model']} on {report['backend']}, {report['steps']} steps")
     ax.grid(alpha=0.3)

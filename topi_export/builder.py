@@ -1,21 +1,24 @@
-"""``build``: export the portable graphs, build one backend's engines, write the manifest, all in a
-temporary directory that is renamed into place only when everything succeeded."""
+"""``build``: export the portable graphs (topi + dense baseline, one shared weights file), build one backend's
+engines, write the manifest: all in a staging directory placed atomically and exclusively only when every stage
+succeeded (fsutil.staged_dir). Every flag and path is checked before the slow work starts."""
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from topi_export.errors import TopiError
-from topi_export.fsutil import staged_dir
-from topi_export.method import parse_buckets
-from topi_export.runtime.manifest import FORMAT, bucket_table, file_entries, write_manifest
+from topi_export.plan import Layout, Manifest, profile_table
 
 ENGINE_ROOT = Path("engines")
+CACHE_FILE = "cache.json"
+CACHE_FORMAT = "topi-onnx-cache/1"
 
 
 def tool_versions(extra: dict | None = None) -> dict:
@@ -43,107 +46,265 @@ class Stages:
         self.echo(f"[{self.i}/{self.total}] {what} ({time.perf_counter() - self.t0:.1f} s)")
 
 
-def _onnx_meta(identity, layout, settings) -> dict:
-    return {"model": {k: identity[k] for k in ("config_hash", "weights_hash")}, "layout": layout.describe(),
-            "pivotal_layers": settings["pivotal_layers"], "prune_start": settings["prune_start"]}
+@dataclass(frozen=True)
+class BuildPlan:
+    """Everything a build needs, checked before any slow work (docs/design.md, "Plan objects")."""
+
+    model: str | None
+    layouts: tuple  # plan.Layout per resolution (None: from --inputs or the model's default sample)
+    buckets: tuple[float, ...]
+    backend: str
+    precision: str = "fp32"
+    calibration: str | None = None
+    policy: str | None = None
+    tau: float | None = None
+    dense: bool | None = None  # None: the backend's default (ONNX Runtime: yes, it shares the weights file)
+    cfg: bool | None = None  # batch-2 true-CFG graphs (None: when the family guides with true CFG)
+    inputs: str | None = None
+    resolutions: str | None = None  # "WxH,WxH" in pixels, or a family shorthand such as kontext-preferred
+    references: int = 1  # references per layout with --resolutions
+    text_tokens: int | None = None  # with --resolutions (default: the family's)
+    engine_dir: str | None = None
+    onnx_dir: str | None = None
+    force: bool = False
+    options: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"model": self.model, "layouts": [lay.to_json() for lay in self.layouts], "buckets": list(self.buckets),
+                "backend": self.backend, "precision": self.precision, "calibration": self.calibration,
+                "policy": self.policy, "tau": self.tau, "dense": self.dense, "cfg": self.cfg}
 
 
-def _reuse_onnx(onnx_dir: Path, meta: dict) -> bool:
-    try:
-        return json.loads((onnx_dir / "onnx_meta.json").read_text()) == meta and all(
-            (onnx_dir / f"{g}.onnx").is_file() for g in ("anchor", "pruned"))
-    except (OSError, json.JSONDecodeError):
-        return False
-
-
-def default_engine_dir(source: str, layout, backend: str) -> Path:
+def default_engine_dir(source: str, layout: Layout, backend: str) -> Path:
     name = Path(source).name if os.sep in source or Path(source).exists() else source
     return ENGINE_ROOT / f"{name}-{layout.describe()}-{backend}"
 
 
-def build_engines(*, model=None, calibration=None, layout=None, inputs=None, ratio_buckets="0.3,0.5",
-                  backend="onnxruntime", engine_dir=None, onnx_dir=None, policy=None, tau=None, force=False,
-                  backend_options=None, echo=print) -> Path:
-    from topi_export.backends import BACKENDS
-    from topi_export.method import DEFAULT_POLICY, POLICIES
-    from topi_export.models import load_model
+def _check_plan(plan: BuildPlan) -> None:
+    from topi_export.backends import build_backends, get_backend
+    from topi_export.method.selection import check_policy
+
+    if plan.backend not in build_backends():
+        raise TopiError(f"unknown build backend {plan.backend!r}: choose {', '.join(build_backends())}")
+    be = get_backend(plan.backend).BACKEND
+    if plan.precision not in be.precisions:
+        raise TopiError(f"{plan.backend} builds {', '.join(be.precisions)}, not {plan.precision}: drop --precision or "
+                        f"choose another backend")
+    if hasattr(get_backend(plan.backend), "check"):  # e.g. the TensorRT module is installed, before the export
+        get_backend(plan.backend).check(plan.precision, dict(plan.options))
+    if plan.policy is not None:
+        check_policy(plan.policy)
+    if plan.tau is not None and not (0.0 < plan.tau <= 1.0):
+        raise TopiError(f"--tau {plan.tau} is outside (0, 1]: it is the fraction of total influence kept")
+
+
+def _cache_key(identity, settings, precision: str, dense: bool) -> str:
+    blob = json.dumps({"format": CACHE_FORMAT, "family": identity.family, "config_hash": identity.config_hash,
+                       "weights_hash": identity.weights_hash, "pivotal_layers": list(settings.pivotal_layers),
+                       "prune_start": settings.prune_start, "precision": precision, "dense": dense,
+                       "versions": tool_versions()}, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def _cache_valid(onnx_dir: Path, key: str) -> bool:
+    """The cache is reused only when its key matches AND every file (confined to the cache) still has the hash
+    recorded with it."""
+    from topi_export.fsutil import confined_path
+    from topi_export.runtime.manifest import sha256_file
+
+    try:
+        meta = json.loads((onnx_dir / CACHE_FILE).read_text())
+        if meta.get("format") != CACHE_FORMAT or meta.get("key") != key:
+            return False
+        return all(sha256_file(confined_path(onnx_dir, rel, what="cached file")) == sha
+                   for rel, sha in meta["files"].items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, TopiError):
+        return False
+
+
+def _is_cache_dir(path: Path) -> bool:
+    try:
+        return json.loads((Path(path) / CACHE_FILE).read_text()).get("format") == CACHE_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def resolve_layouts(plan: BuildPlan, loaded) -> tuple[Layout, ...]:
     from topi_export.runtime.inputs import default_inputs, load_inputs
+
+    if plan.resolutions:
+        layouts = resolution_layouts(plan.resolutions, loaded.family, plan.references, plan.text_tokens)
+    elif plan.layouts:
+        layouts = tuple(plan.layouts)
+    elif plan.inputs:
+        layouts = (load_inputs(plan.inputs, loaded.family).layout,)
+    else:
+        layouts = (default_inputs(loaded.source, loaded.family).layout,)
+    for lay in layouts:
+        loaded.family.check_layout(lay)
+    return layouts
+
+
+def resolution_layouts(text: str, family, references: int = 1, text_tokens: int | None = None):
+    """'1024x1024,1184x880' (WIDTHxHEIGHT in pixels) or a shorthand of the family (e.g. kontext-preferred) ->
+    layouts whose target and every reference have that resolution."""
+    sets = family.resolution_sets
+    if text.strip() in sets:
+        pixels = [tuple(wh) for wh in sets[text.strip()]]
+    else:
+        pixels = []
+        for part in (p.strip() for p in text.split(",") if p.strip()):
+            try:
+                w, h = (int(v) for v in part.lower().split("x"))
+            except ValueError:
+                raise TopiError(f"bad resolution {part!r} in --resolutions: write WIDTHxHEIGHT in pixels, e.g. "
+                                f"1024x1024, or one of {', '.join(sets) or '(no shorthands for this model)'}") from None
+            pixels.append((w, h))
+    if not pixels:
+        raise TopiError("--resolutions is empty: give WIDTHxHEIGHT[,WIDTHxHEIGHT...] in pixels")
+    if not 1 <= references <= 16:
+        raise TopiError(f"--references {references} is outside 1..16")
+    ppt = family.pixels_per_token
+    out = []
+    for w, h in pixels:
+        if w <= 0 or h <= 0 or w % ppt or h % ppt:
+            raise TopiError(f"resolution {w}x{h} is not a positive multiple of {ppt} pixels (one {family.name} token)")
+        grid = (h // ppt, w // ppt)
+        lay = Layout(text_tokens or family.text_tokens_default, grid, (grid,) * references)
+        if lay not in out:
+            out.append(lay)
+    return tuple(out)
+
+
+def build_engines(plan: BuildPlan | None = None, *, echo=print, **kwargs) -> Path:
+    """Build an engine directory; returns its path. Keyword arguments are the BuildPlan fields."""
+    from topi_export.backends import get_backend
+    from topi_export.backends.base import BuildJob
+    from topi_export.export import export_graphs
+    from topi_export.fsutil import check_disjoint, check_output_dir, check_writable, refuse_overwrite, staged_dir
+    from topi_export.method.selection import DEFAULT_POLICY, check_bucket_keeps, parse_buckets
+    from topi_export.models import load_model, resolve_model_dir, scheduler_config_for
+    from topi_export.runtime.inputs import default_inputs
+    from topi_export.runtime.manifest import file_entries, is_engine_dir, write_manifest
     from topi_export.runtime.settings import method_settings
 
-    if backend not in BACKENDS or backend == "torch":
-        raise TopiError(f"unknown build backend {backend!r}: choose onnxruntime, tensorrt or tensorrt-rtx")
-    policy = policy or DEFAULT_POLICY
-    if policy not in POLICIES:
-        raise TopiError(f"unknown policy {policy!r}: choose one of {', '.join(POLICIES)}")
-    buckets = parse_buckets(ratio_buckets)
-    trt = backend in ("tensorrt", "tensorrt-rtx")
+    if plan is None:
+        kwargs.setdefault("layouts", ())
+        kwargs["buckets"] = parse_buckets(kwargs.pop("ratio_buckets", "0.3,0.5"))
+        kwargs.setdefault("backend", "onnxruntime")
+        plan = BuildPlan(**kwargs)
+    _check_plan(plan)
+    backend = get_backend(plan.backend)
+    protect = {}
+    if plan.model and Path(plan.model).exists():
+        protect[Path(plan.model)] = "the model folder"
+    for p, label in ((plan.inputs, "the inputs file"), (plan.calibration, "the calibration profile")):
+        if p:
+            protect[Path(p)] = label
+    if plan.engine_dir:  # refuse a bad output path before the slow work
+        check_output_dir(plan.engine_dir, replace=plan.force, is_ours=is_engine_dir, protect=protect)
+        check_disjoint([(plan.engine_dir, "--engine-dir"), (plan.onnx_dir, "--onnx-dir")])
+    timing_cache = plan.options.get("timing_cache")
+    if timing_cache:  # TensorRT rewrites it after the build: it must be writable and overwrite nothing of the user's
+        check_writable(timing_cache)
+        refuse_overwrite(timing_cache, protect, what="--timing-cache")
+    if plan.onnx_dir:
+        check_output_dir(plan.onnx_dir, replace=True, is_ours=_is_cache_dir, protect=protect)
     stages = Stages(5, echo)
-    stages(f"load model {model or '(default)'}")
-    loaded = load_model(model)
+    stages(f"load model {plan.model or '(default)'} ({plan.precision})")
+    loaded = load_model(plan.model, dtype=plan.precision)
+    family = loaded.family
     identity = loaded.identity()
-    settings = method_settings(identity, calibration)
-    if tau is not None:
-        settings["tau"] = float(tau)
-    if layout is None:
-        layout = (load_inputs(inputs, loaded.adapter) if inputs else default_inputs(identity["source"], loaded.adapter)).layout
-    engine_dir = Path(engine_dir) if engine_dir else default_engine_dir(identity["source"], layout, backend)
-    if engine_dir.exists() and not force:
-        raise TopiError(f"{engine_dir} already exists: pass --force to replace it, or choose another --engine-dir")
-    if trt:  # fail before the slow export when the backend is missing
-        from topi_export.backends.tensorrt import import_trt
+    settings = method_settings(identity, family.default_settings(), plan.calibration)
+    layouts = resolve_layouts(plan, loaded)
+    for lay in layouts:
+        check_bucket_keeps(plan.buckets, lay.num_ctx)
+    policy = plan.policy or DEFAULT_POLICY
+    dense = plan.dense if plan.dense is not None else plan.backend == "onnxruntime"
+    cfg = plan.cfg if plan.cfg is not None else family.guidance == "true-cfg"
+    if cfg and family.guidance != "true-cfg":
+        raise TopiError(f"--cfg: {family.name} ({family.guidance} guidance) has no true-CFG branches")
+    batch = 2 if cfg else 1
+    engine_dir = Path(plan.engine_dir) if plan.engine_dir else default_engine_dir(identity.source, layouts[0],
+                                                                                   plan.backend)
+    if not plan.engine_dir:
+        check_output_dir(engine_dir, replace=plan.force, is_ours=is_engine_dir, protect=protect)
+        check_disjoint([(engine_dir, "--engine-dir"), (plan.onnx_dir, "--onnx-dir")])
+    sample = default_inputs(identity.source, family, 0, layouts[0])
+    scheduler = scheduler_config_for(plan.model) if plan.model else None
+    if plan.model and Path(plan.model).exists():
+        resolve_model_dir(Path(plan.model))
+    with staged_dir(engine_dir, replace=plan.force, is_ours=is_engine_dir, protect=protect, echo=echo) as tmp:
+        onnx_dir = tmp / "onnx"
+        key = _cache_key(identity, settings, plan.precision, dense)
+        if plan.onnx_dir and _cache_valid(Path(plan.onnx_dir), key):
+            stages(f"reuse the ONNX graphs in {plan.onnx_dir} (same model, settings and tool versions)")
+            onnx_dir.mkdir()
+            meta = json.loads((Path(plan.onnx_dir) / CACHE_FILE).read_text())
+            for rel in meta["files"]:
+                from topi_export.fsutil import confined_path
 
-        import_trt(backend)
-    with staged_dir(engine_dir) as tmp:
-        graphs_dir = tmp / "onnx"
-        meta = _onnx_meta(identity, layout, settings)
-        if onnx_dir and _reuse_onnx(Path(onnx_dir), meta):
-            stages(f"reuse ONNX graphs from {onnx_dir}")
-            shutil.copytree(onnx_dir, graphs_dir, ignore=shutil.ignore_patterns("onnx_meta.json"))
+                _link_or_copy(confined_path(Path(plan.onnx_dir), rel, what="cached file"), onnx_dir / Path(rel).name)
+            from topi_export.plan.manifest import GraphEntry
+            from topi_export.plan.schema import Reader
+
+            graphs = {k: GraphEntry.from_reader(Reader(v, CACHE_FILE, "rebuild", k)) for k, v in meta["graphs"].items()}
+            weights = meta["weights"]
         else:
-            stages(f"export anchor + pruned ONNX graphs ({layout.describe()})")
-            from topi_export.export import export_graphs
-
-            graph_info = export_graphs(loaded.adapter, layout, settings, graphs_dir)
-            (graphs_dir / "graphs.json").write_text(json.dumps(graph_info, indent=2))
-            if onnx_dir:
-                _save_onnx_copy(graphs_dir, Path(onnx_dir), meta)
-        stages(f"build {backend} engines, buckets {list(buckets)}")
-        table = bucket_table(buckets, layout.num_ctx)
-        if backend == "onnxruntime":
-            from topi_export.backends import onnxruntime as be
-
-            built = be.build(graphs_dir, tmp, backend_options or {})
-        else:
-            from topi_export.backends import tensorrt as be
-
-            built = be.build(graphs_dir, tmp, table, layout, backend, backend_options or {}, echo=echo)
+            stages(f"export {'topi + dense' if dense else 'topi'} ONNX graphs ({family.name}, {plan.precision})")
+            graphs, weights = export_graphs(family, settings, sample, layouts[0], onnx_dir, dense=dense,
+                                            progress=lambda s: echo(f"  {s}"))
+            if plan.onnx_dir:
+                _save_cache(onnx_dir, Path(plan.onnx_dir), key, graphs, weights, protect, echo)
+        del loaded
+        family.model = None  # the weights live in the graphs now; free them before engines are built
+        profiles = profile_table(layouts, plan.buckets)
+        stages(f"build {plan.backend} engines: {len(layouts)} layout(s) x buckets {list(plan.buckets)}")
+        out = backend.build(BuildJob(onnx_dir, tmp, graphs, layouts, profiles, batch, plan.precision,
+                                     dict(plan.options), echo))
+        if not out.keep_onnx:
+            shutil.rmtree(onnx_dir)
         stages("write manifest (sha256 of every file)")
-        files = [p.relative_to(tmp) for p in sorted(tmp.rglob("*")) if p.is_file()]
-        data = {
-            "format": FORMAT,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "model": {**identity, "in_channels": loaded.adapter.in_channels, "text_dim": loaded.adapter.text_dim,
-                      "pooled_dim": loaded.adapter.pooled_dim, "guidance_embeds": loaded.adapter.guidance_embeds},
-            "layout": {"text_tokens": layout.text_tokens, "target_grid": list(layout.target_grid),
-                       "reference_grid": list(layout.ref_grid), "num_target": layout.num_target,
-                       "num_ctx": layout.num_ctx},
-            "graphs": built["graphs"],
-            "buckets": table,
-            "calibration": settings,
-            "policy": policy,
-            "backend": backend,
-            "precision": built.get("precision", "fp32"),
-            "target": built["target"],
-            "files": file_entries(tmp, [str(f) for f in files]),
-            "versions": tool_versions(built.get("versions")),
-        }
-        write_manifest(tmp, data)
+        files = [p.relative_to(tmp).as_posix() for p in sorted(tmp.rglob("*")) if p.is_file()]
+        entries = {kind: _entry(graphs[kind], rel, out.keep_onnx) for kind, rel in out.graphs.items()}
+        if weights and out.keep_onnx:
+            weights = {**weights, "file": f"onnx/{weights['file']}", "dtype": plan.precision}
+        else:
+            weights = {}
+        manifest = Manifest(
+            model=identity, layouts=layouts, batch=batch, guidance=family.guidance, buckets=tuple(plan.buckets),
+            profiles=profiles, settings=settings, policy=policy, backend=plan.backend, precision=plan.precision,
+            target=out.target, graphs=entries, files=file_entries(tmp, files), versions=tool_versions(out.versions),
+            created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), tau=plan.tau,
+            weights=weights, scheduler=scheduler or {}, root=tmp)
+        write_manifest(tmp, manifest)
         stages(f"move into place: {engine_dir}")
     return engine_dir
 
 
-def _save_onnx_copy(src: Path, dst: Path, meta: dict) -> None:
-    dst.mkdir(parents=True, exist_ok=True)
-    for f in src.iterdir():
-        shutil.copy2(f, dst / f.name)
-    (dst / "onnx_meta.json").write_text(json.dumps(meta, indent=2))
+def _entry(graph, rel: str, keep_onnx: bool):
+    from dataclasses import replace
+
+    return replace(graph, file=rel, onnx=f"onnx/{graph.file}" if keep_onnx else None)
+
+
+def _save_cache(src: Path, dst: Path, key: str, graphs: dict, weights: dict, protect, echo) -> None:
+    """Keep the exported graphs in --onnx-dir, keyed and hashed (a later build reuses them only on a match)."""
+    from topi_export.fsutil import staged_dir
+    from topi_export.runtime.manifest import sha256_file
+
+    with staged_dir(dst, replace=True, is_ours=_is_cache_dir, protect=protect, echo=echo) as tmp:
+        files = {}
+        for f in sorted(src.iterdir()):
+            _link_or_copy(f, tmp / f.name)
+            files[f.name] = sha256_file(tmp / f.name)
+        meta = {"format": CACHE_FORMAT, "key": key, "files": files,
+                "graphs": {k: g.to_json() for k, g in graphs.items()}, "weights": weights}
+        (tmp / CACHE_FILE).write_text(json.dumps(meta, indent=2) + "\n")

@@ -8,9 +8,9 @@ import sys
 import click
 
 COMMANDS = {
-    "run": "Run a ToPi-pruned Kontext generation (PyTorch reference or built engines).",
+    "run": "Run a ToPi-pruned in-context generation (PyTorch reference or built engines).",
     "calibrate": "Measure per-layer context sensitivity; write a calibration profile.",
-    "build": "Export anchor/pruned ONNX graphs and build engines per ratio bucket.",
+    "build": "Export the topi (+ dense baseline) ONNX graphs and build engines per shape and ratio bucket.",
     "check": "Compare built engines against the PyTorch reference, per graph and bucket.",
     "bench": "Benchmark speed and fidelity per ratio bucket and selection policy.",
     "triton": "Write a Triton Inference Server model repository from an engine directory.",
@@ -41,7 +41,7 @@ class LazyGroup(click.Group):
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="topi-export")
 def cli():
-    """topi-export: compile FLUX.1 Kontext-style in-context DiTs with ToPi context-token pruning.
+    """topi-export: compile in-context DiTs (FLUX.1 Kontext, FLUX.2, Qwen-Image-Edit) with ToPi context-token pruning.
 
     Typical flow: calibrate (optional) -> build -> run --engine-dir ... --compare -> triton.
     """
@@ -58,8 +58,12 @@ def main(argv=None):
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
+    except click.exceptions.UsageError as exc:  # one line, like every other error
+        where = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
+        click.echo(f"error: {exc.format_message()}{where}", err=True)
+        sys.exit(exc.exit_code)
     except click.ClickException as exc:
-        exc.show()
+        click.echo(f"error: {exc.format_message()}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)

@@ -1,14 +1,17 @@
-"""ONNX Runtime backend: builds ORT-optimized copies of the portable graphs and runs them per step.
-The ``topi`` nodes run through their model-local function bodies (ORT inlines them)."""
+"""ONNX Runtime backend: runs the portable graphs (``topi`` nodes run through their model-local function bodies,
+which ONNX Runtime inlines). The build step only checks that the graphs load: ONNX Runtime optimizes a graph when
+it opens it, and an offline-optimized copy would be a second copy of the weights on disk. The dense baseline
+session is opened only when asked for, so a deployment holds the weights once in memory."""
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from topi_export.backends.base import Backend, BuildOutput, StepEngine
 from topi_export.errors import TopiError
-from topi_export.runtime.engine import static_feed
+
+BACKEND = Backend("onnxruntime", builds=True, precisions=("fp32",), runs_on="CPU (CUDA with onnxruntime-gpu)",
+                  description="ONNX Runtime, portable graphs with topi function bodies")
 
 
 def _ort():
@@ -26,64 +29,71 @@ def providers(prefer_gpu: bool = True) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def build(onnx_dir: Path, out_dir: Path, options: dict, progress=None) -> dict:
-    """Write <graph>.ort.onnx optimized for the CPU EP; returns the manifest's graphs/target entries."""
+def session_options():
     ort = _ort()
-    graphs = {}
-    for kind in ("anchor", "pruned"):
-        if progress:
-            progress(f"optimize {kind} graph for ONNX Runtime")
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-        so.optimized_model_filepath = str(out_dir / f"{kind}.ort.onnx")
-        if (onnx_dir / f"{kind}.onnx.data").exists():  # > 2 GB graph: the optimized copy needs its own data file
-            so.add_session_config_entry("session.optimized_model_external_initializers_file_name",
-                                        f"{kind}.ort.onnx.data")
-            so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-        ort.InferenceSession(str(onnx_dir / f"{kind}.onnx"), so, providers=["CPUExecutionProvider"])
-        graphs[kind] = {"file": f"{kind}.ort.onnx", "onnx": f"onnx/{kind}.onnx"}
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    so.log_severity_level = 3
+    so.add_session_config_entry("session.disable_prepacking", "1")  # prepacked copies would double the weights
+    return so
+
+
+def _session(path, prefer_gpu=True):
+    ort = _ort()
+    try:
+        return ort.InferenceSession(str(path), session_options(), providers=providers(prefer_gpu))
+    except Exception as exc:  # noqa: BLE001 - any load failure means a broken directory
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TopiError(f"ONNX Runtime cannot load {path} ({first}): rebuild the engine directory")
+
+
+def build(job) -> BuildOutput:
+    ort = _ort()
+    for kind, graph in job.graphs.items():
+        job.echo(f"  check that ONNX Runtime loads the {kind} graph")
+        _session(job.onnx_dir / graph.file, prefer_gpu=False)
     target = {"execution_provider": "CPUExecutionProvider", "onnxruntime": ort.__version__,
-              "optimization": "ORT_ENABLE_EXTENDED"}
-    return {"graphs": graphs, "target": target, "precision": "fp32"}
+              "optimization": "ORT_ENABLE_EXTENDED at session load"}
+    return BuildOutput({kind: f"onnx/{g.file}" for kind, g in job.graphs.items()}, target,
+                       versions={"onnxruntime": ort.__version__})
 
 
-class OrtEngine:
+class OrtEngine(StepEngine):
     name = "onnxruntime"
 
     def __init__(self, manifest, prefer_gpu: bool = True):
-        ort = _ort()
-        self.manifest = manifest
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # optimized at build time
-        so.log_severity_level = 3
-        provs = providers(prefer_gpu)
-        self.sessions = {}
-        for kind in ("anchor", "pruned"):
-            try:
-                self.sessions[kind] = ort.InferenceSession(str(manifest.graph_file(kind)), so, providers=provs)
-            except Exception as exc:
-                raise TopiError(f"ONNX Runtime cannot load {manifest.graph_file(kind)} ({str(exc).splitlines()[0]}): "
-                                f"rebuild the engine directory")
-        self.input_names = {k: {i.name for i in s.get_inputs()} for k, s in self.sessions.items()}
+        self.manifest, self.prefer_gpu = manifest, prefer_gpu
+        self.has_dense = manifest.has_graph("dense")
+        self.sessions = {"topi": _session(manifest.file(manifest.graphs["topi"].file), prefer_gpu)}
 
-    def bind(self, inputs) -> None:
-        self.reference, self.static, self.all_idx = static_feed(inputs)
+    def session(self, kind):
+        if kind not in self.sessions:
+            if kind not in self.manifest.graphs:
+                raise TopiError(f"{self.manifest.root} has no {kind} graph: rebuild with --dense-baseline")
+            self.sessions[kind] = _session(self.manifest.file(self.manifest.graphs[kind].file), self.prefer_gpu)
+        return self.sessions[kind]
 
-    def _feed(self, kind, latents, timestep, keep_idx=None):
-        feed = {"hidden_states": np.concatenate([latents.numpy().astype(np.float32), self.reference], axis=1),
-                "timestep": timestep.numpy().astype(np.float32), **self.static}
+    def bind(self, cond, context, layout):
+        super().bind(cond, context, layout)
+        self.np_cond = {k: v.numpy() for k, v in cond.items()}
+        self.np_context = self.context.numpy()
+
+    def _call(self, kind, latents, timestep, keep_idx, score_idx):
+        sess = self.session(kind)
+        b = latents.shape[0]
+        feed = {"latents": latents.float().numpy(), "context": np.ascontiguousarray(
+                    np.broadcast_to(self.np_context, (b,) + self.np_context.shape[1:])),
+                "timestep": timestep.float().numpy(), **self.np_cond}
         if keep_idx is not None:
-            feed["keep_idx"] = keep_idx
-        return {k: v for k, v in feed.items() if k in self.input_names[kind]}
+            feed["keep_idx"], feed["score_idx"] = keep_idx.numpy(), score_idx.numpy()
+        names = [i.name for i in sess.get_inputs()]
+        missing = [n for n in names if n not in feed]
+        if missing:
+            raise TopiError(f"the {kind} graph needs inputs {missing} this request does not provide: the engine "
+                            f"directory was built for another model family")
+        out = sess.run(None, {n: feed[n] for n in names})
+        return torch.from_numpy(out[0]), (torch.from_numpy(out[1]) if len(out) > 1 else None)
 
-    def full(self, latents, timestep):
-        return self.pruned(latents, timestep, self.all_idx)
 
-    def anchor(self, latents, timestep):
-        velocity, influence = self.sessions["anchor"].run(None, self._feed("anchor", latents, timestep))
-        return torch.from_numpy(velocity), torch.from_numpy(influence)[0]
-
-    def pruned(self, latents, timestep, keep_idx):
-        idx = keep_idx.numpy().astype(np.int64) if isinstance(keep_idx, torch.Tensor) else keep_idx
-        (velocity,) = self.sessions["pruned"].run(None, self._feed("pruned", latents, timestep, idx))
-        return torch.from_numpy(velocity)
+def open_engine(manifest, *, prefer_gpu=True, **_):
+    return OrtEngine(manifest, prefer_gpu)

@@ -1,4 +1,4 @@
-"""``topi-export build``: graphs + engines + manifest for one model and shape."""
+"""``topi-export build``: graphs + engines + manifest for one model, one or several shapes."""
 from __future__ import annotations
 
 import click
@@ -6,26 +6,63 @@ import click
 from topi_export.commands.common import model_option
 
 
+def layouts_from_flags(inputs, target_grid, ref_grid, ref_grids, text_tokens, resolutions):
+    """The build shapes the flags ask for; () means "from --inputs / --resolutions / the model's default"."""
+    from topi_export.errors import TopiError
+    from topi_export.plan import Layout, parse_grid, parse_grids
+
+    grid_flags = bool(target_grid or ref_grid or ref_grids)
+    if sum(map(bool, (inputs, grid_flags, resolutions))) > 1:
+        raise TopiError("give one of --inputs, --target-grid/--ref-grid, --resolutions")
+    if ref_grid and ref_grids:
+        raise TopiError("give either --ref-grid (repeatable) or --ref-grids HxW,HxW, not both")
+    if not grid_flags:
+        if text_tokens is not None and not resolutions:
+            raise TopiError("--text-tokens needs --target-grid HxW or --resolutions")
+        return ()
+    if not target_grid:
+        raise TopiError("--ref-grid/--ref-grids need --target-grid HxW")
+    tg = parse_grid(target_grid, "--target-grid")
+    refs = tuple(parse_grid(g, "--ref-grid") for g in ref_grid) if ref_grid else (
+        parse_grids(ref_grids, "--ref-grids") if ref_grids else (tg,))
+    return (Layout(text_tokens or 8, tg, refs),)
+
+
 @click.command("build")
 @model_option
 @click.option("--ratio-buckets", default="0.3,0.5", show_default=True,
-              help="Prune fractions to compile, ascending, each in (0,1). One TensorRT profile per bucket.")
+              help="Prune fractions to compile, ascending, each in (0,1). One TensorRT profile per bucket and shape.")
 @click.option("--calibration", type=click.Path(dir_okay=False), default=None, help="Calibration profile JSON.")
 @click.option("--inputs", type=click.Path(dir_okay=False), default=None, help="Take the build shape from this inputs file.")
 @click.option("--target-grid", default=None, help="Target token grid HxW (instead of --inputs).")
-@click.option("--ref-grid", default=None, help="Reference token grid HxW (default: the target grid).")
-@click.option("--text-tokens", type=int, default=None, help="Text tokens (default 8 with --target-grid).")
+@click.option("--ref-grid", multiple=True, help="A reference token grid HxW; repeat for several references "
+                                                "(default: one, the target grid).")
+@click.option("--ref-grids", default=None, help="Reference token grids HxW,HxW,... (instead of repeating --ref-grid).")
+@click.option("--text-tokens", type=click.IntRange(1, 4096), default=None,
+              help="Text tokens (default 8 with --target-grid, the family's with --resolutions).")
+@click.option("--resolutions", default=None,
+              help="Serve several resolutions from one engine directory: WIDTHxHEIGHT,... in pixels, or a shorthand "
+                   "(kontext-preferred: the 17 resolutions FluxKontextPipeline snaps to).")
+@click.option("--references", type=click.IntRange(1, 16), default=1, show_default=True,
+              help="References per request with --resolutions (each at the target's resolution).")
 @click.option("--backend", default="onnxruntime", show_default=True, help="onnxruntime | tensorrt | tensorrt-rtx")
 @click.option("--engine-dir", type=click.Path(file_okay=False), default=None,
               help="Output directory (default: engines/<model>-<shape>-<backend>).")
 @click.option("--onnx-dir", type=click.Path(file_okay=False), default=None,
-              help="Keep/reuse the exported portable ONNX graphs here (reused when model, shape and layers match).")
-@click.option("--policy", default=None, help="Token selection policy recorded for the runtime (default: the "
-                                            "measured best, see README).")
-@click.option("--tau", type=float, default=None, help="Record an adaptive tau default in the manifest.")
-@click.option("--force", is_flag=True, help="Replace an existing engine directory.")
+              help="Keep the exported ONNX graphs here and reuse them when model, settings and tool versions match "
+                   "(checked by hash).")
+@click.option("--policy", default=None, help="Token selection policy recorded as the runtime's default.")
+@click.option("--tau", type=float, default=None,
+              help="Adaptive default for `run` on these engines: keep tau of the influence, rounded up to a bucket.")
+@click.option("--dense-baseline/--no-dense-baseline", "dense", default=None,
+              help="Also build the plain dense model, the baseline of every reported speedup (default: on for "
+                   "onnxruntime, where it shares the weights file; off for TensorRT, where it is a second engine).")
+@click.option("--cfg/--no-cfg", "cfg", default=None,
+              help="Graphs for true classifier-free guidance (both branches batched). Default: when the model "
+                   "family guides with true CFG (Qwen-Image-Edit).")
+@click.option("--force", is_flag=True, help="Replace an existing engine directory made by topi-export.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
-              help="TensorRT precision (ONNX Runtime engines are fp32).")
+              help="Precision the weights are loaded and exported in (TensorRT; ONNX Runtime engines are fp32).")
 @click.option("--timing-cache", type=click.Path(dir_okay=False), default=None, help="TensorRT timing cache file.")
 @click.option("--optimization-level", type=click.IntRange(0, 5), default=3, show_default=True,
               help="TensorRT builder optimization level.")
@@ -33,34 +70,29 @@ from topi_export.commands.common import model_option
 @click.option("--compute-capability", "compute_capability", multiple=True,
               help="TensorRT-RTX ahead-of-time target, e.g. SM89 (repeatable).")
 @click.option("--no-plugins", is_flag=True, help="TensorRT: let the parser inline the topi function bodies.")
-@click.option("--build-dynamic-shape", is_flag=True, hidden=True)  # TensorRT demo users: explained, not silently ignored
-def cmd(model, ratio_buckets, calibration, inputs, target_grid, ref_grid, text_tokens, backend, engine_dir, onnx_dir,
-        policy, tau, force, precision, timing_cache, optimization_level, workspace, compute_capability, no_plugins,
-        build_dynamic_shape):
-    """Export anchor/pruned graphs with topi custom ops and build engines per ratio bucket."""
-    from topi_export.builder import build_engines
+@click.option("--strip-weights", is_flag=True, help="TensorRT: weight-stripped engine, refitted from the ONNX "
+                                                    "weights at load (the directory keeps the weights once, in ONNX).")
+@click.option("--build-dynamic-shape", is_flag=True, hidden=True)  # TensorRT demo users: explained, not ignored
+def cmd(model, ratio_buckets, calibration, inputs, target_grid, ref_grid, ref_grids, text_tokens, resolutions,
+        references, backend, engine_dir, onnx_dir, policy, tau, dense, cfg, force, precision, timing_cache,
+        optimization_level, workspace, compute_capability, no_plugins, strip_weights, build_dynamic_shape):
+    """Export topi (+ dense baseline) graphs with topi custom ops and build engines per shape and ratio bucket."""
+    from topi_export.builder import BuildPlan, build_engines
     from topi_export.errors import TopiError
-    from topi_export.models import Layout
-    from topi_export.runtime.inputs import parse_grid
+    from topi_export.method.selection import parse_buckets
 
     if build_dynamic_shape:
-        raise TopiError("--build-dynamic-shape is not supported: engines are static per shape except keep_idx "
-                        "(one profile per ratio bucket); build one engine directory per resolution instead")
-    layout = None
-    if target_grid or ref_grid or text_tokens:
-        if inputs:
-            raise TopiError("give either --inputs or --target-grid/--ref-grid/--text-tokens, not both")
-        if not target_grid:
-            raise TopiError("--ref-grid/--text-tokens need --target-grid HxW")
-        tg = parse_grid(target_grid, "--target-grid")
-        layout = Layout(text_tokens or 8, tg, parse_grid(ref_grid, "--ref-grid") if ref_grid else tg)
-    if backend == "onnxruntime" and precision != "fp32":
-        raise TopiError("ONNX Runtime engines are fp32: drop --precision or build --backend tensorrt")
-    options = {"precision": precision, "timing_cache": timing_cache, "optimization_level": optimization_level,
-               "workspace": workspace, "compute_capabilities": list(compute_capability), "plugins": not no_plugins}
-    out = build_engines(model=model, calibration=calibration, layout=layout, inputs=inputs,
-                        ratio_buckets=ratio_buckets, backend=backend, engine_dir=engine_dir, onnx_dir=onnx_dir,
-                        policy=policy, tau=tau, force=force, backend_options=options,
-                        echo=lambda s: click.echo(s, err=True))
+        raise TopiError("--build-dynamic-shape is not needed: the ONNX graphs have dynamic token dimensions, and "
+                        "TensorRT engines get one profile per (resolution, bucket); list resolutions with "
+                        "--resolutions WxH,WxH")
+    layouts = layouts_from_flags(inputs, target_grid, ref_grid, ref_grids, text_tokens, resolutions)
+    options = {"timing_cache": timing_cache, "optimization_level": optimization_level, "workspace": workspace,
+               "compute_capabilities": list(compute_capability), "plugins": not no_plugins,
+               "strip_weights": strip_weights}
+    plan = BuildPlan(model=model, layouts=layouts, buckets=parse_buckets(ratio_buckets), backend=backend,
+                     precision=precision, calibration=calibration, policy=policy, tau=tau, dense=dense, cfg=cfg,
+                     inputs=inputs, resolutions=resolutions, references=references, text_tokens=text_tokens,
+                     engine_dir=engine_dir, onnx_dir=onnx_dir, force=force, options=options)
+    out = build_engines(plan, echo=lambda s: click.echo(s, err=True))
     click.echo(f"engines -> {out}")
     click.echo(f"next: topi-export run --engine-dir {out} --compare")

@@ -37,28 +37,34 @@ def _table(result: dict, rows: int) -> str:
                    "Default: a seeded synthetic set.")
 @click.option("--samples", type=int, default=None, help="Synthetic set size when no --inputs.  [default: 4]")
 @click.option("--grid", default="8x8", show_default=True, help="Target token grid HxW of the synthetic set.")
-@click.option("--ref-grid", default=None, help="Reference token grid HxW of the synthetic set. Default: --grid.")
+@click.option("--ref-grid", default=None, help="Reference token grids HxW[,HxW...] of the synthetic set (several: "
+                                               "several references). Default: --grid.")
 @click.option("--text-tokens", type=int, default=8, show_default=True, help="Text tokens of the synthetic set.")
 @click.option("--timesteps", default="0.9,0.6,0.3", show_default=True,
               help="Noise levels t in (0, 1] at which x_t = (1-t) x0 + t noise is probed.")
-@click.option("--top-k", type=int, default=3, show_default=True, help="Number of pivotal layers.")
-@click.option("--update-interval", type=int, default=10, show_default=True,
+@click.option("--top-k", type=click.IntRange(1, 10_000), default=3, show_default=True,
+              help="Number of pivotal layers.")
+@click.option("--update-interval", type=click.IntRange(1, 1000), default=10, show_default=True,
               help="Update interval dT written to the profile (not measured; published: 10).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the synthetic set and the noise.")
+@click.option("--seed", type=click.IntRange(0, (1 << 63) - 1), default=0, show_default=True,
+              help="Seed of the synthetic set and the noise.")
 @click.option("--out", required=True, type=click.Path(), help="Profile JSON to write, e.g. calibration/NAME.json "
                                                               "(the plot goes next to it, same stem, .png).")
 @quiet_option
 def cmd(model, inputs, samples, grid, ref_grid, text_tokens, timesteps, top_k, update_interval, seed, out, quiet):
     """Measure each layer's context sensitivity; write the profile (pivotal layers, L0, dT) and a plot."""
     from topi_export.method.calibration import calibrate, describe_set, plot_profile, write_profile
+    from topi_export.commands.common import output_files
     from topi_export.models import load_model
-    from topi_export.runtime.inputs import load_inputs, parse_grid, synthetic_inputs
+    from topi_export.plan import Layout, parse_grid, parse_grids
+    from topi_export.runtime.inputs import load_inputs
 
     out = Path(out)
     if out.is_dir():
         raise TopiError(f"--out {out} is a directory: pass a file such as {out / 'profile.json'}")
     if out.suffix.lower() != ".json":
         raise TopiError(f"--out {out} must end in .json (the plot is written next to it as .png)")
+    output_files([out, out.with_suffix(".png")], protected=list(inputs) + [model])
     ts = _parse_timesteps(timesteps)
     if inputs and samples is not None:
         raise TopiError("give either --inputs (a calibration set from files) or --samples (a synthetic set), not both")
@@ -68,22 +74,25 @@ def cmd(model, inputs, samples, grid, ref_grid, text_tokens, timesteps, top_k, u
     if text_tokens < 1:
         raise TopiError(f"--text-tokens {text_tokens} must be >= 1")
     target_grid = parse_grid(grid, "--grid")
-    reference_grid = parse_grid(ref_grid, "--ref-grid") if ref_grid else target_grid
+    reference_grids = parse_grids(ref_grid, "--ref-grid") if ref_grid else (target_grid,)
     loaded = load_model(model)
-    adapter = loaded.adapter
+    adapter = loaded.family
     if not 1 <= top_k <= adapter.num_layers:
         raise TopiError(f"--top-k {top_k} is outside 1..{adapter.num_layers} (the model has {adapter.num_layers} "
                         f"layers)")
     if inputs:
         data = [load_inputs(p, adapter) for p in inputs]
     else:
-        data = [synthetic_inputs(adapter, seed + i, target_grid, reference_grid, text_tokens) for i in range(n_samples)]
+        layout = Layout(text_tokens, target_grid, reference_grids)
+        adapter.check_layout(layout)
+        data = [adapter.synthetic_inputs(layout, seed + i) for i in range(n_samples)]
     identity = loaded.identity()
-    click.echo(f"calibrating {identity['source']} ({adapter.num_layers} layers: {adapter.num_double} double + "
-               f"{adapter.num_layers - adapter.num_double} single) on {len(data)} sample(s) x {len(ts)} timestep(s)")
+    groups = " + ".join(f"{end - start} {name}" for name, start, end in adapter.layer_groups())
+    click.echo(f"calibrating {identity.source} ({adapter.num_layers} layers: {groups}) on {len(data)} sample(s) x "
+               f"{len(ts)} timestep(s)")
     result = calibrate(adapter, data, ts, top_k=top_k, progress=show_progress(quiet), seed=seed,
                        update_interval=update_interval)
-    argv = ["topi-export calibrate", "--model", str(identity["source"])]
+    argv = ["topi-export calibrate", "--model", str(identity.source)]
     if inputs:
         argv += [a for p in inputs for a in ("--inputs", str(p))]
     else:
@@ -94,7 +103,7 @@ def cmd(model, inputs, samples, grid, ref_grid, text_tokens, timesteps, top_k, u
     write_profile(out, result, identity, describe_set(data, ts, files=list(inputs), seed=seed),
                   command=" ".join(argv))
     png = out.with_suffix(".png")
-    plot_profile(png, result, title=f"{identity['source']}: context sensitivity ({len(data)} samples x "
+    plot_profile(png, result, title=f"{identity.source}: context sensitivity ({len(data)} samples x "
                                     f"{len(ts)} timesteps)")
     click.echo(_table(result, min(adapter.num_layers, max(5, top_k))))
     click.echo(f"pivotal layers {result['pivotal_layers']}, prune start L0 = {result['prune_start']}, "

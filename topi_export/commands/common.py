@@ -8,7 +8,9 @@ from pathlib import Path
 import click
 
 from topi_export.errors import TopiError
-from topi_export.fsutil import atomic_write_bytes  # noqa: F401  (re-exported for commands)
+from topi_export.fsutil import atomic_write_bytes, check_writable, refuse_overwrite  # noqa: F401
+
+MAX_SEED = (1 << 64) - 1
 
 
 class ManyValues(click.Option):
@@ -39,13 +41,19 @@ class ManyValues(click.Option):
 
 def model_option(f):
     return click.option("--model", default=None, metavar="NAME|PATH",
-                        help="Built-in model (kontext-digits, tiny-kontext, mid-kontext) or a local diffusers folder (transformer or pipeline). "
-                             "Default: the embedded model.")(f)
+                        help="Built-in model (flux2-pick, kontext-digits, tiny-kontext, tiny-flux2, tiny-qwen-edit, "
+                             "mid-*) or a local diffusers folder (transformer or pipeline). Default: the embedded "
+                             "model.")(f)
 
 
 def steps_option(f):
-    return click.option("--steps", "--denoising-steps", "steps", type=int, default=28, show_default=True,
-                        help="Denoising steps.")(f)
+    return click.option("--steps", "--denoising-steps", "steps", type=click.IntRange(1, 1000), default=28,
+                        show_default=True, help="Denoising steps (1..1000).")(f)
+
+
+def seed_option(f):
+    return click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
+                        help="Seed of the initial noise (0..2^64-1).")(f)
 
 
 def device_options(f):
@@ -63,8 +71,33 @@ def show_progress(quiet: bool) -> bool:
     return not quiet and sys.stderr.isatty()
 
 
+POLICY_HELP = ("Token selection policy (default: the engine directory's, else the package default); an unknown "
+               "name lists them all with what each does (README, Selection policies).")
+
+
+def output_files(paths, protected=()) -> None:
+    """Before any work: every output file can be written and overwrites nothing the run reads."""
+    for p in paths:
+        if p:
+            check_writable(p)
+            refuse_overwrite(p, [q for q in protected if q])
+
+
 def write_json(path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=_jsonable) + "\n").encode())
+    atomic_write_bytes(path, (json.dumps(strict_json(obj), indent=2, allow_nan=False, default=_jsonable) + "\n").encode())
+
+
+def strict_json(obj):
+    """Infinite PSNR (identical latents) -> null, so reports are strict JSON."""
+    import math
+
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
 
 
 def _jsonable(v):
@@ -81,6 +114,8 @@ def save_latents(path, latents) -> None:
     atomic_write_bytes(path, save({"latents": latents.contiguous()}))
 
 
-def check_choice(value, choices, what):
-    if value not in choices:
-        raise TopiError(f"unknown {what} {value!r}: choose one of {', '.join(choices)}")
+def parse_float_list(text: str, what: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in str(text).split(",") if v.strip())
+    except ValueError:
+        raise TopiError(f"bad {what} {text!r}: give comma-separated numbers, e.g. 0.5,0.7") from None

@@ -9,19 +9,18 @@ import click
               help="Engine directory from `topi-export build` (onnxruntime or tensorrt).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Model repository to write.")
 @click.option("--name", "name", default="topi", show_default=True,
-              help="Model-name prefix: <name>_anchor, <name>_pruned, <name>_loop.")
-@click.option("--max-batch-size", type=int, default=0, show_default=True,
-              help="Triton max_batch_size. The graphs are batch-1 static shapes, so only 0 is accepted.")
+              help="Model-name prefix: <name>_topi, <name>_dense (when built), <name>_loop.")
 @click.option("--instances", type=int, default=1, show_default=True, help="Instances per model (instance_group count).")
 @click.option("--kind", type=click.Choice(["gpu", "cpu"]), default="gpu", show_default=True,
-              help="Instance kind of the engine models (KIND_GPU / KIND_CPU); TensorRT needs gpu.")
-@click.option("--force", is_flag=True, help="Replace an existing --out directory.")
-def cmd(engine_dir, out, name, max_batch_size, instances, kind, force):
-    """Write a Triton model repository: anchor + pruned engine models and a BLS loop model."""
+              help="Instance kind of the engine models (KIND_GPU / KIND_CPU); TensorRT needs gpu. The loop model "
+                   "runs on the CPU.")
+@click.option("--force", is_flag=True, help="Replace an existing --out repository made by topi-export.")
+def cmd(engine_dir, out, name, instances, kind, force):
+    """Write a Triton model repository: the engine models and a BLS loop model."""
     from topi_export.serving.triton_repo import generate_repository
 
-    summary = generate_repository(engine_dir, out, name=name, max_batch_size=max_batch_size, instances=instances,
-                                  kind=kind, force=force, echo=lambda s: click.echo(s, err=True))
+    summary = generate_repository(engine_dir, out, name=name, instances=instances, kind=kind, force=force,
+                                  echo=lambda s: click.echo(s, err=True))
     click.echo(f"repository -> {summary['out']} (models: {', '.join(summary['models'])}; every config.pbtxt "
                f"validated against Triton's ModelConfig schema)")
     click.echo(f"next: pip install topi-export in Triton's Python backend environment, then "

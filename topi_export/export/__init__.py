@@ -1,2 +1,2 @@
-"""Export: the ``anchor`` and ``pruned`` ONNX graphs of a model at one shape (DESIGN §3)."""
-from topi_export.export.graphs import GRAPHS, export_graphs, graph_io  # noqa: F401
+"""Export: the ``topi`` and ``dense`` ONNX graphs of a model (docs/design.md, "Graphs")."""
+from topi_export.export.graphs import GRAPH_KINDS, example_feed, export_graphs, graph_tensors  # noqa: F401

@@ -1,5 +1,15 @@
-"""anchor: full sequence -> (velocity, influence over context). pruned: + keep_idx (dynamic length) ->
-velocity, gathering kept context tokens at L0. One pruned graph serves every ratio bucket."""
+"""Export (docs/design.md, "Graphs"): the ``topi`` graph and the ``dense`` baseline graph of a family, with dynamic
+token dimensions, sharing one weights file.
+
+topi:  latents [B,Nx,C], context [B,Nc,C], timestep [B], keep_idx [K], score_idx [Q], <family conditioning>
+       -> velocity [B,Nx,C_out], influence [B,K]
+       One graph serves every step: an anchor passes every context index and every target query (velocity and
+       influence over the full sequence); a pruned step passes the bucket's kept indices and one scored query (the
+       influence output is then a by-product of ~1/Nx of the anchor's scoring work); the unpruned in-engine step
+       passes every index and one query. So a deployment holds the weights once.
+dense: latents, context, timestep, <family conditioning> -> velocity: the same model with no topi ops, no gather
+       (the plain model a user would otherwise deploy; every reported speedup is against it).
+"""
 from __future__ import annotations
 
 import logging
@@ -9,54 +19,90 @@ from pathlib import Path
 import onnx
 import torch
 
-from topi_export.models import kontext_ids
+from topi_export.plan import GraphEntry, GraphTensor, Layout, MethodSettings
 
-GRAPHS = ("anchor", "pruned")
-EXTERNAL_DATA_BYTES = 1_800_000_000  # below protobuf's 2 GB limit, with headroom for the graph itself
+GRAPH_KINDS = ("topi", "dense")
+WEIGHTS_FILE = "weights.data"
+STATIC_DIMS = set()
+INLINE_BYTES = 1 << 20  # initializers at least this large go to the shared weights file
+
+
+def graph_tensors(family, kind: str) -> tuple[tuple[GraphTensor, ...], tuple[GraphTensor, ...]]:
+    c_in, c_out = family.in_channels, family.out_channels
+    inputs = [GraphTensor("latents", ("B", "Nx", c_in), "float32"), GraphTensor("context", ("B", "Nc", c_in), "float32"),
+              GraphTensor("timestep", ("B",), "float32")]
+    outputs = [GraphTensor("velocity", ("B", "Nx", c_out), "float32")]
+    if kind == "topi":
+        inputs += [GraphTensor("keep_idx", ("K",), "int64"), GraphTensor("score_idx", ("Q",), "int64")]
+        outputs.append(GraphTensor("influence", ("B", "K"), "float32"))
+    return tuple(inputs) + tuple(family.graph_inputs()), tuple(outputs)
+
+
+def example_feed(family, inputs, layout: Layout, kind: str, *, keep: int | None = None, queries: int | None = None,
+                 batch: int | None = None) -> dict:
+    """Graph inputs (name -> tensor) for a request: latents from its noise, every context index unless `keep`."""
+    cond = family.conditioning(inputs, layout)
+    b = batch or family.batch(inputs)
+    gen = torch.Generator().manual_seed(0)
+    feed = {"latents": torch.randn(b, layout.num_target, family.in_channels, generator=gen),
+            "context": inputs.reference_latents.float().expand(b, -1, -1).contiguous(),
+            "timestep": torch.full((b,), 0.5)}
+    if kind == "topi":
+        nc = layout.num_ctx
+        feed["keep_idx"] = torch.arange(nc) if keep is None else torch.linspace(0, nc - 1, keep).round().long()
+        feed["score_idx"] = torch.arange(layout.num_target if queries is None else queries)
+    tensors = graph_tensors(family, kind)[0]
+    for t in tensors:
+        v = cond.get(t.name)
+        if v is not None:  # branches batched: conditioning with a batch dim must match the latents'
+            feed[t.name] = v.expand(b, *v.shape[1:]).contiguous() if t.dims[:1] == ("B",) and v.shape[0] != b else v
+    return {t.name: feed[t.name] for t in tensors}
 
 
 class _Graph(torch.nn.Module):
-    def __init__(self, adapter, layout, settings, kind):
+    def __init__(self, family, settings: MethodSettings, kind: str, names):
         super().__init__()
-        self.model = adapter.model  # registered so parameters become initializers
-        self.adapter, self.kind = adapter, kind
-        self.num_target = layout.num_target
-        self.pivotal = tuple(settings["pivotal_layers"])
-        self.prune_start = int(settings["prune_start"])
+        self.model = family.model  # registered so the parameters become initializers (same names in both graphs)
+        self.family, self.kind, self.names = family, kind, list(names)
+        self.pivotal, self.prune_start = tuple(settings.pivotal_layers), int(settings.prune_start)
 
-    def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids,
-                guidance=None, keep_idx=None):
-        kw = dict(num_target=self.num_target, rope_fp32=True)
-        if self.kind == "anchor":
-            velocity, influence = self.adapter.forward(hidden_states, encoder_hidden_states, pooled_projections,
-                                                       timestep, img_ids, txt_ids, guidance,
-                                                       influence_layers=self.pivotal, **kw)
-            return velocity, influence
-        velocity, _ = self.adapter.forward(hidden_states, encoder_hidden_states, pooled_projections, timestep,
-                                           img_ids, txt_ids, guidance, keep_idx=keep_idx,
-                                           prune_layer=self.prune_start, **kw)
-        return velocity
+    def run(self, latents, context, timestep, keep_idx=None, score_idx=None, **cond):
+        if self.kind == "dense":
+            velocity, _ = self.family.forward(latents, context, timestep, cond)
+            return velocity.float()
+        velocity, influence = self.family.forward(latents, context, timestep, cond, keep_idx=keep_idx,
+                                                  score_idx=score_idx, prune_start=self.prune_start,
+                                                  influence_layers=self.pivotal)
+        return velocity.float(), influence.float()
 
 
-def graph_io(adapter, layout, kind: str):
-    """Example inputs (name -> tensor) and output names of a graph at this layout."""
-    txt_ids, img_ids = kontext_ids(layout)
-    gen = torch.Generator().manual_seed(0)
-    c = adapter.in_channels
-    inputs = {
-        "hidden_states": torch.randn(1, layout.num_target + layout.num_ctx, c, generator=gen),
-        "encoder_hidden_states": torch.randn(1, layout.text_tokens, adapter.text_dim, generator=gen),
-        "pooled_projections": torch.randn(1, adapter.pooled_dim, generator=gen),
-        "timestep": torch.tensor([0.5]),
-        "img_ids": img_ids,
-        "txt_ids": txt_ids,
-    }
-    if adapter.guidance_embeds:
-        inputs["guidance"] = torch.tensor([2.5])
-    if kind == "pruned":
-        inputs["keep_idx"] = torch.arange(0, layout.num_ctx, 2)
-    outputs = ["velocity", "influence"] if kind == "anchor" else ["velocity"]
-    return inputs, outputs
+def graph_module(family, settings: MethodSettings, kind: str, names) -> torch.nn.Module:
+    """A module whose forward takes exactly the graph's input names (torch.export binds inputs by signature)."""
+    import inspect
+
+    def forward(self, *args, **kwargs):
+        return self.run(**dict(zip(self.names, args)), **kwargs)
+
+    param = inspect.Parameter
+    forward.__signature__ = inspect.Signature(
+        [param("self", param.POSITIONAL_OR_KEYWORD)] + [param(n, param.POSITIONAL_OR_KEYWORD) for n in names])
+    cls = type(f"{kind.capitalize()}Graph", (_Graph,), {"forward": forward})
+    return cls(family, settings, kind, names).eval()
+
+
+def _dynamic_shapes(feed: dict, tensors) -> dict:
+    from torch.export import Dim
+
+    dims = {}
+    for t in tensors:
+        if t.name not in feed:
+            continue
+        spec = {}
+        for axis, d in enumerate(t.dims):
+            if isinstance(d, str) and d not in STATIC_DIMS:
+                spec[axis] = Dim.AUTO
+        dims[t.name] = spec or None
+    return dims
 
 
 def cast_double_to_float(model: onnx.ModelProto) -> int:
@@ -68,7 +114,7 @@ def cast_double_to_float(model: onnx.ModelProto) -> int:
     def fix_graph(graph):
         nonlocal changed
         for init in graph.initializer:
-            if init.data_type == TensorProto.DOUBLE:
+            if init.data_type == TensorProto.DOUBLE and not init.external_data:
                 init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype("float32"), init.name))
                 changed += 1
         for node in graph.node:
@@ -91,50 +137,133 @@ def cast_double_to_float(model: onnx.ModelProto) -> int:
     return changed
 
 
-def save_model(model: onnx.ModelProto, path: Path) -> None:
-    size = sum(len(t.raw_data) for t in model.graph.initializer)
-    if size > EXTERNAL_DATA_BYTES:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data", size_threshold=1024)
-    else:
-        onnx.save_model(model, str(path))
+def export_graph(family, settings: MethodSettings, inputs, layout: Layout, kind: str, path: Path) -> GraphEntry:
+    """Export one graph to `path` (+ `path`.data with its large initializers), streaming the weights from the
+    model (no second copy in memory); then add the topi function bodies and check it."""
+    from topi_export.ops.onnx import attach_functions, register_schemas, translation_table
 
-
-def export_graph(adapter, layout, settings, kind: str, path: Path) -> dict:
-    from topi_export.ops.onnx import attach_functions, translation_table
-
-    inputs, outputs = graph_io(adapter, layout, kind)
-    dynamic = {name: None for name in inputs}
-    if kind == "pruned":
-        dynamic["keep_idx"] = {0: torch.export.Dim("keep", min=1, max=layout.num_ctx)}
-    module = _Graph(adapter, layout, settings, kind).eval()
+    register_schemas()
+    in_t, out_t = graph_tensors(family, kind)
+    # non-trivial example sizes so export does not specialise a dimension to 1
+    feed = example_feed(family, inputs, layout, kind, keep=max(2, layout.num_ctx - 1) if kind == "topi" else None,
+                        queries=max(2, layout.num_target - 1), batch=2)
+    module = graph_module(family, settings, kind, list(feed))
+    out_names = [t.name for t in out_t]
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-        program = torch.onnx.export(module, (), kwargs=inputs, dynamo=True, dynamic_shapes=dynamic,
-                                    input_names=list(inputs), output_names=outputs,
-                                    custom_translation_table=translation_table(), verbose=False,
-                                    optimize=True)
-    model = program.model_proto
+        program = torch.onnx.export(module, (), kwargs=feed, dynamo=True, dynamic_shapes=_dynamic_shapes(feed, in_t),
+                                    input_names=list(feed), output_names=out_names,
+                                    custom_translation_table=translation_table(), verbose=False, optimize=True)
+    path = Path(path)
+    program.save(str(path), external_data=True)
+    del program
+    model = onnx.load(str(path), load_external_data=False)
     attach_functions(model)
-    casts = cast_double_to_float(model)
+    cast_double_to_float(model)
     model.producer_name = "topi-export"
-    save_model(model, path)
-    onnx.checker.check_model(str(path), full_check=True)
-    return {"inputs": {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")}
-                       for k, v in inputs.items()},
-            "outputs": outputs, "double_casts_fixed": casts}
+    onnx.save_model(model, str(path))
+    onnx.checker.check_model(str(path), full_check=False)
+    return GraphEntry(file=path.name, inputs=in_t, outputs=out_t, onnx=path.name)
 
 
-def export_graphs(adapter, layout, settings, out_dir, progress=None) -> dict:
-    from topi_export.ops.onnx import register_schemas
+def _external(init) -> dict:
+    return {e.key: e.value for e in init.external_data}
 
-    register_schemas()
+
+def share_weights(out_dir: Path, graph_files: list[str]) -> dict:
+    """Make every graph read its initializers from ONE file, ``weights.data``: the first graph's data file is
+    renamed to it (no copy); an initializer of a later graph whose bytes are already there (same parameter, or the
+    same folded constant under another name) points into it; the rest is appended. Returns {"file", "bytes"}."""
+    import hashlib
+    import os
+
+    out_dir = Path(out_dir)
+    target = out_dir / WEIGHTS_FILE
+    index = {}  # (sha256 of the bytes, length) -> offset in weights.data
+
+    def digest(f, offset, length):
+        f.seek(offset)
+        h = hashlib.sha256()
+        left = length
+        while left > 0:
+            chunk = f.read(min(1 << 24, left))
+            if not chunk:
+                raise OSError("external data file is shorter than its initializers say")
+            h.update(chunk)
+            left -= len(chunk)
+        return h.hexdigest(), length
+
+    for i, name in enumerate(graph_files):
+        path = out_dir / name
+        model = onnx.load(str(path), load_external_data=False)
+        ext_inits = [t for t in _all_initializers(model.graph) if t.data_location == onnx.TensorProto.EXTERNAL]
+        locations = {_external(t)["location"] for t in ext_inits}
+        if i == 0 and len(locations) == 1:  # the first graph's file becomes the shared one as it is
+            os.replace(out_dir / locations.pop(), target)
+            with open(target, "rb") as f:
+                for t in ext_inits:
+                    ext = _external(t)
+                    off, length = int(ext.get("offset", 0)), int(ext["length"])
+                    index.setdefault(digest(f, off, length), off)
+                    _set_external(t, off, length)
+        else:
+            sources = {}
+            with open(target, "ab") as dst:
+                for t in ext_inits:
+                    ext = _external(t)
+                    loc, off, length = ext["location"], int(ext.get("offset", 0)), int(ext["length"])
+                    src = sources.setdefault(loc, open(out_dir / loc, "rb"))
+                    key = digest(src, off, length)
+                    if key not in index:
+                        src.seek(off)
+                        index[key] = dst.tell()
+                        _copy(src, dst, length)
+                    _set_external(t, index[key], length)
+            for loc, f in sources.items():
+                f.close()
+                if loc != WEIGHTS_FILE:
+                    (out_dir / loc).unlink(missing_ok=True)
+        onnx.save_model(model, str(path))
+    if not target.exists():
+        target.write_bytes(b"")
+    return {"file": WEIGHTS_FILE, "bytes": target.stat().st_size}
+
+
+def _set_external(init, offset: int, length: int) -> None:
+    del init.external_data[:]
+    for k, v in (("location", WEIGHTS_FILE), ("offset", str(offset)), ("length", str(length))):
+        e = init.external_data.add()
+        e.key, e.value = k, v
+
+
+def _copy(src, dst, length: int, chunk: int = 1 << 24) -> None:
+    while length > 0:
+        data = src.read(min(chunk, length))
+        if not data:
+            raise OSError("external data file is shorter than its initializers say")
+        dst.write(data)
+        length -= len(data)
+
+
+def _all_initializers(graph):
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _all_initializers(attr.g)
+
+
+def export_graphs(family, settings: MethodSettings, inputs, layout: Layout, out_dir, *, dense: bool = True,
+                  progress=None) -> tuple[dict, dict]:
+    """Export the topi (and dense) graphs into out_dir with one shared weights file.
+    Returns ({kind: GraphEntry}, weights info)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    info = {}
-    for kind in GRAPHS:
+    graphs = {}
+    for kind in GRAPH_KINDS if dense else ("topi",):
         if progress:
             progress(f"export {kind} graph")
-        info[kind] = export_graph(adapter, layout, settings, kind, out_dir / f"{kind}.onnx")
-    return info
+        graphs[kind] = export_graph(family, settings, inputs, layout, kind, out_dir / f"{kind}.onnx")
+    weights = share_weights(out_dir, [g.file for g in graphs.values()])
+    return graphs, weights

@@ -1,4 +1,4 @@
-"""Offline calibration (DESIGN §2.1): per-layer context sensitivity -> pivotal layers, prune start L0, dT.
+"""Offline calibration (docs/design.md, "The method"): per-layer context sensitivity -> pivotal layers, prune start L0, dT.
 
 Sensitivity of layer l on one (sample, timestep t):
 
@@ -19,7 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from topi_export.errors import TopiError
-from topi_export.method.defaults import PUBLISHED_DEPTH, PUBLISHED_PRUNE_START, PUBLISHED_UPDATE_INTERVAL
+
+# The FLUX.1 Kontext published setting the rules are anchored to (ToPi paper): L0 = 10 of 57 layers, dT = 10.
+PUBLISHED_DEPTH, PUBLISHED_PRUNE_START, PUBLISHED_UPDATE_INTERVAL = 57, 10, 10
 
 DEFAULT_TIMESTEPS = (0.9, 0.6, 0.3)
 DEFAULT_TOP_K = 3
@@ -53,14 +55,14 @@ def check_timesteps(timesteps) -> list[float]:
 
 
 def clean_latents(inputs) -> torch.Tensor:
-    """x0 of a calibration sample: its target_latents, else its reference latents on the target grid."""
+    """x0 of a calibration sample: its target_latents, else its first reference's latents on the target grid."""
     if inputs.target_latents is not None:
         return inputs.target_latents.float()
-    ref = inputs.reference_latents.float()
     layout = inputs.layout
-    if tuple(layout.ref_grid) == tuple(layout.target_grid):
+    ref = inputs.references()[0].float()
+    if tuple(layout.ref_grids[0]) == tuple(layout.target_grid):
         return ref
-    rh, rw = layout.ref_grid
+    rh, rw = layout.ref_grids[0]
     img = ref[0].T.reshape(1, -1, rh, rw)
     img = F.interpolate(img, size=tuple(layout.target_grid), mode="bilinear", align_corners=False)
     return img.reshape(1, img.shape[1], -1).transpose(1, 2).contiguous()
@@ -84,26 +86,30 @@ def prune_start_rule(mean, pivotal, fraction: float = PRUNE_START_FRACTION) -> i
     return max(1, min(n - 1, l0))
 
 
-def calibrate(adapter, samples, timesteps=DEFAULT_TIMESTEPS, top_k: int = DEFAULT_TOP_K, progress: bool = False, *,
+def positive_branch(family, cond: dict) -> dict:
+    """The conditioning of the first (positive) guidance branch: calibration measures the prompt's own pass."""
+    batched = {t.name for t in family.graph_inputs() if t.dims[:1] == ("B",)}
+    return {k: (v[:1] if k in batched else v) for k, v in cond.items()}
+
+
+def calibrate(family, samples, timesteps=DEFAULT_TIMESTEPS, top_k: int = DEFAULT_TOP_K, progress: bool = False, *,
               seed: int = 0, update_interval: int = PUBLISHED_UPDATE_INTERVAL) -> dict:
     """Measure every layer's context sensitivity over samples x timesteps; pick pivotal layers, L0, dT.
 
-    samples: ``Inputs`` (runtime.inputs); a sample without ``noise`` draws it from seed + its index.
-    Deterministic for fixed samples and seed.
+    family: a models.base.Family with weights; samples: ``Inputs``; a sample without ``noise`` draws it from
+    seed + its index. Deterministic for fixed samples and seed.
     """
     from tqdm import tqdm
 
-    from topi_export.models import kontext_ids
-
     samples = list(samples)
     timesteps = check_timesteps(timesteps)
-    n_layers = adapter.num_layers
+    n_layers = family.num_layers
     if not samples:
         raise TopiError("empty calibration set: pass --inputs FILE or --samples N >= 1")
     if not 1 <= int(top_k) <= n_layers:
         raise TopiError(f"--top-k {top_k} is outside 1..{n_layers} (the model has {n_layers} layers)")
-    if int(update_interval) < 1:
-        raise TopiError(f"--update-interval {update_interval} must be >= 1 (published: {PUBLISHED_UPDATE_INTERVAL})")
+    if not 1 <= int(update_interval) <= 1000:
+        raise TopiError(f"--update-interval {update_interval} is outside 1..1000 (published: {PUBLISHED_UPDATE_INTERVAL})")
     top_k = int(top_k)
     values = torch.zeros(len(samples), len(timesteps), n_layers, dtype=torch.float64)
     total = len(samples) * len(timesteps) * (n_layers + 1)
@@ -111,19 +117,16 @@ def calibrate(adapter, samples, timesteps=DEFAULT_TIMESTEPS, top_k: int = DEFAUL
     with torch.inference_mode(), tqdm(total=total, desc="calibrate", unit="pass", disable=not progress,
                                       leave=False) as bar:
         for i, s in enumerate(samples):
-            txt_ids, img_ids = kontext_ids(s.layout)
+            cond = positive_branch(family, family.conditioning(s, s.layout))
             x0 = clean_latents(s)
             noise = s.noise.float() if s.noise is not None else s.initial_noise(seed + i)
-            guidance = s.guidance_tensor() if adapter.guidance_embeds else None
-            num_target = s.layout.num_target
+            context = s.reference_latents.float()
             for j, t in enumerate(timesteps):
                 xt = (1.0 - t) * x0 + t * noise
-                hidden = torch.cat([xt, s.reference_latents.float()], dim=1)
                 timestep = torch.tensor([t], dtype=torch.float32)
 
                 def velocity(drop=None):
-                    v, _ = adapter.forward(hidden, s.prompt_embeds, s.pooled_prompt_embeds, timestep, img_ids,
-                                           txt_ids, guidance, num_target=num_target, drop_context_layer=drop)
+                    v, _ = family.forward(xt, context, timestep, cond, drop_context_layer=drop)
                     bar.update(1)
                     return v.double()
 
@@ -143,8 +146,8 @@ def calibrate(adapter, samples, timesteps=DEFAULT_TIMESTEPS, top_k: int = DEFAUL
     mean_l, std_l = [float(v) for v in mean], [float(v) for v in std]
     return {
         "num_layers": n_layers,
-        "num_double": adapter.num_double,
-        "layer_names": [adapter.layer_name(layer) for layer in range(n_layers)],
+        "layer_groups": [list(g) for g in family.layer_groups()],
+        "layer_names": [family.layer_name(layer) for layer in range(n_layers)],
         "timesteps": timesteps,
         "num_samples": len(samples),
         "mean": mean_l,
@@ -185,21 +188,21 @@ def describe_set(samples, timesteps, *, files=None, seed=0) -> dict:
         description = f"synthetic seeded set, seed {seed}, {len(samples)} samples"
     return {"description": description, "files": [str(f) for f in files] if files else None, "seed": seed,
             "num_samples": len(samples),
-            "samples": [{"source": s.source, "text_tokens": s.layout.text_tokens,
-                         "target_grid": list(s.layout.target_grid), "reference_grid": list(s.layout.ref_grid),
+            "samples": [{"source": s.source, **s.layout.to_json(),
                          "x0": "target_latents" if s.target_latents is not None else "reference_latents"}
                         for s in samples],
             "timesteps": [float(t) for t in timesteps]}
 
 
-def build_profile(result: dict, identity: dict, calibration_set: dict, *, command: str | None = None) -> dict:
-    from topi_export.runtime.settings import PROFILE_SCHEMA
+def build_profile(result: dict, identity, calibration_set: dict, *, command: str | None = None) -> dict:
+    """The profile JSON (plan/profile.py schema) of a calibration result; identity: plan.ModelIdentity."""
+    from topi_export.plan.profile import SCHEMA
 
     return {
-        "schema": PROFILE_SCHEMA,
-        "model": {"class": identity["class"], "config_hash": identity["config_hash"],
-                  "weights_hash": identity["weights_hash"], "num_layers": identity["num_layers"],
-                  "num_double": identity["num_double"], "source": str(identity["source"])},
+        "schema": SCHEMA,
+        "model": {"class": identity.model_class, "family": identity.family, "config_hash": identity.config_hash,
+                  "weights_hash": identity.weights_hash, "num_layers": identity.num_layers,
+                  "layer_groups": result["layer_groups"], "source": str(identity.source)},
         "pivotal_layers": [int(v) for v in result["pivotal_layers"]],
         "prune_start": int(result["prune_start"]),
         "update_interval": int(result["update_interval"]),
@@ -214,12 +217,14 @@ def build_profile(result: dict, identity: dict, calibration_set: dict, *, comman
     }
 
 
-def write_profile(path, result: dict, identity: dict, calibration_set: dict, *, command: str | None = None) -> dict:
+def write_profile(path, result: dict, identity, calibration_set: dict, *, command: str | None = None) -> dict:
     """Write the versioned profile JSON atomically; returns the profile."""
-    from topi_export.commands.common import write_json
+    import json
+
+    from topi_export.fsutil import atomic_write_bytes
 
     profile = build_profile(result, identity, calibration_set, command=command)
-    write_json(path, profile)
+    atomic_write_bytes(path, (json.dumps(profile, indent=2) + "\n").encode())
     return profile
 
 
@@ -228,19 +233,21 @@ def plot_profile(path_png, result: dict, title: str | None = None) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from topi_export.commands.common import atomic_write_bytes
+    from topi_export.fsutil import atomic_write_bytes
 
     mean, std = result["mean"], result["std"]
     n = len(mean)
     pivotal = set(result["pivotal_layers"])
     l0 = result["prune_start"]
-    n_double = result.get("num_double", 0)
+    groups = result.get("layer_groups") or [["layer", 0, n]]
     fig = Figure(figsize=(max(6.0, 0.18 * n + 2), 3.6), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     from matplotlib.patches import Patch
 
-    colors = ["tab:blue" if layer < n_double else "tab:cyan" for layer in range(n)]
+    palette = ["tab:blue", "tab:cyan", "tab:green", "tab:olive"]
+    colors = [palette[next(gi for gi, g in enumerate(groups) if g[1] <= layer < g[2]) % len(palette)]
+              for layer in range(n)]
     bars = ax.bar(range(n), mean, yerr=std, color=colors, capsize=2 if n <= 60 else 0, error_kw={"elinewidth": 0.8})
     for layer, bar in enumerate(bars):
         if layer in pivotal:  # highlighted, stream colour kept
@@ -249,11 +256,11 @@ def plot_profile(path_png, result: dict, title: str | None = None) -> None:
             bar.set_hatch("//")
     l0_line = ax.axvline(l0 - 0.5, color="black", linestyle="--", linewidth=1,
                          label=f"prune start L0 = {l0} (layers < L0 see all context)")
-    if 0 < n_double < n:
-        ax.axvline(n_double - 0.5, color="grey", linestyle=":", linewidth=0.8)
+    for g in groups[1:]:
+        ax.axvline(g[1] - 0.5, color="grey", linestyle=":", linewidth=0.8)
     ymax = max((m + s for m, s in zip(mean, std)), default=0.0)
     ax.set_ylim(0, 1.45 * ymax if ymax > 0 else 1.0)  # headroom for the legend
-    ax.legend(handles=[Patch(color="tab:blue", label="double-stream"), Patch(color="tab:cyan", label="single-stream"),
+    ax.legend(handles=[Patch(color=palette[gi % len(palette)], label=g[0]) for gi, g in enumerate(groups)] + [
                        Patch(facecolor="white", edgecolor="tab:red", hatch="//", linewidth=2,
                              label=f"pivotal {sorted(pivotal)}"), l0_line], fontsize=7, loc="upper right", ncol=2)
     ax.set_xlabel("layer")

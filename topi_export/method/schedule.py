@@ -1,26 +1,96 @@
-"""Temporal schedule (DESIGN §2.5): anchor steps at 0, dT, 2dT, ... run the full sequence and re-score;
-every other step runs pruned with the latest kept set. The plan is shared by every backend."""
+"""The temporal controller (docs/design.md, "The method" and "Runtime"): the one place that decides, for every denoising
+step, whether it is an anchor (full sequence, re-score influence, choose the kept set) or a pruned step (the latest
+kept set, at its bucket). The denoising loop, the diffusers drop-ins and the Triton loop model all use it; backends
+only execute the steps it plans."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from topi_export.errors import TopiError
+
+MAX_STEPS = 1000  # documented limit of --steps (README): more is a typo, and each step is a full model call
 
 
 @dataclass(frozen=True)
 class StepPlan:
     step: int
-    kind: str  # "anchor" | "pruned"
-    anchor: int  # the anchor step whose influence this step uses
+    kind: str  # "anchor" | "pruned" | "full" (the unpruned baseline)
+    anchor: int  # the anchor step whose kept set this step uses
+    keep_idx: torch.Tensor | None = None  # None: every context token
+    ratio: float = 0.0
+    keep: int = 0
+
+
+def check_steps(num_steps: int) -> int:
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 1 <= num_steps <= MAX_STEPS:
+        raise TopiError(f"--steps {num_steps} is outside 1..{MAX_STEPS}")
+    return num_steps
+
+
+def check_update_interval(update_interval: int) -> int:
+    if isinstance(update_interval, bool) or not isinstance(update_interval, int) or not 1 <= update_interval <= MAX_STEPS:
+        raise TopiError(f"--update-interval {update_interval} is outside 1..{MAX_STEPS} (steps between anchor "
+                        f"re-scorings)")
+    return update_interval
 
 
 def make_plan(num_steps: int, update_interval: int) -> list[StepPlan]:
-    if num_steps < 1:
-        raise TopiError(f"--steps {num_steps} must be >= 1")
-    if update_interval < 1:
-        raise TopiError(f"--update-interval {update_interval} must be >= 1 (steps between anchor re-scorings)")
-    plan = []
-    for step in range(num_steps):
-        anchor = step - step % update_interval
-        plan.append(StepPlan(step, "anchor" if step == anchor else "pruned", anchor))
-    return plan
+    """Anchor steps at 0, dT, 2dT, ...; every other step pruned (the kind only; kept sets come at run time)."""
+    check_steps(num_steps)
+    check_update_interval(update_interval)
+    return [StepPlan(s, "anchor" if s % update_interval == 0 else "pruned", s - s % update_interval)
+            for s in range(num_steps)]
+
+
+class TemporalController:
+    """Plans step after step. ``selector`` None plans the unpruned baseline (every step "full").
+
+    Usage: ``plan = c.plan(step)``; run it; for an anchor call ``c.observe(step, influence)`` with the positive
+    branch's influence over every context token [Nc]; that fixes the kept set of the following pruned steps. A step
+    may be planned again (the second guidance branch of a diffusers pipeline) without re-scoring."""
+
+    def __init__(self, selector, update_interval: int, num_ctx: int, grids=None):
+        self.selector, self.num_ctx = selector, int(num_ctx)
+        self.update_interval = check_update_interval(int(update_interval))
+        self.grids = tuple(grids) if grids else ((1, self.num_ctx),)
+        self.keep_idx, self.ratio, self.keep = None, 0.0, self.num_ctx
+        self.kept = {}  # anchor step -> kept indices (None = all)
+        self.anchor_info = {}  # anchor step -> what observe() returned
+
+    def plan(self, step: int) -> StepPlan:
+        anchor = step - step % self.update_interval
+        if self.selector is None:
+            return StepPlan(step, "full", anchor, None, 0.0, self.num_ctx)
+        if step == anchor:
+            return StepPlan(step, "anchor", anchor, None, 0.0, self.num_ctx)
+        if anchor not in self.kept:
+            raise TopiError(f"step {step} was planned before its anchor step {anchor} observed influence")
+        return StepPlan(step, "pruned", anchor, self.keep_idx, self.ratio, self.keep)
+
+    def observe(self, step: int, influence: torch.Tensor) -> dict:
+        """An anchor's influence [Nc] -> the kept set of the next pruned steps. Returns the anchor's record."""
+        from topi_export.method.selection import kept_mass
+
+        influence = influence.detach().float().cpu().reshape(-1)
+        if influence.numel() != self.num_ctx:
+            raise TopiError(f"anchor step {step} returned influence for {influence.numel()} context tokens, expected "
+                            f"{self.num_ctx}: the engine does not match the request")
+        if not torch.isfinite(influence).all():
+            raise TopiError(f"influence at step {step} is not finite: the model produced NaN/Inf; check the inputs "
+                            f"and weights")
+        self.keep_idx, self.ratio, self.keep = self.selector.select(influence, step)
+        self.kept[step] = None if self.keep_idx is None else self.keep_idx.tolist()
+        info = {"kept_influence": 1.0 if self.keep_idx is None else kept_mass(influence, self.keep_idx),
+                "selected_keep": self.keep, "selected_per_reference": self.keep_per_reference(self.keep_idx)}
+        self.anchor_info[step] = info
+        return info
+
+    def keep_per_reference(self, idx=None) -> list[int]:
+        """Kept tokens per reference for indices idx (None: every token)."""
+        from topi_export.method.selection import keep_per_reference
+
+        if idx is None:
+            return [h * w for h, w in self.grids]
+        return keep_per_reference(idx, self.grids)

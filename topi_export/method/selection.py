@@ -1,14 +1,20 @@
-"""Selection (DESIGN §2.3): fixed ratio r keeps ceil((1-r)|C|) tokens; adaptive tau keeps the smallest
-set reaching tau of the total influence, rounded UP to a compiled bucket (or everything). Policies decide
-WHICH tokens fill a keep count; all rank by the same influence scores except the baselines."""
+"""Selection (docs/design.md, "The method"): fixed ratio r keeps ceil((1-r)|C|) tokens; adaptive tau keeps the smallest
+set reaching tau of the total influence, rounded UP to a compiled bucket (or everything), and the kept set
+holds at least tau of the influence mass whatever the policy. Policies decide WHICH tokens fill a keep count.
+
+The context C is the concatenation of one or more references, each a token grid (H_i x W_i, raster order,
+references in order): ``grids``. Callers that know no grid pass ``((1, Nc),)``."""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from topi_export.errors import TopiError
+
+Grids = tuple[tuple[int, int], ...]
 
 
 def validate_ratio(ratio: float, what: str = "ratio") -> float:
@@ -19,8 +25,24 @@ def validate_ratio(ratio: float, what: str = "ratio") -> float:
     return ratio
 
 
-def parse_buckets(text) -> tuple[float, ...]:
-    """'0.3,0.5' -> (0.3, 0.5); each in (0,1), ascending, no duplicates."""
+def keep_count(ratio: float, num_ctx: int) -> int:
+    # round() guards float noise such as (1-0.3)*10 = 6.999999999999999 -> 7 -> ceil stays 7
+    return max(1, math.ceil(round((1.0 - ratio) * num_ctx, 9)))
+
+
+def check_bucket_keeps(ratios, num_ctx: int) -> None:
+    """Engines are compiled per keep count: two buckets with the same count are one engine twice."""
+    seen: dict[int, float] = {}
+    for r in ratios:
+        k = keep_count(r, num_ctx)
+        if k in seen:
+            raise TopiError(f"ratio buckets {seen[k]:g} and {r:g} both keep {k} of {num_ctx} context tokens: "
+                            f"drop one or space the buckets further apart")
+        seen[k] = r
+
+
+def parse_buckets(text, num_ctx: int | None = None) -> tuple[float, ...]:
+    """'0.3,0.5' -> (0.3, 0.5); each in (0,1), ascending, no duplicates; with num_ctx, distinct keep counts."""
     if isinstance(text, str):
         parts = [p.strip() for p in text.split(",") if p.strip()]
         try:
@@ -39,17 +61,18 @@ def parse_buckets(text) -> tuple[float, ...]:
     if values != sorted(values):
         raise TopiError(f"ratio buckets {values} are not ascending: write them sorted, e.g. "
                         f"{','.join(str(v) for v in sorted(values))}")
+    if num_ctx is not None:
+        check_bucket_keeps(values, num_ctx)
     return tuple(values)
 
 
-def keep_count(ratio: float, num_ctx: int) -> int:
-    # round() guards float noise such as (1-0.3)*10 = 6.999999999999999 -> 7 -> ceil stays 7
-    return max(1, math.ceil(round((1.0 - ratio) * num_ctx, 9)))
+def _mass(influence: torch.Tensor) -> torch.Tensor:
+    return influence.detach().double().flatten().clamp_min(0)
 
 
 def tau_keep_count(influence: torch.Tensor, tau: float) -> int:
-    """Smallest m with sum of the m largest influences >= tau * total."""
-    values = influence.double().flatten().sort(descending=True).values.clamp_min(0)
+    """Smallest m with sum of the m largest influences >= tau * total (negative influence counts as 0)."""
+    values = _mass(influence).sort(descending=True).values
     total = values.sum()
     if total <= 0:
         return values.numel()
@@ -58,37 +81,233 @@ def tau_keep_count(influence: torch.Tensor, tau: float) -> int:
     return min(m, values.numel())
 
 
-# --- policies: (influence [Nc], k, grid (h, w), generator) -> sorted int64 indices -------------------
+def kept_mass(influence: torch.Tensor, idx) -> float:
+    """Fraction of the total influence mass that the kept indices hold (1.0 when all influence is zero)."""
+    mass = _mass(influence)
+    total = float(mass.sum())
+    if total <= 0:
+        return 1.0
+    if idx is None:
+        return 1.0
+    return float(mass[torch.as_tensor(idx, dtype=torch.long)].sum()) / total
 
-def _topi(influence, k, grid, gen):
+
+def ensure_mass(influence: torch.Tensor, idx: torch.Tensor, tau: float) -> torch.Tensor:
+    """Repair a placement so that it holds >= tau of the influence mass: swap its weakest kept tokens for the
+    strongest dropped ones, as few swaps as reach tau (the top-k set always does when k >= tau_keep_count)."""
+    mass = _mass(influence)
+    total = float(mass.sum())
+    if total <= 0:
+        return idx
+    goal = tau * total - 1e-12 * total  # the same criterion as tau_keep_count
+    have = float(mass[idx].sum())
+    if have >= goal:
+        return idx
+    kept = torch.zeros(mass.numel(), dtype=torch.bool)
+    kept[idx] = True
+    ins = kept.nonzero().flatten()
+    outs = (~kept).nonzero().flatten()
+    weakest = ins[mass[ins].argsort(stable=True)]
+    strongest = outs[mass[outs].argsort(descending=True, stable=True)]
+    s = min(len(weakest), len(strongest))
+    gain = (mass[strongest[:s]] - mass[weakest[:s]]).clamp_min(0).cumsum(0)  # non-decreasing: searchable
+    swaps = int(torch.searchsorted(gain, goal - have).item()) + 1
+    swaps = min(swaps, s)
+    kept[weakest[:swaps]] = False
+    kept[strongest[:swaps]] = True
+    return kept.nonzero().flatten()
+
+
+# --- grids ------------------------------------------------------------------------------------------
+
+def normalize_grids(grids, num_ctx: int) -> Grids:
+    """() -> ((1, Nc),); a single (h, w) -> ((h, w),); every grid positive and all of them summing to Nc."""
+    if not grids:
+        return ((1, int(num_ctx)),)
+    grids = tuple(grids)
+    if len(grids) == 2 and all(isinstance(g, int) for g in grids):
+        grids = (grids,)
+    try:
+        out = tuple((int(h), int(w)) for h, w in grids)
+    except (TypeError, ValueError):
+        raise TopiError(f"reference grids {grids!r} are not (height, width) pairs: pass e.g. ((16, 16), (8, 12))")
+    if any(h <= 0 or w <= 0 for h, w in out):
+        raise TopiError(f"reference grids {out} have an empty grid: every reference needs at least one token")
+    if sum(h * w for h, w in out) != num_ctx:
+        raise TopiError(f"reference grids {out} hold {sum(h * w for h, w in out)} tokens but the context has "
+                        f"{num_ctx}: give one (height, width) per reference, in order")
+    return out
+
+
+def _offsets(grids: Grids) -> list[int]:
+    out = [0]
+    for h, w in grids:
+        out.append(out[-1] + h * w)
+    return out
+
+
+def keep_per_reference(idx, grids) -> list[int]:
+    """How many kept indices fall in each reference."""
+    grids = tuple(grids)
+    bounds = torch.tensor(_offsets(grids)[1:])
+    idx = torch.as_tensor(idx, dtype=torch.long).flatten()
+    ref = torch.bucketize(idx, bounds, right=True)
+    return torch.bincount(ref, minlength=len(grids)).tolist()
+
+
+def bayer_rank(grid) -> torch.Tensor:
+    """Ordered-dither threshold of every token of an h x w grid (the Bayer matrix of the enclosing
+    power-of-two square, cropped): keeping the lowest thresholds first spreads tokens evenly."""
+    h, w = grid
+    levels = max(max(h, w) - 1, 0).bit_length()
+    i = torch.arange(h).repeat_interleave(w)
+    j = torch.arange(w).repeat(h)
+    rank = torch.zeros(h * w, dtype=torch.long)
+    for lev in range(levels):  # the finest bit is the most significant digit
+        di, dj = (i >> lev) & 1, (j >> lev) & 1
+        rank = rank * 4 + ((2 * dj) ^ (3 * di))  # the 2x2 Bayer matrix [[0, 2], [3, 1]]
+    return rank
+
+
+# --- allocation: largest remainder, capped, caps redistributed --------------------------------------
+
+def _apportion(weights: torch.Tensor, quota: torch.Tensor, caps: torch.Tensor, priority: torch.Tensor) -> torch.Tensor:
+    """Split each group's quota over its members in proportion to their weights: rows are groups [G, m].
+    Members are capped by caps (the overflow goes to the others by weight; a group whose uncapped members
+    all weigh 0 splits by room left); rounding by largest remainder, ties to the lowest priority value.
+    Needs quota <= caps.sum(1). Returns int64 [G, m] summing to quota per row."""
+    weights = weights.double().clamp_min(0)
+    caps = caps.long()
+    quota = quota.long()
+    alloc = torch.zeros_like(caps)
+    for _ in range(weights.shape[1] + 1):
+        room = caps - alloc
+        left = (quota - alloc.sum(1)).double()
+        active = room > 0
+        w = torch.where(active, weights, torch.zeros_like(weights))
+        flat = w.sum(1, keepdim=True) <= 0
+        w = torch.where(flat, room.double() * active, w)
+        share = left[:, None] * w / w.sum(1, keepdim=True).clamp_min(1e-300)
+        full = active & (share >= room) & (left[:, None] > 0)
+        if not full.any():
+            break
+        alloc = torch.where(full, caps, alloc)
+    base = torch.where(active, share.floor(), torch.zeros_like(share))
+    base = torch.minimum(base.long(), caps - alloc)
+    alloc = alloc + base
+    leftover = quota - alloc.sum(1)
+    rem = torch.where(active & (caps > alloc), share - base.double(), torch.full_like(share, -1.0))
+    # rank by remainder (descending), ties by priority: sort by priority first, then a stable sort by remainder
+    by_prio = priority.expand_as(rem).argsort(dim=1, stable=True)
+    rem_p = rem.gather(1, by_prio)
+    order = by_prio.gather(1, rem_p.argsort(dim=1, descending=True, stable=True))
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(order.shape[1]).expand_as(order).contiguous())
+    return alloc + (rank < leftover[:, None]).long()
+
+
+def _split_references(weights: torch.Tensor, k: int, grids: Grids) -> list[int]:
+    """k slots over the references in proportion to their weight sums, capped by their sizes."""
+    offs = _offsets(grids)
+    sums = torch.stack([weights[a:b].sum() for a, b in zip(offs, offs[1:])])
+    sizes = torch.tensor([h * w for h, w in grids])
+    return _apportion(sums[None], torch.tensor([k]), sizes[None], torch.arange(len(grids))[None])[0].tolist()
+
+
+def _quadtree_keep(weights: torch.Tensor, q: int, grid: tuple[int, int], cell: int = 1) -> torch.Tensor:
+    """Hierarchical budget on one reference: the grid (padded to powers of two) is halved along each side
+    level by level; every node's slots go to its children in proportion to their weight, capped by their
+    token counts, by largest remainder; equal remainders go to the child holding the lowest ordered-dither
+    threshold. So counts follow the weights at every scale and equal weights give an even 2-D spread
+    (a checkerboard at half). Returns the kept local indices."""
+    h, w = grid
+    a, b = max(h - 1, 0).bit_length(), max(w - 1, 0).bit_length()
+    H, W = 1 << a, 1 << b
+    wgt = torch.zeros(H, W, dtype=torch.float64)
+    cap = torch.zeros(H, W, dtype=torch.long)
+    prio = torch.full((H, W), torch.iinfo(torch.long).max, dtype=torch.long)
+    wgt[:h, :w] = weights.double().reshape(h, w)
+    cap[:h, :w] = 1
+    prio[:h, :w] = bayer_rank(grid).reshape(h, w)
+    pyramid = []  # per level, (weights, caps, priority) pooled to nodes, coarse to fine
+    for lev in range(max(a, b) + 1):
+        hs, ws = H >> min(lev, a), W >> min(lev, b)
+        pool = lambda t: t.reshape(H // hs, hs, W // ws, ws).transpose(1, 2).reshape(H // hs, W // ws, -1)  # noqa: E731
+        pyramid.append((pool(wgt).sum(-1), pool(cap).sum(-1), pool(prio).amin(-1)))
+    quota = torch.tensor([[q]])
+    for (pw, _, _), (cw, cc, cp) in zip(pyramid, pyramid[1:]):
+        R, C = pw.shape
+        fr, fc = cw.shape[0] // R, cw.shape[1] // C
+        group = lambda t: t.reshape(R, fr, C, fc).permute(0, 2, 1, 3).reshape(R * C, fr * fc)  # noqa: E731
+        # below the budget cell size the weights are flat: slots are spread, not ranked by influence
+        cw = cw if cw.numel() * cell * cell <= H * W else cc.double()
+        alloc = _apportion(group(cw), quota.reshape(-1), group(cc), group(cp))
+        quota = alloc.reshape(R, C, fr, fc).permute(0, 2, 1, 3).reshape(R * fr, C * fc)
+    return quota[:h, :w].reshape(-1).nonzero().flatten()
+
+
+# --- policies: (influence [Nc], k, grids, generator) -> int64 indices (any order) --------------------
+
+def _per_reference(weights, k, grids, place) -> torch.Tensor:
+    offs = _offsets(grids)
+    parts = [place(weights[a:b], q, g) + a
+             for a, b, q, g in zip(offs, offs[1:], _split_references(weights, k, grids), grids) if q > 0]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+
+
+def _topi(influence, k, grids, gen):
     return influence.topk(k).indices
 
 
-def _random(influence, k, grid, gen):
+def _random(influence, k, grids, gen):
     return torch.randperm(influence.numel(), generator=gen)[:k]
 
 
-def _uniform(influence, k, grid, gen):
-    n = influence.numel()
-    return (torch.arange(k, dtype=torch.float64) * n / k).floor().long()
+# Smallest region (tokens per side) whose slots follow influence; inside it slots are spread. Ranking
+# single tokens by influence within 2x2 cells breaks the checkerboard and leaves gaps that copy-like
+# edits pay for (several dB on kontext-digits at ratio 0.5); budgeting whole 2x2 cells does not.
+BUDGET_CELL = 2
 
 
-def _coverage(influence, k, grid, gen, cell: int = 2):
-    """Influence ranking within spatial strata: every cell x cell block keeps its share (floor(k/N) of its
-    tokens, best-influence first); the remaining slots go to the highest influence globally."""
-    h, w = grid
+def _budget(influence, k, grids, gen):
+    return _per_reference(influence.double().clamp_min(0), k, grids,
+                          lambda w, q, g: _quadtree_keep(w, q, g, BUDGET_CELL))
+
+
+def _uniform(influence, k, grids, gen):
+    return _per_reference(torch.ones(influence.numel(), dtype=torch.float64), k, grids, _quadtree_keep)
+
+
+def _dither_keep(weights, q, grid):
+    return bayer_rank(grid).argsort(stable=True)[:q]
+
+
+def _dither(influence, k, grids, gen):
+    return _per_reference(torch.ones(influence.numel(), dtype=torch.float64), k, grids, _dither_keep)
+
+
+def _coverage(influence, k, grids, gen, cell: int = 2):
+    """Strata = cell x cell blocks of every reference; each keeps floor(size * k / Nc) tokens, best influence
+    first; the remaining slots go to the highest influence anywhere."""
     n = influence.numel()
-    if h * w != n:
-        return _topi(influence, k, grid, gen)
-    rows = torch.arange(h).repeat_interleave(w) // cell
-    cols = torch.arange(w).repeat(h) // cell
-    cell_id = rows * ((w + cell - 1) // cell) + cols
-    chosen = torch.zeros(n, dtype=torch.bool)
-    for c in cell_id.unique():
-        members = (cell_id == c).nonzero().flatten()
-        quota = int(members.numel() * k // n)
-        if quota:
-            chosen[members[influence[members].topk(quota).indices]] = True
+    ids = []
+    base = 0
+    for h, w in grids:
+        cw = (w + cell - 1) // cell
+        rows = torch.arange(h).repeat_interleave(w) // cell
+        cols = torch.arange(w).repeat(h) // cell
+        ids.append(base + rows * cw + cols)
+        base += ((h + cell - 1) // cell) * cw
+    cell_id = torch.cat(ids)
+    size = torch.bincount(cell_id, minlength=base)
+    quota = size * k // n
+    # position of every token within its cell by influence (descending): sort by influence, then stably by cell
+    by_infl = influence.argsort(descending=True, stable=True)
+    order = by_infl[cell_id[by_infl].argsort(stable=True)]
+    start = torch.cumsum(size, 0) - size
+    pos = torch.empty(n, dtype=torch.long)
+    pos[order] = torch.arange(n) - start[cell_id[order]]
+    chosen = pos < quota[cell_id]
     rest = k - int(chosen.sum())
     if rest > 0:
         masked = influence.clone().float()
@@ -97,81 +316,95 @@ def _coverage(influence, k, grid, gen, cell: int = 2):
     return chosen.nonzero().flatten()
 
 
-def _bayer_rank(grid) -> torch.Tensor:
-    """Ordered-dither threshold of every token: removing tokens in this order spreads them evenly."""
-    h, w = grid
-    m = torch.zeros(1, 1)
-    while m.shape[0] < max(h, w):
-        m = torch.cat([torch.cat([4 * m, 4 * m + 2], 1), torch.cat([4 * m + 3, 4 * m + 1], 1)], 0)
-    return m[:h, :w].reshape(-1)
+@dataclass(frozen=True)
+class Policy:
+    fn: Callable
+    uses_influence: bool
+    description: str
 
 
-def _dither(influence, k, grid, gen, low: float = 0.5):
-    """Coverage-aware ToPi: first drop the tokens whose influence is far below the median (lowest first),
-    then remove the rest by an ordered (Bayer) dither so no region loses all its tokens; tokens with the
-    same dither threshold go lowest-influence first. Copy-like edits need a source near every target."""
-    h, w = grid
+POLICIES: dict[str, Policy] = {
+    "topi-budget": Policy(_budget, True,
+                          "influence mass budgets the slots per reference and per region (the grid halved level "
+                          "by level down to 2x2 cells), spread evenly inside every cell"),
+    "topi": Policy(_topi, True, "the paper's top-k by influence"),
+    "topi-cov": Policy(_coverage, True,
+                       "every 2x2 cell keeps its size share by influence, the rest to the top influence"),
+    "uniform": Policy(_uniform, False, "even 2-D subsampling of every reference, slots in proportion to its size"),
+    "dither": Policy(_dither, False,
+                     "ordered (Bayer) dither of every reference, slots in proportion to its size"),
+    "random": Policy(_random, False, "uniformly random tokens (seeded)"),
+}
+
+# The default must win on copy-like edits (every reference token is a source: coverage) and on relevance
+# edits (several references, or a canvas used in part: influence must steer the budget).
+DEFAULT_POLICY = "topi-budget"
+
+RENAMED = {"topi-dither": "dither"}
+
+
+def check_policy(name: str) -> str:
+    if name in POLICIES:
+        return name
+    if name in RENAMED:
+        raise TopiError(f"policy {name!r} was renamed to {RENAMED[name]!r} (it never used influence beyond "
+                        f"dropping the weakest tokens); the default is now {DEFAULT_POLICY!r}: pass --policy "
+                        f"{DEFAULT_POLICY} or --policy {RENAMED[name]}")
+    raise TopiError(f"unknown policy {name!r}: choose one of {', '.join(POLICIES)}")
+
+
+def policy_help() -> str:
+    return "; ".join(f"{n}: {p.description}" + (" (default)" if n == DEFAULT_POLICY else "")
+                     for n, p in POLICIES.items())
+
+
+def select_tokens(influence: torch.Tensor, k: int, policy: str = DEFAULT_POLICY, grids=(),
+                  seed: int = 0) -> torch.Tensor:
+    """k kept context indices, sorted ascending int64 (all of them when k >= Nc)."""
+    influence = influence.detach().flatten().float().cpu()
     n = influence.numel()
-    if h * w != n:
-        return _topi(influence, k, grid, gen)
-    drop = torch.zeros(n, dtype=torch.bool)
-    order = influence.argsort()
-    weak = order[influence[order] < low * influence.median()][: n - k]
-    drop[weak] = True
-    rest = n - k - len(weak)
-    if rest > 0:
-        score = _bayer_rank(grid) - 0.5 * influence / influence.max().clamp_min(1e-30)
-        score[drop] = -float("inf")
-        drop[score.topk(rest).indices] = True
-    return (~drop).nonzero().flatten()
-
-
-# The default is the policy with the best measured fidelity at equal keep count on the trained model's
-# held-out samples (docs/benchmarks.md): top-k by influence leaves spatial holes on copy-like edits.
-DEFAULT_POLICY = "topi-dither"
-
-POLICIES = {"topi": _topi, "topi-dither": _dither, "topi-cov": _coverage, "random": _random, "uniform": _uniform}
-
-
-def select_tokens(influence: torch.Tensor, k: int, policy: str = DEFAULT_POLICY, grid=None, seed: int = 0) -> torch.Tensor:
-    influence = influence.flatten().float()
-    n = influence.numel()
-    if policy not in POLICIES:
-        raise TopiError(f"unknown policy {policy!r}: choose one of {', '.join(POLICIES)}")
+    fn = POLICIES[check_policy(policy)].fn
+    grids = normalize_grids(grids, n)
     if k >= n:
         return torch.arange(n)
+    if k <= 0:
+        raise TopiError(f"keep count {k} is not positive: keep at least one context token")
     gen = torch.Generator().manual_seed(seed)
-    idx = POLICIES[policy](influence, k, grid or (1, n), gen)
-    return idx.sort().values.long()
+    idx = fn(influence, k, grids, gen).long().flatten().sort().values
+    if idx.numel() != k or (idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all())):
+        raise RuntimeError(f"policy {policy} returned {idx.numel()} indices for keep {k} (or duplicates)")
+    return idx
 
 
-@dataclass
+@dataclass(frozen=True)
 class Selector:
-    """Turns an anchor step's influence into kept indices. mode 'ratio' (one ratio) or 'tau' (buckets)."""
+    """Turns an anchor step's influence into kept indices: one ratio, or tau with compiled buckets."""
 
     num_ctx: int
     ratio: float = 0.0
     tau: float | None = None
     buckets: tuple[float, ...] = ()
     policy: str = DEFAULT_POLICY
-    grid: tuple[int, int] | None = None
+    grids: Grids = ()
     seed: int = 0
 
     def __post_init__(self):
+        object.__setattr__(self, "grids", normalize_grids(self.grids, self.num_ctx))
+        object.__setattr__(self, "buckets", tuple(float(b) for b in self.buckets))
         if self.tau is not None:
             if not 0.0 < self.tau <= 1.0:
                 raise TopiError(f"--tau {self.tau} is outside (0, 1]: it is the fraction of total influence kept")
             if not self.buckets:
                 raise TopiError("--tau needs --ratio-buckets: the kept count is rounded up to a compiled bucket")
+            check_bucket_keeps(self.buckets, self.num_ctx)
         else:
             validate_ratio(self.ratio)
-        if self.policy not in POLICIES:
-            raise TopiError(f"unknown policy {self.policy!r}: choose one of {', '.join(POLICIES)}")
+        check_policy(self.policy)
 
     def bucket_keeps(self) -> list[tuple[float, int]]:
         return [(r, keep_count(r, self.num_ctx)) for r in self.buckets]
 
-    def choose(self, influence: torch.Tensor) -> tuple[float, int]:
+    def choose(self, influence: torch.Tensor | None) -> tuple[float, int]:
         """(ratio, keep) to use after this anchor; ratio 0 / keep Nc means unpruned."""
         if self.tau is None:
             return self.ratio, keep_count(self.ratio, self.num_ctx)
@@ -182,9 +415,11 @@ class Selector:
         return min(fits, key=lambda rk: rk[1])
 
     def select(self, influence: torch.Tensor, step: int = 0):
-        """(keep_idx or None for unpruned, ratio, keep)."""
+        """(keep_idx sorted int64, or None for unpruned; ratio; keep)."""
         ratio, keep = self.choose(influence)
         if keep >= self.num_ctx:
             return None, 0.0, self.num_ctx
-        idx = select_tokens(influence, keep, self.policy, self.grid, self.seed + step)
+        idx = select_tokens(influence, keep, self.policy, self.grids, self.seed + step)
+        if self.tau is not None:
+            idx = ensure_mass(influence.detach().flatten().cpu(), idx, self.tau).sort().values
         return idx, ratio, keep

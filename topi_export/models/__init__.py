@@ -1,8 +1,10 @@
-"""Model registry: ``load_model`` turns ``--model`` (a built-in name or a local diffusers folder) into an
-adapter. Adding an architecture = one adapter class + one line in ADAPTERS."""
+"""Model-family registry and ``load_model``: turns ``--model`` (a built-in name or a local diffusers folder) into a
+family adapter. Adding a family = one adapter module (models/base.py contract, exporting ``FAMILY``) + one line in
+FAMILY_MODULES."""
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 from dataclasses import dataclass
@@ -11,31 +13,79 @@ from pathlib import Path
 import torch
 
 from topi_export.errors import TopiError
-from topi_export.models.flux_kontext import FluxKontextAdapter, Layout, kontext_ids, mid_config, tiny_config  # noqa: F401
+from topi_export.models.base import Family
+from topi_export.plan import ModelIdentity
 
-ADAPTERS = {"FluxTransformer2DModel": FluxKontextAdapter}
+FAMILY_MODULES = [
+    "topi_export.models.flux_kontext",
+    "topi_export.models.flux2",
+    "topi_export.models.qwen_edit",
+]
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
-# Built-in models: name -> folder under assets/ (trained, shipped) or None (seeded, built in memory).
-BUILTINS = {"tiny-kontext": None, "mid-kontext": None, "kontext-digits": ASSETS / "kontext-digits"}
-IN_MEMORY = {"tiny-kontext": tiny_config, "mid-kontext": mid_config}
-DEFAULT_MODEL = "kontext-digits" if (ASSETS / "kontext-digits" / "config.json").exists() else "tiny-kontext"
+# Trained built-in models shipped as diffusers folders under assets/ (name -> folder name).
+ASSET_MODELS = {"kontext-digits": "kontext-digits", "flux2-pick": "flux2-pick"}
+DEFAULT_MODEL = "flux2-pick"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def families() -> list[type[Family]]:
+    return [importlib.import_module(m).FAMILY for m in FAMILY_MODULES]
+
+
+def family_named(name: str) -> type[Family]:
+    for fam in families():
+        if fam.name == name:
+            return fam
+    raise TopiError(f"unknown model family {name!r}: this topi-export serves {', '.join(f.name for f in families())}")
+
+
+def family_for_class(cls_name: str) -> type[Family]:
+    for fam in families():
+        if cls_name in fam.model_classes:
+            return fam
+    served = sorted(c for f in families() for c in f.model_classes)
+    raise TopiError(f"unsupported model class {cls_name!r}: supported classes are {', '.join(served)}")
+
+
+def builtin_names() -> list[str]:
+    names = [n for f in families() for n in f.builtins]
+    return names + [n for n, folder in ASSET_MODELS.items() if (ASSETS / folder / "config.json").exists()]
+
+
+def adapter_for(identity: ModelIdentity) -> Family:
+    """A weightless adapter from a manifest's identity: enough for conditioning, layouts and schedulers."""
+    return family_named(identity.family)(identity.config)
 
 
 @dataclass
 class LoadedModel:
-    adapter: FluxKontextAdapter
+    family: Family
     source: str
     config_hash: str
     weights_hash: str
+    model_class: str
+    dtype: str = "fp32"
 
-    def identity(self) -> dict:
-        a = self.adapter
-        return {"source": self.source, "class": a.model_class, "adapter": a.name, "config_hash": self.config_hash,
-                "weights_hash": self.weights_hash, "num_layers": a.num_layers, "num_double": a.num_double}
+    @property
+    def adapter(self) -> Family:
+        return self.family
+
+    def identity(self) -> ModelIdentity:
+        f = self.family
+        return ModelIdentity(self.source, f.name, self.model_class, self.config_hash, self.weights_hash, f.num_layers,
+                             dict(f.config))
 
 
-def config_hash(config) -> str:
+def config_hash(config, cls=None) -> str:
+    """Identity of a model config: its fields (those the class's __init__ takes, when the class is known: a
+    config.json may carry keys diffusers ignores)."""
     keep = {k: v for k, v in dict(config).items() if not k.startswith("_")}
+    if cls is not None:
+        import inspect
+
+        params = inspect.signature(cls.__init__).parameters
+        if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+            keep = {k: v for k, v in keep.items() if k in params}
     blob = json.dumps(keep, sort_keys=True, default=list).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -52,7 +102,7 @@ def files_hash(folder: Path) -> str:
 
 
 def weights_hash(model: torch.nn.Module) -> str:
-    """Weights identity of an in-memory model (the seeded built-ins)."""
+    """Weights identity of an in-memory model (the seeded built-ins), independent of the load dtype."""
     h = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         h.update(name.encode())
@@ -60,62 +110,99 @@ def weights_hash(model: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def build_builtin(name: str = "tiny-kontext"):
-    from diffusers import FluxTransformer2DModel
-
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        return FluxTransformer2DModel(**IN_MEMORY[name]())
-
-
-def _resolve_dir(path: Path) -> Path:
+def resolve_model_dir(path: Path) -> Path:
     if (path / "transformer" / "config.json").exists():
         return path / "transformer"
     if (path / "config.json").exists():
         return path
     raise TopiError(f"model folder {path} has no config.json (nor transformer/config.json): pass a diffusers "
-                    f"transformer folder, a pipeline folder, or one of {', '.join(BUILTINS)}")
+                    f"transformer folder, a pipeline folder, or one of {', '.join(builtin_names())}")
 
 
-def _load_dir(path: Path):
-    folder = _resolve_dir(path)
+def scheduler_config_for(spec) -> dict | None:
+    """A pipeline folder's scheduler/scheduler_config.json, when --model is one."""
+    path = Path(str(spec)) / "scheduler" / "scheduler_config.json"
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise TopiError(f"cannot read {path} ({exc}): fix or remove the pipeline's scheduler config")
+    if not isinstance(config, dict):
+        raise TopiError(f"{path} is not a JSON object: fix or remove the pipeline's scheduler config")
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+def _read_config(folder: Path) -> dict:
     try:
         config = json.loads((folder / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise TopiError(f"cannot read {folder / 'config.json'} ({exc}): re-save the model with save_pretrained")
+    if not isinstance(config, dict):
+        raise TopiError(f"{folder / 'config.json'} is not a JSON object: re-save the model with save_pretrained")
+    return config
+
+
+def _check_config(cls, config: dict, folder) -> None:
+    """Refuse configs whose sizes are nonsense before diffusers builds them (it would drop checkpoint tensors)."""
+    for key in ("num_layers", "num_single_layers", "num_attention_heads", "attention_head_dim", "in_channels"):
+        v = config.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < (0 if key == "num_single_layers" else 1)):
+            raise TopiError(f"{folder / 'config.json'}: '{key}' is {v!r}, not a valid size: re-save the model with "
+                            f"save_pretrained")
+
+
+def _load_dir(path: Path, dtype: torch.dtype):
+    folder = resolve_model_dir(path)
+    config = _read_config(folder)
     cls_name = config.get("_class_name")
-    if cls_name not in ADAPTERS:
-        raise TopiError(f"unsupported model class {cls_name!r} in {folder}: supported classes are "
-                        f"{', '.join(sorted(ADAPTERS))}")
+    fam = family_for_class(str(cls_name))
+    _check_config(cls_name, config, folder)
     if not any(f.endswith(".safetensors") for f in os.listdir(folder)):
         raise TopiError(f"no .safetensors weights in {folder}: topi-export loads safetensors only "
                         f"(save with save_pretrained(..., safe_serialization=True))")
-    import diffusers
-
-    cls = getattr(diffusers, cls_name)
+    cls = fam.model_class()
     try:
-        return cls.from_pretrained(folder, use_safetensors=True, torch_dtype=torch.float32, low_cpu_mem_usage=False)
+        return cls.from_pretrained(folder, use_safetensors=True, torch_dtype=dtype, low_cpu_mem_usage=True), folder
     except Exception as exc:  # corrupt or truncated weights
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TopiError(f"cannot load weights from {folder}: {first}: re-save the model with save_pretrained")
 
 
-def load_model(spec: str | os.PathLike | None = None) -> LoadedModel:
+def build_builtin(name: str, dtype: torch.dtype = torch.float32):
+    for fam in families():
+        if name in fam.builtins:
+            with torch.random.fork_rng():
+                torch.manual_seed(0)
+                model = fam.model_class()(**fam.builtins[name]())
+            return model if dtype == torch.float32 else torch.nn.Module.to(model, dtype)
+    raise KeyError(name)
+
+
+def load_model(spec: str | os.PathLike | None = None, dtype: str = "fp32") -> LoadedModel:
+    """A built-in name or a local diffusers folder -> LoadedModel (family adapter around the model, identity).
+    dtype: the precision the weights are held in (fp32 for the CPU reference; bf16/fp16 builds never hold an
+    fp32 copy)."""
+    if dtype not in DTYPES:
+        raise TopiError(f"precision {dtype!r}: choose one of {', '.join(DTYPES)}")
     spec = str(spec or DEFAULT_MODEL)
-    if spec in IN_MEMORY:
-        model = build_builtin(spec)
+    torch_dtype = DTYPES[dtype]
+    in_memory = {n for f in families() for n in f.builtins}
+    if spec in in_memory:
+        model = build_builtin(spec, torch.float32)
         w_hash = weights_hash(model)
+        if torch_dtype != torch.float32:
+            model = torch.nn.Module.to(model, torch_dtype)  # seeded built-ins keep no fp32 modules
     else:
-        path = BUILTINS.get(spec) or Path(spec)
-        path = Path(path)
+        folder = ASSET_MODELS.get(spec)
+        path = ASSETS / folder if folder else Path(spec)
         if not path.exists():
             raise TopiError(f"model {spec!r} not found: pass a local diffusers folder or one of "
-                            f"{', '.join(n for n in BUILTINS if BUILTINS[n] is None or BUILTINS[n].exists())}")
-        model = _load_dir(path)
-        w_hash = files_hash(_resolve_dir(path))
+                            f"{', '.join(builtin_names())}")
+        model, weights_dir = _load_dir(path, torch_dtype)
+        w_hash = files_hash(weights_dir)
     cls_name = type(model).__name__
-    if cls_name not in ADAPTERS:
-        raise TopiError(f"unsupported model class {cls_name!r}: supported classes are {', '.join(sorted(ADAPTERS))}")
+    fam = family_for_class(cls_name)
     model.requires_grad_(False)
-    adapter = ADAPTERS[cls_name](model)
-    return LoadedModel(adapter, spec, config_hash(model.config), w_hash)
+    family = fam(dict(model.config), model)
+    return LoadedModel(family, spec, config_hash(model.config, type(model)), w_hash, cls_name, dtype)

@@ -1,45 +1,30 @@
-"""FLUX.1 Kontext adapter over diffusers' FluxTransformer2DModel.
+"""FLUX.1 Kontext (diffusers ``FluxTransformer2DModel`` as ``FluxKontextPipeline`` calls it).
 
-Token layout (FluxKontextPipeline): joint sequence [T text | X target | C context]; the image stream
-is [X | C] with ids cat([latent_ids, image_ids]) where image_ids[:, 0] = 1; txt_ids = zeros(T, 3).
-The ToPi forward below re-runs the model's own blocks and only adds: influence scoring at pivotal
-layers (inside the attention processor, where q/k/v exist after QK-norm and RoPE) and the gather of
-kept context tokens (hidden states and RoPE rows) right before the prune-start layer L0.
+Token layout: hidden_states = cat([latents, image_latents]); img_ids = cat([latent_ids, image_ids]) where the
+reference ids have first component 1; txt_ids = zeros(T, 3); the transformer gets timestep / 1000 and a distilled
+guidance scale; only out[:, :Nx] is used. 19 double-stream then 38 single-stream blocks in [dev]. The image stream
+is [X | C] in both block kinds (diffusers' single blocks concatenate the text themselves), so the gather at L0 is the
+same for both.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.embeddings import apply_rotary_emb, get_1d_rotary_pos_embed
+from diffusers.models.embeddings import apply_rotary_emb
 
-from topi_export.ops import influence_score, token_gather
+from topi_export.models.base import Family, Published, RequestField, gather_rows
+from topi_export.models.sampling import flow_match_scheduler, shift_from_config
+from topi_export.plan import GraphTensor, Layout
 
-
-@dataclass(frozen=True)
-class Layout:
-    """Token counts and grids of one Kontext request (grids are packed-token grids, HxW)."""
-
-    text_tokens: int
-    target_grid: tuple[int, int]
-    ref_grid: tuple[int, int]
-
-    @property
-    def num_target(self) -> int:
-        return self.target_grid[0] * self.target_grid[1]
-
-    @property
-    def num_ctx(self) -> int:
-        return self.ref_grid[0] * self.ref_grid[1]
-
-    def describe(self) -> str:
-        h, w = self.target_grid
-        rh, rw = self.ref_grid
-        return f"t{self.text_tokens}-x{h}x{w}-c{rh}x{rw}"
+DEFAULT_GUIDANCE = 2.5  # FluxKontextPipeline's default guidance_scale
+# FluxKontextPipeline's scheduler (FLUX.1 Kontext [dev] scheduler_config.json).
+SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                 base_image_seq_len=256, max_image_seq_len=4096)
 
 
-def grid_ids(grid: tuple[int, int], first: float) -> torch.Tensor:
+def grid_ids(grid, first: float) -> torch.Tensor:
     h, w = grid
     ids = torch.zeros(h, w, 3)
     ids[..., 0] = first
@@ -49,26 +34,19 @@ def grid_ids(grid: tuple[int, int], first: float) -> torch.Tensor:
 
 
 def kontext_ids(layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
-    """(txt_ids [T,3], img_ids [X+C,3]) exactly as FluxKontextPipeline builds them."""
+    """(txt_ids [T, 3], img_ids [Nx + Nc, 3]) exactly as FluxKontextPipeline builds them."""
     txt_ids = torch.zeros(layout.text_tokens, 3)
-    img_ids = torch.cat([grid_ids(layout.target_grid, 0.0), grid_ids(layout.ref_grid, 1.0)], dim=0)
+    img_ids = torch.cat([grid_ids(layout.target_grid, 0.0)] + [grid_ids(g, 1.0) for g in layout.ref_grids], dim=0)
     return txt_ids, img_ids
 
 
 class TopiFluxAttnProcessor:
-    """diffusers' FluxAttnProcessor plus two optional hooks, set per call by the ToPi forward:
-    ``score`` (compute the influence of context tokens from this layer's q/k/v) and
-    ``drop_context`` (remove context keys/values: the calibration probe)."""
+    """diffusers' FluxAttnProcessor with an AttentionHook on q/k/v after QK-norm and RoPE."""
 
-    def __init__(self):
-        self.n_text = 0
-        self.n_target = 0
-        self.score = False
-        self.drop_context = False
-        self.influence = None
+    def __init__(self, hook):
+        self.hook = hook
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
-                 image_rotary_emb=None):
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         query = attn.to_q(hidden_states).unflatten(-1, (-1, attn.head_dim))
         key = attn.to_k(hidden_states).unflatten(-1, (-1, attn.head_dim))
         value = attn.to_v(hidden_states).unflatten(-1, (-1, attn.head_dim))
@@ -77,18 +55,11 @@ class TopiFluxAttnProcessor:
             eq = attn.norm_added_q(attn.add_q_proj(encoder_hidden_states).unflatten(-1, (-1, attn.head_dim)))
             ek = attn.norm_added_k(attn.add_k_proj(encoder_hidden_states).unflatten(-1, (-1, attn.head_dim)))
             ev = attn.add_v_proj(encoder_hidden_states).unflatten(-1, (-1, attn.head_dim))
-            query = torch.cat([eq, query], dim=1)
-            key = torch.cat([ek, key], dim=1)
-            value = torch.cat([ev, value], dim=1)
+            query, key, value = torch.cat([eq, query], 1), torch.cat([ek, key], 1), torch.cat([ev, value], 1)
         if image_rotary_emb is not None:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-        q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # [B, H, S, D]
-        t_end, x_end = self.n_text, self.n_text + self.n_target
-        if self.score:
-            self.influence = influence_score(q[:, :, t_end:x_end], k, v[:, :, x_end:])
-        if self.drop_context:
-            k, v = k[:, :, :x_end], v[:, :, :x_end]
+        q, k, v = self.hook(*(t.transpose(1, 2) for t in (query, key, value)))  # [B, H, S, D]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)
         out = out.transpose(1, 2).flatten(2, 3).to(q.dtype)
         if encoder_hidden_states is None:
@@ -98,108 +69,167 @@ class TopiFluxAttnProcessor:
         return img_out, attn.to_add_out(enc_out.contiguous())
 
 
-def rope_float32(pos_embed, ids: torch.Tensor):
-    """FluxPosEmbed with float32 frequencies: the exported graphs keep no float64 math."""
-    cos, sin = [], []
-    for i, dim in enumerate(pos_embed.axes_dim):
-        c, s = get_1d_rotary_pos_embed(dim, ids[:, i].float(), theta=pos_embed.theta, repeat_interleave_real=True,
-                                       use_real=True, freqs_dtype=torch.float32)
-        cos.append(c)
-        sin.append(s)
-    return torch.cat(cos, dim=-1), torch.cat(sin, dim=-1)
+def rope_tables(axes_dim, ids: torch.Tensor, theta: int = 10000) -> tuple[torch.Tensor, torch.Tensor]:
+    """FluxPosEmbed (float64 frequencies, as diffusers computes them on the CPU) -> float32 cos, sin [S, D]."""
+    from diffusers.models.transformers.transformer_flux import FluxPosEmbed
+
+    cos, sin = FluxPosEmbed(theta=theta, axes_dim=list(axes_dim))(ids.float())
+    return cos.float().contiguous(), sin.float().contiguous()
 
 
-class FluxKontextAdapter:
-    """Everything architecture-specific about FLUX.1 Kontext; the rest of topi-export is generic."""
-
+class FluxKontext(Family):
     name = "flux-kontext"
-    model_class = "FluxTransformer2DModel"
+    model_classes = ("FluxTransformer2DModel",)
+    pipelines = ("FluxKontextPipeline",)
+    max_references = 1
+    published = Published((13, 18, 31), 10, 10, 57, "published ToPi setting for FLUX.1 Kontext [dev]")
+    pixels_per_token = 16
+    scheduler_defaults = SCHEDULER
 
-    def __init__(self, model):
-        self.model = model.eval()
-        self.processors = []
-        for block in list(model.transformer_blocks) + list(model.single_transformer_blocks):
-            proc = TopiFluxAttnProcessor()
-            block.attn.set_processor(proc)
-            self.processors.append(proc)
+    @classmethod
+    def _preferred(cls):
+        from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
+
+        return list(PREFERRED_KONTEXT_RESOLUTIONS)
+
+    @property
+    def resolution_sets(self):
+        return {"kontext-preferred": self._preferred()}
 
     # --- description -------------------------------------------------------------------------
     @property
-    def config(self):
-        return self.model.config
-
-    @property
     def num_double(self) -> int:
-        return len(self.model.transformer_blocks)
+        return int(self.config["num_layers"])
 
     @property
     def num_layers(self) -> int:
-        return self.num_double + len(self.model.single_transformer_blocks)
+        return self.num_double + int(self.config["num_single_layers"])
+
+    def layer_groups(self):
+        return [("double", 0, self.num_double), ("single", self.num_double, self.num_layers)]
 
     @property
-    def in_channels(self) -> int:
-        return self.config.in_channels
+    def guidance(self) -> str:
+        return "distilled" if self.config.get("guidance_embeds") else "none"
 
     @property
     def text_dim(self) -> int:
-        return self.config.joint_attention_dim
+        return int(self.config["joint_attention_dim"])
 
     @property
     def pooled_dim(self) -> int:
-        return self.config.pooled_projection_dim
+        return int(self.config["pooled_projection_dim"])
 
-    @property
-    def guidance_embeds(self) -> bool:
-        return bool(self.config.guidance_embeds)
+    # --- requests ----------------------------------------------------------------------------
+    def request_fields(self):
+        return (RequestField("prompt_embeds", 3, self.text_dim, text=True),
+                RequestField("pooled_prompt_embeds", 2, self.pooled_dim))
 
-    def layer_name(self, layer: int) -> str:
-        if layer < self.num_double:
-            return f"double[{layer}]"
-        return f"single[{layer - self.num_double}]"
+    def rope(self, layout: Layout):
+        txt_ids, img_ids = kontext_ids(layout)
+        return rope_tables(self.config.get("axes_dims_rope", (16, 56, 56)), torch.cat([txt_ids, img_ids], dim=0))
 
-    # --- forward --------------------------------------------------------------------------------
-    def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids,
-                guidance=None, *, num_target: int, keep_idx=None, prune_layer: int | None = None,
-                influence_layers=(), drop_context_layer: int | None = None, rope_fp32: bool = False):
-        """Kontext transformer call. Returns (velocity [B, Nx, C], influence [B, Nc] or None).
+    def conditioning(self, inputs, layout=None):
+        layout = layout or inputs.layout
+        cos, sin = self.rope(layout)
+        cond = {"encoder_hidden_states": inputs.tensors["prompt_embeds"].float(),
+                "pooled_projections": inputs.tensors["pooled_prompt_embeds"].float()}
+        if self.guidance == "distilled":
+            cond["guidance"] = torch.tensor([DEFAULT_GUIDANCE if inputs.guidance is None else float(inputs.guidance)])
+        cond.update(rope_cos=cos, rope_sin=sin)
+        return cond
 
-        keep_idx (sorted context indices) + prune_layer: the pruned forward; influence_layers: the
-        pivotal layers whose influence is summed; drop_context_layer: calibration probe.
-        """
+    def graph_inputs(self, batch: int = 1):
+        out = [GraphTensor("encoder_hidden_states", ("B", "T", self.text_dim), "float32"),
+               GraphTensor("pooled_projections", ("B", self.pooled_dim), "float32")]
+        if self.guidance == "distilled":
+            out.append(GraphTensor("guidance", ("B",), "float32"))
+        out += [GraphTensor("rope_cos", ("T+Nx+Nc", self.head_dim), "float32"),
+                GraphTensor("rope_sin", ("T+Nx+Nc", self.head_dim), "float32")]
+        return tuple(out)
+
+    def synthetic_inputs(self, layout: Layout, seed: int = 0):
+        from topi_export.request import Inputs
+
+        gen = torch.Generator().manual_seed(int(seed) % (1 << 63))
+        ref = torch.randn(1, layout.num_ctx, self.in_channels, generator=gen)
+        prompt = torch.randn(1, layout.text_tokens, self.text_dim, generator=gen)
+        pooled = torch.randn(1, self.pooled_dim, generator=gen)
+        return Inputs(layout, ref, {"prompt_embeds": prompt, "pooled_prompt_embeds": pooled},
+                      source=f"synthetic(seed={seed})")
+
+    # --- model -------------------------------------------------------------------------------
+    def install_processors(self, model):
+        blocks = list(model.transformer_blocks) + list(model.single_transformer_blocks)
+        for block, hook in zip(blocks, self.hooks):
+            block.attn.set_processor(TopiFluxAttnProcessor(hook))
+        self.blocks = blocks
+
+    def embed(self, latents, context, timestep, cond):
         m = self.model
-        dtype = hidden_states.dtype
-        hs = m.x_embedder(hidden_states)
+        dtype = m.x_embedder.weight.dtype
+        hs = m.x_embedder(torch.cat([latents, context], dim=1).to(dtype))
         t = timestep.to(dtype) * 1000
-        if self.guidance_embeds:
-            if guidance is None:
-                raise ValueError("this model embeds guidance: pass guidance")
-            temb = m.time_text_embed(t, guidance.to(dtype) * 1000, pooled_projections)
+        pooled = cond["pooled_projections"].to(dtype)
+        if "guidance" in cond:
+            temb = m.time_text_embed(t, cond["guidance"].to(dtype) * 1000, pooled)
         else:
-            temb = m.time_text_embed(t, pooled_projections)
-        enc = m.context_embedder(encoder_hidden_states)
-        ids = torch.cat([txt_ids, img_ids], dim=0)
-        cos, sin = rope_float32(m.pos_embed, ids) if rope_fp32 else m.pos_embed(ids)
-        n_text = enc.shape[1]
-        pivotal = set(influence_layers)
-        influence = None
-        blocks = list(m.transformer_blocks) + list(m.single_transformer_blocks)
-        for layer, (block, proc) in enumerate(zip(blocks, self.processors)):
-            if keep_idx is not None and layer == prune_layer:
-                hs = torch.cat([hs[:, :num_target], token_gather(hs[:, num_target:], keep_idx)], dim=1)
-                cut = n_text + num_target
-                cos = torch.cat([cos[:cut], token_gather(cos[cut:].unsqueeze(0), keep_idx)[0]], dim=0)
-                sin = torch.cat([sin[:cut], token_gather(sin[cut:].unsqueeze(0), keep_idx)[0]], dim=0)
-            proc.n_text, proc.n_target = n_text, num_target
-            proc.score = layer in pivotal
-            proc.drop_context = layer == drop_context_layer
-            enc, hs = block(hidden_states=hs, encoder_hidden_states=enc, temb=temb, image_rotary_emb=(cos, sin))
-            if proc.score:
-                influence = proc.influence if influence is None else influence + proc.influence
-                proc.influence, proc.score = None, False
-            proc.drop_context = False
-        hs = m.norm_out(hs, temb)
-        out = m.proj_out(hs)
-        return out[:, :num_target], influence
+            temb = m.time_text_embed(t, pooled)
+        enc = m.context_embedder(cond["encoder_hidden_states"].to(dtype))
+        return SimpleNamespace(hs=hs, enc=enc, temb=temb, rope=(cond["rope_cos"], cond["rope_sin"]),
+                               n_text=enc.shape[1], n_target=latents.shape[1])
+
+    def gather_context(self, s, layer, keep_idx):
+        s.hs = gather_rows(s.hs, s.n_target, keep_idx, dim=1)
+        cut = s.n_text + s.n_target
+        s.rope = tuple(gather_rows(t, cut, keep_idx) for t in s.rope)
+
+    def run_layer(self, s, layer):
+        s.enc, s.hs = self.blocks[layer](hidden_states=s.hs, encoder_hidden_states=s.enc, temb=s.temb,
+                                         image_rotary_emb=s.rope)
+
+    def head(self, s):
+        m = self.model
+        return m.proj_out(m.norm_out(s.hs[:, :s.n_target], s.temb))
+
+    def pipeline_call(self, model, latents, context, timestep, inputs, branch="positive"):
+        txt_ids, img_ids = kontext_ids(inputs.layout)
+        guidance = None
+        if model.config.guidance_embeds:
+            g = DEFAULT_GUIDANCE if inputs.guidance is None else float(inputs.guidance)
+            guidance = torch.full([latents.shape[0]], g)
+        out = model(hidden_states=torch.cat([latents, context], dim=1), timestep=timestep, guidance=guidance,
+                    pooled_projections=inputs.tensors["pooled_prompt_embeds"],
+                    encoder_hidden_states=inputs.tensors["prompt_embeds"], txt_ids=txt_ids, img_ids=img_ids,
+                    return_dict=False)[0]
+        return out[:, :latents.shape[1]]
+
+    # --- sampling ----------------------------------------------------------------------------
+    def make_scheduler(self, steps, layout, scheduler_config=None):
+        config = dict(scheduler_config or SCHEDULER)
+        return flow_match_scheduler(config, steps, shift_from_config(layout.num_target, config))
+
+    # --- diffusers drop-in -------------------------------------------------------------------
+    def parse_call(self, kwargs):
+        """FluxKontextPipeline's transformer call -> (latents, context, timestep, Inputs)."""
+        from topi_export.errors import TopiError
+        from topi_export.request import Inputs
+
+        hidden, img_ids, txt_ids = kwargs["hidden_states"], kwargs.get("img_ids"), kwargs.get("txt_ids")
+        ids = img_ids[0] if img_ids.dim() == 3 else img_ids
+        grids = []
+        for first in (0, 1):
+            part = ids[ids[:, 0] == first]
+            if part.numel() == 0:
+                raise TopiError("img_ids hold no reference tokens (first id component 1): this is not a Kontext call")
+            grids.append((int(part[:, 1].max()) + 1, int(part[:, 2].max()) + 1))
+        layout = Layout(int(txt_ids.shape[-2]), grids[0], (grids[1],))
+        g = kwargs.get("guidance")
+        inputs = Inputs(layout, hidden[:1, layout.num_target:].float(),
+                        {"prompt_embeds": kwargs["encoder_hidden_states"][:1].float(),
+                         "pooled_prompt_embeds": kwargs["pooled_projections"][:1].float()},
+                        guidance=None if g is None else float(g.reshape(-1)[0]), source="FluxKontextPipeline")
+        return hidden[:, :layout.num_target], kwargs["timestep"], inputs
 
 
 def mid_config() -> dict:
@@ -214,3 +244,7 @@ def tiny_config() -> dict:
     return dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=4, attention_head_dim=16,
                 num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=True,
                 axes_dims_rope=(4, 6, 6))
+
+
+FluxKontext.builtins = {"tiny-kontext": tiny_config, "mid-kontext": mid_config}
+FAMILY = FluxKontext

@@ -6,6 +6,8 @@ influence_score(q_target, k, v_ctx) -> [B, Nc]
     v_ctx    [B, H, Nc, D]: context-token values
     I_j = sum_h ||v_j^h||_2 * mean_i softmax_i(q_i K^T / sqrt(D))[S - Nc + j]
 
+    exported to ONNX as query_lse (per-query log-sum-exp) + context_influence (topi_export/ops/onnx.py)
+
 token_gather(x, keep_idx) -> x[:, keep_idx]   (x [B, N, C], keep_idx int64 [K])
 """
 from __future__ import annotations
@@ -14,7 +16,8 @@ import math
 
 import torch
 
-# Queries are processed in chunks so at most [B, H, chunk, S] attention probabilities are live.
+# Queries are processed in chunks so at most [B, H, chunk, S] attention probabilities are live (here and in
+# the ONNX function bodies).
 QUERY_CHUNK = 1024
 
 

@@ -1,51 +1,43 @@
-"""A drop-in ``transformer`` for diffusers' FluxKontextPipeline that runs ToPi (PyTorch reference or built
-engines): keep your pipeline, swap the transformer.
+"""A drop-in ``transformer`` for diffusers pipelines that runs ToPi (PyTorch reference or built engines): keep your
+pipeline, swap the transformer. Generic over families: the family parses its pipeline's call (``parse_call``).
 
-    pipe = FluxKontextPipeline.from_pretrained(...)
-    pipe.transformer = TopiKontextTransformer("engines/my-kontext", ratio=0.5)
+    pipe = FluxKontextPipeline.from_pretrained(...)          # or Flux2Pipeline, QwenImageEditPlusPipeline, ...
+    pipe.transformer = TopiTransformer("engines/my-engines", ratio=0.5)
     image = pipe(image=ref, prompt=..., num_inference_steps=28).images[0]
 
-The pipeline calls the transformer once per denoising step with hidden_states = [latents | reference]; this
-module follows the same temporal plan as ``topi-export run`` (anchor every dT steps, pruned otherwise) and
-starts a new plan whenever the timestep goes up (a new generation)."""
+The pipeline calls the transformer once per denoising step, or twice with true CFG (positive, then negative
+branch at the same timestep). The temporal controller (method/schedule.py) plans the steps exactly as
+``topi-export run`` does: the positive branch's anchor decides the kept set; the negative branch runs the same plan
+with its own embeddings, never re-scoring. A new generation starts when the timestep goes up (or repeats with
+the same embeddings)."""
 from __future__ import annotations
 
-from types import SimpleNamespace
+from contextlib import contextmanager
 
 import torch
 
 from topi_export.errors import TopiError
-from topi_export.models import Layout
-from topi_export.runtime.inputs import Inputs
 
 
-def layout_from_ids(txt_ids: torch.Tensor, img_ids: torch.Tensor) -> Layout:
-    ids = img_ids[0] if img_ids.dim() == 3 else img_ids
-    grids = []
-    for first in (0, 1):
-        part = ids[ids[:, 0] == first]
-        if part.numel() == 0:
-            raise TopiError("img_ids hold no reference tokens (first id component 1): this is not a Kontext call")
-        grids.append((int(part[:, 1].max()) + 1, int(part[:, 2].max()) + 1))
-    text = txt_ids.shape[-2]
-    return Layout(text, grids[0], grids[1])
-
-
-class TopiKontextTransformer(torch.nn.Module):
+class TopiTransformer(torch.nn.Module):
     def __init__(self, engine_dir=None, *, model=None, backend=None, ratio=None, tau=None, ratio_buckets=None,
-                 policy=None, update_interval=None, calibration=None, seed: int = 0):
+                 policy=None, update_interval=None, calibration=None, seed: int = 0, device: str = "cpu",
+                 dtype: str = "fp32"):
         super().__init__()
+        from diffusers.configuration_utils import FrozenDict
+
         from topi_export.runtime.session import open_session
 
         self.session = open_session(model=model, engine_dir=engine_dir, backend=backend, calibration=calibration,
-                                    update_interval=update_interval)
+                                    update_interval=update_interval, device=device, dtype=dtype)
+        self.family = self.session.family
+        if not hasattr(self.family, "parse_call"):
+            raise TopiError(f"{self.family.name} has no diffusers drop-in")
         self._selection = dict(ratio=ratio, tau=tau, ratio_buckets=ratio_buckets, policy=policy, seed=seed)
-        info = self.session.model_info
-        self.config = SimpleNamespace(in_channels=info["in_channels"], guidance_embeds=info["guidance_embeds"],
-                                      joint_attention_dim=info["text_dim"], pooled_projection_dim=info["pooled_dim"])
-        self.interval = int(self.session.settings["update_interval"])
+        self.config = FrozenDict(self.family.config)
         self.schedule = []  # per-step records of the current generation
-        self._last_t = None
+        self._last = None  # (timestep, positive Inputs) of the last positive call
+        self._branch = None
 
     @property
     def dtype(self):
@@ -55,46 +47,67 @@ class TopiKontextTransformer(torch.nn.Module):
     def device(self):
         return torch.device("cpu")
 
-    def _start(self, hidden_states, encoder_hidden_states, pooled_projections, txt_ids, img_ids, guidance):
-        layout = layout_from_ids(txt_ids, img_ids)
-        if self.session.manifest is not None:
-            self.session.manifest.check_layout(layout)
-        ref = hidden_states[:, layout.num_target:].float()
-        g = guidance.reshape(-1)[:1].float() if guidance is not None else None
-        self.inputs = Inputs(ref, encoder_hidden_states.float(), pooled_projections.float(), layout, guidance=g,
-                             source="FluxKontextPipeline")
-        self.selector = self.session.selector(self.inputs, **self._selection)
-        self.session.engine.bind(self.inputs)
-        self.step, self.keep_idx, self.schedule = 0, None, []
+    @contextmanager
+    def cache_context(self, name):  # diffusers' CacheMixin API, used by some pipelines around each branch
+        yield
 
-    def forward(self, hidden_states, timestep=None, guidance=None, pooled_projections=None,
-                encoder_hidden_states=None, txt_ids=None, img_ids=None, joint_attention_kwargs=None,
-                return_dict: bool = True, **_):
-        if hidden_states.shape[0] != 1:
-            raise TopiError("TopiKontextTransformer runs batch 1 (one image per prompt, no true CFG batch)")
+    def _start(self, inputs):
+        from topi_export.method.schedule import TemporalController
+
+        self.selector = self.session.selector(inputs, **self._selection)
+        self.controller = TemporalController(self.selector, self.session.settings.update_interval,
+                                             inputs.layout.num_ctx, inputs.layout.ref_grids)
+        self.step, self.schedule = 0, []
+
+    def _which_branch(self, t: float, inputs) -> str:
+        last = self._last
+        if last is not None and t == last[0] and self._branch == "positive" and not _same_text(inputs, last[1]):
+            return "negative"
+        if last is None or t >= last[0]:
+            self._start(inputs)
+        else:
+            self.step += 1
+        self._last = (t, inputs)
+        return "positive"
+
+    def forward(self, *args, return_dict: bool = True, **kwargs):
+        if args:
+            kwargs.setdefault("hidden_states", args[0])
+        latents, timestep, inputs = self.family.parse_call(kwargs)
+        inputs = self.session.check_inputs(inputs)
+        if latents.shape[0] != 1:
+            raise TopiError("TopiTransformer runs one image per call (num_images_per_prompt=1): the pipeline's true "
+                            "CFG branches come as separate calls")
         t = float(timestep.reshape(-1)[0])
-        if self._last_t is None or t >= self._last_t:
-            self._start(hidden_states, encoder_hidden_states, pooled_projections, txt_ids, img_ids, guidance)
-        self._last_t = t
-        nx = self.inputs.layout.num_target
-        latents = hidden_states[:, :nx].float()
-        ts = timestep.reshape(-1)[:1].float()
+        self._branch = branch = self._which_branch(t, inputs)
+        plan = self.controller.plan(self.step)
         engine = self.session.engine
+        engine.bind(self.family.conditioning(inputs, inputs.layout), inputs.reference_latents, inputs.layout)
+        x, ts = latents.float(), timestep.reshape(-1)[:1].float()
         with torch.inference_mode():
-            if self.step % self.interval == 0:
-                kind = "anchor"
-                velocity, influence = engine.anchor(latents, ts)
-                self.keep_idx, ratio, keep = self.selector.select(influence, self.step)
-                self._bucket = (ratio, keep)
+            if plan.kind == "anchor" and branch == "positive":
+                velocity, influence = engine.anchor(x, ts)
+                record = self.controller.observe(self.step, influence[0])
+            elif plan.kind == "anchor" or plan.keep_idx is None:
+                velocity, record = engine.full(x, ts), {}
             else:
-                kind = "pruned"
-                velocity = engine.full(latents, ts) if self.keep_idx is None else engine.pruned(latents, ts,
-                                                                                                self.keep_idx)
-        self.schedule.append({"step": self.step, "kind": kind, "keep": self._bucket[1], "bucket": self._bucket[0]})
-        self.step += 1
-        velocity = velocity.to(hidden_states.dtype)
+                velocity, record = engine.pruned(x, ts, plan.keep_idx), {}
+        if branch == "positive":
+            pruned = plan.kind == "pruned" and plan.keep_idx is not None
+            self.schedule.append({"step": self.step, "kind": plan.kind, **record,
+                                  "keep": plan.keep if pruned else inputs.layout.num_ctx,
+                                  "bucket": plan.ratio if pruned else 0.0})
+        velocity = velocity[:1].to(latents.dtype)
         if not return_dict:
             return (velocity,)
         from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
         return Transformer2DModelOutput(sample=velocity)
+
+
+def _same_text(a, b) -> bool:
+    x, y = a.tensors.get("prompt_embeds"), b.tensors.get("prompt_embeds")
+    return x is not None and y is not None and x.shape == y.shape and bool(torch.equal(x, y))
+
+
+TopiKontextTransformer = TopiTransformer  # the first release's name

@@ -1,144 +1,180 @@
-"""The inputs file of ``run`` / ``bench`` / Triton: safetensors with reference_latents [1,Nc,C],
-prompt_embeds [1,T,D], pooled_prompt_embeds [1,P], optional noise [1,Nx,C], guidance [1],
-target_latents [1,Nx,C] (ground truth, for benchmarks); metadata target_grid / reference_grid "HxW"."""
+"""The inputs file of ``run`` / ``bench`` / ``calibrate`` / Triton: safetensors holding
+
+    reference_latents [1, sum of Nc_i, C]   every reference's packed latents, concatenated in order (required)
+    <family fields>                         e.g. prompt_embeds [1, T, D], pooled_prompt_embeds [1, P] (FLUX.1),
+                                            prompt_embeds_mask, negative_prompt_embeds[_mask] (Qwen-Image-Edit)
+    noise [1, Nx, C]                        initial latents (optional; seeded otherwise)
+    target_latents [1, Nx, C]               ground truth for benchmarks (optional)
+    guidance [1]                            distilled guidance scale (optional)
+    true_cfg_scale [1]                      classifier-free guidance scale (optional; also as metadata)
+
+and string metadata ``target_grid`` = "HxW" and ``reference_grids`` = "HxW,HxW,..." (``reference_grid`` for one
+reference). Without grids, square grids are assumed for the target and a single reference."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from topi_export.errors import TopiError
-from topi_export.models import Layout
+from topi_export.plan import Layout, parse_grid, parse_grids
+from topi_export.request import Inputs
 
-REQUIRED = {"reference_latents": 3, "prompt_embeds": 3, "pooled_prompt_embeds": 2}
-OPTIONAL = {"noise": 3, "guidance": 1, "target_latents": 3}
-DEFAULT_GUIDANCE = 2.5  # FluxKontextPipeline's default guidance_scale
-
-
-@dataclass
-class Inputs:
-    reference_latents: torch.Tensor
-    prompt_embeds: torch.Tensor
-    pooled_prompt_embeds: torch.Tensor
-    layout: Layout
-    noise: torch.Tensor | None = None
-    guidance: torch.Tensor | None = None
-    target_latents: torch.Tensor | None = None
-    source: str = "synthetic"
-
-    def initial_noise(self, seed: int) -> torch.Tensor:
-        if self.noise is not None:
-            return self.noise.clone()
-        gen = torch.Generator().manual_seed(seed)
-        c = self.reference_latents.shape[-1]
-        return torch.randn(1, self.layout.num_target, c, generator=gen)
-
-    def guidance_tensor(self) -> torch.Tensor:
-        return self.guidance if self.guidance is not None else torch.tensor([DEFAULT_GUIDANCE])
-
-    def with_grid(self, target_grid=None) -> "Inputs":
-        return replace(self, layout=replace(self.layout, target_grid=target_grid or self.layout.target_grid))
+LATENTS = {"reference_latents": True, "noise": False, "target_latents": False}
+SCALARS = ("guidance", "true_cfg_scale")
+MAX_SCALE = 100.0
 
 
-def parse_grid(text: str, what: str) -> tuple[int, int]:
-    try:
-        h, w = (int(v) for v in str(text).lower().split("x"))
-        if h > 0 and w > 0:
-            return h, w
-    except ValueError:
-        pass
-    raise TopiError(f"bad {what} {text!r}: write it as HxW in tokens, e.g. 32x32")
-
-
-def _square(n: int, what: str) -> tuple[int, int]:
+def _square(n: int, what: str, key: str) -> tuple[int, int]:
     side = math.isqrt(n)
     if side * side != n:
-        raise TopiError(f"{what} has {n} tokens, not a square: add the metadata key "
-                        f"'{'target_grid' if what == 'target' else 'reference_grid'}' = 'HxW' to the inputs file")
+        raise TopiError(f"{what} has {n} tokens, not a square: add the metadata key '{key}' = 'HxW' to the inputs file")
     return side, side
 
 
-def load_inputs(path, adapter=None) -> Inputs:
+def _check_tensor(name, t, rank, path):
+    if t.dim() != rank:
+        raise TopiError(f"'{name}' in {path} has shape {list(t.shape)}, expected rank {rank}")
+    if t.shape[0] != 1:
+        raise TopiError(f"'{name}' in {path} has batch {t.shape[0]}: topi-export runs batch 1 per request")
+    if not t.is_floating_point():
+        raise TopiError(f"'{name}' in {path} has dtype {str(t.dtype).replace('torch.', '')}, expected a float tensor: "
+                        f"re-save it as float32")
+    if not torch.isfinite(t.float()).all():
+        raise TopiError(f"'{name}' in {path} contains NaN or Inf: regenerate the inputs file")
+    return t.float()
+
+
+def _scalar(name, tensors, meta, path):
+    if name in tensors:
+        t = tensors[name]
+        if t.numel() != 1 or not t.is_floating_point():
+            raise TopiError(f"'{name}' in {path} must be one float value, got shape {list(t.shape)} {t.dtype}")
+        v = float(t.reshape(-1)[0])
+    elif name in meta:
+        try:
+            v = float(meta[name])
+        except ValueError:
+            raise TopiError(f"metadata '{name}' in {path} is {meta[name]!r}, not a number") from None
+    else:
+        return None
+    if not math.isfinite(v) or not 0.0 <= v <= MAX_SCALE:
+        raise TopiError(f"'{name}' in {path} is {v}, outside 0..{MAX_SCALE}")
+    return v
+
+
+def inputs_from_tensors(tensors: dict, meta: dict, family, source: str = "request") -> Inputs:
+    """Validate named tensors (+ string metadata) against the family's request fields -> Inputs."""
+    where = source
+    for name, required in LATENTS.items():
+        if name not in tensors:
+            if required:
+                raise TopiError(f"{where} has no tensor '{name}': see README, inputs file")
+            continue
+        tensors[name] = _check_tensor(name, tensors[name], 3, where)
+    fields = family.request_fields()
+    for f in fields:
+        if f.name not in tensors:
+            if f.required:
+                need = ", ".join(["reference_latents"] + [g.name for g in fields if g.required])
+                raise TopiError(f"{where} has no tensor '{f.name}': {family.name} needs {need} (see README, inputs file)")
+            continue
+        tensors[f.name] = _check_tensor(f.name, tensors[f.name], f.rank, where)
+    ref = tensors["reference_latents"]
+    noise, target = tensors.get("noise"), tensors.get("target_latents")
+    num_target = (noise if noise is not None else target if target is not None else None)
+    for name in ("noise", "target_latents"):
+        t = tensors.get(name)
+        if t is not None and t.shape[-1] != ref.shape[-1]:
+            raise TopiError(f"'{name}' has {t.shape[-1]} channels but reference_latents has {ref.shape[-1]}: both are "
+                            f"packed latents of the same model")
+    if noise is not None and target is not None and noise.shape[1] != target.shape[1]:
+        raise TopiError(f"'target_latents' has {target.shape[1]} tokens but 'noise' has {noise.shape[1]}")
+    if ref.shape[1] < 1:
+        raise TopiError(f"'reference_latents' in {where} has no tokens: give at least one reference")
+    if "reference_grids" in meta:
+        ref_grids = parse_grids(meta["reference_grids"], "reference_grids")
+    elif "reference_grid" in meta:
+        ref_grids = (parse_grid(meta["reference_grid"], "reference_grid"),)
+    else:
+        ref_grids = (_square(ref.shape[1], "the reference", "reference_grids"),)
+    if sum(h * w for h, w in ref_grids) != ref.shape[1]:
+        raise TopiError(f"reference grids {','.join(f'{h}x{w}' for h, w in ref_grids)} hold "
+                        f"{sum(h * w for h, w in ref_grids)} tokens but reference_latents has {ref.shape[1]}: fix the "
+                        f"metadata")
+    if "target_grid" in meta:
+        target_grid = parse_grid(meta["target_grid"], "target_grid")
+    elif num_target is not None:
+        target_grid = _square(num_target.shape[1], "the target", "target_grid")
+    else:
+        target_grid = ref_grids[0]
+    if num_target is not None and target_grid[0] * target_grid[1] != num_target.shape[1]:
+        raise TopiError(f"target_grid {target_grid[0]}x{target_grid[1]} does not match {num_target.shape[1]} target "
+                        f"tokens: fix the metadata")
+    extra = {f.name: tensors[f.name] for f in fields if f.name in tensors}
+    inputs = Inputs(Layout(1, target_grid, ref_grids), ref, extra, noise=noise, target_latents=target,
+                    guidance=_scalar("guidance", tensors, meta, where),
+                    true_cfg_scale=_scalar("true_cfg_scale", tensors, meta, where), source=source,
+                    meta={k: v for k, v in meta.items() if k not in ("target_grid", "reference_grid", "reference_grids")})
+    inputs = inputs.with_layout(inputs.layout.with_text_tokens(family.text_tokens(inputs)))
+    family.check_inputs(inputs)
+    return inputs
+
+
+def load_inputs(path, family) -> Inputs:
     from safetensors import safe_open
 
     path = Path(path)
     if not path.is_file():
-        raise TopiError(f"inputs file {path} not found: pass a .safetensors file with reference_latents, "
-                        f"prompt_embeds and pooled_prompt_embeds")
+        raise TopiError(f"inputs file {path} not found: pass a .safetensors file with reference_latents and the "
+                        f"model's conditioning tensors (README, inputs file)")
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+            meta = dict(f.metadata() or {})
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as exc:
-        raise TopiError(f"cannot read inputs file {path} ({type(exc).__name__}): it is not a valid safetensors "
-                        f"file; re-save it with safetensors.torch.save_file")
-    for name, rank in {**REQUIRED, **OPTIONAL}.items():
-        if name not in tensors:
-            if name in REQUIRED:
-                raise TopiError(f"inputs file {path} has no tensor '{name}': it needs "
-                                f"{', '.join(REQUIRED)} (see README, inputs file)")
-            continue
-        t = tensors[name]
-        if t.dim() != rank:
-            raise TopiError(f"'{name}' in {path} has shape {list(t.shape)}, expected rank {rank} "
-                            f"({'[1, N, C]' if rank == 3 else '[1, P]' if rank == 2 else '[1]'})")
-        if t.shape[0] != 1:
-            raise TopiError(f"'{name}' in {path} has batch {t.shape[0]}: topi-export runs batch 1 per request")
-        if not torch.isfinite(t.float()).all():
-            raise TopiError(f"'{name}' in {path} contains NaN or Inf: regenerate the inputs file")
-        tensors[name] = t.float()
-    ref, noise = tensors["reference_latents"], tensors.get("noise")
-    target = tensors.get("target_latents")
-    num_target = (noise if noise is not None else target if target is not None else ref).shape[1]
+    except Exception as exc:  # noqa: BLE001 - anything unreadable is the same user error
+        raise TopiError(f"cannot read inputs file {path} ({type(exc).__name__}): it is not a valid safetensors file; "
+                        f"re-save it with safetensors.torch.save_file")
+    return inputs_from_tensors(tensors, meta, family, source=str(path))
+
+
+def save_inputs(path, inputs: Inputs) -> None:
+    """Write an inputs file (atomically) that load_inputs reads back identically."""
+    from safetensors.torch import save
+
+    from topi_export.fsutil import atomic_write_bytes
+    from topi_export.plan import grid_text
+
+    tensors = {"reference_latents": inputs.reference_latents, **inputs.tensors}
     for name in ("noise", "target_latents"):
-        if name in tensors and tensors[name].shape[-1] != ref.shape[-1]:
-            raise TopiError(f"'{name}' has {tensors[name].shape[-1]} channels but reference_latents has "
-                            f"{ref.shape[-1]}: both are packed latents of the same model")
-        if name in tensors and tensors[name].shape[1] != num_target:
-            raise TopiError(f"'{name}' has {tensors[name].shape[1]} tokens, expected {num_target} target tokens")
-    target_grid = parse_grid(meta["target_grid"], "target_grid") if "target_grid" in meta else _square(num_target, "target")
-    ref_grid = parse_grid(meta["reference_grid"], "reference_grid") if "reference_grid" in meta else _square(ref.shape[1], "reference")
-    if target_grid[0] * target_grid[1] != num_target:
-        raise TopiError(f"target_grid {target_grid} does not match {num_target} target tokens: fix the metadata")
-    if ref_grid[0] * ref_grid[1] != ref.shape[1]:
-        raise TopiError(f"reference_grid {ref_grid} does not match {ref.shape[1]} reference tokens: fix the metadata")
-    inputs = Inputs(ref, tensors["prompt_embeds"], tensors["pooled_prompt_embeds"],
-                    Layout(tensors["prompt_embeds"].shape[1], target_grid, ref_grid),
-                    noise=noise, guidance=tensors.get("guidance"), target_latents=target, source=str(path))
-    if adapter is not None:
-        check_inputs(inputs, adapter)
-    return inputs
+        if getattr(inputs, name) is not None:
+            tensors[name] = getattr(inputs, name)
+    for name in SCALARS:
+        if getattr(inputs, name) is not None:
+            tensors[name] = torch.tensor([float(getattr(inputs, name))])
+    meta = {"target_grid": grid_text(inputs.layout.target_grid),
+            "reference_grids": ",".join(grid_text(g) for g in inputs.layout.ref_grids),
+            **{k: str(v) for k, v in inputs.meta.items()}}
+    atomic_write_bytes(path, save({k: v.contiguous() for k, v in tensors.items()}, metadata=meta))
 
 
-def check_inputs(inputs: Inputs, adapter) -> None:
-    checks = [("reference_latents", inputs.reference_latents.shape[-1], adapter.in_channels, "channels"),
-              ("prompt_embeds", inputs.prompt_embeds.shape[-1], adapter.text_dim, "features"),
-              ("pooled_prompt_embeds", inputs.pooled_prompt_embeds.shape[-1], adapter.pooled_dim, "features")]
-    for name, got, want, unit in checks:
-        if got != want:
-            raise TopiError(f"'{name}' has {got} {unit} but the model expects {want}: the inputs were made for "
-                            f"another model")
+def sample_files(source: str) -> list[Path]:
+    """The held-out samples shipped with a built-in trained model (none for other models)."""
+    from topi_export.models import ASSET_MODELS, ASSETS
+
+    folder = ASSET_MODELS.get(str(source))
+    if not folder:
+        return []
+    return sorted((ASSETS / folder / "samples").glob("sample_*.safetensors"), key=lambda p: int(p.stem.split("_")[-1]))
 
 
-def synthetic_inputs(adapter, seed: int = 0, target_grid=(8, 8), ref_grid=None, text_tokens: int = 8) -> Inputs:
-    """Seeded random conditioning: lets ``run`` work with no inputs file (smoke tests, benchmarks)."""
-    ref_grid = ref_grid or target_grid
-    gen = torch.Generator().manual_seed(seed)
-    nc = ref_grid[0] * ref_grid[1]
-    return Inputs(torch.randn(1, nc, adapter.in_channels, generator=gen),
-                  torch.randn(1, text_tokens, adapter.text_dim, generator=gen),
-                  torch.randn(1, adapter.pooled_dim, generator=gen),
-                  Layout(text_tokens, tuple(target_grid), tuple(ref_grid)), source=f"synthetic(seed={seed})")
-
-
-def default_inputs(model_source: str, adapter, seed: int = 0) -> Inputs:
-    """The embedded model's first held-out sample if it ships one, else a seeded synthetic input."""
-    from topi_export.models import BUILTINS
-
-    folder = BUILTINS.get(model_source)
-    sample = folder / "samples" / "sample_0.safetensors" if folder else None
-    if sample is not None and sample.exists():
-        return load_inputs(sample, adapter)
-    return synthetic_inputs(adapter, seed)
+def default_inputs(source: str, family, seed: int = 0, layout: Layout | None = None) -> Inputs:
+    """The built-in model's first held-out sample (when it matches `layout`), else seeded synthetic inputs."""
+    files = sample_files(source)
+    if files:
+        data = load_inputs(files[0], family)
+        if layout is None or data.layout == layout:
+            return data
+    layout = layout or Layout(family.text_tokens_default, (8, 8), ((8, 8),))
+    return family.synthetic_inputs(layout, seed)

@@ -1,19 +1,17 @@
-"""manifest.json of an engine directory (DESIGN §3): what was built, for which model, shape, buckets,
-calibration, backend and target, with the sha256 of every file. The runtime refuses a directory whose
-manifest does not match its files or what it is asked to run."""
+"""Reading and verifying an engine directory: parse ``manifest.json`` into the typed plan.Manifest (every field
+checked), confine every file it names to the directory, and check every file's sha256. The runtime refuses a
+directory whose manifest does not match its files or what it is asked to run."""
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 from topi_export.errors import TopiError
-from topi_export.method import DEFAULT_POLICY, keep_count
-from topi_export.models import Layout
+from topi_export.fsutil import atomic_write_bytes, check_onnx_external_data, confined_path
+from topi_export.plan import NAME, FileEntry, Manifest
 
-FORMAT = "topi-engines/1"
-NAME = "manifest.json"
+MAX_MANIFEST_BYTES = 16 << 20
 
 
 def sha256_file(path) -> str:
@@ -25,154 +23,111 @@ def sha256_file(path) -> str:
 
 
 def file_entries(root: Path, rel_paths) -> dict:
-    return {str(p): {"sha256": sha256_file(root / p), "bytes": (root / p).stat().st_size} for p in sorted(rel_paths)}
+    return {str(p): FileEntry(sha256_file(root / p), (root / p).stat().st_size) for p in sorted(map(str, rel_paths))}
 
 
-def bucket_table(ratios, num_ctx: int) -> list[dict]:
-    """One optimization profile per bucket, in ascending ratio order: profile i <-> bucket i."""
-    return [{"ratio": r, "keep": keep_count(r, num_ctx), "profile": i} for i, r in enumerate(ratios)]
+def write_manifest(root: Path, manifest: Manifest) -> None:
+    atomic_write_bytes(Path(root) / NAME, (json.dumps(manifest.to_json(), indent=2) + "\n").encode())
 
 
-@dataclass
-class Manifest:
-    data: dict
-    path: Path
-
-    @property
-    def layout(self) -> Layout:
-        lay = self.data["layout"]
-        return Layout(lay["text_tokens"], tuple(lay["target_grid"]), tuple(lay["reference_grid"]))
-
-    @property
-    def backend(self) -> str:
-        return self.data["backend"]
-
-    @property
-    def policy(self) -> str:
-        return self.data.get("policy", DEFAULT_POLICY)
-
-    @property
-    def settings(self) -> dict:
-        return dict(self.data["calibration"])
-
-    def bucket_ratios(self):
-        return [b["ratio"] for b in self.data["buckets"]]
-
-    def profile_for(self, keep: int) -> int:
-        for b in self.data["buckets"]:
-            if b["keep"] == keep:
-                return b["profile"]
-        raise TopiError(f"no compiled bucket keeps {keep} tokens in {self.path}: buckets are "
-                        f"{[(b['ratio'], b['keep']) for b in self.data['buckets']]}")
-
-    def file(self, rel: str) -> Path:
-        return self.path / rel
-
-    def graph_file(self, kind: str) -> Path:
-        return self.file(self.data["graphs"][kind]["file"])
-
-    def check_layout(self, layout: Layout) -> None:
-        built = self.layout
-        if layout != built:
-            raise TopiError(f"inputs are {layout.describe()} (text tokens, target grid, reference grid) but "
-                            f"{self.path} was built for {built.describe()}: rebuild with "
-                            f"`topi-export build --inputs FILE` or matching --target-grid/--ref-grid/--text-tokens")
-
-    def check_model(self, identity: dict) -> None:
-        want = self.data["model"]
-        for key in ("config_hash", "weights_hash"):
-            if want[key] != identity[key]:
-                raise TopiError(f"{self.path} was built for another model ({key} {want[key]} != {identity[key]} "
-                                f"of {identity['source']}): rebuild the engines for this model")
+def is_engine_dir(path) -> bool:
+    """A directory topi-export made (it holds a topi manifest): what --force may replace."""
+    try:
+        return json.loads((Path(path) / NAME).read_text()).get("format", "").startswith("topi-engines/")
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return False
 
 
 def read_manifest(engine_dir, verify_files: bool = True) -> Manifest:
     root = Path(engine_dir)
-    path = root / NAME
     if not root.is_dir():
         raise TopiError(f"engine directory {root} not found: build it with `topi-export build --engine-dir {root}`")
+    path = confined_path(root, NAME, what="manifest")
     if not path.is_file():
-        raise TopiError(f"{root} has no {NAME}: it is not a topi-export engine directory; rebuild with "
+        raise TopiError(f"{root} has no {NAME}: it is not a topi-export engine directory; build one with "
                         f"`topi-export build --engine-dir {root}`")
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise TopiError(f"{path} is larger than {MAX_MANIFEST_BYTES >> 20} MB: not a topi-export manifest; rebuild")
     try:
         data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise TopiError(f"{path} is not valid JSON ({exc.__class__.__name__}): rebuild the engine directory")
-    if data.get("format") != FORMAT:
-        raise TopiError(f"{path} has format {data.get('format')!r}, expected {FORMAT!r}: rebuild with this "
-                        f"topi-export version")
-    for key in ("model", "layout", "graphs", "buckets", "calibration", "backend", "files"):
-        if key not in data:
-            raise TopiError(f"{path} lacks '{key}': the manifest was edited or truncated; rebuild the engines")
-    m = Manifest(data, root)
-    _check_buckets(m)
+    m = Manifest.from_json(data, str(path), root)
+    for rel in m.files:
+        confined_path(root, rel, what="engine file")
     if verify_files:
         verify(m)
     return m
 
 
-def _check_buckets(m: Manifest) -> None:
-    ratios = m.bucket_ratios()
-    num_ctx = m.layout.num_ctx
-    if ratios != sorted(set(ratios)):
-        raise TopiError(f"buckets in {m.path / NAME} are not ascending and unique ({ratios}): the manifest was "
-                        f"edited; rebuild the engines")
-    expected = bucket_table(ratios, num_ctx)
-    for got, want in zip(m.data["buckets"], expected):
-        if got.get("keep") != want["keep"] or got.get("profile") != want["profile"]:
-            raise TopiError(f"bucket {got} in {m.path / NAME} does not match its ratio (expected keep "
-                            f"{want['keep']}, profile {want['profile']} for {num_ctx} context tokens): the manifest "
-                            f"was edited; rebuild the engines")
-
-
 def verify(m: Manifest) -> None:
-    files = m.data["files"]
-    for kind, graph in m.data["graphs"].items():
-        if graph["file"] not in files:
-            raise TopiError(f"{kind} engine {graph['file']} is not listed in {m.path / NAME}: rebuild the engines")
-    for rel, entry in files.items():
-        p = m.path / rel
+    for rel, entry in m.files.items():
+        p = confined_path(m.root, rel, what="engine file")
         if not p.is_file():
-            raise TopiError(f"engine file {p} is missing: rebuild with `topi-export build --engine-dir {m.path}`")
-        if sha256_file(p) != entry["sha256"]:
-            raise TopiError(f"engine file {p} does not match its sha256 in {NAME} (modified after the build): "
-                            f"rebuild with `topi-export build --engine-dir {m.path} --force`")
+            raise TopiError(f"engine file {rel} is missing from {m.root}: rebuild with "
+                            f"`topi-export build --engine-dir {m.root} --force`")
+        if p.stat().st_size != entry.bytes or sha256_file(p) != entry.sha256:
+            raise TopiError(f"engine file {rel} in {m.root} does not match its sha256 in {NAME} (modified after the "
+                            f"build): rebuild with `topi-export build --engine-dir {m.root} --force`")
+    graph_of = {}  # ONNX file -> the graph entries built from it
+    for kind, g in m.graphs.items():
+        rel = g.onnx or (g.file if g.file.endswith(".onnx") else None)
+        if rel is not None:
+            graph_of.setdefault(rel, []).append(kind)
+    for rel in m.files:
+        if rel.endswith(".onnx"):
+            model = load_graph(confined_path(m.root, rel), rel, m.root)
+            data_files = check_onnx_external_data(confined_path(m.root, rel), m.root, model=model)
+            unlisted = sorted(str(d) for d in data_files if str(d) not in m.files)
+            if unlisted:
+                raise TopiError(f"{rel} in {m.root} reads external data {unlisted} that the manifest does not list: "
+                                f"rebuild the engine directory")
+            for kind in graph_of.get(rel, ()):
+                check_graph_io(model, m.graphs[kind], f"the {kind} graph entry of {m.root / NAME} ({rel})")
 
 
-def open_engine_session(engine_dir, *, backend=None, model=None, update_interval=None, device="cpu", dtype="fp32"):
-    from topi_export.runtime.session import Session, model_info
-
-    m = read_manifest(engine_dir)
-    backend = backend or m.backend
-    settings = m.settings
-    if update_interval is not None:
-        settings["update_interval"] = int(update_interval)
-    info = dict(m.data["model"])
-    if backend == "torch":
-        from topi_export.backends.torch import TorchEngine
-        from topi_export.models import load_model
-
-        loaded = load_model(model or info["source"])
-        m.check_model(loaded.identity())
-        return Session(TorchEngine(loaded.adapter, settings, device, dtype), settings, model_info(loaded), manifest=m,
-                       adapter=loaded.adapter)
-    if model is not None:
-        from topi_export.models import load_model
-
-        m.check_model(load_model(model).identity())
-    if backend != m.backend:
-        raise TopiError(f"{m.path} holds {m.backend} engines, not {backend}: run with --backend {m.backend} "
-                        f"(or torch), or build {backend} engines")
-    if backend == "onnxruntime":
-        from topi_export.backends.onnxruntime import OrtEngine
-
-        engine = OrtEngine(m)
-    else:
-        from topi_export.backends.tensorrt.runtime import TensorRTEngine
-
-        engine = TensorRTEngine(m)
-    return Session(engine, settings, info, manifest=m)
+ONNX_DTYPES = {"FLOAT": "float32", "FLOAT16": "float16", "BFLOAT16": "bfloat16", "INT64": "int64", "INT32": "int32",
+               "BOOL": "bool"}
 
 
-def write_manifest(root: Path, data: dict) -> None:
-    (root / NAME).write_text(json.dumps(data, indent=2) + "\n")
+def load_graph(path, rel, root):
+    """An ONNX graph's structure, without its weights."""
+    import onnx
+
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - anything unreadable is a broken directory
+        raise TopiError(f"cannot read ONNX graph {rel} in {root} ({type(exc).__name__}): rebuild the engine "
+                        f"directory") from None
+
+
+def check_graph_io(model, entry, where: str) -> None:
+    """The graph takes and returns exactly the tensors its manifest entry records (names, dtypes, ranks, fixed
+    sizes). The runtime feeds what the entry says: a swapped or edited entry would run the wrong graph."""
+    import onnx
+
+    def fail(what):
+        return TopiError(f"{where}: {what}: the manifest was edited after the build; rebuild the engine directory")
+
+    initializers = {t.name for t in model.graph.initializer}
+    for what, values, recorded in (("inputs", [v for v in model.graph.input if v.name not in initializers],
+                                    entry.inputs), ("outputs", list(model.graph.output), entry.outputs)):
+        have = {v.name: v.type.tensor_type for v in values}
+        want = {t.name: t for t in recorded}
+        if set(have) != set(want):
+            raise fail(f"the graph's {what} are {sorted(have)}, the entry records {sorted(want)}")
+        for name, t in want.items():
+            tt = have[name]
+            try:
+                dtype = ONNX_DTYPES.get(onnx.TensorProto.DataType.Name(tt.elem_type), "unsupported")
+            except ValueError:
+                dtype = "unsupported"
+            if dtype != t.dtype:
+                raise fail(f"tensor {name!r} is {dtype} in the graph, {t.dtype} in the entry")
+            if not tt.HasField("shape"):
+                continue
+            dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+            if len(dims) != len(t.dims) or any(isinstance(w, int) and h is not None and h != w
+                                               for h, w in zip(dims, t.dims)):
+                shown = ["?" if d is None else d for d in dims]
+                raise fail(f"tensor {name!r} has dims {shown} in the graph, {list(t.dims)} in the entry")

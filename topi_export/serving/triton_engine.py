@@ -1,107 +1,137 @@
-"""The step engine of Triton's BLS loop model, plus the request parsing that model needs.
+"""The step engine of Triton's BLS loop model, and the request parsing that model needs (docs/design.md, "Serving").
 
-``TritonEngine`` implements the StepEngine protocol (runtime/engine.py), so Triton runs the very same
-``topi_export.runtime.loop.denoise`` as ``topi-export run``. Its anchor / pruned / full calls go through
-one callable ``infer(model_name, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]``:
-inside Triton that callable wraps ``pb_utils.InferenceRequest(...).exec()`` (see bls_model.py); in tests
-an ONNX Runtime stand-in implements it. Nothing here imports Triton.
+``TritonEngine`` is a ``StepEngine`` (backends/base.py), so Triton runs the very same ``runtime.loop.denoise`` as
+``topi-export run``. Its one graph call goes through a callable ``infer(model_name, inputs: dict[str, np.ndarray],
+outputs: list[str]) -> dict[str, np.ndarray]``: inside Triton that callable wraps
+``pb_utils.InferenceRequest(...).exec()`` (bls_model.py); in tests ONNX Runtime stands in for it. Nothing here
+imports Triton.
+
+The loop model's request is the inputs file of ``run`` (runtime/inputs.py: reference latents, the family's request
+fields, optional noise and guidance scales, grids as strings) plus ``run``'s options as scalars; it is parsed by
+``inputs_from_tensors``, so a request is validated exactly like an inputs file.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from topi_export.backends.base import StepEngine
 from topi_export.errors import TopiError
-from topi_export.runtime.engine import static_feed
 
-# Loop model request tensors: the inputs file of `run` (runtime/inputs.py) plus run's options as scalars.
-CONDITIONING = ("reference_latents", "prompt_embeds", "pooled_prompt_embeds", "noise", "guidance")
-OPTIONS = {"steps": "TYPE_INT32", "seed": "TYPE_INT64", "ratio": "TYPE_FP32", "tau": "TYPE_FP32",
-           "update_interval": "TYPE_INT32", "policy": "TYPE_STRING"}
-REQUEST_INPUTS = CONDITIONING + tuple(OPTIONS)
 DEFAULT_STEPS = 28  # the default of `run --steps`
+MAX_STEPS = 1000
+MAX_UPDATE_INTERVAL = 1000
+MAX_SEED = (1 << 64) - 1
+MODES = ("topi", "full", "dense")
 
-_NP_DTYPES = {"float32": np.float32, "float16": np.float16, "float64": np.float64, "int64": np.int64,
-              "int32": np.int32, "bool": np.bool_}
-
-
-def _np_dtype(name: str):
-    if name == "bfloat16":
-        raise TopiError("a bfloat16 engine input cannot be fed from numpy: build the engines with fp32 I/O "
-                        "(--precision bf16 keeps fp32 inputs and outputs in a strongly typed network)")
-    return _NP_DTYPES[name]
+# Triton data types of the graph tensors the loop model feeds (numpy cannot hold bfloat16).
+NUMPY_TYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "bool": np.bool_}
+OUTPUTS = {"topi": ["velocity", "influence"], "dense": ["velocity"]}
 
 
-class TritonEngine:
-    """StepEngine whose graph calls are Triton model calls (or anything with the same ``infer`` signature).
+@dataclass(frozen=True)
+class Wire:
+    """One tensor of the loop model's config: name, Triton type, dims (-1: any size), optional."""
 
-    names: {"anchor": model name, "pruned": model name}.
-    io: optional {"anchor": {"inputs": {name: dtype}}, "pruned": {...}}: the inputs each model declares
-        (so e.g. ``guidance`` is sent only where the graph has it) and their numpy dtypes.
-    full_via: "pruned" (keep_idx = every context token; ONNX Runtime graphs accept any length) or
-        "anchor" (the anchor model's velocity, influence dropped; TensorRT pruned plans only have the
-        bucket profiles, none for the full context).
-    """
+    name: str
+    dtype: str
+    dims: tuple
+    optional: bool = True
+
+
+# Options of `run`, as request scalars (Triton types); the grids are "HxW" / "HxW,HxW" strings.
+OPTIONS = (Wire("steps", "TYPE_INT32", (1,)), Wire("seed", "TYPE_UINT64", (1,)), Wire("ratio", "TYPE_FP32", (1,)),
+           Wire("tau", "TYPE_FP32", (1,)), Wire("update_interval", "TYPE_INT32", (1,)),
+           Wire("policy", "TYPE_STRING", (1,)), Wire("mode", "TYPE_STRING", (1,)),
+           Wire("target_grid", "TYPE_STRING", (1,)), Wire("reference_grids", "TYPE_STRING", (1,)))
+SCALARS = ("guidance", "true_cfg_scale")
+
+
+def loop_inputs(family) -> tuple[Wire, ...]:
+    """The loop model's inputs: the tensors of an inputs file (without target_latents) and the options."""
+    c = family.in_channels
+    out = [Wire("reference_latents", "TYPE_FP32", (1, -1, c), optional=False)]
+    for f in family.request_fields():
+        dims = (1,) + (-1,) * (f.rank - 2) + (f.last_dim or -1,) if f.rank >= 2 else (f.last_dim or -1,)
+        out.append(Wire(f.name, "TYPE_FP32", dims, optional=not f.required))
+    out.append(Wire("noise", "TYPE_FP32", (1, -1, c)))
+    out += [Wire(name, "TYPE_FP32", (1,)) for name in SCALARS]
+    return tuple(out) + OPTIONS
+
+
+def loop_outputs(family) -> tuple[Wire, ...]:
+    return (Wire("latents", "TYPE_FP32", (1, -1, family.in_channels), optional=False),
+            Wire("schedule", "TYPE_STRING", (1,), optional=False))
+
+
+def model_names(prefix: str, kinds) -> dict:
+    """Triton model name of each engine graph: <prefix>_topi, <prefix>_dense."""
+    return {kind: f"{prefix}_{kind}" for kind in kinds}
+
+
+def check_graph_types(graphs: dict, where) -> None:
+    for kind, g in graphs.items():
+        for t in g.inputs + g.outputs:
+            if t.dtype not in NUMPY_TYPES:
+                raise TopiError(f"the {kind} graph of {where} has {t.dtype} tensor {t.name!r}, which the loop model "
+                                f"cannot feed from numpy: build the engines with float32/float16 inputs and outputs")
+
+
+class TritonEngine(StepEngine):
+    """A StepEngine whose graph calls are Triton model calls (or anything with the same ``infer`` signature).
+
+    manifest: the engine directory's manifest (graph inputs/outputs, by name and dtype).
+    models: {"topi": Triton model name, "dense": ...} (model_names()).
+    Each call feeds exactly the inputs the graph declares, in the declared dtypes."""
 
     name = "triton"
 
-    def __init__(self, infer, names: dict | None = None, io: dict | None = None, full_via: str = "pruned"):
-        if full_via not in ("pruned", "anchor"):
-            raise TopiError(f"full_via must be 'pruned' or 'anchor', not {full_via!r}")
-        self.infer = infer
-        self.names = {"anchor": "topi_anchor", "pruned": "topi_pruned", **(names or {})}
-        self.io = io or {}
-        self.full_via = full_via
+    def __init__(self, infer, manifest, models: dict):
+        if "topi" not in models:
+            raise TopiError("the loop model needs the name of the topi engine model: regenerate the repository with "
+                            "`topi-export triton`")
+        check_graph_types(manifest.graphs, manifest.root)
+        self.infer, self.graphs = infer, manifest.graphs
+        self.models = {k: v for k, v in models.items() if k in manifest.graphs}
+        self.has_dense = "dense" in self.models
 
-    # --- StepEngine ------------------------------------------------------------------------------
-    def bind(self, inputs) -> None:
-        self.reference, self.static, self.all_idx = static_feed(inputs)
+    def bind(self, cond, context, layout):
+        super().bind(cond, context, layout)
+        self.np_cond = {k: v.detach().cpu().numpy() for k, v in cond.items()}
+        self.np_context = self.context.numpy()
 
-    def full(self, latents, timestep):
-        if self.full_via == "anchor":
-            return self.anchor(latents, timestep)[0]
-        return self.pruned(latents, timestep, self.all_idx)
-
-    def anchor(self, latents, timestep):
-        out = self._call("anchor", self._feed("anchor", latents, timestep), ["velocity", "influence"])
-        return out["velocity"], out["influence"].reshape(-1)
-
-    def pruned(self, latents, timestep, keep_idx):
-        idx = keep_idx.numpy() if isinstance(keep_idx, torch.Tensor) else np.asarray(keep_idx)
-        if self.full_via == "anchor" and idx.size == self.all_idx.size:  # no profile for the full context
-            return self.full(latents, timestep)
-        out = self._call("pruned", self._feed("pruned", latents, timestep, idx.astype(np.int64)), ["velocity"])
-        return out["velocity"]
-
-    # --- plumbing --------------------------------------------------------------------------------
-    def _feed(self, kind, latents, timestep, keep_idx=None) -> dict:
-        feed = {"hidden_states": np.concatenate([latents.numpy().astype(np.float32), self.reference], axis=1),
-                "timestep": timestep.numpy().astype(np.float32), **self.static}
+    def _call(self, kind, latents, timestep, keep_idx, score_idx):
+        if kind not in self.models:
+            raise TopiError(f"this repository has no {kind} engine model: build the engine directory with "
+                            f"--dense-baseline and regenerate it with `topi-export triton`")
+        model = self.models[kind]
+        b = latents.shape[0]
+        feed = {"latents": latents.float().numpy(), "timestep": timestep.float().numpy(),
+                "context": np.broadcast_to(self.np_context, (b,) + self.np_context.shape[1:]), **self.np_cond}
         if keep_idx is not None:
-            feed["keep_idx"] = keep_idx
-        declared = self.io.get(kind, {}).get("inputs")
-        if declared:
-            missing = set(declared) - set(feed)
-            if missing:
-                raise TopiError(f"model {self.names[kind]} declares inputs {sorted(missing)} that the Kontext "
-                                f"step does not produce: regenerate the repository with `topi-export triton`")
-            feed = {k: np.ascontiguousarray(feed[k].astype(_np_dtype(d), copy=False)) for k, d in declared.items()}
-        return feed
-
-    def _call(self, kind, feed, outputs) -> dict:
-        model = self.names[kind]
-        result = self.infer(model, feed, list(outputs))
-        out = {}
+            feed["keep_idx"], feed["score_idx"] = keep_idx.numpy(), score_idx.numpy()
+        declared = self.graphs[kind].inputs
+        missing = [t.name for t in declared if t.name not in feed]
+        if missing:
+            raise TopiError(f"model {model} declares inputs {missing} that this request does not provide: the "
+                            f"engines were built for another model family")
+        inputs = {t.name: np.ascontiguousarray(feed[t.name], dtype=NUMPY_TYPES[t.dtype]) for t in declared}
+        outputs = OUTPUTS[kind]
+        result = self.infer(model, inputs, list(outputs))
+        out = []
         for name in outputs:
-            if name not in result or result[name] is None:
+            if result.get(name) is None:
                 raise TopiError(f"model {model} returned no output '{name}'")
-            out[name] = torch.from_numpy(np.array(result[name], dtype=np.float32, copy=True))
-        return out
+            out.append(torch.from_numpy(np.array(result[name], dtype=np.float32, copy=True)))
+        return out[0], (out[1] if len(out) > 1 else None)
 
 
-# --- request parsing (loop model) ----------------------------------------------------------------------
+# --- request parsing (loop model) ----------------------------------------------------------------------------
 @dataclass
 class RequestOptions:
     steps: int = DEFAULT_STEPS
@@ -110,64 +140,171 @@ class RequestOptions:
     tau: float | None = None
     update_interval: int | None = None
     policy: str | None = None
+    mode: str = "topi"
 
 
-def _scalar(arrays: dict, name: str):
-    if name not in arrays or arrays[name] is None:
+def _one(arrays: dict, name: str):
+    a = arrays.get(name)
+    if a is None:
         return None
-    a = np.asarray(arrays[name])
+    a = np.asarray(a)
     if a.size != 1:
         raise TopiError(f"request input '{name}' must hold one value, got shape {list(a.shape)}")
     return a.reshape(-1)[0]
 
 
+def _int(arrays, name, lo, hi):
+    v = _one(arrays, name)
+    if v is None:
+        return None
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+        raise TopiError(f"request input '{name}' is {v!r}: send an integer")
+    v = int(v)
+    if not lo <= v <= hi:
+        raise TopiError(f"request input '{name}' is {v}, outside {lo}..{hi}")
+    return v
+
+
+def _float(arrays, name):
+    v = _one(arrays, name)
+    if v is None:
+        return None
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (float, int, np.floating, np.integer)):
+        raise TopiError(f"request input '{name}' is {v!r}: send a number")
+    # FP32 on the wire: 0.3 arrives as 0.30000001; 6 decimals match the compiled bucket 0.3 again
+    return round(float(v), 6)
+
+
+def _text(arrays, name):
+    v = _one(arrays, name)
+    if v is None:
+        return None
+    if isinstance(v, (bytes, np.bytes_)):
+        try:
+            return bytes(v).decode("utf-8")
+        except UnicodeDecodeError:
+            raise TopiError(f"request input '{name}' is not UTF-8 text") from None
+    if isinstance(v, str):
+        return v
+    raise TopiError(f"request input '{name}' is {v!r}: send a string (BYTES)")
+
+
 def request_options(arrays: dict) -> RequestOptions:
-    """steps / seed / ratio / tau / update_interval / policy from the request (all optional, as in `run`)."""
+    """steps / seed / ratio / tau / update_interval / policy / mode, all optional as in `run`, range-checked."""
+    import math
+
+    from topi_export.method import check_policy, validate_ratio
+
     opts = RequestOptions()
-    if (v := _scalar(arrays, "steps")) is not None:
-        opts.steps = int(v)
-    if (v := _scalar(arrays, "seed")) is not None:
-        opts.seed = int(v)
-    # FP32 on the wire: 0.3 arrives as 0.30000001; snap to 6 decimals so it matches the compiled bucket 0.3.
-    if (v := _scalar(arrays, "ratio")) is not None:
-        opts.ratio = round(float(v), 6)
-    if (v := _scalar(arrays, "tau")) is not None:
-        opts.tau = round(float(v), 6)
-    if (v := _scalar(arrays, "update_interval")) is not None:
-        opts.update_interval = int(v)
-    if (v := _scalar(arrays, "policy")) is not None:
-        opts.policy = v.decode() if isinstance(v, (bytes, np.bytes_)) else str(v)
-    if opts.steps < 1:
-        raise TopiError(f"steps {opts.steps} must be >= 1")
+    if (v := _int(arrays, "steps", 1, MAX_STEPS)) is not None:
+        opts.steps = v
+    if (v := _int(arrays, "seed", 0, MAX_SEED)) is not None:
+        opts.seed = v
+    opts.update_interval = _int(arrays, "update_interval", 1, MAX_UPDATE_INTERVAL)
+    opts.ratio, opts.tau = _float(arrays, "ratio"), _float(arrays, "tau")
+    if opts.ratio is not None and opts.tau is not None:
+        raise TopiError("send either 'ratio' or 'tau', not both")
+    if opts.ratio is not None:
+        validate_ratio(opts.ratio, "request input 'ratio'")
+    if opts.tau is not None and not (math.isfinite(opts.tau) and 0.0 < opts.tau <= 1.0):
+        raise TopiError(f"request input 'tau' is {opts.tau}, outside (0, 1]: the fraction of the influence kept")
+    if (v := _text(arrays, "policy")) is not None:
+        opts.policy = check_policy(v)
+    if (v := _text(arrays, "mode")) is not None:
+        if v not in MODES:
+            raise TopiError(f"request input 'mode' is {v!r}: one of {', '.join(MODES)}")
+        opts.mode = v
     return opts
 
 
-def inputs_from_arrays(arrays: dict, manifest, source: str = "triton request"):
-    """The request's conditioning tensors as ``Inputs`` with the engine directory's layout; the same
-    rank / batch / finiteness / token-count checks as an inputs file (runtime/inputs.py)."""
-    from topi_export.runtime.inputs import OPTIONAL, REQUIRED, Inputs
+def _tensor_names(family) -> list[str]:
+    return ["reference_latents", "noise", *(f.name for f in family.request_fields()), *SCALARS]
 
-    layout = manifest.layout
-    model = manifest.data["model"]
-    want = {"reference_latents": [1, layout.num_ctx, model["in_channels"]],
-            "prompt_embeds": [1, layout.text_tokens, model["text_dim"]],
-            "pooled_prompt_embeds": [1, model["pooled_dim"]],
-            "noise": [1, layout.num_target, model["in_channels"]], "guidance": [1]}
+
+def request_input_names(family) -> list[str]:
+    """Every input the loop model reads from a request."""
+    return [w.name for w in loop_inputs(family)]
+
+
+def default_grids(manifest, tensors: dict, meta: dict) -> dict:
+    """Fill a missing target_grid / reference_grids from the one served layout that fits the request's token
+    counts (the engine directory's only layout, when it has one); ask for the grids when several fit."""
+    from topi_export.plan import grid_text, parse_grid, parse_grids
+
+    ref, noise = tensors.get("reference_latents"), tensors.get("noise")
+    if ref is None or ref.dim() != 3 or ("target_grid" in meta and "reference_grids" in meta):
+        return meta
+    target = parse_grid(meta["target_grid"], "target_grid") if "target_grid" in meta else None
+    refs = parse_grids(meta["reference_grids"], "reference_grids") if "reference_grids" in meta else None
+    fits = {(lay.target_grid, lay.ref_grids) for lay in manifest.layouts
+            if lay.num_ctx == ref.shape[1] and (noise is None or noise.dim() != 3 or lay.num_target == noise.shape[1])
+            and target in (None, lay.target_grid) and refs in (None, lay.ref_grids)}
+    if len(fits) > 1:
+        shown = ", ".join(f"target {grid_text(t)} references {','.join(map(grid_text, r))}" for t, r in sorted(fits))
+        raise TopiError(f"several served layouts have {ref.shape[1]} reference tokens ({shown}): send "
+                        f"'target_grid' (\"HxW\") and 'reference_grids' (\"HxW,HxW,...\")")
+    if len(fits) == 1:
+        (t, r), = fits
+        meta = dict(meta)
+        meta.setdefault("target_grid", grid_text(t))
+        meta.setdefault("reference_grids", ",".join(map(grid_text, r)))
+    return meta  # none fits: the grids inferred from the tensors are reported against the served layouts
+
+
+def parse_request(arrays: dict, manifest, family, source: str = "the request"):
+    """Request tensors (numpy) -> (Inputs, RequestOptions), with the checks of an inputs file."""
+    from topi_export.runtime.inputs import inputs_from_tensors
+
     tensors = {}
-    for name in CONDITIONING:
+    for name in _tensor_names(family):
         a = arrays.get(name)
         if a is None:
-            if name in REQUIRED:
-                raise TopiError(f"request has no input '{name}': send {', '.join(REQUIRED)} (see docs/triton.md)")
             continue
         a = np.asarray(a)
-        rank = REQUIRED.get(name, OPTIONAL.get(name))
-        if a.ndim != rank or list(a.shape) != want[name]:
-            raise TopiError(f"request input '{name}' has shape {list(a.shape)}, expected {want[name]} "
-                            f"(the engines were built for {layout.describe()})")
-        t = torch.from_numpy(np.array(a, dtype=np.float32, copy=True))
-        if not torch.isfinite(t).all():
-            raise TopiError(f"request input '{name}' contains NaN or Inf")
-        tensors[name] = t
-    return Inputs(tensors["reference_latents"], tensors["prompt_embeds"], tensors["pooled_prompt_embeds"], layout,
-                  noise=tensors.get("noise"), guidance=tensors.get("guidance"), source=source)
+        if a.dtype.kind not in "fiub":
+            raise TopiError(f"request input '{name}' has dtype {a.dtype}: send FP32")
+        tensors[name] = torch.from_numpy(np.array(a, copy=True))
+    meta = {k: v for k in ("target_grid", "reference_grids") if (v := _text(arrays, k)) is not None}
+    meta = default_grids(manifest, tensors, meta)
+    inputs = inputs_from_tensors(tensors, meta, family, source=source)
+    return inputs, request_options(arrays)
+
+
+# --- the loop model's work, without Triton ---------------------------------------------------------------------
+def open_loop_session(model_dir, infer, models: dict, manifest_sha256: str | None = None):
+    """The Session of a loop model: the manifest copied next to its config.pbtxt, a TritonEngine over ``infer``."""
+    from topi_export.models import adapter_for
+    from topi_export.plan import NAME
+    from topi_export.runtime.manifest import read_manifest
+    from topi_export.runtime.session import Session
+
+    model_dir = Path(model_dir)
+    if manifest_sha256:
+        have = hashlib.sha256((model_dir / NAME).read_bytes()).hexdigest()
+        if have != manifest_sha256:
+            raise TopiError(f"{model_dir / NAME} does not match the sha256 in config.pbtxt: regenerate the repository "
+                            f"with `topi-export triton`")
+    # The engine files stay with the engine models; their hashes were checked when the repository was written.
+    m = read_manifest(model_dir, verify_files=False)
+    engine = TritonEngine(infer, m, models)
+    return Session(engine, adapter_for(m.model), m.settings, m.model, m, m.scheduler or None)
+
+
+def run_request(session, arrays: dict) -> tuple[np.ndarray, str]:
+    """One loop-model request: the latents [1, Nx, C] (float32) and the schedule as JSON."""
+    data, opts = parse_request(arrays, session.manifest, session.family)
+    data = session.check_inputs(data)
+    if opts.mode == "dense" and not session.engine.has_dense:
+        raise TopiError("mode 'dense' needs the dense baseline model: build the engine directory with "
+                        "--dense-baseline and regenerate the repository")
+    selector = None
+    if opts.mode == "topi":  # exactly what `topi-export run --engine-dir` does
+        selector = session.selector(data, ratio=opts.ratio, tau=opts.tau, policy=opts.policy, seed=opts.seed)
+    update_interval = opts.update_interval or session.settings.update_interval
+    result = session.denoise(data, steps=opts.steps, seed=opts.seed, selector=selector, mode=opts.mode,
+                             update_interval=update_interval)
+    report = {"mode": opts.mode, "steps": opts.steps, "seed": opts.seed, "update_interval": update_interval,
+              "ratio": selector.ratio if selector else None, "tau": selector.tau if selector else None,
+              "policy": selector.policy if selector else None, "layout": data.layout.to_json(),
+              "schedule": result.schedule, "time_s": result.time_s}
+    return np.ascontiguousarray(result.latents.numpy(), dtype=np.float32), json.dumps(report)

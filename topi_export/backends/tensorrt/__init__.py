@@ -1,33 +1,43 @@
-"""TensorRT and TensorRT-RTX backends: one builder and one runtime for both (DESIGN §3).
+"""TensorRT backend (docs/design.md, "Backends"), and the package shared with TensorRT-RTX
+(``backends/tensorrt_rtx.py``): the Python modules ``tensorrt`` and ``tensorrt_rtx`` have the same API for
+everything used here; only TensorRT-RTX's ahead-of-time compute-capability targets differ.
 
-``tensorrt`` (data-center TensorRT 10.x/11.x) and ``tensorrt_rtx`` (TensorRT for RTX) expose the same Python
-API for everything used here; the module is imported by name and only the TensorRT-RTX ahead-of-time
-compute-capability targets differ.
+Build (``build.py``): the exported ``topi`` graph is parsed once (strongly typed: the graph carries the build
+precision) into ONE engine, ``topi.engine``, with an optimization profile per (layout, anchor) and per
+(layout, bucket), profile i = manifest profile i; the optional ``dense`` graph becomes ``dense.engine`` with one
+profile per layout. The engine holds the weights and the ONNX graphs are dropped, or with ``strip_weights`` the
+engines are weight-stripped and refitted at load from the ONNX weights the directory keeps.
 
-Build: the portable ONNX graphs are parsed with the ``OnnxParser`` (``topi`` nodes become plugins when the
-plugins are registered, otherwise the parser inlines their model-local function bodies), then
+Runtime (``runtime.py``): ``TensorRTEngine`` picks the profile per call from the request's layout and keep count
+and runs ``execute_async_v3`` on a torch CUDA stream, optionally replaying CUDA graphs.
 
-- ``anchor.engine``: one optimization profile at the build shape;
-- ``pruned.engine``: one optimization profile per ratio bucket, ``keep_idx`` length = the bucket's keep count
-  (min = opt = max), every other input fixed to the build shape. Profile i <-> bucket i (ascending ratios).
+Neither module is imported here: the CLI works without TensorRT installed."""
+from __future__ import annotations
 
-Precision: every network is created strongly typed. TensorRT 11 and TensorRT-RTX have no FP16/BF16 builder
-flags (weak typing was deprecated in TensorRT 10.12 and removed in 11; TensorRT-RTX never had it), and
-NVIDIA's documented replacement is to put the precision into the ONNX graph (ModelOpt AutoCast) and build
-strongly typed. ``autocast_onnx`` below is a small built-in pass of that kind, so fp16/bf16 builds work the
-same on every member of the family without an extra dependency: I/O stays fp32, matrix products run in
-the low precision, numerically sensitive ops (normalisations, softmax, reductions, pow/sqrt/exp, sin/cos
-of RoPE and the timestep embedding) and the ``topi`` ops run in fp32, other ops follow their inputs.
+from topi_export.backends.base import Backend
+from topi_export.backends.tensorrt.common import (  # noqa: F401  (the package's API)
+    PRECISIONS, check_target, import_trt, normalize_compute_capability, parse_workspace, profile_shapes,
+    running_target, sm_name)
 
-Runtime: ``TensorRTEngine`` deserialises both engines, one execution context each sharing one device
-memory block, switches the pruned profile per step with ``set_optimization_profile_async``, binds torch
-CUDA tensors with ``set_tensor_address`` and runs ``execute_async_v3`` on a torch CUDA stream; with
-``TOPI_TRT_CUDA_GRAPHS=1`` each (engine, profile) is captured once into a CUDA graph (shapes are static per
-profile, so replaying is legal) and replayed.
-"""
-from topi_export.backends.tensorrt.build import build  # noqa: F401
-from topi_export.backends.tensorrt.common import (  # noqa: F401
-    DEFAULT_RTX_TARGET, GRAPH_KINDS, KEEP_INPUT, MODULES, PRECISIONS, check_target, import_trt, module_name,
-    normalize_compute_capability, onnx_input_shapes, parse_workspace, profile_table, running_target, sm_name)
-from topi_export.backends.tensorrt.runtime import TensorRTEngine  # noqa: F401
-from topi_export.export.precision import autocast_onnx  # noqa: F401
+BACKEND = Backend("tensorrt", builds=True, precisions=PRECISIONS, runs_on="data-center / Jetson NVIDIA GPU "
+                  "(the GPU it was built on)", description="TensorRT engine: one engine, a profile per shape and "
+                  "bucket, built on the target GPU")
+
+
+def check(precision: str, options: dict) -> None:
+    """Before the export (minutes on a real model): the TensorRT module is installed."""
+    from topi_export.backends.tensorrt.common import import_trt
+
+    import_trt(BACKEND.name)
+
+
+def build(job):
+    from topi_export.backends.tensorrt.build import build as build_engines
+
+    return build_engines(job, BACKEND.name)
+
+
+def open_engine(manifest, **options):
+    from topi_export.backends.tensorrt.runtime import open_engine as open_trt
+
+    return open_trt(manifest, **options)

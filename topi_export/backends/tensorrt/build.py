@@ -1,48 +1,79 @@
-"""Engine builder for both TensorRT flavours: parse, profiles per bucket, precision, AOT targets."""
+"""Engine builder for both TensorRT flavours (docs/design.md, "Backends"): parse the exported graphs, one
+optimization profile per (layout, anchor) and (layout, bucket), strongly typed, AOT targets for TensorRT-RTX."""
 from __future__ import annotations
 
 import json
 import os
-import sys
-import tempfile
 import time
 from pathlib import Path
 
-from topi_export.errors import TopiError
+from topi_export.backends.base import BuildOutput
 from topi_export.backends.tensorrt.common import (
-    DEFAULT_RTX_TARGET, GRAPH_KINDS, PRECISIONS, _gpu_info, _make_logger, import_trt, module_name,
-    normalize_compute_capability, onnx_input_shapes, parse_workspace, profile_table, sm_name)
-from topi_export.export.precision import autocast_onnx
+    BUILD_LOG, DEFAULT_RTX_TARGET, ENGINE_FILES, PRECISIONS, gpu_info, import_trt, make_logger, module_name,
+    normalize_compute_capability, parse_workspace, profile_shapes, sm_name)
+from topi_export.errors import TopiError
 
-def _import_plugins():
-    try:
-        from plugins import trt_plugins  # repo checkout on sys.path
-    except ImportError:
-        root = Path(__file__).resolve().parents[2]
-        if not (root / "plugins" / "trt_plugins.py").is_file():
-            raise
-        sys.path.insert(0, str(root))
-        from plugins import trt_plugins
-    return trt_plugins
+
+def strip_supported(trt) -> bool:
+    """Weight-stripped engines refitted from the ONNX weights need STRIP_PLAN and the ONNX parser refitter."""
+    return ("STRIP_PLAN" in trt.BuilderFlag.__members__ and hasattr(trt, "Refitter")
+            and hasattr(trt, "OnnxParserRefitter"))
+
+
+def _strip_flags(trt, rtx: bool):
+    # TensorRT-RTX documents STRIP_PLAN + REFIT; TensorRT STRIP_PLAN + REFIT_IDENTICAL (refitted with the same weights)
+    return trt.BuilderFlag.STRIP_PLAN, trt.BuilderFlag.REFIT if rtx else trt.BuilderFlag.REFIT_IDENTICAL
+
+
+def _check_strip(trt, builder, log, caps, rtx: bool, gpu) -> None:
+    """Build a one-MatMul refittable, weight-stripped network for the same targets: some installs have the API but
+    cannot build such engines (TensorRT-RTX 1.7.1 without a GPU fails in its compiler). Refuse the flag then."""
+    import numpy as np
+
+    stage, log.stage = log.stage, "strip-weights probe"
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    x = network.add_input("x", trt.float32, (1, 16))
+    w = network.add_constant((16, 16), trt.Weights(np.ones((16, 16), np.float32)))
+    y = network.add_matrix_multiply(x, trt.MatrixOperation.NONE, w.get_output(0), trt.MatrixOperation.NONE)
+    network.mark_output(y.get_output(0))
+    config = builder.create_builder_config()
+    for flag in _strip_flags(trt, rtx):
+        config.set_flag(flag)
+    if rtx:
+        config.num_compute_capabilities = len(caps)
+        for i, c in enumerate(caps):
+            config.set_compute_capability(getattr(trt.ComputeCapability, c), i)
+    ok = builder.build_serialized_network(network, config) is not None
+    errors = log.errors(log.stage)
+    log.stage = stage
+    if not ok:
+        first = (errors or ["no error logged"])[0].split(" (")[0]
+        where = " without a GPU" if gpu is None else ""
+        raise TopiError(f"--strip-weights: {trt.__name__} {trt.__version__} cannot build weight-stripped, refittable "
+                        f"engines{where} ({first}): drop --strip-weights (the engine then holds the weights)"
+                        f"{' or build on the GPU the engines are for' if where else ''}")
+    log.note("weight-stripped engines can be built here (probe passed)")
 
 
 def _register_plugins(backend: str, trt_name: str, log, echo) -> bool:
     """True when the topi plugins are registered with trt_name; otherwise prints why and returns False
     (the parser then inlines the topi function bodies)."""
-    if backend == "tensorrt-rtx":
-        msg = ("TensorRT-RTX has no Python plugin API (tensorrt_rtx.plugin): the ONNX parser inlines the topi "
-               "function bodies")
+    def note(msg):
         echo(f"  note: {msg}")
         log.note(msg)
+
+    if backend == "tensorrt-rtx":
+        note("TensorRT-RTX has no Python plugin API (tensorrt_rtx.plugin): the ONNX parser inlines the topi "
+             "function bodies")
         return False
     try:
-        trt_plugins = _import_plugins()
+        from plugins import trt_plugins
+
         trt_plugins.register_plugins(trt_name)
     except Exception as exc:  # noqa: BLE001 - any failure means "build without plugins"
-        msg = (f"topi plugins not registered ({exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-               f"the ONNX parser inlines the topi function bodies")
-        echo(f"  note: {msg}")
-        log.note(msg)
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        note(f"topi plugins not registered ({exc.__class__.__name__}: {first}); the ONNX parser inlines the topi "
+             f"function bodies")
         return False
     msg = "topi plugins registered (namespace 'topi', version '1'): topi nodes import as fused plugins"
     echo(f"  {msg}")
@@ -50,7 +81,7 @@ def _register_plugins(backend: str, trt_name: str, log, echo) -> bool:
     return True
 
 
-def _parser_errors(parser) -> str:
+def _parser_errors(parser) -> list[str]:
     errs = []
     for i in range(parser.num_errors):
         e = parser.get_error(i)
@@ -62,7 +93,7 @@ def _parser_errors(parser) -> str:
 
 def _rtx_targets(trt, options, echo, log):
     caps = [normalize_compute_capability(c) for c in options.get("compute_capabilities") or []]
-    gpu = _gpu_info()
+    gpu = gpu_info()
     if not caps:
         if gpu is not None:
             caps = [sm_name(gpu[1])]
@@ -77,165 +108,7 @@ def _rtx_targets(trt, options, echo, log):
             allowed = [m for m in members if m not in ("NONE", "CURRENT")]
             raise TopiError(f"compute capability {c} is not a TensorRT-RTX {trt.__version__} target: choose from "
                             f"{', '.join(allowed)} (Hopper SM90 and data-center GPUs need --backend tensorrt)")
-    return caps, gpu
-
-
-def build(graphs_dir, out_dir, bucket_table, layout, backend, options, echo=print) -> dict:
-    """Build anchor.engine and pruned.engine into out_dir; returns the manifest's graphs/target/precision."""
-    trt_name = module_name(backend)
-    trt = import_trt(backend)
-    graphs_dir, out_dir = Path(graphs_dir), Path(out_dir)
-    options = dict(options or {})
-    precision = options.get("precision") or "fp32"
-    if precision not in PRECISIONS:
-        raise TopiError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
-    workspace = parse_workspace(options.get("workspace"))
-    opt_level = options.get("optimization_level")
-    log = _make_logger(trt, verbose=bool(os.environ.get("TOPI_TRT_VERBOSE")))
-    rtx = backend == "tensorrt-rtx"
-
-    shapes = {k: onnx_input_shapes(graphs_dir / f"{k}.onnx") for k in GRAPH_KINDS}
-    table = profile_table(bucket_table, layout, shapes)
-
-    if rtx:
-        caps, gpu = _rtx_targets(trt, options, echo, log)
-    else:
-        if options.get("compute_capabilities"):
-            raise TopiError("--compute-capability is a TensorRT-RTX option: data-center TensorRT builds for the "
-                            "GPU it runs on (use --backend tensorrt-rtx for ahead-of-time targets)")
-        gpu = _gpu_info()
-        if gpu is None:
-            raise TopiError("--backend tensorrt builds on the GPU the engines are for, and no CUDA GPU is visible "
-                            "(torch.cuda.is_available() is False); build on that GPU, or use --backend tensorrt-rtx "
-                            "for ahead-of-time builds on a machine without a GPU")
-        caps = [sm_name(gpu[1])]
-
-    plugins = bool(options.get("plugins", True)) and _register_plugins(backend, trt_name, log, echo)
-    try:
-        builder = trt.Builder(log)
-    except Exception as exc:  # noqa: BLE001
-        raise TopiError(f"{trt_name} could not create a Builder ({exc}): "
-                        f"{'check the NVIDIA driver and CUDA' if not rtx else 'reinstall tensorrt-rtx-cu13'}")
-    if builder is None:
-        raise TopiError(f"{trt_name} could not create a Builder: {(log.errors() or ['see its log'])[0]}")
-
-    cache_path = Path(options["timing_cache"]) if options.get("timing_cache") else None
-    if cache_path is not None and rtx:
-        # TensorRT-RTX deprecated timing caches in 1.2 (no-ops: it does not time tactics; kernels are compiled
-        # for the GPU at run time, see its runtime cache, TOPI_TRT_RUNTIME_CACHE).
-        msg = f"--timing-cache {cache_path} ignored: timing caches are no-ops in TensorRT-RTX"
-        echo(f"  note: {msg}")
-        log.note(msg)
-        cache_path = None
-    timing_cache = None
-    graphs, t_all = {}, time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="topi-trt-") as scratch:
-        for kind in GRAPH_KINDS:
-            t0 = time.perf_counter()
-            log.stage = kind
-            src = graphs_dir / f"{kind}.onnx"
-            parse_path, cast_stats = src, None
-            if precision != "fp32":
-                import onnx
-
-                from topi_export.export.graphs import save_model
-                from topi_export.ops.onnx import register_schemas
-
-                register_schemas()
-                model, cast_stats = autocast_onnx(onnx.load(str(src)), precision)
-                parse_path = Path(scratch) / f"{kind}.{precision}.onnx"
-                save_model(model, parse_path)
-                del model
-                echo(f"  {kind}: {precision} autocast: {cast_stats['low_nodes']} nodes in {precision}, "
-                     f"{cast_stats['fp32_nodes']} kept fp32, {cast_stats['casts']} casts")
-                log.note(f"autocast {json.dumps(cast_stats)}")
-
-            flags = 0
-            if "STRONGLY_TYPED" in trt.NetworkDefinitionCreationFlag.__members__:
-                flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-            network = builder.create_network(flags)
-            parser = trt.OnnxParser(network, log)
-            ok = parser.parse_from_file(str(parse_path))
-            errors = _parser_errors(parser)
-            for e in errors:
-                log.lines.append((kind, "PARSER_ERROR", e))
-            if not ok or errors:
-                raise TopiError(f"{trt_name}'s ONNX parser rejected the {kind} graph ({len(errors)} error(s)); "
-                                f"first: {errors[0] if errors else (log.errors(kind) or ['no message'])[0]}")
-            log.note(f"parsed {src.name}: {network.num_layers} layers, {network.num_inputs} inputs, "
-                     f"{network.num_outputs} outputs, parser errors: 0")
-            plugin_layers = _count_plugin_layers(trt, network)
-            if plugins and plugin_layers == 0:
-                msg = "plugins registered but no plugin layer in the network: the parser inlined the topi functions"
-                echo(f"  note: {kind}: {msg}")
-                log.note(msg)
-
-            config = builder.create_builder_config()
-            if precision == "fp32" and "TF32" in trt.BuilderFlag.__members__:
-                config.clear_flag(trt.BuilderFlag.TF32)  # fp32 means fp32: matches the PyTorch reference
-            if opt_level is not None:
-                config.builder_optimization_level = int(opt_level)
-            if workspace is not None:
-                config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
-            if rtx:
-                config.num_compute_capabilities = len(caps)
-                for i, c in enumerate(caps):
-                    config.set_compute_capability(getattr(trt.ComputeCapability, c), i)
-            if cache_path is not None:
-                if timing_cache is None:
-                    data = cache_path.read_bytes() if cache_path.is_file() else b""
-                    timing_cache = config.create_timing_cache(data)
-                    log.note(f"timing cache {'loaded from' if data else 'new, saved to'} {cache_path}")
-                if not config.set_timing_cache(timing_cache, False):
-                    raise TopiError(f"timing cache {cache_path} does not match this {trt_name} / GPU: delete it or "
-                                    f"pass another --timing-cache")
-
-            profiles_out = _add_profiles(trt, builder, config, network, table[kind], bucket_table, kind)
-            if config.num_optimization_profiles != len(table[kind]):
-                raise TopiError(f"{trt_name} accepted {config.num_optimization_profiles} of {len(table[kind])} "
-                                f"optimization profiles for the {kind} engine")
-            serialized = builder.build_serialized_network(network, config)
-            if serialized is None:
-                raise TopiError(f"{trt_name} failed to build the {kind} engine: "
-                                f"{(log.errors(kind) or ['no error logged; rerun with TOPI_TRT_VERBOSE=1'])[0]}")
-            engine_file = out_dir / f"{kind}.engine"
-            with open(engine_file, "wb") as f:
-                f.write(serialized)
-            seconds = time.perf_counter() - t0
-            size = engine_file.stat().st_size
-            log.note(f"built {engine_file.name}: {size} bytes, {len(profiles_out)} profile(s), {seconds:.1f} s")
-            echo(f"  {kind}: {network.num_layers} layers, {len(profiles_out)} profile(s)"
-                 f"{', ' + str(plugin_layers) + ' topi plugin layer(s)' if plugin_layers else ''}, "
-                 f"{size / 1e6:.1f} MB in {seconds:.1f} s")
-            graphs[kind] = {"file": engine_file.name, "onnx": f"onnx/{kind}.onnx", "profiles": profiles_out,
-                            "layers": network.num_layers, "plugin_layers": plugin_layers,
-                            "build_seconds": round(seconds, 3)}
-            if cast_stats:
-                graphs[kind]["autocast"] = cast_stats
-            del parser, network, config, serialized
-
-    if timing_cache is not None and cache_path is not None:
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_path.with_name(cache_path.name + f".tmp-{os.getpid()}")
-        tmp.write_bytes(bytes(timing_cache.serialize()))
-        os.replace(tmp, cache_path)
-        log.stage = "done"
-        log.note(f"timing cache saved to {cache_path}")
-    log.stage = "done"
-    log.note(f"total {time.perf_counter() - t_all:.1f} s; warnings {sum(1 for l in log.lines if l[1] == 'WARNING')}, "
-             f"errors {len(log.errors())}, parser errors 0")
-    (out_dir / "build_log.txt").write_text(log.text())
-
-    version_key = trt_name  # "tensorrt" | "tensorrt_rtx"
-    # the GPU name is recorded only when the engines target the GPU they were built on
-    built_for_gpu = gpu is not None and not (rtx and options.get("compute_capabilities"))
-    target = {"module": trt_name, "version": trt.__version__, "compute_capabilities": caps,
-              "gpu": gpu[0] if built_for_gpu else None,
-              "ahead_of_time": rtx, "strongly_typed": True,
-              "plugins": "topi" if plugins else "inlined",
-              "optimization_level": None if opt_level is None else int(opt_level),
-              "workspace_bytes": workspace}
-    return {"graphs": graphs, "target": target, "precision": precision, "versions": {version_key: trt.__version__}}
+    return list(dict.fromkeys(caps)), gpu
 
 
 def _count_plugin_layers(trt, network) -> int:
@@ -243,29 +116,170 @@ def _count_plugin_layers(trt, network) -> int:
     return sum(1 for i in range(network.num_layers) if network.get_layer(i).type in kinds)
 
 
-def _add_profiles(trt, builder, config, network, profiles, bucket_table, kind) -> list[dict]:
-    """Add the profiles to config; returns them as read back from TensorRT's profile objects."""
+def _add_profiles(builder, config, network, profiles, kind, log) -> list[dict]:
+    """Add the profiles to config; returns their shapes as read back from TensorRT's profile objects."""
     names = [network.get_input(i).name for i in range(network.num_inputs)]
+    missing = sorted(set(names) - set(profiles[0]))
+    extra = sorted(set(profiles[0]) - set(names))
+    if missing or extra:
+        raise TopiError(f"the {kind} network's inputs {names} do not match the graph entry "
+                        f"(missing {missing}, unused {extra}): re-export the graphs")
     out = []
     for index, prof in enumerate(profiles):
-        missing = sorted(set(names) - set(prof))
-        if missing:
-            raise TopiError(f"the {kind} network has inputs {missing} that the profile table does not cover")
         p = builder.create_optimization_profile()
         for name in names:
-            lo, opt, hi = prof[name]
-            p.set_shape(name, lo, opt, hi)
+            p.set_shape(name, *prof[name])
         idx = config.add_optimization_profile(p)
         if idx != index:
-            raise TopiError(f"TensorRT rejected optimization profile {index} of the {kind} engine (returned {idx})")
-        shapes = {}
-        for name in names:
-            lo, opt, hi = p.get_shape(name)
-            shapes[name] = {"min": list(lo), "opt": list(opt), "max": list(hi)}
-        entry = {"index": index, "shapes": shapes}
-        if kind == "pruned":
-            entry.update(ratio=bucket_table[index]["ratio"], keep=int(bucket_table[index]["keep"]))
-        out.append(entry)
+            raise TopiError(f"TensorRT rejected optimization profile {index} of the {kind} engine: the graph's "
+                            f"static dims do not match the layout ({(log.errors() or ['see the build log'])[-1]}); "
+                            f"re-export the graphs")
+        out.append({n: [list(s) for s in p.get_shape(n)] for n in names})
     return out
 
 
+def build(job, backend: str) -> BuildOutput:
+    """topi.engine (one profile per job.profiles entry) and, when exported, dense.engine (one per layout)."""
+    trt_name = module_name(backend)
+    trt = import_trt(backend)
+    options, echo = dict(job.options or {}), job.echo
+    rtx = backend == "tensorrt-rtx"
+    if job.precision not in PRECISIONS:
+        raise TopiError(f"--precision {job.precision!r}: choose one of {', '.join(PRECISIONS)}")
+    workspace = parse_workspace(options.get("workspace"))
+    opt_level = options.get("optimization_level")
+    strip = bool(options.get("strip_weights"))
+    if strip and not strip_supported(trt):
+        raise TopiError(f"--strip-weights needs weight-stripped engines (BuilderFlag.STRIP_PLAN) and "
+                        f"OnnxParserRefitter, which {trt_name} {trt.__version__} lacks: drop --strip-weights (the "
+                        f"engine then holds the weights)")
+    log = make_logger(trt, verbose=bool(os.environ.get("TOPI_TRT_VERBOSE")))
+
+    if rtx:
+        caps, gpu = _rtx_targets(trt, options, echo, log)
+    else:
+        if options.get("compute_capabilities"):
+            raise TopiError("--compute-capability is a TensorRT-RTX option: data-center TensorRT builds for the "
+                            "GPU it runs on (use --backend tensorrt-rtx for ahead-of-time targets)")
+        gpu = gpu_info()
+        if gpu is None:
+            raise TopiError("--backend tensorrt builds on the GPU the engines are for, and no CUDA GPU is visible "
+                            "(torch.cuda.is_available() is False): build on that GPU, or use --backend tensorrt-rtx "
+                            "for ahead-of-time builds on a machine without a GPU")
+        caps = [sm_name(gpu[1])]
+
+    plugins = options.get("plugins", True) is not False and _register_plugins(backend, trt_name, log, echo)
+    try:
+        builder = trt.Builder(log)
+    except Exception as exc:  # noqa: BLE001
+        raise TopiError(f"{trt_name} could not create a Builder ({exc}): "
+                        f"{'reinstall tensorrt-rtx-cu13' if rtx else 'check the NVIDIA driver and CUDA'}")
+    if builder is None:
+        raise TopiError(f"{trt_name} could not create a Builder: {(log.errors() or ['see its log'])[0]}")
+
+    if strip:
+        _check_strip(trt, builder, log, caps, rtx, gpu)
+
+    cache_path = Path(options["timing_cache"]) if options.get("timing_cache") else None
+    if cache_path is not None and rtx:
+        # TensorRT-RTX deprecated timing caches in 1.2 (no-ops: kernels are compiled for the GPU at run time and
+        # kept in its runtime cache, TOPI_TRT_RUNTIME_CACHE)
+        msg = f"--timing-cache {cache_path} ignored: timing caches are no-ops in TensorRT-RTX"
+        echo(f"  note: {msg}")
+        log.note(msg)
+        cache_path = None
+    if "dense" in job.graphs and not strip:
+        msg = ("the dense engine holds a second copy of the weights (each engine embeds its own): build with "
+               "--strip-weights to keep one copy, in the ONNX weights file")
+        echo(f"  note: {msg}")
+        log.note(msg)
+
+    timing_cache, built, stats, t_all = None, {}, {}, time.perf_counter()
+    for kind in ("topi", "dense"):
+        if kind not in job.graphs:
+            continue
+        t0 = time.perf_counter()
+        log.stage = kind
+        graph = job.graphs[kind]
+        src = Path(job.onnx_dir) / graph.file
+        profiles = profile_shapes(graph, kind, job.profiles, job.layouts, job.batch)
+        network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+        parser = trt.OnnxParser(network, log)
+        ok = parser.parse_from_file(str(src))  # resolves weights.data next to the graph
+        errors = _parser_errors(parser)
+        for e in errors:
+            log.lines.append((kind, "PARSER_ERROR", e))
+        if not ok or errors:
+            raise TopiError(f"{trt_name}'s ONNX parser rejected the {kind} graph ({len(errors)} error(s)); first: "
+                            f"{errors[0] if errors else (log.errors(kind) or ['no message'])[0]}: re-export the "
+                            f"graphs (rerun with TOPI_TRT_VERBOSE=1 for the parser's log)")
+        plugin_layers = _count_plugin_layers(trt, network)
+        log.note(f"parsed {src.name}: {network.num_layers} layers, {network.num_inputs} inputs, "
+                 f"{network.num_outputs} outputs, {plugin_layers} plugin layers, parser errors: 0")
+        if plugins and plugin_layers == 0:
+            msg = "plugins registered but no plugin layer in the network: the parser inlined the topi functions"
+            echo(f"  note: {kind}: {msg}")
+            log.note(msg)
+
+        config = builder.create_builder_config()
+        if job.precision == "fp32" and "TF32" in trt.BuilderFlag.__members__:
+            config.clear_flag(trt.BuilderFlag.TF32)  # fp32 means fp32: matches the PyTorch reference
+        if opt_level is not None:
+            config.builder_optimization_level = int(opt_level)
+        if workspace is not None:
+            config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
+        if strip:
+            for flag in _strip_flags(trt, rtx):
+                config.set_flag(flag)
+        if rtx:
+            config.num_compute_capabilities = len(caps)
+            for i, c in enumerate(caps):
+                config.set_compute_capability(getattr(trt.ComputeCapability, c), i)
+        if cache_path is not None:
+            if timing_cache is None:
+                data = cache_path.read_bytes() if cache_path.is_file() else b""
+                timing_cache = config.create_timing_cache(data)
+                log.note(f"timing cache {'loaded from' if data else 'new, saved to'} {cache_path}")
+            if not config.set_timing_cache(timing_cache, False):
+                raise TopiError(f"timing cache {cache_path} does not match this {trt_name} / GPU: delete it or "
+                                f"pass another --timing-cache")
+        read_back = _add_profiles(builder, config, network, profiles, kind, log)
+        # one line per engine, read back from TensorRT: [{input: [min, opt, max]}] (checked by the tests)
+        log.note(f"profiles {json.dumps(read_back, separators=(',', ':'))}")
+        serialized = builder.build_serialized_network(network, config)
+        if serialized is None:
+            raise TopiError(f"{trt_name} failed to build the {kind} engine: "
+                            f"{(log.errors(kind) or ['no error logged; rerun with TOPI_TRT_VERBOSE=1'])[0]}")
+        engine_file = Path(job.out_dir) / ENGINE_FILES[kind]
+        with open(engine_file, "wb") as f:
+            f.write(serialized)
+        seconds, size = time.perf_counter() - t0, engine_file.stat().st_size
+        log.note(f"built {engine_file.name}: {size} bytes, {len(profiles)} profile(s), {seconds:.1f} s")
+        echo(f"  {kind}: {network.num_layers} layers, {len(profiles)} profile(s)"
+             f"{', ' + str(plugin_layers) + ' topi plugin layer(s)' if plugin_layers else ''}, "
+             f"{size / 1e6:.2f} MB in {seconds:.1f} s")
+        built[kind] = engine_file.name
+        stats[kind] = {"profiles": config.num_optimization_profiles, "layers": network.num_layers,
+                       "plugin_layers": plugin_layers, "bytes": size}
+        del parser, network, config, serialized
+
+    if timing_cache is not None:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_path.with_name(cache_path.name + f".tmp-{os.getpid()}")
+        tmp.write_bytes(bytes(timing_cache.serialize()))
+        os.replace(tmp, cache_path)
+        log.note(f"timing cache saved to {cache_path}")
+    log.stage = "done"
+    log.note(f"total {time.perf_counter() - t_all:.1f} s; warnings {sum(1 for x in log.lines if x[1] == 'WARNING')}, "
+             f"errors {len(log.errors())}, parser errors 0")
+    (Path(job.out_dir) / BUILD_LOG).write_text(log.text())
+
+    # the GPU name is recorded only when the engines target the GPU they were built on
+    built_for_gpu = gpu is not None and not (rtx and options.get("compute_capabilities"))
+    target = {"module": trt_name, "version": trt.__version__, "compute_capabilities": caps,
+              "gpu": gpu[0] if built_for_gpu else None, "ahead_of_time": rtx, "precision": job.precision,
+              "strongly_typed": True, "plugins": "topi" if plugins else "inlined",
+              "weights": "stripped" if strip else "engine",
+              "optimization_level": None if opt_level is None else int(opt_level), "workspace_bytes": workspace,
+              "engines": stats}
+    return BuildOutput(built, target, keep_onnx=strip, versions={trt_name: trt.__version__})

@@ -1,12 +1,13 @@
-"""Shared by the TensorRT builder and runtime: module import, profile table, targets."""
+"""Shared by the TensorRT builder and runtime: module import, the optimization-profile shapes, targets, the log.
+Everything here except ``import_trt`` and ``make_logger`` runs without TensorRT (unit-tested)."""
 from __future__ import annotations
 
 import importlib
 import re
 
 from topi_export.errors import TopiError
-from topi_export.export.precision import PRECISIONS  # noqa: F401  (part of this module's API)
 
+PRECISIONS = ("fp32", "fp16", "bf16")
 MODULES = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}
 INSTALL_HINTS = {
     "tensorrt": "install TensorRT >= 10.8 for your CUDA version (`pip install tensorrt`, which downloads NVIDIA's "
@@ -15,14 +16,12 @@ INSTALL_HINTS = {
     "tensorrt-rtx": "`pip install tensorrt-rtx-cu13` (TensorRT for RTX; builds ahead of time on a machine without a "
                     "GPU, runs on RTX-class GPUs)",
 }
-GRAPH_KINDS = ("anchor", "pruned")
-KEEP_INPUT = "keep_idx"
 DEFAULT_RTX_TARGET = "SM89"
+ENGINE_FILES = {"topi": "topi.engine", "dense": "dense.engine"}
+BUILD_LOG = "build_log.txt"
 
 
-# ---------------------------------------------------------------------------------------------------------
-# module import
-# ---------------------------------------------------------------------------------------------------------
+# --- module import -------------------------------------------------------------------------------
 def module_name(backend: str) -> str:
     try:
         return MODULES[backend]
@@ -39,86 +38,50 @@ def import_trt(backend: str):
         raise TopiError(f"--backend {backend} needs the Python module '{name}', which cannot be imported "
                         f"({exc}): {INSTALL_HINTS[backend]}") from None
     except Exception as exc:  # a broken install (e.g. missing shared libraries) raises OSError & co.
+        first = str(exc).splitlines()[0] if str(exc) else ""
         raise TopiError(f"the Python module '{name}' for --backend {backend} is installed but fails to load "
-                        f"({exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}): reinstall it: "
-                        f"{INSTALL_HINTS[backend]}") from None
+                        f"({exc.__class__.__name__}: {first}): reinstall it: {INSTALL_HINTS[backend]}") from None
 
 
-# ---------------------------------------------------------------------------------------------------------
-# plain helpers (no TensorRT needed; unit-tested)
-# ---------------------------------------------------------------------------------------------------------
-def profile_table(bucket_table, layout, input_shapes) -> dict:
-    """Optimization profiles per engine: ``{"anchor": [profile], "pruned": [profile per bucket]}`` where a
-    profile is ``{input_name: (min, opt, max)}`` with each shape a tuple of ints.
+# --- optimization profiles (docs/design.md, "Backends") -------------------------------------------
+def profile_shapes(graph, kind: str, profiles, layouts, batch: int) -> list[dict]:
+    """The optimization profiles of one engine: a list of ``{input: (min, opt, max)}``, shapes as int tuples.
 
-    ``input_shapes``: ``{kind: {input_name: shape}}``, a shape being a list of ints, ``None`` (or a string /
-    negative number) marking a dynamic dimension; only ``keep_idx`` of the pruned graph may be dynamic.
-    ``bucket_table``: ``runtime.manifest.bucket_table`` rows, profile i = bucket i.
-    """
-    expected_seq = layout.num_target + layout.num_ctx
-    for i, b in enumerate(bucket_table):
-        if b.get("profile", i) != i:
-            raise TopiError(f"bucket {b} has profile {b.get('profile')}, expected {i}: profile i must be bucket i")
-        if not 1 <= int(b["keep"]) <= layout.num_ctx:
-            raise TopiError(f"bucket {b['ratio']} keeps {b['keep']} tokens, outside 1..{layout.num_ctx} context "
-                            f"tokens of {layout.describe()}")
-    keeps = [int(b["keep"]) for b in bucket_table]
-    if len(set(keeps)) != len(keeps):
-        raise TopiError(f"buckets {[b['ratio'] for b in bucket_table]} give equal keep counts {keeps} for "
-                        f"{layout.num_ctx} context tokens: two TensorRT profiles cannot share one keep_idx length; "
-                        f"choose buckets further apart or a larger reference grid")
-    if not bucket_table:
-        raise TopiError("no ratio buckets: the pruned engine needs at least one profile (--ratio-buckets)")
-
-    def static(kind, name, shape):
-        dims = []
-        for d in shape:
-            if d is None or isinstance(d, str) or int(d) < 0:
-                raise TopiError(f"{kind} graph input '{name}' has a dynamic dimension ({list(shape)}); only "
-                                f"'{KEEP_INPUT}' of the pruned graph may be dynamic: re-export the graphs")
-            dims.append(int(d))
-        return tuple(dims)
-
-    out = {}
-    for kind in GRAPH_KINDS:
-        if kind not in input_shapes:
-            raise TopiError(f"no input shapes for the {kind} graph")
-        shapes = dict(input_shapes[kind])
-        if "hidden_states" in shapes:
-            seq = shapes["hidden_states"][1] if len(shapes["hidden_states"]) > 1 else None
-            if isinstance(seq, int) and seq >= 0 and seq != expected_seq:
-                raise TopiError(f"the {kind} graph was exported for {seq} image tokens but the layout "
-                                f"{layout.describe()} has {expected_seq}: re-export the graphs for this shape")
-        if kind == "anchor" and KEEP_INPUT in shapes:
-            raise TopiError(f"the anchor graph has a '{KEEP_INPUT}' input: the graphs are swapped or stale")
-        fixed = {n: static(kind, n, s) for n, s in shapes.items() if not (kind == "pruned" and n == KEEP_INPUT)}
-        base = {n: (s, s, s) for n, s in fixed.items()}
-        if kind == "anchor":
-            out[kind] = [base]
-        else:
-            if KEEP_INPUT not in shapes:
-                raise TopiError(f"the pruned graph has no '{KEEP_INPUT}' input: re-export the graphs")
-            if len(shapes[KEEP_INPUT]) != 1:
-                raise TopiError(f"'{KEEP_INPUT}' must be 1-D, the graph has shape {list(shapes[KEEP_INPUT])}")
-            out[kind] = [{**base, KEEP_INPUT: ((k,), (k,), (k,))} for k in keeps]
+    topi: profile i <-> profiles[i] (plan.Profile). The anchor/full profile (ratio 0) keeps every context token
+    and scores 1..Nx target queries (opt Nx: the anchor); a bucket profile keeps `keep` tokens and scores one
+    query. dense: one profile per layout. The batch ranges 1..batch (opt batch); every other dimension is fixed
+    by the layout through the graph's symbolic dims (GraphTensor.shape)."""
+    if kind == "dense":
+        table = [(lay, lay.num_ctx, (1, 1, 1)) for lay in layouts]
+    else:
+        table = []
+        for i, p in enumerate(profiles):
+            if p.index != i:
+                raise TopiError(f"profile table entry {i} has index {p.index}: profile i must be entry i")
+            lay = layouts[p.layout]
+            if not 1 <= p.keep <= lay.num_ctx:
+                raise TopiError(f"profile {i} keeps {p.keep} tokens, outside 1..{lay.num_ctx} context tokens of "
+                                f"{lay.describe()}")
+            queries = (1, lay.num_target, lay.num_target) if p.ratio == 0 else (1, 1, 1)
+            table.append((lay, p.keep, queries))
+    if not table:
+        raise TopiError(f"no optimization profiles for the {kind} engine: the build has no layouts")
+    out = []
+    for lay, keep, queries in table:
+        prof = {}
+        for t in graph.inputs:
+            try:
+                lo, opt, hi = (t.shape(lay.sizes(keep=keep, queries=q, batch=b))
+                               for q, b in zip(queries, (1, batch, batch)))
+            except KeyError as exc:
+                raise TopiError(f"{kind} graph input {t.name!r} has dims {list(t.dims)} with an unknown dimension "
+                                f"{exc}: re-export the graphs") from None
+            prof[t.name] = (lo, opt, hi)
+        out.append(prof)
     return out
 
 
-def onnx_input_shapes(path) -> dict:
-    """{input_name: [dim or None]} of an ONNX file's graph inputs (weights are not loaded)."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    inits = {i.name for i in model.graph.initializer}
-    shapes = {}
-    for vi in model.graph.input:
-        if vi.name in inits:
-            continue
-        dims = vi.type.tensor_type.shape.dim
-        shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
-    return shapes
-
-
+# --- sizes and targets ---------------------------------------------------------------------------
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20, "mib": 1 << 20,
           "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30, "t": 1 << 40, "tb": 1 << 40, "tib": 1 << 40}
 
@@ -180,9 +143,7 @@ def check_target(target: dict, running: dict, engine_dir="the engine directory")
                             f"{' (' + target['gpu'] + ')' if target.get('gpu') else ''} but {gpu} is {sm}: {hint}")
 
 
-
-
-def _gpu_info():
+def gpu_info():
     """(name, (major, minor)) of CUDA device 0, or None without a GPU / CUDA torch."""
     try:
         import torch
@@ -195,15 +156,16 @@ def _gpu_info():
 
 
 def running_target(trt, backend: str) -> dict:
-    info = _gpu_info()
+    info = gpu_info()
     return {"module": module_name(backend), "version": trt.__version__,
             "gpu": info[0] if info else None, "compute_capability": info[1] if info else None}
 
 
+# --- logging -------------------------------------------------------------------------------------
 _SEVERITY = ("INTERNAL_ERROR", "ERROR", "WARNING", "INFO", "VERBOSE")
 
 
-def _make_logger(trt, verbose: bool = False):
+def make_logger(trt, verbose: bool = False):
     """A TensorRT ILogger that keeps every line (tagged with the current stage) for build_log.txt."""
 
     class Log(trt.ILogger):
@@ -222,7 +184,7 @@ def _make_logger(trt, verbose: bool = False):
             self.lines.append((self.stage, "TOPI", msg))
 
         def errors(self, stage=None):
-            return [m for s, lvl, m in self.lines if lvl in ("ERROR", "INTERNAL_ERROR") and (stage in (None, s))]
+            return [m for s, lvl, m in self.lines if lvl in ("ERROR", "INTERNAL_ERROR") and stage in (None, s)]
 
         def text(self):
             return "".join(f"[{s}] {lvl}: {m.rstrip()}\n" for s, lvl, m in self.lines)

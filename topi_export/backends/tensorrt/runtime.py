@@ -1,89 +1,134 @@
-"""Runtime for TensorRT / TensorRT-RTX engines: one context per engine, the bucket's profile per step."""
+"""Runtime for TensorRT / TensorRT-RTX engines: one execution context per engine sharing one device-memory block,
+the profile chosen per call from the request's layout and keep count (docs/design.md, "Backends")."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+from topi_export.backends.base import StepEngine
+from topi_export.backends.tensorrt.common import check_target, import_trt, make_logger, running_target
 from topi_export.errors import TopiError
-from topi_export.backends.tensorrt.common import (
-    GRAPH_KINDS, KEEP_INPUT, _make_logger, check_target, import_trt, running_target)
+
+
+def select_profile(manifest, layout_index: int, kind: str, keep: int | None) -> int:
+    """The engine's optimization profile for one call. topi: the layout's anchor/full profile (ratio 0) when every
+    context token is kept, else the bucket's (manifest.profile_for); dense: one profile per layout."""
+    if kind == "dense":
+        return layout_index
+    if keep == manifest.layouts[layout_index].num_ctx:
+        return next(p.index for p in manifest.profiles if p.layout == layout_index and p.ratio == 0)
+    return manifest.profile_for(layout_index, keep).index
 
 
 class _Slot:
-    """Static input/output buffers of one (engine, profile), and its CUDA graph once captured."""
+    """Static input/output buffers of one (engine, profile, shapes), and its CUDA graph once captured."""
 
-    def __init__(self, inputs, outputs):
-        self.inputs, self.outputs = inputs, outputs
-        self.bound_version = -1  # which bind() the static inputs hold
+    def __init__(self, key, inputs, outputs):
+        self.key, self.inputs, self.outputs = key, inputs, outputs
+        self.bound_version = -1  # which bind() the per-request inputs hold
         self.runs = 0
         self.graph = None
 
 
-class TensorRTEngine:
-    """StepEngine over anchor.engine / pruned.engine (both TensorRT flavours)."""
+class TensorRTEngine(StepEngine):
+    """StepEngine over topi.engine (+ dense.engine, deserialised on the first dense step)."""
+
+    PER_CALL = ("latents", "timestep", "keep_idx", "score_idx")  # copied every step; the rest once per bind()
 
     def __init__(self, manifest, cuda_graphs: bool | None = None):
         import torch
 
-        self.manifest = manifest
-        self.name = manifest.backend
-        trt = import_trt(manifest.backend)
-        self.trt = trt
+        self.manifest, self.name = manifest, manifest.backend
+        self.has_dense = manifest.has_graph("dense")
+        self.trt = trt = import_trt(manifest.backend)
         if not torch.cuda.is_available():
-            raise TopiError(f"{manifest.path} holds {manifest.backend} engines, which run on an NVIDIA GPU, and no "
+            raise TopiError(f"{manifest.root} holds {manifest.backend} engines, which run on an NVIDIA GPU, and no "
                             f"CUDA GPU is visible here: run on a GPU the engines were built for, or use "
                             f"--backend torch / build --backend onnxruntime")
-        check_target(manifest.data.get("target") or {}, running_target(trt, manifest.backend), manifest.path)
+        check_target(manifest.target or {}, running_target(trt, manifest.backend), manifest.root)
         if cuda_graphs is None:
             cuda_graphs = os.environ.get("TOPI_TRT_CUDA_GRAPHS", "0") not in ("", "0", "false", "no")
         self.cuda_graphs = cuda_graphs
-        self.log = _make_logger(trt)
+        self.log = make_logger(trt)
         self.runtime = trt.Runtime(self.log)
         self.device = torch.device("cuda")
         self.stream = torch.cuda.Stream(self.device)
-        self.engines, self.contexts = {}, {}
-        for kind in GRAPH_KINDS:
-            self.log.stage = kind
-            path = manifest.graph_file(kind)
-            engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
-            if engine is None:
-                raise TopiError(f"{manifest.backend} could not load {path} "
-                                f"({(self.log.errors(kind) or ['no message'])[0]}): rebuild the engine directory")
-            self.engines[kind] = engine
-        # One device-memory block shared by both contexts: they run one after the other on one stream.
-        size = max(int(e.device_memory_size_v2) for e in self.engines.values())
-        self.scratch = torch.empty(max(size, 1), dtype=torch.uint8, device=self.device)
-        self.runtime_cache = self._runtime_cache() if manifest.backend == "tensorrt-rtx" else None
+        self.engines, self.contexts, self.io, self.slots = {}, {}, {}, {}
+        self.active, self.bound = {}, {}  # per engine: selected profile, slot whose shapes/addresses it holds
+        self.scratch = None
+        self.runtime_cache = None
         self._runtime_configs = []  # kept alive as long as the contexts
-        for kind, engine in self.engines.items():
-            strategy = trt.ExecutionContextAllocationStrategy.USER_MANAGED
-            if self.runtime_cache is not None:  # TensorRT-RTX: JIT-compiled kernels cached across runs
-                config = engine.create_runtime_config()
-                config.set_execution_context_allocation_strategy(strategy)
-                config.set_runtime_cache(self.runtime_cache[1])
-                self._runtime_configs.append(config)
-                ctx = engine.create_execution_context(config)
-            else:
-                ctx = engine.create_execution_context(strategy)
-            if ctx is None:
-                raise TopiError(f"could not create an execution context for {manifest.graph_file(kind)}: "
-                                f"{(self.log.errors(kind) or ['no message'])[0]}")
-            ctx.set_device_memory(self.scratch.data_ptr(), size)
-            self.contexts[kind] = ctx
-        self.io = {kind: self._io(engine) for kind, engine in self.engines.items()}
-        for kind in GRAPH_KINDS:
-            want = len(manifest.data["graphs"][kind].get("profiles") or [None])
-            have = self.engines[kind].num_optimization_profiles
-            if have != want:
-                raise TopiError(f"{manifest.graph_file(kind)} has {have} optimization profiles, the manifest "
-                                f"lists {want}: rebuild the engine directory")
-        self.slots = {}
-        self.active = {kind: None for kind in GRAPH_KINDS}  # profile selected in each context
-        self.bound = {kind: None for kind in GRAPH_KINDS}  # slot whose addresses the context holds
         self.version = 0
-        self.static = None
+        self.layout = None
+        self._load("topi")
 
-    def _runtime_cache(self):
+    # --- engines ---------------------------------------------------------------------------------
+    def _load(self, kind):
+        import torch
+
+        trt, m = self.trt, self.manifest
+        if kind not in m.graphs:
+            raise TopiError(f"{m.root} has no {kind} graph: rebuild with --dense-baseline")
+        self.log.stage = kind
+        path = m.file(m.graphs[kind].file)
+        engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
+        if engine is None:
+            raise TopiError(f"{m.backend} could not load {path} ({(self.log.errors(kind) or ['no message'])[0]}): "
+                            f"rebuild the engine directory")
+        if (m.target or {}).get("weights") == "stripped":
+            self._refit(kind, engine)
+        want = len(m.profiles) if kind == "topi" else len(m.layouts)
+        if engine.num_optimization_profiles != want:
+            raise TopiError(f"{path} has {engine.num_optimization_profiles} optimization profiles, the manifest "
+                            f"needs {want}: rebuild the engine directory")
+        if m.backend == "tensorrt-rtx" and self.runtime_cache is None:
+            self.runtime_cache = self._runtime_cache(engine)
+        strategy = trt.ExecutionContextAllocationStrategy.USER_MANAGED
+        if self.runtime_cache is not None:  # TensorRT-RTX: kernels compiled for this GPU, cached across runs
+            config = engine.create_runtime_config()
+            config.set_execution_context_allocation_strategy(strategy)
+            config.set_runtime_cache(self.runtime_cache[1])
+            self._runtime_configs.append(config)
+            ctx = engine.create_execution_context(config)
+        else:
+            ctx = engine.create_execution_context(strategy)
+        if ctx is None:
+            raise TopiError(f"could not create an execution context for {path}: "
+                            f"{(self.log.errors(kind) or ['no message'])[0]}")
+        self.engines[kind], self.contexts[kind] = engine, ctx
+        self.active[kind] = self.bound[kind] = None
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        is_in = {n: engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names}
+        self.io[kind] = {"inputs": [n for n in names if is_in[n]], "outputs": [n for n in names if not is_in[n]]}
+        # one device-memory block for every context: they run one after the other on one stream
+        size = max(int(e.device_memory_size_v2) for e in self.engines.values())
+        if self.scratch is None or size > self.scratch.numel():
+            self.scratch = torch.empty(max(size, 1), dtype=torch.uint8, device=self.device)
+            for slot in self.slots.values():  # captured graphs hold the old block's address
+                slot.graph = None
+            for c in self.contexts.values():
+                c.set_device_memory(self.scratch.data_ptr(), self.scratch.numel())
+        else:
+            ctx.set_device_memory(self.scratch.data_ptr(), self.scratch.numel())
+
+    def _refit(self, kind, engine):
+        """Weight-stripped engine: refit it from the weights of the ONNX graph it was built from."""
+        trt, m = self.trt, self.manifest
+        rel = m.graphs[kind].onnx
+        if not rel:
+            raise TopiError(f"{m.root}: the {kind} engine is weight-stripped but the directory keeps no ONNX graph "
+                            f"to refit it from: rebuild the engine directory")
+        refitter = trt.Refitter(engine, self.log)
+        parser = trt.OnnxParserRefitter(refitter, self.log)
+        if not parser.refit_from_file(str(m.file(rel))):
+            errors = [parser.get_error(i).desc() for i in range(parser.num_errors)] or self.log.errors(kind)
+            raise TopiError(f"refitting the {kind} engine from {rel} failed ({(errors or ['no message'])[0]}): "
+                            f"rebuild the engine directory")
+        if not refitter.refit_cuda_engine():
+            raise TopiError(f"refitting the {kind} engine from {rel} failed "
+                            f"({(self.log.errors(kind) or ['no message'])[-1]}): rebuild the engine directory")
+
+    def _runtime_cache(self, engine):
         """(path, IRuntimeCache) when TOPI_TRT_RUNTIME_CACHE names a file; saved again at exit."""
         import atexit
 
@@ -91,7 +136,7 @@ class TensorRTEngine:
         if not path:
             return None
         path = Path(path)
-        config = self.engines["anchor"].create_runtime_config()
+        self._cache_config = config = engine.create_runtime_config()  # keep alive with its cache
         cache = config.create_runtime_cache()
         if path.is_file() and not cache.deserialize(path.read_bytes()):
             self.log.note(f"runtime cache {path} does not match this GPU / driver / version: starting a new one")
@@ -104,17 +149,7 @@ class TensorRTEngine:
                 pass
 
         atexit.register(save)
-        self._cache_config = config  # keep alive with its cache
         return path, cache
-
-    # --- engine I/O ------------------------------------------------------------------------------
-    def _io(self, engine):
-        trt = self.trt
-        inputs, outputs = [], []
-        for i in range(engine.num_io_tensors):
-            name = engine.get_tensor_name(i)
-            (inputs if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else outputs).append(name)
-        return {"inputs": inputs, "outputs": outputs}
 
     def _torch_dtype(self, engine, name):
         import torch
@@ -124,88 +159,92 @@ class TensorRTEngine:
                  trt.int64: torch.int64, trt.int32: torch.int32, trt.bool: torch.bool, trt.uint8: torch.uint8}
         return table[engine.get_tensor_dtype(name)]
 
+    # --- slots -----------------------------------------------------------------------------------
     def _select(self, kind, profile):
-        ctx = self.contexts[kind]
         if self.active[kind] != profile:
-            if not ctx.set_optimization_profile_async(profile, self.stream.cuda_stream):
+            if not self.contexts[kind].set_optimization_profile_async(profile, self.stream.cuda_stream):
                 raise TopiError(f"{self.name}: cannot select optimization profile {profile} of the {kind} engine")
             self.active[kind] = profile
             self.bound[kind] = None
 
-    def _slot(self, kind, profile):
+    def _slot(self, kind, profile, shapes):
         import torch
 
-        key = (kind, profile)
+        key = (kind, profile, tuple(sorted(shapes.items())))
         if key in self.slots:
             return self.slots[key]
         engine, ctx = self.engines[kind], self.contexts[kind]
         self._select(kind, profile)
         inputs = {}
         for name in self.io[kind]["inputs"]:
-            shape = tuple(engine.get_tensor_profile_shape(name, profile)[1])  # opt = min = max
-            if not ctx.set_input_shape(name, shape):
-                raise TopiError(f"{self.name}: shape {shape} of '{name}' is outside profile {profile} ({kind})")
-            inputs[name] = torch.zeros(shape, dtype=self._torch_dtype(engine, name), device=self.device)
+            if not ctx.set_input_shape(name, shapes[name]):
+                raise TopiError(f"{self.name}: shape {shapes[name]} of '{name}' is outside profile {profile} of the "
+                                f"{kind} engine: the engine directory does not serve this request")
+            inputs[name] = torch.zeros(shapes[name], dtype=self._torch_dtype(engine, name), device=self.device)
         outputs = {}
         for name in self.io[kind]["outputs"]:
             shape = tuple(ctx.get_tensor_shape(name))
             if any(d < 0 for d in shape):
-                raise TopiError(f"{self.name}: output '{name}' of the {kind} engine has no static shape in profile "
-                                f"{profile} ({shape})")
+                raise TopiError(f"{self.name}: output '{name}' of the {kind} engine has no shape for {shapes}")
             outputs[name] = torch.empty(shape, dtype=self._torch_dtype(engine, name), device=self.device)
-        slot = self.slots[key] = _Slot(inputs, outputs)
+        self.bound[kind] = None  # shapes set, addresses not yet
+        slot = self.slots[key] = _Slot(key, inputs, outputs)
         return slot
 
     def _bind_slot(self, kind, profile, slot):
-        ctx = self.contexts[kind]
         self._select(kind, profile)
-        if self.bound[kind] == profile:
+        if self.bound[kind] is slot:
             return
+        ctx = self.contexts[kind]
         for name, t in slot.inputs.items():
             ctx.set_input_shape(name, tuple(t.shape))
             ctx.set_tensor_address(name, t.data_ptr())
         for name, t in slot.outputs.items():
             ctx.set_tensor_address(name, t.data_ptr())
-        self.bound[kind] = profile
+        self.bound[kind] = slot
 
     # --- StepEngine ------------------------------------------------------------------------------
-    def bind(self, inputs) -> None:
-        import torch
-
-        from topi_export.models import kontext_ids
-
-        self.manifest.check_layout(inputs.layout)
-        txt_ids, img_ids = kontext_ids(inputs.layout)
-        dev = self.device
-        self.num_target = inputs.layout.num_target
-        self.num_ctx = inputs.layout.num_ctx
-        self.static = {"encoder_hidden_states": inputs.prompt_embeds.to(dev, torch.float32),
-                       "pooled_projections": inputs.pooled_prompt_embeds.to(dev, torch.float32),
-                       "img_ids": img_ids.to(dev), "txt_ids": txt_ids.to(dev),
-                       "guidance": inputs.guidance_tensor().to(dev, torch.float32)}
-        self.reference = inputs.reference_latents.to(dev, torch.float32)
+    def bind(self, cond, context, layout) -> None:
+        super().bind(cond, context, layout)
+        self.layout_index = self.manifest.layout_index(layout)
+        self.dev_static = {"context": self.context.to(self.device)}
+        self.dev_static.update({k: v.to(self.device) for k, v in cond.items()})
         self.version += 1
 
-    def _run(self, kind, profile, latents, timestep, keep_idx=None):
+    def _inputs(self, kind, latents, timestep, keep_idx, score_idx) -> dict:
+        """Graph input name -> tensor for this call (per-bind tensors expanded to the call's batch)."""
+        b = latents.shape[0]
+        feed = {"latents": latents, "timestep": timestep.reshape(b) if timestep.numel() == b else timestep}
+        if kind == "topi":
+            feed["keep_idx"], feed["score_idx"] = keep_idx.reshape(-1), score_idx.reshape(-1)
+        for t in self.manifest.graphs[kind].inputs:
+            v = self.dev_static.get(t.name)
+            if v is not None:
+                feed[t.name] = v.expand(b, *v.shape[1:]) if t.dims[:1] == ("B",) and v.shape[0] != b else v
+        missing = [n for n in self.io[kind]["inputs"] if n not in feed]
+        if missing:
+            raise TopiError(f"the {kind} engine needs inputs {missing} this request does not provide: the engine "
+                            f"directory was built for another model family")
+        return feed
+
+    def _call(self, kind, latents, timestep, keep_idx, score_idx):
         import torch
 
-        if self.static is None:
-            raise TopiError("TensorRTEngine.bind(inputs) must be called before running a step")
-        slot = self._slot(kind, profile)
+        if self.layout is None:
+            raise TopiError(f"{self.name}: bind(cond, context, layout) must be called before running a step")
+        if kind not in self.engines:
+            self._load(kind)
+        profile = select_profile(self.manifest, self.layout_index, kind,
+                                 None if keep_idx is None else int(keep_idx.numel()))
+        feed = self._inputs(kind, latents, timestep, keep_idx, score_idx)
+        slot = self._slot(kind, profile, {n: tuple(feed[n].shape) for n in self.io[kind]["inputs"]})
         s = self.stream
         s.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(s):
-            hs = slot.inputs["hidden_states"]
-            if slot.bound_version != self.version:
-                for name, value in self.static.items():
-                    if name in slot.inputs:
-                        slot.inputs[name].copy_(value.reshape(slot.inputs[name].shape))
-                hs[:, self.num_target:].copy_(self.reference)
-                slot.bound_version = self.version
-            hs[:, :self.num_target].copy_(latents.reshape(1, self.num_target, -1), non_blocking=True)
-            slot.inputs["timestep"].copy_(timestep.reshape(slot.inputs["timestep"].shape), non_blocking=True)
-            if keep_idx is not None:
-                slot.inputs[KEEP_INPUT].copy_(keep_idx.reshape(-1), non_blocking=True)
+            for name, buf in slot.inputs.items():
+                if name in self.PER_CALL or slot.bound_version != self.version:
+                    buf.copy_(feed[name], non_blocking=True)
+            slot.bound_version = self.version
             self._bind_slot(kind, profile, slot)
             if slot.graph is not None:
                 slot.graph.replay()
@@ -217,44 +256,27 @@ class TensorRTEngine:
                 if self.cuda_graphs and slot.runs == 1:
                     self._capture(kind, slot)
         s.synchronize()
-        return slot.outputs
+        out = [slot.outputs[t.name].float().to(latents.device, copy=True) for t in self.manifest.graphs[kind].outputs]
+        return out[0], (out[1] if len(out) > 1 else None)
 
     def _capture(self, kind, slot):
-        """Capture one execute_async_v3 of this (engine, profile) into a CUDA graph (after a warm-up run)."""
+        """Capture one execute_async_v3 of this slot into a CUDA graph (after its first, eager run): legal because
+        the slot's shapes and addresses never change, and they are set again before every replay."""
         import warnings
 
         import torch
 
-        ctx = self.contexts[kind]
         self.stream.synchronize()
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, stream=self.stream):
-                ctx.execute_async_v3(self.stream.cuda_stream)
+                self.contexts[kind].execute_async_v3(self.stream.cuda_stream)
         except Exception as exc:  # noqa: BLE001 - fall back to plain launches
             warnings.warn(f"{self.name}: CUDA graph capture failed for the {kind} engine ({exc}); running without")
             self.cuda_graphs = False
             return
         slot.graph = graph
 
-    def anchor(self, latents, timestep):
-        out = self._run("anchor", 0, latents, timestep)
-        velocity = out["velocity"].float().to(latents.device, copy=True)
-        influence = out["influence"].float().to(latents.device, copy=True)
-        return velocity, influence[0]
 
-    def full(self, latents, timestep):
-        # The anchor graph runs the full sequence: its velocity is the unpruned one. The pruned engine
-        # has profiles only for the compiled buckets, not for keep = num_ctx.
-        return self.anchor(latents, timestep)[0]
-
-    def pruned(self, latents, timestep, keep_idx):
-        import torch
-
-        keep_idx = torch.as_tensor(keep_idx, dtype=torch.int64)
-        if keep_idx.numel() == self.num_ctx:
-            return self.full(latents, timestep)
-        profile = self.manifest.profile_for(int(keep_idx.numel()))
-        out = self._run("pruned", profile, latents, timestep, keep_idx)
-        return out["velocity"].float().to(latents.device, copy=True)
-
+def open_engine(manifest, *, cuda_graphs=None, **_):
+    return TensorRTEngine(manifest, cuda_graphs)

@@ -1,0 +1,139 @@
+"""A made-up third model family, used by tests/test_family_contract.py to show that adding a family takes one
+adapter module plus one registry line: a toy joint-attention DiT (text, target and context tokens in one
+sequence, 1-D rotary positions), nothing from the other families."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+
+from topi_export.models.base import Family, Published, RequestField, gather_rows
+from topi_export.models.sampling import flow_match_scheduler
+from topi_export.plan import GraphTensor
+
+
+class ToyBlock(torch.nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.norm = torch.nn.LayerNorm(dim)
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+        self.out = torch.nn.Linear(dim, dim)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(dim, 2 * dim), torch.nn.GELU(), torch.nn.Linear(2 * dim, dim))
+        self.hook = None
+
+    def forward(self, x, cos, sin):
+        b, s, d = x.shape
+        q, k, v = (t.view(b, s, self.heads, -1).transpose(1, 2) for t in self.qkv(self.norm(x)).chunk(3, -1))
+        q, k = (t * cos + torch.stack([-t[..., 1::2], t[..., ::2]], -1).flatten(-2) * sin for t in (q, k))
+        if self.hook is not None:
+            q, k, v = self.hook(q, k, v)
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, s, d)
+        x = x + self.out(a)
+        return x + self.mlp(x)
+
+
+class ToyDiT(ModelMixin, ConfigMixin):
+    @register_to_config
+    def __init__(self, in_channels=8, text_dim=8, num_layers=3, num_attention_heads=2, attention_head_dim=8):
+        super().__init__()
+        dim = num_attention_heads * attention_head_dim
+        self.x_in = torch.nn.Linear(in_channels, dim)
+        self.txt_in = torch.nn.Linear(text_dim, dim)
+        self.t_in = torch.nn.Linear(1, dim)
+        self.blocks = torch.nn.ModuleList(ToyBlock(dim, num_attention_heads) for _ in range(num_layers))
+        self.proj_out = torch.nn.Linear(dim, in_channels)
+
+    def forward(self, latents, context, timestep, text, cos, sin):
+        x = torch.cat([self.txt_in(text), self.x_in(torch.cat([latents, context], 1))], 1)
+        x = x + self.t_in(timestep.view(-1, 1, 1))
+        for block in self.blocks:
+            x = block(x, cos, sin)
+        return self.proj_out(x[:, text.shape[1]:text.shape[1] + latents.shape[1]])
+
+
+def rope(n: int, dim: int):
+    pos = torch.arange(n, dtype=torch.float64)[:, None] / 10000 ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    return pos.cos().repeat_interleave(2, -1).float(), pos.sin().repeat_interleave(2, -1).float()
+
+
+class ToyFamily(Family):
+    name = "toy-dit"
+    model_classes = ("ToyDiT",)
+    pipelines = ()
+    max_references = None
+    published = Published((1,), 1, 2, 3, "a toy setting (tests)")
+    scheduler_defaults = dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False)
+
+    @classmethod
+    def model_class(cls):
+        return ToyDiT
+
+    @property
+    def num_layers(self):
+        return int(self.config["num_layers"])
+
+    @property
+    def out_channels(self):
+        return self.in_channels
+
+    @property
+    def guidance(self):
+        return "none"
+
+    def request_fields(self):
+        return (RequestField("prompt_embeds", 3, int(self.config["text_dim"]), text=True),)
+
+    def conditioning(self, inputs, layout=None):
+        layout = layout or inputs.layout
+        cos, sin = rope(layout.num_tokens, self.head_dim)
+        return {"encoder_hidden_states": inputs.tensors["prompt_embeds"].float(), "rope_cos": cos, "rope_sin": sin}
+
+    def graph_inputs(self, batch=1):
+        return (GraphTensor("encoder_hidden_states", ("B", "T", int(self.config["text_dim"])), "float32"),
+                GraphTensor("rope_cos", ("T+Nx+Nc", self.head_dim), "float32"),
+                GraphTensor("rope_sin", ("T+Nx+Nc", self.head_dim), "float32"))
+
+    def synthetic_inputs(self, layout, seed=0):
+        from topi_export.request import Inputs
+
+        g = torch.Generator().manual_seed(seed)
+        return Inputs(layout, torch.randn(1, layout.num_ctx, self.in_channels, generator=g),
+                      {"prompt_embeds": torch.randn(1, layout.text_tokens, int(self.config["text_dim"]), generator=g)})
+
+    def install_processors(self, model):
+        for block, hook in zip(model.blocks, self.hooks):
+            block.hook = hook
+
+    def embed(self, latents, context, timestep, cond):
+        m = self.model
+        x = torch.cat([m.txt_in(cond["encoder_hidden_states"]), m.x_in(torch.cat([latents, context], 1))], 1)
+        x = x + m.t_in(timestep.view(-1, 1, 1))
+        t = cond["encoder_hidden_states"].shape[1]
+        return SimpleNamespace(x=x, cos=cond["rope_cos"], sin=cond["rope_sin"], n_text=t, n_target=latents.shape[1])
+
+    def gather_context(self, s, layer, keep_idx):
+        cut = s.n_text + s.n_target
+        s.x = gather_rows(s.x, cut, keep_idx, dim=1)
+        s.cos, s.sin = gather_rows(s.cos, cut, keep_idx), gather_rows(s.sin, cut, keep_idx)
+
+    def run_layer(self, s, layer):
+        s.x = self.model.blocks[layer](s.x, s.cos, s.sin)
+
+    def head(self, s):
+        return self.model.proj_out(s.x[:, s.n_text:s.n_text + s.n_target])
+
+    def pipeline_call(self, model, latents, context, timestep, inputs, branch="positive"):
+        cos, sin = rope(inputs.layout.num_tokens, self.head_dim)
+        return model(latents, context, timestep, inputs.tensors["prompt_embeds"], cos, sin)
+
+    def make_scheduler(self, steps, layout, scheduler_config=None):
+        return flow_match_scheduler(scheduler_config or self.scheduler_defaults, steps, None)
+
+
+ToyFamily.builtins = {"tiny-toy": lambda: dict(in_channels=8, text_dim=8, num_layers=3, num_attention_heads=2,
+                                                attention_head_dim=8)}
+FAMILY = ToyFamily

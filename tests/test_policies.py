@@ -1,0 +1,238 @@
+"""Selection policies on several references: contract, budgets, spread, and tau's influence-mass guarantee."""
+import dataclasses
+
+import pytest
+import torch
+
+from topi_export.errors import TopiError
+from topi_export.method.selection import (DEFAULT_POLICY, POLICIES, Selector, check_bucket_keeps, keep_count,
+                                          keep_per_reference, kept_mass, parse_buckets, select_tokens,
+                                          tau_keep_count)
+
+GRID_CASES = [((16, 16),), ((1, 37),), ((5, 9),), ((12, 20), (7, 3), (16, 16)), ((1, 1), (9, 6))]
+
+
+def _n(grids):
+    return sum(h * w for h, w in grids)
+
+
+def _kept_grid(idx, grid, offset=0):
+    h, w = grid
+    mask = torch.zeros(h * w, dtype=torch.bool)
+    local = idx[(idx >= offset) & (idx < offset + h * w)] - offset
+    mask[local] = True
+    return mask.reshape(h, w)
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_policy_is_deterministic_exact_sorted_unique_in_range(policy):
+    gen = torch.Generator().manual_seed(0)
+    for grids in GRID_CASES:
+        n = _n(grids)
+        infl = torch.rand(n, generator=gen) ** 3
+        for k in sorted({1, 2, n // 3, n // 2, n - 1}):
+            if k < 1:
+                continue
+            idx = select_tokens(infl, k, policy, grids, seed=5)
+            assert idx.dtype == torch.int64 and idx.numel() == k
+            assert idx.unique().numel() == k and torch.equal(idx, idx.sort().values)
+            assert int(idx.min()) >= 0 and int(idx.max()) < n
+            assert torch.equal(idx, select_tokens(infl.clone(), k, policy, grids, seed=5))
+            assert sum(keep_per_reference(idx, grids)) == k
+        assert torch.equal(select_tokens(infl, n, policy, grids), torch.arange(n))
+
+
+def test_topi_is_the_plain_top_k():
+    infl = torch.rand(300, generator=torch.Generator().manual_seed(2))
+    idx = select_tokens(infl, 77, "topi", ((10, 30),))
+    assert torch.equal(idx, infl.topk(77).indices.sort().values)
+    assert select_tokens(torch.tensor([0.1, 0.9, 0.3, 0.8, 0.2]), 2, "topi").tolist() == [1, 3]
+
+
+@pytest.mark.parametrize("policy", ["uniform", "dither"])
+def test_influence_free_baselines_split_by_reference_size(policy):
+    grids = ((16, 16), (8, 8), (4, 8))  # 256 + 64 + 32 = 352 tokens
+    infl = torch.zeros(352)
+    infl[256:] = 1.0  # all the influence in the small references: the baselines do not care
+    assert keep_per_reference(select_tokens(infl, 176, policy, grids), grids) == [128, 32, 16]
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_registry_flag_matches_whether_influence_changes_the_output(policy):
+    grids = ((12, 12), (6, 10))
+    n = _n(grids)
+    gen = torch.Generator().manual_seed(3)
+    a, b = torch.rand(n, generator=gen) ** 4, torch.rand(n, generator=gen) ** 4
+    b[:144] *= 0.05  # most of b's mass in the second reference
+    same = torch.equal(select_tokens(a, 90, policy, grids, seed=1), select_tokens(b, 90, policy, grids, seed=1))
+    assert same == (not POLICIES[policy].uses_influence)
+    assert POLICIES[policy].description
+
+
+def test_dither_ignores_influence():
+    gen = torch.Generator().manual_seed(4)
+    a, b = torch.rand(256, generator=gen), torch.rand(256, generator=gen) ** 6
+    assert torch.equal(select_tokens(a, 100, "dither", ((16, 16),)), select_tokens(b, 100, "dither", ((16, 16),)))
+
+
+def test_influence_changes_the_default_policy():
+    left = torch.ones(16, 16)
+    left[:, :8] = 4.0
+    right = left.flip(1)
+    a = select_tokens(left.flatten(), 96, DEFAULT_POLICY, ((16, 16),))
+    b = select_tokens(right.flatten(), 96, DEFAULT_POLICY, ((16, 16),))
+    assert not torch.equal(a, b)
+    ka, kb = _kept_grid(a, (16, 16)), _kept_grid(b, (16, 16))
+    # 4x the influence density -> 4/5 of the slots (each left quadrant 38.4 -> 38), on whichever side it is
+    assert int(ka[:, :8].sum()) == 76 and int(kb[:, 8:].sum()) == 76
+
+
+def test_budget_spreads_evenly_when_influence_is_flat():
+    idx = select_tokens(torch.ones(256), 128, DEFAULT_POLICY, ((16, 16),))
+    cells = _kept_grid(idx, (16, 16)).reshape(8, 2, 8, 2).sum((1, 3))
+    assert (cells == 2).all()
+    # nearly flat (noise 1e-3): every 2x2 cell still keeps tokens
+    noisy = 1 + 1e-3 * torch.rand(256, generator=torch.Generator().manual_seed(5))
+    cells = _kept_grid(select_tokens(noisy, 128, DEFAULT_POLICY, ((16, 16),)), (16, 16)).reshape(8, 2, 8, 2)
+    assert (cells.sum((1, 3)) >= 1).all()
+    # flat influence is exactly the 2-D uniform policy, on any grids
+    grids = ((12, 20), (7, 3))
+    for k in (40, 131, 200):
+        flat = torch.full((_n(grids),), 0.7)
+        assert torch.equal(select_tokens(flat, k, DEFAULT_POLICY, grids), select_tokens(flat, k, "uniform", grids))
+
+
+def test_budget_keeps_the_reference_that_holds_the_mass():
+    grids = ((8, 8), (16, 16), (4, 12))
+    n = _n(grids)
+    infl = torch.zeros(n)
+    infl[64:320] = torch.rand(256, generator=torch.Generator().manual_seed(6)) + 0.5
+    assert keep_per_reference(select_tokens(infl, 100, DEFAULT_POLICY, grids), grids) == [0, 100, 0]
+    infl[:64] = 1e-5  # (nearly) all the mass: all the slots
+    infl[320:] = 1e-5
+    assert keep_per_reference(select_tokens(infl, 100, DEFAULT_POLICY, grids), grids)[1] >= 99
+    # more slots than that reference holds: it keeps everything, the rest goes to the others
+    counts = keep_per_reference(select_tokens(infl, 300, DEFAULT_POLICY, grids), grids)
+    assert counts[1] == 256 and sum(counts) == 300
+
+
+def test_budget_splits_references_and_regions_by_mass():
+    grids = ((8, 8), (4, 4))
+    infl = torch.cat([torch.full((64,), 3 / 64), torch.full((16,), 1 / 16)])  # mass 3 : 1
+    assert keep_per_reference(select_tokens(infl, 40, DEFAULT_POLICY, grids), grids) == [30, 10]
+    # a canvas of which a quadrant is used (10x the influence density): the budget follows the mass
+    canvas = torch.ones(16, 16)
+    canvas[:8, 8:] = 10.0
+    for policy, expected in (("uniform", 16), (DEFAULT_POLICY, 49)):  # 64 * 640 / 832 = 49.2
+        kept = _kept_grid(select_tokens(canvas.flatten(), 64, policy, ((16, 16),)), (16, 16))
+        assert int(kept[:8, 8:].sum()) == expected
+    # the rest of the canvas is not abandoned: every 8x8 quadrant keeps tokens
+    kept = _kept_grid(select_tokens(canvas.flatten(), 64, DEFAULT_POLICY, ((16, 16),)), (16, 16))
+    assert (kept.reshape(2, 8, 2, 8).sum((1, 3)) >= 4).all()
+
+
+def test_uniform_spreads_rows_and_columns():
+    for ratio, per_line in ((0.5, 8), (0.75, None)):
+        kept = _kept_grid(select_tokens(torch.rand(256), keep_count(ratio, 256), "uniform", ((16, 16),)), (16, 16))
+        assert not kept.all(0).any() and not kept.all(1).any()  # no whole column or row
+        if per_line:
+            assert (kept.sum(0) == per_line).all() and (kept.sum(1) == per_line).all()
+        else:  # one token per 2x2 cell: a lattice over 8 rows x 8 columns
+            assert (kept.reshape(8, 2, 8, 2).sum((1, 3)) == 1).all()
+            assert int(kept.any(1).sum()) == 8 and int(kept.any(0).sum()) == 8
+    kept = _kept_grid(select_tokens(torch.rand(240), 120, "uniform", ((12, 20),)), (12, 20))
+    assert kept.any(1).all() and kept.any(0).all()
+    assert not kept.all(0).any() and not kept.all(1).any()
+    assert (kept.reshape(6, 2, 10, 2).sum((1, 3)) == 2).all()
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_tau_keeps_tau_of_the_influence_mass_whatever_the_policy(policy):
+    gen = torch.Generator().manual_seed(7)
+    grid_sets = [((16, 16),), ((9, 14),), ((12, 20), (7, 3), (10, 10)), ((1, 50), (6, 6)), ((3, 40), (8, 5))]
+    bucket_sets = [(0.3, 0.5), (0.2, 0.4, 0.6, 0.8), (0.5,)]
+    for trial in range(24):
+        grids = grid_sets[trial % len(grid_sets)]
+        n = _n(grids)
+        kind = trial % 4
+        if kind == 0:  # heavy tail
+            infl = torch.rand(n, generator=gen) ** 8
+        elif kind == 1:  # (nearly) flat
+            infl = 1 + 1e-3 * torch.rand(n, generator=gen)
+        elif kind == 2:  # log-normal
+            infl = torch.exp(2 * torch.randn(n, generator=gen))
+        else:  # most mass in the last reference, spatially clustered
+            infl = 0.01 * torch.rand(n, generator=gen)
+            h, w = grids[-1]
+            infl[n - h * w: n - h * w // 2] += torch.rand(h * w // 2, generator=gen)
+        tau = float(torch.rand(1, generator=gen)) * 0.9 + 0.05
+        buckets = bucket_sets[trial % len(bucket_sets)]
+        sel = Selector(n, tau=tau, buckets=buckets, policy=policy, grids=grids, seed=trial)
+        idx, ratio, keep = sel.select(infl, step=trial)
+        need = tau_keep_count(infl, tau)
+        fits = [k for _, k in sel.bucket_keeps() if k >= need]
+        if idx is None:
+            assert not fits and keep == n
+            continue
+        assert keep == min(fits) and keep == keep_count(ratio, n) and ratio in buckets  # rounded UP to a bucket
+        assert idx.numel() == keep and idx.unique().numel() == keep and torch.equal(idx, idx.sort().values)
+        assert kept_mass(infl, idx) >= tau - 1e-9
+
+
+def test_tau_repair_leaves_a_placement_that_already_holds_tau_alone():
+    infl = torch.ones(256)
+    infl[:8] = 3.0
+    sel = Selector(256, tau=0.2, buckets=(0.5,), policy="uniform", grids=((16, 16),))
+    idx, _, keep = sel.select(infl)
+    assert keep == 128 and torch.equal(idx, select_tokens(infl, 128, "uniform", ((16, 16),)))
+
+
+def test_kept_mass():
+    infl = torch.tensor([1.0, -2.0, 3.0, 0.0])
+    assert kept_mass(infl, torch.tensor([2])) == pytest.approx(0.75)
+    assert kept_mass(infl, torch.tensor([1, 3])) == 0.0
+    assert kept_mass(torch.zeros(5), torch.tensor([0])) == 1.0
+    assert keep_per_reference(torch.tensor([0, 3, 4, 9]), ((2, 2), (1, 6))) == [2, 2]
+
+
+def test_old_policy_name_is_refused_with_the_new_names():
+    for call in (lambda: select_tokens(torch.rand(16), 8, "topi-dither"),
+                 lambda: Selector(16, ratio=0.5, policy="topi-dither")):
+        with pytest.raises(TopiError, match="renamed to 'dither'") as err:
+            call()
+        assert DEFAULT_POLICY in str(err.value)
+    with pytest.raises(TopiError, match="choose one of") as err:
+        select_tokens(torch.rand(16), 8, "topk")
+    assert all(name in str(err.value) for name in POLICIES)
+
+
+def test_buckets_with_the_same_keep_count_are_refused():
+    with pytest.raises(TopiError, match="0.3 and 0.31"):
+        parse_buckets("0.3,0.31", num_ctx=10)
+    assert parse_buckets("0.3,0.31") == (0.3, 0.31)  # without a context size nothing collapses yet
+    assert parse_buckets("0.3,0.5", num_ctx=10) == (0.3, 0.5)
+    with pytest.raises(TopiError, match="both keep 7 of 10"):
+        check_bucket_keeps((0.3, 0.31), 10)
+    with pytest.raises(TopiError):
+        Selector(10, tau=0.5, buckets=(0.3, 0.31))
+
+
+def test_selector_grids_and_modes():
+    sel = Selector(40)
+    assert sel.grids == ((1, 40),) and sel.policy == DEFAULT_POLICY
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        sel.ratio = 0.5
+    assert Selector(40, grids=((4, 5), (4, 5))).grids == ((4, 5), (4, 5))
+    with pytest.raises(TopiError, match="hold 39 tokens"):
+        Selector(40, grids=((4, 5), (19, 1)))
+    assert sel.select(torch.rand(40)) == (None, 0.0, 40)
+    idx, ratio, keep = Selector(40, ratio=0.5, grids=((4, 5), (4, 5))).select(torch.rand(40))
+    assert (ratio, keep) == (0.5, 20) and idx.dtype == torch.int64
+    assert Selector(40, ratio=0.5).choose(None) == (0.5, 20)
+    # tau: no bucket keeps enough -> unpruned
+    assert Selector(100, tau=0.95, buckets=(0.3, 0.5)).select(torch.ones(100)) == (None, 0.0, 100)
+    # the random policy varies with the anchor step, deterministically
+    rnd = Selector(64, ratio=0.5, policy="random", grids=((8, 8),))
+    infl = torch.rand(64)
+    assert torch.equal(rnd.select(infl, 10)[0], rnd.select(infl, 10)[0])
+    assert not torch.equal(rnd.select(infl, 0)[0], rnd.select(infl, 10)[0])

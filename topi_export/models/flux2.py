@@ -1,0 +1,295 @@
+"""FLUX.2 (diffusers ``Flux2Transformer2DModel`` as ``Flux2Pipeline`` and ``Flux2KleinPipeline`` call it).
+
+Token layout (Flux2Pipeline): hidden_states = cat([latents, image_latents]) with every reference's packed tokens
+concatenated in order; 4-D position ids (T, H, W, L): the target has T = 0, reference i has T = 10 + 10 i
+(``_prepare_image_ids``), text token l is (0, 0, 0, l) (``_prepare_text_ids``). The transformer gets timestep / 1000
+and, for guidance-distilled checkpoints, an embedded guidance scale; only out[:, :Nx] is used.
+
+Blocks: double-stream blocks keep the text and image streams apart (image stream [X | C]); diffusers concatenates
+[text | image] once before the single-stream blocks, which see the joint sequence [T | X | C]. So the gather at L0
+cuts the image stream at Nx in a double block and the joint sequence at T + Nx in a single block; the rotary rows
+([T | X | C]) are cut at T + Nx in both. The modulations (double_stream_modulation_img/txt, single_stream_modulation)
+are computed from the time embedding once per call and are per-batch, not per-token, so nothing else is gathered.
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.embeddings import apply_rotary_emb
+
+from topi_export.errors import TopiError
+from topi_export.models.base import Family, Published, RequestField, gather_rows
+from topi_export.models.sampling import flow_match_scheduler
+from topi_export.plan import GraphTensor, Layout
+
+DEFAULT_GUIDANCE = 4.0  # Flux2Pipeline's default guidance_scale
+REF_T_SCALE = 10  # Flux2Pipeline._prepare_image_ids: reference i has T = scale + scale * i
+# FlowMatchEulerDiscreteScheduler of the FLUX.2 pipelines; mu comes from compute_empirical_mu, not from a shift
+# formula, so base/max shift are never read.
+SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True)
+
+
+def grid_ids(grid, t: int) -> torch.Tensor:
+    """(T, H, W, L) ids [H*W, 4] of one image, raster order (torch.cartesian_prod as the pipeline builds them)."""
+    h, w = grid
+    return torch.cartesian_prod(torch.tensor([t]), torch.arange(h), torch.arange(w), torch.tensor([0]))
+
+
+def flux2_ids(layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
+    """(txt_ids [T, 4], img_ids [Nx + Nc, 4]) int64, exactly as Flux2Pipeline builds them."""
+    txt_ids = torch.cartesian_prod(torch.tensor([0]), torch.tensor([0]), torch.tensor([0]),
+                                   torch.arange(layout.text_tokens))
+    refs = [grid_ids(g, REF_T_SCALE + REF_T_SCALE * i) for i, g in enumerate(layout.ref_grids)]
+    return txt_ids, torch.cat([grid_ids(layout.target_grid, 0)] + refs, dim=0)
+
+
+def rope_tables(axes_dim, ids: torch.Tensor, theta: int = 2000) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flux2PosEmbed (float64 frequencies on the CPU, as diffusers computes them) -> float32 cos, sin [S, D]."""
+    from diffusers.models.transformers.transformer_flux2 import Flux2PosEmbed
+
+    cos, sin = Flux2PosEmbed(theta=theta, axes_dim=list(axes_dim))(ids)
+    return cos.float().contiguous(), sin.float().contiguous()
+
+
+def _sdpa(q, k, v, attention_mask):
+    """diffusers' native attention on [B, H, S, D] -> [B, S, H*D]."""
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)
+    return out.transpose(1, 2).flatten(2, 3).to(q.dtype)
+
+
+class TopiFlux2AttnProcessor:
+    """diffusers' Flux2AttnProcessor (double-stream blocks) with an AttentionHook on q/k/v after QK-norm and RoPE."""
+
+    def __init__(self, hook):
+        self.hook = hook
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        from diffusers.models.transformers.transformer_flux2 import _get_qkv_projections
+
+        query, key, value, eq, ek, ev = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
+        query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
+        key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
+        value = value.unflatten(-1, (-1, attn.head_dim))
+        if attn.added_kv_proj_dim is not None:
+            eq = attn.norm_added_q(eq.unflatten(-1, (-1, attn.head_dim)))
+            ek = attn.norm_added_k(ek.unflatten(-1, (-1, attn.head_dim)))
+            ev = ev.unflatten(-1, (-1, attn.head_dim))
+            query, key, value = torch.cat([eq, query], 1), torch.cat([ek, key], 1), torch.cat([ev, value], 1)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        q, k, v = self.hook(*(t.transpose(1, 2) for t in (query, key, value)))  # [B, H, S, D]
+        out = _sdpa(q, k, v, attention_mask)
+        if encoder_hidden_states is None:
+            return attn.to_out[1](attn.to_out[0](out))
+        enc_out, img_out = out.split_with_sizes([encoder_hidden_states.shape[1], hidden_states.shape[1]], dim=1)
+        return attn.to_out[1](attn.to_out[0](img_out)), attn.to_add_out(enc_out)
+
+
+class TopiFlux2ParallelSelfAttnProcessor:
+    """diffusers' Flux2ParallelSelfAttnProcessor (single-stream blocks, fused QKV + MLP) with an AttentionHook."""
+
+    def __init__(self, hook):
+        self.hook = hook
+
+    def __call__(self, attn, hidden_states, attention_mask=None, image_rotary_emb=None):
+        hidden_states = attn.to_qkv_mlp_proj(hidden_states)
+        qkv_dim = 3 * attn.inner_dim
+        mlp_dim = attn.mlp_hidden_dim * attn.mlp_mult_factor
+        local_qkv = hidden_states.shape[-1] * qkv_dim // (qkv_dim + mlp_dim)
+        qkv, mlp = torch.split(hidden_states, [local_qkv, hidden_states.shape[-1] - local_qkv], dim=-1)
+        query, key, value = qkv.chunk(3, dim=-1)
+        query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
+        key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
+        value = value.unflatten(-1, (-1, attn.head_dim))
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        q, k, v = self.hook(*(t.transpose(1, 2) for t in (query, key, value)))  # [B, H, S, D]
+        out = _sdpa(q, k, v, attention_mask)
+        return attn.to_out(torch.cat([out, attn.mlp_act_fn(mlp)], dim=-1))
+
+
+class Flux2(Family):
+    name = "flux2"
+    model_classes = ("Flux2Transformer2DModel",)
+    pipelines = ("Flux2Pipeline", "Flux2KleinPipeline")
+    max_references = None
+    published = Published((13, 18, 31), 10, 10, 57,
+                          "FLUX.1 Kontext published setting, no FLUX.2 setting published")
+    pixels_per_token = 16
+    scheduler_defaults = SCHEDULER
+
+    # --- description -------------------------------------------------------------------------
+    @property
+    def num_double(self) -> int:
+        return int(self.config["num_layers"])
+
+    @property
+    def num_layers(self) -> int:
+        return self.num_double + int(self.config["num_single_layers"])
+
+    def layer_groups(self):
+        return [("double", 0, self.num_double), ("single", self.num_double, self.num_layers)]
+
+    @property
+    def guidance(self) -> str:
+        return "distilled" if self.config.get("guidance_embeds", True) else "none"
+
+    @property
+    def text_dim(self) -> int:
+        return int(self.config["joint_attention_dim"])
+
+    # --- requests ----------------------------------------------------------------------------
+    def request_fields(self):
+        return (RequestField("prompt_embeds", 3, self.text_dim, text=True),)
+
+    def guidance_value(self, inputs) -> float:
+        return DEFAULT_GUIDANCE if inputs.guidance is None else float(inputs.guidance)
+
+    def rope(self, layout: Layout):
+        txt_ids, img_ids = flux2_ids(layout)
+        return rope_tables(self.config.get("axes_dims_rope", (32, 32, 32, 32)), torch.cat([txt_ids, img_ids], dim=0),
+                           int(self.config.get("rope_theta", 2000)))
+
+    def conditioning(self, inputs, layout=None):
+        layout = layout or inputs.layout
+        cos, sin = self.rope(layout)
+        cond = {"encoder_hidden_states": inputs.tensors["prompt_embeds"].float()}
+        if self.guidance == "distilled":
+            cond["guidance"] = torch.tensor([self.guidance_value(inputs)])
+        cond.update(rope_cos=cos, rope_sin=sin)
+        return cond
+
+    def graph_inputs(self, batch: int = 1):
+        out = [GraphTensor("encoder_hidden_states", ("B", "T", self.text_dim), "float32")]
+        if self.guidance == "distilled":
+            out.append(GraphTensor("guidance", ("B",), "float32"))
+        out += [GraphTensor("rope_cos", ("T+Nx+Nc", self.head_dim), "float32"),
+                GraphTensor("rope_sin", ("T+Nx+Nc", self.head_dim), "float32")]
+        return tuple(out)
+
+    def synthetic_inputs(self, layout: Layout, seed: int = 0):
+        from topi_export.request import Inputs
+
+        gen = torch.Generator().manual_seed(int(seed) % (1 << 63))
+        ref = torch.randn(1, layout.num_ctx, self.in_channels, generator=gen)
+        prompt = torch.randn(1, layout.text_tokens, self.text_dim, generator=gen)
+        return Inputs(layout, ref, {"prompt_embeds": prompt}, source=f"synthetic(seed={seed})")
+
+    # --- model -------------------------------------------------------------------------------
+    def install_processors(self, model):
+        for block, hook in zip(model.transformer_blocks, self.hooks):
+            block.attn.set_processor(TopiFlux2AttnProcessor(hook))
+        for block, hook in zip(model.single_transformer_blocks, self.hooks[self.num_double:]):
+            block.attn.set_processor(TopiFlux2ParallelSelfAttnProcessor(hook))
+        self.blocks = list(model.transformer_blocks) + list(model.single_transformer_blocks)
+
+    def embed(self, latents, context, timestep, cond):
+        m = self.model
+        dtype = m.x_embedder.weight.dtype
+        t = timestep.to(dtype) * 1000
+        g = cond["guidance"].to(dtype) * 1000 if "guidance" in cond else None
+        temb = m.time_guidance_embed(t, g)
+        return SimpleNamespace(
+            hs=m.x_embedder(torch.cat([latents, context], dim=1).to(dtype)),
+            enc=m.context_embedder(cond["encoder_hidden_states"].to(dtype)),
+            temb=temb, mod_img=m.double_stream_modulation_img(temb), mod_txt=m.double_stream_modulation_txt(temb),
+            mod_single=m.single_stream_modulation(temb), rope=(cond["rope_cos"], cond["rope_sin"]),
+            joint=False, n_text=cond["encoder_hidden_states"].shape[1], n_target=latents.shape[1])
+
+    def gather_context(self, s, layer, keep_idx):
+        cut = s.n_text + s.n_target
+        # single blocks hold the joint sequence [T | X | C]; double blocks the image stream [X | C]
+        s.hs = gather_rows(s.hs, cut if s.joint else s.n_target, keep_idx, dim=1)
+        s.rope = tuple(gather_rows(t, cut, keep_idx) for t in s.rope)
+
+    def run_layer(self, s, layer):
+        block = self.blocks[layer]
+        if layer < self.num_double:
+            s.enc, s.hs = block(hidden_states=s.hs, encoder_hidden_states=s.enc, temb_mod_img=s.mod_img,
+                                temb_mod_txt=s.mod_txt, image_rotary_emb=s.rope)
+            return
+        if not s.joint:  # diffusers concatenates [text | image] once, before the first single block
+            s.hs, s.enc, s.joint = torch.cat([s.enc, s.hs], dim=1), None, True
+        s.hs = block(hidden_states=s.hs, encoder_hidden_states=None, temb_mod=s.mod_single, image_rotary_emb=s.rope)
+
+    def head(self, s):
+        m = self.model
+        start = s.n_text if s.joint else 0
+        return m.proj_out(m.norm_out(s.hs[:, start:start + s.n_target], s.temb))
+
+    def pipeline_call(self, model, latents, context, timestep, inputs, branch="positive"):
+        b = latents.shape[0]
+        txt_ids, img_ids = flux2_ids(inputs.layout)
+        prompt = inputs.tensors["prompt_embeds"]
+        out = model(hidden_states=torch.cat([latents, context.expand(b, -1, -1)], dim=1).to(model.dtype),
+                    timestep=timestep, guidance=torch.full([b], self.guidance_value(inputs)),
+                    encoder_hidden_states=prompt.expand(b, -1, -1), txt_ids=txt_ids.expand(b, -1, -1),
+                    img_ids=img_ids.expand(b, -1, -1), return_dict=False)[0]
+        return out[:, :latents.shape[1]]
+
+    # --- sampling ----------------------------------------------------------------------------
+    def make_scheduler(self, steps, layout, scheduler_config=None):
+        from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
+
+        config = dict(scheduler_config or SCHEDULER)
+        return flow_match_scheduler(config, steps, compute_empirical_mu(layout.num_target, steps))
+
+    # --- diffusers drop-in -------------------------------------------------------------------
+    def parse_call(self, kwargs):
+        """Flux2Pipeline's / Flux2KleinPipeline's transformer call -> (latents, context, timestep, Inputs). The
+        layout is read from the ids: the target is the leading run of T = 0, then one grid per T value."""
+        from topi_export.request import Inputs
+
+        if kwargs.get("kv_cache_mode") is not None:
+            raise TopiError("the transformer was called with a reference KV cache (Flux2KleinKVPipeline): the ToPi "
+                            "drop-in serves Flux2Pipeline and Flux2KleinPipeline; see docs/flux2.md")
+        hidden, img_ids, txt_ids = kwargs["hidden_states"], kwargs.get("img_ids"), kwargs.get("txt_ids")
+        if img_ids is None or txt_ids is None:
+            raise TopiError("the transformer call has no img_ids / txt_ids: this is not a FLUX.2 pipeline call")
+        ids = (img_ids[0] if img_ids.dim() == 3 else img_ids).long().cpu()
+        t = ids[:, 0]
+        changes = (torch.nonzero(t[1:] != t[:-1]).flatten() + 1).tolist()
+        starts, ends = [0] + changes, changes + [len(t)]
+        firsts = [int(t[a]) for a in starts]
+        want = [0] + [REF_T_SCALE + REF_T_SCALE * i for i in range(len(starts) - 1)]
+        if len(starts) < 2 or firsts != want:
+            raise TopiError(f"img_ids hold image groups with T = {firsts}, not [target T=0 | references T=10, 20, "
+                            f"...]: the ToPi drop-in needs reference images in a Flux2Pipeline layout")
+        grids = []
+        for a, e in zip(starts, ends):
+            part = ids[a:e]
+            h, w = int(part[:, 1].max()) + 1, int(part[:, 2].max()) + 1
+            if h * w != e - a:
+                raise TopiError(f"img_ids group T={int(t[a])} holds {e - a} tokens, not a {h}x{w} grid")
+            grids.append((h, w))
+        layout = Layout(int(txt_ids.shape[-2]), grids[0], tuple(grids[1:]))
+        g = kwargs.get("guidance")
+        if g is None and self.guidance == "distilled":  # diffusers would skip the guidance embedding
+            raise TopiError("the pipeline passes no guidance but this model embeds one (guidance_embeds): use "
+                            "Flux2Pipeline for guidance-distilled FLUX.2 checkpoints")
+        inputs = Inputs(layout, hidden[:1, layout.num_target:].float(),
+                        {"prompt_embeds": kwargs["encoder_hidden_states"][:1].float()},
+                        guidance=None if g is None else float(g.reshape(-1)[0]), source="Flux2Pipeline")
+        return hidden[:, :layout.num_target], kwargs["timestep"], inputs
+
+
+def tiny_config() -> dict:
+    """A small deterministic FLUX.2 config (2 double + 4 single blocks, 2 heads x 16 dims)."""
+    return dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=4, attention_head_dim=16,
+                num_attention_heads=2, joint_attention_dim=32, timestep_guidance_channels=32, mlp_ratio=3.0,
+                axes_dims_rope=(4, 4, 4, 4), rope_theta=2000, guidance_embeds=True)
+
+
+def mid_config() -> dict:
+    """The mid-size benchmark config: 4 heads x 64 dims, 2 double + 4 single blocks."""
+    return dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=4, attention_head_dim=64,
+                num_attention_heads=4, joint_attention_dim=256, timestep_guidance_channels=256, mlp_ratio=3.0,
+                axes_dims_rope=(16, 16, 16, 16), rope_theta=2000, guidance_embeds=True)
+
+
+Flux2.builtins = {"tiny-flux2": tiny_config, "mid-flux2": mid_config}
+FAMILY = Flux2
