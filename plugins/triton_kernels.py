@@ -278,7 +278,6 @@ def influence_score_aot(q_target: torch.Tensor, k: torch.Tensor, v_ctx: torch.Te
 
 
 # Older name, still used by scripts/gpu_kernels_bench.py ("single-launch ... TensorRT AOT path").
-influence_score_fused = influence_score_aot
 
 
 def token_gather(x: torch.Tensor, keep_idx: torch.Tensor, **overrides) -> torch.Tensor:

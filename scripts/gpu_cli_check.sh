@@ -21,5 +21,5 @@ for tag in ("cuda_fp32", "cuda_bf16"):
     print(tag, "rel L2 vs CPU fp32:", float((x - ref).norm() / ref.norm()))
 PY
 $TX bench --model mid-kontext --target-grid 64x64 --text-tokens 512 --device cuda --dtype bf16 \
-  --policies topi-dither --ratio-buckets 0.3,0.5 --steps 28 --update-interval 10 --repeats 2 \
+  --policies topi --ratio-buckets 0.3,0.5 --steps 28 --update-interval 10 --repeats 2 \
   --json "$OUT/bench_mid64_cuda_bf16.json" -q | tail -6

@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     q, k, v = make_inputs(1, h, nx // 8, s // 8, nc // 8, d, dtype, seed=1)
     oracle = reference.influence_score_materialized(q, k, v)
     checks.append(check("two-pass vs float64 oracle (1/8 shape)", rel_err(tk.influence_score(q, k, v), oracle), tol, failures))
-    checks.append(check("single-launch vs float64 oracle (1/8 shape)", rel_err(tk.influence_score_fused(q, k, v), oracle), tol, failures))
+    checks.append(check("single-launch vs float64 oracle (1/8 shape)", rel_err(tk.influence_score_aot(q, k, v), oracle), tol, failures))
 
     # full 1024x1024 Kontext shape
     q, k, v = make_inputs(1, h, nx, s, nc, d, dtype)
@@ -107,9 +107,9 @@ def main(argv=None) -> int:
     rows.append({"name": f"influence triton two-pass [{best}]", "ms": timings[best],
                  "note": ", ".join(f"{c}={t:.3f}" for c, t in timings.items())})
     if not args.skip_fused:
-        checks.append(check("single-launch vs fp32 reference (full shape)", rel_err(tk.influence_score_fused(q, k, v), ref32), tol, failures))
+        checks.append(check("single-launch vs fp32 reference (full shape)", rel_err(tk.influence_score_aot(q, k, v), ref32), tol, failures))
         rows.append({"name": "influence triton single-launch (AOT kernel)", "ms": do_bench(
-            lambda: tk.influence_score_fused(q, k, v), warmup=1, rep=1, return_mode="median"), "note": "TensorRT AOT path"})
+            lambda: tk.influence_score_aot(q, k, v), warmup=1, rep=1, return_mode="median"), "note": "TensorRT AOT path"})
     rows.append({"name": "influence torch reference (chunked, fp32)", "ms": bench(lambda: reference.influence_score(q, k, v))})
     checks.append(check("full-softmax torch vs fp32 reference", rel_err(full_softmax_influence(q, k, v), ref32), tol, failures))
     rows.append({"name": "influence torch full softmax (fp32)", "ms": bench(lambda: full_softmax_influence(q, k, v))})

@@ -257,7 +257,7 @@ def test_shipped_profiles():
     profile = read_profile(root / "tiny-kontext.json")
     assert profile.measured is True and profile.weights_hash == tiny.weights_hash
     settings = _settings(tiny)
-    assert settings.source == str(root / "tiny-kontext.json") and settings.pivotal_layers == profile.pivotal_layers
+    assert settings.source == "calibration/tiny-kontext.json" and settings.pivotal_layers == profile.pivotal_layers
 
 
 def test_plot_profile_writes_png(tmp_path):

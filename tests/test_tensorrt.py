@@ -128,7 +128,7 @@ def test_builder_registers_plugins_with_the_module_it_builds_with(monkeypatch):
     registrations themselves are tested with a fake tensorrt.plugin in test_kernels.py); a failure builds inlined.
     TensorRT-RTX has no Python plugin API: nothing is registered."""
     from plugins import trt_plugins
-    from topi_export.backends.tensorrt.build import _register_plugins
+    from topi_export.backends.tensorrt.building import _register_plugins
 
     calls, notes = [], []
 

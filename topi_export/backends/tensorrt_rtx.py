@@ -4,6 +4,7 @@ default: the GPU present, else SM89); the engines run on RTX-class GPUs (no Hopp
 so the ONNX parser inlines the topi function bodies."""
 from __future__ import annotations
 
+from topi_export.backends import tensorrt as trt
 from topi_export.backends.base import Backend
 from topi_export.backends.tensorrt.common import PRECISIONS
 
@@ -13,19 +14,11 @@ BACKEND = Backend("tensorrt-rtx", builds=True, precisions=PRECISIONS,
 
 
 def check(precision: str, options: dict) -> None:
-    """Before the export (minutes on a real model): the TensorRT module is installed."""
-    from topi_export.backends.tensorrt.common import import_trt
-
-    import_trt(BACKEND.name)
+    trt.check(precision, options, BACKEND.name)
 
 
 def build(job):
-    from topi_export.backends.tensorrt.build import build as build_engines
-
-    return build_engines(job, BACKEND.name)
+    return trt.build(job, BACKEND.name)
 
 
-def open_engine(manifest, **options):
-    from topi_export.backends.tensorrt.runtime import open_engine as open_trt
-
-    return open_trt(manifest, **options)
+open_engine = trt.open_engine

@@ -20,7 +20,10 @@ import torch.nn.functional as F
 from diffusers.models.embeddings import apply_rotary_emb
 
 from topi_export.errors import TopiError
-from topi_export.models.base import Family, Published, RequestField, gather_rows
+from dataclasses import replace
+
+from topi_export.models.base import Family, RequestField, gather_rows
+from topi_export.models.flux_kontext import FluxBlocks, FluxKontext
 from topi_export.models.sampling import flow_match_scheduler
 from topi_export.plan import GraphTensor, Layout
 
@@ -112,28 +115,16 @@ class TopiFlux2ParallelSelfAttnProcessor:
         return attn.to_out(torch.cat([out, attn.mlp_act_fn(mlp)], dim=-1))
 
 
-class Flux2(Family):
+class Flux2(FluxBlocks, Family):
     name = "flux2"
     model_classes = ("Flux2Transformer2DModel",)
     pipelines = ("Flux2Pipeline", "Flux2KleinPipeline")
     max_references = None
-    published = Published((13, 18, 31), 10, 10, 57,
-                          "FLUX.1 Kontext published setting, no FLUX.2 setting published")
+    published = replace(FluxKontext.published, source="FLUX.1 Kontext published setting, no FLUX.2 setting published")
     pixels_per_token = 16
     scheduler_defaults = SCHEDULER
 
     # --- description -------------------------------------------------------------------------
-    @property
-    def num_double(self) -> int:
-        return int(self.config["num_layers"])
-
-    @property
-    def num_layers(self) -> int:
-        return self.num_double + int(self.config["num_single_layers"])
-
-    def layer_groups(self):
-        return [("double", 0, self.num_double), ("single", self.num_double, self.num_layers)]
-
     @property
     def guidance(self) -> str:
         return "distilled" if self.config.get("guidance_embeds", True) else "none"

@@ -77,7 +77,23 @@ def rope_tables(axes_dim, ids: torch.Tensor, theta: int = 10000) -> tuple[torch.
     return cos.float().contiguous(), sin.float().contiguous()
 
 
-class FluxKontext(Family):
+class FluxBlocks:
+    """The FLUX block structure (FLUX.1 and FLUX.2): `num_layers` double-stream blocks, then `num_single_layers`
+    single-stream blocks; layers are numbered double first."""
+
+    @property
+    def num_double(self) -> int:
+        return int(self.config["num_layers"])
+
+    @property
+    def num_layers(self) -> int:
+        return self.num_double + int(self.config["num_single_layers"])
+
+    def layer_groups(self):
+        return [("double", 0, self.num_double), ("single", self.num_double, self.num_layers)]
+
+
+class FluxKontext(FluxBlocks, Family):
     name = "flux-kontext"
     model_classes = ("FluxTransformer2DModel",)
     pipelines = ("FluxKontextPipeline",)
@@ -97,17 +113,6 @@ class FluxKontext(Family):
         return {"kontext-preferred": self._preferred()}
 
     # --- description -------------------------------------------------------------------------
-    @property
-    def num_double(self) -> int:
-        return int(self.config["num_layers"])
-
-    @property
-    def num_layers(self) -> int:
-        return self.num_double + int(self.config["num_single_layers"])
-
-    def layer_groups(self):
-        return [("double", 0, self.num_double), ("single", self.num_double, self.num_layers)]
-
     @property
     def guidance(self) -> str:
         return "distilled" if self.config.get("guidance_embeds") else "none"

@@ -2,6 +2,7 @@
 made for this model's config, else the family's published setting (scaled to depth where the model differs)."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from topi_export.errors import TopiError
@@ -30,6 +31,11 @@ def shipped_profile_for(identity):
     return sorted(matches, key=lambda m: m[:2])[0][2]
 
 
+def shipped_name(path) -> str:
+    """A shipped profile as reports name it: calibration/NAME.json."""
+    return f"calibration/{Path(path).name}"
+
+
 def method_settings(identity, default: MethodSettings, calibration=None, update_interval=None,
                     prune_start=None) -> MethodSettings:
     """identity: plan.ModelIdentity; default: the family's setting (Family.default_settings())."""
@@ -39,6 +45,6 @@ def method_settings(identity, default: MethodSettings, calibration=None, update_
         settings = profile.settings()
     else:
         profile = shipped_profile_for(identity)
-        settings = profile.settings() if profile is not None else default
+        settings = default if profile is None else replace(profile.settings(), source=shipped_name(profile.path))
     settings = settings.with_overrides(update_interval, prune_start)
     return settings.check(identity.num_layers)

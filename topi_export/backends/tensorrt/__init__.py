@@ -2,7 +2,7 @@
 (``backends/tensorrt_rtx.py``): the Python modules ``tensorrt`` and ``tensorrt_rtx`` have the same API for
 everything used here; only TensorRT-RTX's ahead-of-time compute-capability targets differ.
 
-Build (``build.py``): the exported ``topi`` graph is parsed once (strongly typed: the graph carries the build
+Build (``building.py``): the exported ``topi`` graph is parsed once (strongly typed: the graph carries the build
 precision) into ONE engine, ``topi.engine``, with an optimization profile per (layout, anchor) and per
 (layout, bucket), profile i = manifest profile i; the optional ``dense`` graph becomes ``dense.engine`` with one
 profile per layout. The engine holds the weights and the ONNX graphs are dropped, or with ``strip_weights`` the
@@ -24,17 +24,15 @@ BACKEND = Backend("tensorrt", builds=True, precisions=PRECISIONS, runs_on="data-
                   "bucket, built on the target GPU")
 
 
-def check(precision: str, options: dict) -> None:
+def check(precision: str, options: dict, name: str = "tensorrt") -> None:
     """Before the export (minutes on a real model): the TensorRT module is installed."""
-    from topi_export.backends.tensorrt.common import import_trt
-
-    import_trt(BACKEND.name)
+    import_trt(name)
 
 
-def build(job):
-    from topi_export.backends.tensorrt.build import build as build_engines
+def build(job, name: str = "tensorrt"):
+    from topi_export.backends.tensorrt.building import build as build_engines
 
-    return build_engines(job, BACKEND.name)
+    return build_engines(job, name)
 
 
 def open_engine(manifest, **options):
