@@ -94,8 +94,7 @@ class ToyFamily(Family):
 
     def graph_inputs(self, batch=1):
         return (GraphTensor("encoder_hidden_states", ("B", "T", int(self.config["text_dim"])), "float32"),
-                GraphTensor("rope_cos", ("T+Nx+Nc", self.head_dim), "float32"),
-                GraphTensor("rope_sin", ("T+Nx+Nc", self.head_dim), "float32"))
+                *self.rope_inputs())
 
     def synthetic_inputs(self, layout, seed=0):
         from topi_export.request import Inputs

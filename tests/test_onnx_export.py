@@ -227,3 +227,25 @@ def test_build_and_run_from_a_saved_model_directory(tmp_path, capsys):
     code, _, err = run_cli(["build", "--model", str(tmp_path / "model"), "--ratio-buckets", "0.5", "--target-grid",
                             "2x2", "--engine-dir", str(tmp_path / "eng2"), "--onnx-dir", str(tmp_path / "cache")], capsys)
     assert code == 0 and "reuse the ONNX graphs" in err, err
+
+
+def test_kontext_preferred_resolutions_from_one_engine_directory(tmp_path, capsys):
+    """`--resolutions kontext-preferred`: the 17 resolutions FluxKontextPipeline snaps to, one ONNX Runtime
+    engine directory (dynamic graphs), served at one of them and refused at an unlisted one."""
+    from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
+
+    from topi_export.runtime.session import open_session
+
+    eng = tmp_path / "pref"
+    code, _, err = run_cli(["build", "--model", "tiny-kontext", "--resolutions", "kontext-preferred", "--text-tokens",
+                            "8", "--ratio-buckets", "0.5", "--no-dense-baseline", "--engine-dir", str(eng)], capsys)
+    assert code == 0, err
+    s = open_session(engine_dir=eng)
+    grids = [(h // 16, w // 16) for w, h in PREFERRED_KONTEXT_RESOLUTIONS]
+    assert [lay.target_grid for lay in s.manifest.layouts] == grids and len(grids) == 17
+    smallest = min(grids, key=lambda g: g[0] * g[1])
+    data = s.family.synthetic_inputs(Layout(8, smallest, (smallest,)), 0)
+    res = s.denoise(s.check_inputs(data), steps=2, selector=s.selector(data, ratio=0.5))
+    assert res.schedule[1]["keep"] == smallest[0] * smallest[1] // 2
+    with pytest.raises(TopiError, match="serves only"):
+        s.check_inputs(s.family.synthetic_inputs(Layout(8, (64, 64), ((32, 32),)), 0))

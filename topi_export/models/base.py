@@ -217,6 +217,11 @@ class Family:
         """The conditioning inputs of the graphs, in order (names, symbolic dims, dtypes)."""
         raise NotImplementedError
 
+    def rope_inputs(self) -> tuple[GraphTensor, ...]:
+        """The rotary tables every family passes: rows of [T | X | C], computed on the host."""
+        return (GraphTensor("rope_cos", ("T+Nx+Nc", self.head_dim), "float32"),
+                GraphTensor("rope_sin", ("T+Nx+Nc", self.head_dim), "float32"))
+
     def synthetic_inputs(self, layout: Layout, seed: int = 0):
         """Seeded random conditioning for this layout (smoke tests, benchmarks, calibration)."""
         raise NotImplementedError

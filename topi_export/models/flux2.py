@@ -158,8 +158,7 @@ class Flux2(FluxBlocks, Family):
         out = [GraphTensor("encoder_hidden_states", ("B", "T", self.text_dim), "float32")]
         if self.guidance == "distilled":
             out.append(GraphTensor("guidance", ("B",), "float32"))
-        out += [GraphTensor("rope_cos", ("T+Nx+Nc", self.head_dim), "float32"),
-                GraphTensor("rope_sin", ("T+Nx+Nc", self.head_dim), "float32")]
+        out += self.rope_inputs()
         return tuple(out)
 
     def synthetic_inputs(self, layout: Layout, seed: int = 0):

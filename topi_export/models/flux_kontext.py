@@ -149,8 +149,7 @@ class FluxKontext(FluxBlocks, Family):
                GraphTensor("pooled_projections", ("B", self.pooled_dim), "float32")]
         if self.guidance == "distilled":
             out.append(GraphTensor("guidance", ("B",), "float32"))
-        out += [GraphTensor("rope_cos", ("T+Nx+Nc", self.head_dim), "float32"),
-                GraphTensor("rope_sin", ("T+Nx+Nc", self.head_dim), "float32")]
+        out += self.rope_inputs()
         return tuple(out)
 
     def synthetic_inputs(self, layout: Layout, seed: int = 0):

@@ -245,8 +245,7 @@ class QwenImageEdit(Family):
     def graph_inputs(self, batch: int = 1):
         return (GraphTensor("encoder_hidden_states", ("B", "T", self.text_dim), "float32"),
                 GraphTensor("encoder_hidden_states_mask", ("B", "T"), "float32"),
-                GraphTensor("rope_cos", ("T+Nx+Nc", self.head_dim), "float32"),
-                GraphTensor("rope_sin", ("T+Nx+Nc", self.head_dim), "float32"))
+                *self.rope_inputs())
 
     def synthetic_inputs(self, layout: Layout, seed: int = 0):
         """A seeded request with a negative prompt at the pipelines' default true_cfg_scale (4.0): the prompt has
