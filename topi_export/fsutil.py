@@ -152,9 +152,7 @@ def made_by_topi_export(path) -> bool:
             data = json.loads(manifest.read_text())
             if isinstance(data, dict) and str(data.get("format", "")).startswith("topi-engines/"):
                 return True
-        if _is_regular(readme):
-            with open(readme, encoding="utf-8", errors="replace") as f:
-                return "topi-export" in f.readline(4096)
+        return _readme_names_us(readme)
     except (OSError, ValueError):
         return False
     return False
@@ -170,12 +168,17 @@ def is_triton_repository(path) -> bool:
             return False
         if _empty(path):
             return True
-        if os.path.lexists(path / "manifest.json") or not _is_regular(path / "README.md"):
-            return False
-        with open(path / "README.md", encoding="utf-8", errors="replace") as f:
-            return "topi-export" in f.readline(4096)
+        return not os.path.lexists(path / "manifest.json") and _readme_names_us(path / "README.md")
     except OSError:
         return False
+
+
+def _readme_names_us(readme: Path) -> bool:
+    """A regular README.md whose first line names topi-export (what `topi-export triton` writes)."""
+    if not _is_regular(readme):
+        return False
+    with open(readme, encoding="utf-8", errors="replace") as f:
+        return "topi-export" in f.readline(4096)
 
 
 def check_disjoint(outputs) -> None:

@@ -25,6 +25,17 @@ def _strip_flags(trt, rtx: bool):
     return trt.BuilderFlag.STRIP_PLAN, trt.BuilderFlag.REFIT if rtx else trt.BuilderFlag.REFIT_IDENTICAL
 
 
+def _set_targets(trt, config, caps, rtx: bool, strip: bool) -> None:
+    """Weight stripping (when asked) and, for TensorRT-RTX, the ahead-of-time compute capabilities."""
+    if strip:
+        for flag in _strip_flags(trt, rtx):
+            config.set_flag(flag)
+    if rtx:
+        config.num_compute_capabilities = len(caps)
+        for i, c in enumerate(caps):
+            config.set_compute_capability(getattr(trt.ComputeCapability, c), i)
+
+
 def _check_strip(trt, builder, log, caps, rtx: bool, gpu) -> None:
     """Build a one-MatMul refittable, weight-stripped network for the same targets: some installs have the API but
     cannot build such engines (TensorRT-RTX 1.7.1 without a GPU fails in its compiler). Refuse the flag then."""
@@ -37,12 +48,7 @@ def _check_strip(trt, builder, log, caps, rtx: bool, gpu) -> None:
     y = network.add_matrix_multiply(x, trt.MatrixOperation.NONE, w.get_output(0), trt.MatrixOperation.NONE)
     network.mark_output(y.get_output(0))
     config = builder.create_builder_config()
-    for flag in _strip_flags(trt, rtx):
-        config.set_flag(flag)
-    if rtx:
-        config.num_compute_capabilities = len(caps)
-        for i, c in enumerate(caps):
-            config.set_compute_capability(getattr(trt.ComputeCapability, c), i)
+    _set_targets(trt, config, caps, rtx, strip=True)
     ok = builder.build_serialized_network(network, config) is not None
     errors = log.errors(log.stage)
     log.stage = stage
@@ -228,13 +234,7 @@ def build(job, backend: str) -> BuildOutput:
             config.builder_optimization_level = int(opt_level)
         if workspace is not None:
             config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
-        if strip:
-            for flag in _strip_flags(trt, rtx):
-                config.set_flag(flag)
-        if rtx:
-            config.num_compute_capabilities = len(caps)
-            for i, c in enumerate(caps):
-                config.set_compute_capability(getattr(trt.ComputeCapability, c), i)
+        _set_targets(trt, config, caps, rtx, strip)
         if cache_path is not None:
             if timing_cache is None:
                 data = cache_path.read_bytes() if cache_path.is_file() else b""
