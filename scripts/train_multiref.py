@@ -29,7 +29,8 @@ shifting, transformer timestep = t / 1000). PSNR against ground truth and agains
 generation with the two unselected references' tokens dropped from the sequence (every step, every layer),
 PSNR against the full generation.
 
-    python scripts/train_multiref.py --steps 2000 --minutes 0 --threads 1    # writes topi_export/assets/flux2-pick
+    python scripts/train_multiref.py --steps 2000 --minutes 0 --threads 1 --eval-crop 48   # writes topi_export/assets/flux2-pick
+    python scripts/train_multiref.py --samples-only --eval-crop 48 --eval-count 30   # re-evaluate, rewrite the samples
 """
 from __future__ import annotations
 
@@ -177,6 +178,13 @@ def parse_args(argv=None):
                         "at a small grid carries over; a low-res step costs a fraction of a full one)")
     p.add_argument("--low-res-frac", type=float, default=0.9, help="fraction of the steps at --low-res-crop")
     p.add_argument("--device", default="cpu", help="torch device (the shipped weights were trained on CPU)")
+    p.add_argument("--eval-crop", type=int, default=None,
+                   help="crop size in px of the held-out evaluation and the sample files (default: --crop; the\n"
+                        "shipped samples: 48, a 24x24 grid, longer context than training saw: RoPE is relative)")
+    p.add_argument("--samples-only", action="store_true",
+                   help="no training: load the model in --out, evaluate it at --eval-crop, write the samples,\n"
+                        "the preview and the card (training numbers from the RESULT line of OUT/train_log.txt);\n"
+                        "the evaluation log goes to OUT/eval_log.txt")
     return p.parse_args(argv)
 
 
@@ -184,7 +192,6 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     from diffusers import Flux2Transformer2DModel
     from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
-    from safetensors.torch import save_file
 
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # denormals slow CPU matmuls ~10x once the loss drops
@@ -192,8 +199,7 @@ def main(argv=None) -> dict:
     dev = torch.device(args.device)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    log = tk.Logger(args.log or out / "train_log.txt")
-    samples_out = args.samples_out or out / "samples"
+    log = tk.Logger(args.log or out / ("eval_log.txt" if args.samples_only else "train_log.txt"))
     cmd = "python scripts/train_multiref.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     log(f"# {cmd}")
     log(f"# torch {torch.__version__}, threads {torch.get_num_threads()}, cpu {tk.cpu_name()}, {os.cpu_count()} cores")
@@ -202,12 +208,13 @@ def main(argv=None) -> dict:
     if not edits or any(e not in EDITS for e in edits):
         raise SystemExit(f"--edits {args.edits!r}: name edits among {', '.join(EDITS)}")
     edit_ids = torch.tensor([EDITS.index(e) for e in edits])
+    if args.samples_only:
+        return samples_only(args, log, cmd, edits, edit_ids, dev)
     grid = (args.crop // 2, args.crop // 2)
     grids = [grid] * NUM_REFERENCES
     n_target = grid[0] * grid[1]
     mu = compute_empirical_mu(n_target, SHIFT_STEPS)
     ids_img, ids_txt = image_ids(grid, grids).to(dev), text_ids().to(dev)
-    ref_slices = reference_slices(grids)
     if args.low_res_frac > 0 and not (0 < args.low_res_crop <= args.crop and args.low_res_crop % 2 == 0):
         raise SystemExit(f"--low-res-crop {args.low_res_crop}: an even size in (0, --crop]")
     layouts = {c: image_ids((c // 2, c // 2), [(c // 2, c // 2)] * NUM_REFERENCES).to(dev)
@@ -219,17 +226,8 @@ def main(argv=None) -> dict:
         f"{', '.join(HELDOUT_IMAGES)}; crops {args.crop}px -> {grid[0]}x{grid[1]} tokens; {NUM_REFERENCES} "
         f"references from different images; edits {', '.join(edits)} ({time.time() - t0:.1f}s)")
 
-    # Held-out set (fixed, independent of --seed): request i selects reference i % 3 and edit
-    # (i + i // lcm) % E, so the first lcm(3, E) requests cover every reference and edit, and the first
-    # 3 E every (reference, edit) pair.
-    erng = np.random.default_rng(EVAL_SEED)
     n_eval = max(args.eval_count, args.num_samples)
-    idx = torch.arange(n_eval)
-    ev_sel = idx % NUM_REFERENCES
-    ev_edit = edit_ids[(idx + idx // math.lcm(NUM_REFERENCES, len(edits))) % len(edits)]
-    ev_x0, ev_ref, ev_prompt = make_batch(erng, held_levels, ev_sel.tolist(), ev_edit.tolist(), args.crop)
-    eg = torch.Generator().manual_seed(EVAL_SEED)
-    ev_noise = torch.randn(ev_x0.shape, generator=eg)
+    ev_sel, ev_edit, ev_x0, ev_ref, ev_prompt, ev_noise = held_out_set(held_levels, edit_ids, n_eval, args.crop)
     ev_t = (torch.arange(n_eval) % 8 + 0.5) / 8  # val-loss timesteps: a fixed grid over (0, 1)
 
     model = Flux2Transformer2DModel(**model_config())
@@ -309,17 +307,53 @@ def main(argv=None) -> dict:
     log(f"# trained {step} steps in {train_s:.0f}s; final train loss (last window) {losses[-1][1]:.4f}; "
         f"val_loss {final_val:.4f}; ema_val_loss {final_ema_val:.4f}")
 
-    # ---- evaluation: the FLUX.2 sampling loop on held-out requests -----------------------------------------
+    result = {
+        "steps": step, "train_seconds": round(train_s), "final_loss": round(losses[-1][1], 5),
+        "val_loss": round(final_val, 5), "ema_val_loss": round(final_ema_val, 5),
+    }
+    return evaluate_and_save(ema, args, log, cmd, result, edits, edit_ids, dev, n_params, mu)
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+def held_out_set(levels, edit_ids, n: int, crop: int):
+    """The fixed held-out requests (independent of --seed): request i selects reference i % 3 and edit
+    (i + i // lcm) % E, so the first lcm(3, E) requests cover every reference and edit, and the first 3 E every
+    (reference, edit) pair. Returns (sel, edit, x0, references, prompt_embeds, noise); a prefix of a larger set
+    is the smaller set."""
+    erng = np.random.default_rng(EVAL_SEED)
+    idx = torch.arange(n)
+    sel = idx % NUM_REFERENCES
+    edit = edit_ids[(idx + idx // math.lcm(NUM_REFERENCES, len(edit_ids))) % len(edit_ids)]
+    x0, ref, prompt = make_batch(erng, levels, sel.tolist(), edit.tolist(), crop)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(EVAL_SEED))
+    return sel, edit, x0, ref, prompt, noise
+
+
+def evaluate_and_save(ema, args, log, cmd, result, edits, edit_ids, dev, n_params, mu):
+    """The FLUX.2 sampling loop on held-out requests at --eval-crop; then the weights (unless --samples-only),
+    the sample files, the preview and the model card."""
+    from safetensors.torch import save_file
+
+    out, crop = args.out, args.eval_crop or args.crop
+    samples_out = args.samples_out or out / "samples"
+    grid = (crop // 2, crop // 2)
+    grids = [grid] * NUM_REFERENCES
+    n_eval = max(args.eval_count, args.num_samples)
+    levels = [tk.pyramid(tk.load_image(n), crop) for n in HELDOUT_IMAGES]
+    ev_sel, ev_edit, ev_x0, ev_ref, ev_prompt, ev_noise = held_out_set(levels, edit_ids, n_eval, crop)
+    ids_img, ids_txt = image_ids(grid, grids).to(dev), text_ids().to(dev)
+    log(f"# held-out evaluation at {crop} px crops ({grid[0]}x{grid[1]} tokens per image): {n_eval} requests")
     ema.eval()
     t1 = time.time()
     gen_x, drop_x = torch.empty_like(ev_x0), torch.empty_like(ev_x0)
-    for i in range(0, n_eval, 16):
-        sl = slice(i, i + 16)
+    chunk = 16 if crop <= 32 else 4  # chunks keep the memory small
+    for i in range(0, n_eval, chunk):
+        sl = slice(i, i + chunk)
         a = [x[sl].to(dev) for x in (ev_ref, ev_prompt, ev_noise)]
         gen_x[sl] = generate(ema, *a, ids_img, ids_txt, args.eval_steps).cpu()
         drop_x[sl] = generate_selected_only(ema, *a, ev_sel[sl].to(dev), grid, grids, args.eval_steps).cpu()
     eval_s = time.time() - t1
-    slices = ref_slices
+    slices = reference_slices(grids)
     sel_ref = torch.stack([ev_ref[i, slices[s]] for i, s in enumerate(ev_sel.tolist())])
     wrong_ref = torch.stack([ev_ref[i, slices[(s + 1) % NUM_REFERENCES]] for i, s in enumerate(ev_sel.tolist())])
     n = args.eval_count
@@ -331,13 +365,9 @@ def main(argv=None) -> dict:
         m = ev_edit[:n] == EDITS.index(e)
         if m.any():
             per_edit[e] = {"n": int(m.sum()), **{k: tk._psnr(v[m]) for k, v in mses.items()}}
-    result = {
-        "steps": step, "train_seconds": round(train_s), "final_loss": round(losses[-1][1], 5),
-        "val_loss": round(final_val, 5), "ema_val_loss": round(final_ema_val, 5),
-        "eval_requests": int(n), "eval_steps": args.eval_steps, "eval_seconds": round(eval_s, 1),
-        **{f"psnr_{k}": tk._psnr(v) for k, v in mses.items()},
-        "per_edit": per_edit,
-    }
+    result = {**result, "eval_crop": crop, "eval_requests": int(n), "eval_steps": args.eval_steps,
+              "eval_seconds": round(eval_s, 1), **{f"psnr_{k}": tk._psnr(v) for k, v in mses.items()},
+              "per_edit": per_edit}
     log("# held-out PSNR (dB, RGB in [0,1]; mean of per-request PSNR, identical pairs capped at 60 dB):")
     log("#   model = full generation vs truth; sel-only = generation with the unselected references dropped vs")
     log("#   truth; copy-sel / copy-wrong = the selected (unedited) / a wrong reference vs truth;")
@@ -350,9 +380,11 @@ def main(argv=None) -> dict:
             f"{r['copy_wrong']:>11.2f} {r['drop_vs_full']:>13.2f}")
     log(f"# evaluation: {args.eval_steps} steps x {n_eval} requests, full + selected-only, in {eval_s:.0f}s")
 
-    # ---- save -------------------------------------------------------------------------------------------
-    ema.to("cpu").save_pretrained(out, safe_serialization=True)
+    if not args.samples_only:
+        ema.to("cpu").save_pretrained(out, safe_serialization=True)
     samples_out.mkdir(parents=True, exist_ok=True)
+    for old in samples_out.glob("sample_*.safetensors"):
+        old.unlink()  # a smaller --num-samples must not leave samples of another run behind
     gs = f"{grid[0]}x{grid[1]}"
     for i in range(args.num_samples):
         save_file({"reference_latents": ev_ref[i:i + 1].contiguous(), "prompt_embeds": ev_prompt[i:i + 1].contiguous(),
@@ -360,15 +392,38 @@ def main(argv=None) -> dict:
                   samples_out / f"sample_{i}.safetensors",
                   metadata={"target_grid": gs, "reference_grids": ",".join([gs] * NUM_REFERENCES),
                             "selected_reference": str(int(ev_sel[i])), "edit": EDITS[int(ev_edit[i])]})
-    preview = _write_preview(out / "preview.png", ev_ref, sel_ref, ev_x0, gen_x, drop_x, grid, grids,
-                             min(args.num_samples, 8))
+    _write_preview(out / "preview.png", ev_ref, sel_ref, ev_x0, gen_x, drop_x, grid, grids, min(args.num_samples, 8))
     weights = out / "diffusion_pytorch_model.safetensors"
     result["weights_bytes"] = weights.stat().st_size
     log(f"# saved {out.name}/ ({result['weights_bytes'] / 1e6:.2f} MB weights), {args.num_samples} samples in "
         f"{samples_out.name}/")
-    (out / "MODEL_CARD.md").write_text(_model_card(args, cmd, result, n_params, n_target, mu))
+    (out / "MODEL_CARD.md").write_text(_model_card(args, cmd, result, n_params, mu))
     log(f"RESULT {json.dumps(result)}")
     return result
+
+
+def samples_only(args, log, cmd, edits, edit_ids, dev) -> dict:
+    """Re-evaluate the saved model at --eval-crop and rewrite its samples, preview and card (no training)."""
+    from diffusers import Flux2Transformer2DModel
+    from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
+
+    train_log = args.out / "train_log.txt"
+    if not train_log.exists() or "RESULT " not in train_log.read_text():
+        raise SystemExit(f"--samples-only: {train_log} has no RESULT line: train the model first")
+    trained = json.loads(train_log.read_text().rsplit("RESULT ", 1)[1].splitlines()[0])
+    # The card describes the training run: its arguments come from the log's first line (the command).
+    train_args = parse_args(shlex.split(train_log.read_text().splitlines()[0].lstrip("# "))[2:])
+    for k in ("out", "samples_out", "eval_crop", "eval_count", "eval_steps", "num_samples", "samples_only", "device"):
+        setattr(train_args, k, getattr(args, k))
+    args = train_args
+    keep = ("steps", "train_seconds", "final_loss", "val_loss", "ema_val_loss")
+    result = {k: trained[k] for k in keep}
+    result["training_size_eval"] = {"crop": trained.get("eval_crop", args.crop), "requests": trained["eval_requests"],
+                                    "psnr_model": trained["psnr_model"], "psnr_drop_vs_full": trained["psnr_drop_vs_full"]}
+    model = Flux2Transformer2DModel.from_pretrained(args.out).to(dev)
+    n_params = sum(p.numel() for p in model.parameters())
+    mu = compute_empirical_mu((args.crop // 2) ** 2, SHIFT_STEPS)
+    return evaluate_and_save(model, args, log, cmd, result, edits, edit_ids, dev, n_params, mu)
 
 
 def _write_preview(path: Path, ref, sel_ref, x0, gen_x, drop_x, grid, grids, n: int):
@@ -396,10 +451,18 @@ def _write_preview(path: Path, ref, sel_ref, x0, gen_x, drop_x, grid, grids, n: 
     return path.name
 
 
-def _model_card(args, cmd, r, n_params, n_target, mu) -> str:
+def _model_card(args, cmd, r, n_params, mu) -> str:
     cfg = model_config()
+    n_target = (args.crop // 2) ** 2
     ref_tokens = NUM_REFERENCES * n_target
     gh = args.crop // 2
+    ec = r["eval_crop"]
+    eg = ec // 2
+    at_size = "the training size" if ec == args.crop else "1.5x the training size" if ec * 2 == args.crop * 3 else "not the training size"
+    small = r.get("training_size_eval")
+    small_line = "" if not small else (
+        f"\n\nAt the training size ({small['crop']} px crops, {small['requests']} requests, the evaluation in "
+        f"`train_log.txt`): model {small['psnr_model']:.2f} dB, drop vs full {small['psnr_drop_vs_full']:.2f} dB.")
 
     def row(name, v):
         return (f"| {name} | {v['n']} | {v['model']:.2f} | {v['copy_selected']:.2f} | {v['copy_wrong']:.2f} | "
@@ -414,7 +477,14 @@ def _model_card(args, cmd, r, n_params, n_target, mu) -> str:
                                                           for k in next(iter(edited.values())) if k != "n"}})
     repro = (f"python scripts/train_multiref.py --steps {r['steps']} --minutes 0 --seed {args.seed} --batch {args.batch} "
              f"--crop {args.crop} --low-res-crop {args.low_res_crop} --low-res-frac {args.low_res_frac} --edits {args.edits} "
-             f"--lr {args.lr} --warmup {args.warmup} --ema {args.ema} --threads {args.threads}")
+             f"--lr {args.lr} --warmup {args.warmup} --ema {args.ema} --threads {args.threads}"
+             + (f" --eval-crop {ec}" if ec != args.crop and not args.samples_only else ""))
+    if args.samples_only:
+        produced = (f"Training (`train_log.txt`; the weights):\n\n    {repro}\n\nEvaluation at {ec} px, samples, preview "
+                    f"and this card (`eval_log.txt`; no training):\n\n    {cmd}\n")
+    else:
+        produced = (f"Command that produced this folder:\n\n    {cmd}\n\nSame weights without the wall-clock cap (the run "
+                    f"above stopped after {r['steps']} steps):\n\n    {repro}\n")
     return f"""# flux2-pick
 
 A small, really-trained multi-reference edit model in the exact FLUX.2 layout (diffusers
@@ -424,13 +494,13 @@ Not a general image model.
 
 ## Task and data
 
-- "Latents" are image crops, not VAE latents, packed exactly like `kontext-digits`: {args.crop}x{args.crop} px
-  RGB in [-1, 1] plus a luma channel, 2x2 per token (token channel = c*4 + dy*2 + dx): 16 channels per
-  token, a {gh}x{gh} token grid. `topi_export.models.kontext_digits.latents_to_image` turns latents
-  back into an RGB image.
+- "Latents" are image crops, not VAE latents, packed exactly like `kontext-digits`: RGB in [-1, 1] plus
+  a luma channel, 2x2 px per token (token channel = c*4 + dy*2 + dx): 16 channels per token. Training
+  crops are {args.crop}x{args.crop} px (a {gh}x{gh} token grid), the held-out samples {ec}x{ec} px ({eg}x{eg}).
+  `topi_export.models.kontext_digits.latents_to_image` turns latents back into an RGB image.
 - A request: {NUM_REFERENCES} reference crops from {NUM_REFERENCES} DIFFERENT photos, and a conditioning that
   selects ONE reference and names an edit; target = edit(reference[selected]). So 2/3 of the
-  {ref_tokens} reference tokens are irrelevant to every request.
+  reference tokens are irrelevant to every request.
 - Conditioning: `prompt_embeds` [1, {TEXT_TOKENS}, {cfg['joint_attention_dim']}], fixed seeded random vectors per
   (reference, edit) pair (`flux2_pick.pick_conditioning`): the first {TEXT_TOKENS // 2} tokens name the
   reference (one random embedding per reference index, shared by all edits), the last {TEXT_TOKENS - TEXT_TOKENS // 2}
@@ -445,13 +515,14 @@ Not a general image model.
   image in raster order), `img_ids = cat([target ids, reference ids])` with 4-D ids (T, H, W, L): target
   T = 0, reference i T = 10 + 10 i, H / W = token row / column, L = 0 (`flux2_pick.image_ids`); text ids
   (0, 0, 0, l) (`flux2_pick.text_ids`); `timestep` = sigma in [0, 1] (pipeline: t / 1000),
-  `guidance=None`; only `out[:, :{n_target}]` is the velocity.
+  `guidance=None`; only the first target-many tokens of the output are the velocity.
 
 ## Model
 
 `Flux2Transformer2DModel` config: `{json.dumps(cfg)}`: 2 double-stream + 4 single-stream blocks
 (6 layers), 4 heads x 32 dims (width 128), {n_params} parameters, {r['weights_bytes'] / 1e6:.2f} MB
-safetensors (fp32, EMA weights). Sequence: {TEXT_TOKENS} text + {n_target} target + {ref_tokens} reference tokens.
+safetensors (fp32, EMA weights). Sequence: {TEXT_TOKENS} text + {n_target} target + {ref_tokens} reference tokens at
+{args.crop} px; the held-out samples ({ec} px) have {TEXT_TOKENS} + {eg * eg} + {NUM_REFERENCES * eg * eg} tokens.
 
 ## Training
 
@@ -487,10 +558,11 @@ a low-res step counted as a quarter of a full one (measured on CPU: 0.87 s vs 3.
 
 ## Held-out evaluation
 
-{r['eval_requests']} held-out requests (crops of {', '.join(HELDOUT_IMAGES)}; references and edits cycle so that
+{r['eval_requests']} held-out requests (crops of {', '.join(HELDOUT_IMAGES)} at {ec} px: {eg}x{eg} tokens per image,
+{at_size}; RoPE is relative, so the learnt copy carries over; references and edits cycle so that
 every (reference, edit) pair occurs equally often), generated with diffusers' `FlowMatchEulerDiscreteScheduler` exactly as
 `Flux2Pipeline` does (shift=3.0, dynamic shifting, sigmas = linspace(1, 1/N, N), mu =
-compute_empirical_mu({n_target}, N), transformer timestep = t/1000), N = {r['eval_steps']} steps, seeded noise.
+compute_empirical_mu({eg * eg}, N), transformer timestep = t/1000), N = {r['eval_steps']} steps, seeded noise.
 PSNR in dB of the RGB channels (images in [0, 1]), mean of per-request PSNR (an exact match counts as
 60 dB). Columns: **model** = full generation vs ground truth; **copy selected** / **copy wrong** = the
 trivial outputs "the selected reference, unedited" / "another reference" vs ground truth; **selected
@@ -501,7 +573,7 @@ references).
 
 | edit | requests | model | copy selected | copy wrong | selected only | drop vs full |
 |---|---|---|---|---|---|---|
-{rows}
+{rows}{small_line}
 
 Preview (`preview.png`): rows = held-out samples; columns = reference 0 | reference 1 | reference 2 ||
 selected reference | ground truth | generation | generation with the unselected references dropped.
@@ -509,21 +581,14 @@ selected reference | ground truth | generation | generation with the unselected 
 ## Samples
 
 `samples/sample_{{i}}.safetensors` (the first {args.num_samples} evaluation requests), the multi-reference
-inputs format: `reference_latents` [1, {ref_tokens}, 16] (the references concatenated in order),
-`prompt_embeds` [1, {TEXT_TOKENS}, {cfg['joint_attention_dim']}], `noise` [1, {n_target}, 16], `target_latents`
-[1, {n_target}, 16]; string metadata `target_grid` = "{gh}x{gh}", `reference_grids` =
-"{','.join([f'{gh}x{gh}'] * NUM_REFERENCES)}", `selected_reference` (index), `edit`. No pooled embeds, no guidance.
+inputs format: `reference_latents` [1, {NUM_REFERENCES * eg * eg}, 16] (the references concatenated in order),
+`prompt_embeds` [1, {TEXT_TOKENS}, {cfg['joint_attention_dim']}], `noise` [1, {eg * eg}, 16], `target_latents`
+[1, {eg * eg}, 16]; string metadata `target_grid` = "{eg}x{eg}", `reference_grids` =
+"{','.join([f'{eg}x{eg}'] * NUM_REFERENCES)}", `selected_reference` (index), `edit`. No pooled embeds, no guidance.
 
 ## Reproduce
 
-Command that produced this folder:
-
-    {cmd}
-
-Same weights without the wall-clock cap (the run above stopped after {r['steps']} steps):
-
-    {repro}
-"""
+{produced}"""
 
 
 if __name__ == "__main__":

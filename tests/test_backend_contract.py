@@ -69,3 +69,23 @@ def test_onnxruntime_holds_one_session_until_the_baseline_is_asked_for(ort_engin
     assert set(s.engine.sessions) == {"topi"}
     s.denoise(data, steps=1, mode="dense")
     assert set(s.engine.sessions) == {"topi", "dense"}
+
+
+@pytest.mark.parametrize("name,inside", [("onnxruntime", 1), ("torch", None)])
+def test_loop_caps_torch_threads_only_around_engines_that_run_elsewhere(name, inside, ort_engine_dir, monkeypatch):
+    """An ONNX Runtime loop runs its host work on one torch thread (an idle OpenMP pool spinning beside ONNX
+    Runtime's threads slows its steps); the torch backend keeps torch's threads; both restore them afterwards."""
+    from topi_export.runtime.session import open_session
+
+    s = open_session(engine_dir=ort_engine_dir, backend=name)
+    data = s.family.synthetic_inputs(Layout(8, (8, 8), ((8, 8),)), 0)
+    seen, call = [], s.engine._call
+    monkeypatch.setattr(s.engine, "_call", lambda *a: seen.append(torch.get_num_threads()) or call(*a))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        s.denoise(data, steps=3, selector=s.selector(data, ratio=0.5))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [inside or 2] * 3

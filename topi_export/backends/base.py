@@ -54,6 +54,10 @@ class StepEngine:
 
     name = "engine"
     has_dense = False
+    # torch threads for the loop's host-side work (scheduler, guidance) while this engine runs the model: 1, because
+    # torch's OpenMP pool spinning beside the runtime's own threads made the ONNX Runtime ToPi loop 5-9% slower on a
+    # 2-core CPU (docs/benchmarks.md, section 4). None keeps torch's setting (the torch backend computes on them).
+    host_threads: int | None = 1
 
     def bind(self, cond: dict, context: torch.Tensor, layout) -> None:
         self.cond, self.layout = cond, layout

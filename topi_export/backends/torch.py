@@ -37,6 +37,7 @@ def check_device(device: str, dtype: str) -> None:
 class TorchEngine(StepEngine):
     name = "torch"
     has_dense = True
+    host_threads = None  # the model runs on torch's threads
 
     def __init__(self, family, settings, device: str = "cpu", dtype: str = "fp32"):
         check_device(device, dtype)

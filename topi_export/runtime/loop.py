@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +30,20 @@ def _progress(total, desc, enabled):
     return tqdm(total=total, desc=desc, disable=not enabled, leave=False, unit="step")
 
 
+@contextmanager
+def host_threads(engine):
+    """Limit torch's threads to the engine's ``host_threads`` for the duration of a loop (see backends/base.py)."""
+    wanted, before = getattr(engine, "host_threads", None), torch.get_num_threads()
+    if wanted is None or wanted >= before:
+        yield
+        return
+    torch.set_num_threads(wanted)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def denoise(engine, family, inputs, *, steps: int, seed: int = 0, selector=None, mode: str = "topi",
             update_interval: int = 10, scheduler_config: dict | None = None, progress: bool = False,
             desc: str | None = None) -> RunResult:
@@ -48,7 +63,7 @@ def denoise(engine, family, inputs, *, steps: int, seed: int = 0, selector=None,
                                     layout.ref_grids)
     records, kept = [], {}
     start = time.perf_counter()
-    with torch.inference_mode(), _progress(steps, desc or mode, progress) as bar:
+    with torch.inference_mode(), host_threads(engine), _progress(steps, desc or mode, progress) as bar:
         for step, t in enumerate(sched.timesteps):
             plan = controller.plan(step)
             timestep = (t / 1000).reshape(1).to(torch.float32).expand(batch).contiguous()
