@@ -207,6 +207,27 @@ def test_two_concurrent_forced_builds_leave_one_whole_result(tmp_path, rename_mo
     assert sorted(p.name for p in tmp_path.iterdir()) == ["engines"]
 
 
+
+def test_a_finished_replacement_never_restores_the_tree_it_replaced(tmp_path, rename_mode, monkeypatch):
+    """The race behind a flaky concurrent --force run: build B placed its tree, build A moved it aside to replace
+    it, and B's cleanup then put B's parked *previous* tree back, so A found the name taken and the oldest tree
+    won. Once a build has placed its tree, its parked previous tree is garbage."""
+    final = _engine_dir(tmp_path / "engines")
+    taken = tmp_path / "taken"
+    real_commit = fsutil._commit
+
+    def commit_then_taken(new, final_, *args):
+        real_commit(new, final_, *args)
+        final_.rename(taken)  # another forced build moves our fresh result aside before our cleanup runs
+
+    monkeypatch.setattr(fsutil, "_commit", commit_then_taken)
+    with staged_dir(final, replace=True) as tmp:
+        (tmp / "manifest.json").write_text(json.dumps({"format": "topi-engines/1"}))
+        (tmp / "engine.bin").write_text("new")
+    assert not os.path.lexists(final)  # not the old tree brought back
+    assert _tree(taken)["engine.bin"] == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]  # staging (and the old tree) gone
+
 # --- stale staging directories -------------------------------------------------------------------------------------
 _KILLED_BUILD = """
 import os, signal, sys

@@ -37,7 +37,10 @@ from pathlib import Path
 from topi_export.errors import TopiError
 
 OWNER_FILE = "owner.json"
-_NEW, _OLD = "new", "old"  # fixed names inside a staging directory (never the final name: it could be "old")
+# fixed names inside a staging directory (never the final name: it could be "old"). "old" is a previous final
+# parked during a replacement, restored if the run dies; once the new tree is placed it becomes "replaced", which
+# nothing restores (a concurrent --force build may have moved our new tree aside; restoring "old" would undo both)
+_NEW, _OLD, _REPLACED = "new", "old", "replaced"
 _NAME_MAX = 200  # staging names add ~25 characters to the final name; file names stop at 255 bytes
 
 
@@ -256,10 +259,14 @@ def check_output_dir(final, *, replace=False, is_ours=None, protect=()) -> Path:
         if p.is_relative_to(real):
             what = "is" if p == real else "contains"
             raise TopiError(f"{final} {what} {label}: choose a new directory for the output")
-    if os.path.islink(final):
+    try:
+        mode = os.lstat(final).st_mode  # one look: a concurrent --force build may move it away at any moment
+    except OSError:  # missing, or under a file (ENOTDIR): _check_creatable below says which
+        mode = None
+    if mode is not None and stat.S_ISLNK(mode):
         raise TopiError(f"{final} is a symbolic link: name a new directory, or the real one it points to")
-    if os.path.lexists(final):
-        if not stat.S_ISDIR(os.lstat(final).st_mode):
+    if mode is not None:
+        if not stat.S_ISDIR(mode):
             raise TopiError(f"{final} exists and is not a directory: choose another path")
         if not replace:
             raise TopiError(f"{final} already exists: pass --force to replace it, or choose another path")
@@ -433,7 +440,12 @@ def _commit(new: Path, final: Path, wrapper: Path, replace: bool, is_ours, prote
         except FileExistsError:
             if not replace:
                 raise _appeared(final) from None
-        check_output_dir(final, replace=True, is_ours=is_ours, protect=protect)
+        try:
+            check_output_dir(final, replace=True, is_ours=is_ours, protect=protect)
+        except TopiError:
+            if not os.path.lexists(final):
+                continue  # moved away while being looked at: try to place ours again
+            raise
         old = wrapper / _OLD
         try:
             rename_noreplace(final, old)
@@ -448,9 +460,10 @@ def _commit(new: Path, final: Path, wrapper: Path, replace: bool, is_ours, prote
                             f"left it in place; remove it yourself or choose another path")
         try:
             rename_noreplace(new, final)
-            return
         except FileExistsError:
             raise _appeared(final) from None
+        os.rename(old, wrapper / _REPLACED)  # committed: the parked tree is now garbage, never to be put back
+        return
     raise _appeared(final)
 
 
