@@ -155,6 +155,15 @@ def test_directory_created_during_the_build_is_kept(tmp_path, rename_mode, conte
     assert sorted(p.name for p in tmp_path.iterdir()) == ["engines"]
 
 
+def _race(build):
+    """Run build("a") and build("b") at once (they meet at a barrier inside their staging block)."""
+    threads = [threading.Thread(target=build, args=(w,)) for w in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+
+
 def test_two_concurrent_builds_exactly_one_wins(tmp_path, rename_mode):
     final = tmp_path / "engines"
     barrier = threading.Barrier(2, timeout=30)
@@ -169,11 +178,7 @@ def test_two_concurrent_builds_exactly_one_wins(tmp_path, rename_mode):
         except TopiError as exc:
             results[who] = str(exc)
 
-    threads = [threading.Thread(target=build, args=(w,)) for w in ("a", "b")]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    _race(build)
     winners = [w for w, r in results.items() if r == "won"]
     assert len(results) == 2 and len(winners) == 1, results
     loser = ({"a", "b"} - set(winners)).pop()
@@ -197,11 +202,7 @@ def test_two_concurrent_forced_builds_leave_one_whole_result(tmp_path, rename_mo
         except TopiError as exc:
             results[who] = str(exc)
 
-    threads = [threading.Thread(target=build, args=(w,)) for w in ("a", "b")]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    _race(build)
     assert "won" in results.values(), results
     assert _tree(final)["engine.bin"] in {w for w, r in results.items() if r == "won"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["engines"]
