@@ -158,7 +158,6 @@ def made_by_topi_export(path) -> bool:
         return _readme_names_us(readme)
     except (OSError, ValueError):
         return False
-    return False
 
 
 def is_triton_repository(path) -> bool:
