@@ -1,4 +1,4 @@
-"""Benchmark and check the Triton kernels of plugins/ on a CUDA GPU at FLUX.1 Kontext width.
+"""Benchmark and check the Triton kernels of topi_export/kernels/ on a CUDA GPU at FLUX.1 Kontext width.
 
     python3 scripts/gpu_kernels_bench.py --json bench.json
 
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     import triton
     from triton.testing import do_bench
 
-    from plugins import triton_kernels as tk
+    from topi_export.kernels import triton_kernels as tk
     from topi_export.ops import reference
 
     bench = lambda fn: do_bench(fn, warmup=25, rep=100, return_mode="median")  # noqa: E731

@@ -1,5 +1,5 @@
-"""Write calibration/flux.1-kontext-dev.json: the published ToPi setting for FLUX.1 Kontext [dev]
-(or, with --model qwen-image-edit, calibration/qwen-image-edit.json for Qwen-Image-Edit).
+"""Write topi_export/calibration/flux.1-kontext-dev.json: the published ToPi setting for FLUX.1 Kontext [dev]
+(or, with --model qwen-image-edit, topi_export/calibration/qwen-image-edit.json for Qwen-Image-Edit).
 
 Not measured here: pivotal layers {13, 18, 31} of 57, prune start L0 = 10, update interval dT = 10 are
 the ToPi paper's figures. The profile binds to FLUX.1 Kontext [dev]'s transformer config (config_hash of
@@ -29,7 +29,7 @@ QWEN_IMAGE_EDIT_CONFIG = dict(patch_size=2, in_channels=64, out_channels=16, num
                               num_attention_heads=24, joint_attention_dim=3584, guidance_embeds=False,
                               axes_dims_rope=[16, 56, 56], zero_cond_t=False, use_additional_t_cond=False,
                               use_layer3d_rope=False)
-CALIBRATION = Path(__file__).resolve().parents[1] / "calibration"
+CALIBRATION = Path(__file__).resolve().parents[1] / "topi_export" / "calibration"
 DEFAULT_OUT = CALIBRATION / "flux.1-kontext-dev.json"
 OUTS = {"flux.1-kontext-dev": DEFAULT_OUT, "qwen-image-edit": CALIBRATION / "qwen-image-edit.json"}
 

@@ -117,7 +117,7 @@ def velocity(model, xt, ref, t, prompt, img_ids, txt_ids):
 
 def make_scheduler(steps: int, num_target: int, device=None):
     from diffusers import FlowMatchEulerDiscreteScheduler
-    from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
+    from topi_export.models.sampling import compute_empirical_mu
 
     sched = FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG)
     sched.set_timesteps(sigmas=np.linspace(1.0, 1.0 / steps, steps), mu=compute_empirical_mu(num_target, steps),
@@ -191,7 +191,7 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     from diffusers import Flux2Transformer2DModel
-    from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
+    from topi_export.models.sampling import compute_empirical_mu
 
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # denormals slow CPU matmuls ~10x once the loss drops
@@ -405,7 +405,7 @@ def evaluate_and_save(ema, args, log, cmd, result, edits, edit_ids, dev, n_param
 def samples_only(args, log, cmd, edits, edit_ids, dev) -> dict:
     """Re-evaluate the saved model at --eval-crop and rewrite its samples, preview and card (no training)."""
     from diffusers import Flux2Transformer2DModel
-    from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
+    from topi_export.models.sampling import compute_empirical_mu
 
     train_log = args.out / "train_log.txt"
     if not train_log.exists() or "RESULT " not in train_log.read_text():

@@ -247,7 +247,7 @@ def test_calibrate_rejects_bad_arguments():
 def test_shipped_profiles():
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1] / "calibration"
+    root = Path(__file__).resolve().parents[1] / "topi_export" / "calibration"
     published = read_profile(root / "flux.1-kontext-dev.json")
     assert published.pivotal_layers == (13, 18, 31) and published.prune_start == 10
     assert published.update_interval == 10 and published.measured is False

@@ -172,6 +172,16 @@ def test_scheduler_follows_flux2_pipeline(session):
                                (torch.exp(torch.tensor(mu)) + (1 / s - 1)), rtol=0, atol=1e-6)
 
 
+def test_copied_empirical_mu_equals_the_pipelines():
+    from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu as theirs
+
+    from topi_export.models.sampling import compute_empirical_mu
+
+    for seq in (16, 256, 1024, 4096, 4300, 4301, 16384):
+        for steps in (1, 4, 28, 50):
+            assert compute_empirical_mu(seq, steps) == theirs(seq, steps)
+
+
 def test_parse_call_reads_layout_from_ids(session):
     from topi_export.errors import TopiError
     from topi_export.models.flux2 import flux2_ids

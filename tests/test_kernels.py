@@ -1,4 +1,4 @@
-"""Triton kernels (plugins/triton_kernels.py) and TensorRT plugin descriptors (plugins/trt_plugins.py).
+"""Triton kernels (topi_export/kernels/triton_kernels.py) and TensorRT plugin descriptors (topi_export/kernels/trt_plugins.py).
 
 Without CUDA the kernels run on CPU tensors in Triton's interpreter (TRITON_INTERPRET=1, set before
 triton is imported); with CUDA the same tests run on the GPU, plus the @pytest.mark.gpu ones.
@@ -21,8 +21,8 @@ pytest.importorskip("triton", reason="OpenAI Triton is not installed (pip instal
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from plugins import triton_kernels as tk  # noqa: E402
-from plugins import trt_plugins  # noqa: E402
+from topi_export.kernels import triton_kernels as tk  # noqa: E402
+from topi_export.kernels import trt_plugins  # noqa: E402
 from topi_export.ops import reference  # noqa: E402
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -241,7 +241,7 @@ def fake_trt(monkeypatch):
 
 def _compile_aot_elsewhere(requests):
     """compile_aot for sm_90 in a subprocess: the interpreter replaces Triton's compiler in this one."""
-    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); from plugins import triton_kernels as tk; "
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); from topi_export.kernels import triton_kernels as tk; "
             "from triton.backends.compiler import GPUTarget; "
             "print(json.dumps([tk.compile_aot(*r, target=GPUTarget('cuda', 90, 32)) for r in json.loads(sys.argv[2])]))")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

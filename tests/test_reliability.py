@@ -28,7 +28,7 @@ from conftest import run_cli
 from topi_export import fsutil
 from topi_export.errors import TopiError
 
-CALIBRATION = Path(__file__).resolve().parents[1] / "calibration" / "tiny-kontext.json"
+CALIBRATION = Path(__file__).resolve().parents[1] / "topi_export" / "calibration" / "tiny-kontext.json"
 
 
 # --- helpers ----------------------------------------------------------------------------------------------------

@@ -124,10 +124,10 @@ def test_missing_module_names_install_and_cli_imports_without_it(monkeypatch, tm
 
 
 def test_builder_registers_plugins_with_the_module_it_builds_with(monkeypatch):
-    """Data-center TensorRT: plugins/trt_plugins.register_plugins(<module name>) runs before parsing (the plugin
+    """Data-center TensorRT: topi_export/kernels/trt_plugins.register_plugins(<module name>) runs before parsing (the plugin
     registrations themselves are tested with a fake tensorrt.plugin in test_kernels.py); a failure builds inlined.
     TensorRT-RTX has no Python plugin API: nothing is registered."""
-    from plugins import trt_plugins
+    from topi_export.kernels import trt_plugins
     from topi_export.backends.tensorrt.building import _register_plugins
 
     calls, notes = [], []

@@ -166,3 +166,11 @@ def test_pruned_run_differs_but_stays_close(tiny, tiny_settings):
     assert all(0 < r["kept_influence"] <= 1 for r in topi.schedule if r["kind"] == "anchor")
     assert not torch.equal(full.latents, topi.latents)
     assert psnr(topi.latents, full.latents) > 20
+
+
+def test_copied_kontext_resolutions_equal_the_pipelines():
+    from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS as theirs
+
+    from topi_export.models.flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
+
+    assert list(PREFERRED_KONTEXT_RESOLUTIONS) == list(theirs)

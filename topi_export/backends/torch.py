@@ -1,5 +1,5 @@
 """The PyTorch backend: runs the family's ToPi forward eagerly, on the CPU or a CUDA GPU (the reference every
-other backend is checked against). On CUDA the ``topi`` ops run the fused Triton kernels of ``plugins/`` when
+other backend is checked against). On CUDA the ``topi`` ops run the fused Triton kernels of ``topi_export/kernels/`` when
 OpenAI Triton is installed. Its dense step is the same model with no pruning and no scoring."""
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 def use_cuda_kernels() -> bool:
     """Register the Triton kernels as the CUDA implementations of the topi torch ops (once)."""
     try:
-        from plugins.torch_kernels import register_torch_cuda_kernels
+        from topi_export.kernels.torch_kernels import register_torch_cuda_kernels
     except ImportError:
         return False
     register_torch_cuda_kernels()

@@ -15,13 +15,14 @@ import torch
 from topi_export.errors import TopiError
 from topi_export.models.base import Family
 from topi_export.plan import ModelIdentity
+from topi_export.resources import resource
 
 FAMILY_MODULES = [
     "topi_export.models.flux_kontext",
     "topi_export.models.flux2",
     "topi_export.models.qwen_edit",
 ]
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
+ASSETS = resource("assets")
 # Trained built-in models shipped as diffusers folders under assets/ (name -> folder name).
 ASSET_MODELS = {"kontext-digits": "kontext-digits", "flux2-pick": "flux2-pick"}
 DEFAULT_MODEL = "flux2-pick"

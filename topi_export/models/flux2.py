@@ -24,7 +24,7 @@ from dataclasses import replace
 
 from topi_export.models.base import Family, RequestField, gather_rows
 from topi_export.models.flux_kontext import FluxBlocks, FluxKontext
-from topi_export.models.sampling import flow_match_scheduler
+from topi_export.models.sampling import compute_empirical_mu, flow_match_scheduler
 from topi_export.plan import GraphTensor, Layout
 
 DEFAULT_GUIDANCE = 4.0  # Flux2Pipeline's default guidance_scale
@@ -223,8 +223,6 @@ class Flux2(FluxBlocks, Family):
 
     # --- sampling ----------------------------------------------------------------------------
     def make_scheduler(self, steps, layout, scheduler_config=None):
-        from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
-
         config = dict(scheduler_config or SCHEDULER)
         return flow_match_scheduler(config, steps, compute_empirical_mu(layout.num_target, steps))
 

@@ -24,6 +24,13 @@ SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
                  base_image_seq_len=256, max_image_seq_len=4096)
 
 
+# FluxKontextPipeline's PREFERRED_KONTEXT_RESOLUTIONS (width, height), copied: importing the pipeline module needs
+# transformers (tests/test_torch_reference.py checks they agree).
+PREFERRED_KONTEXT_RESOLUTIONS = ((672, 1568), (688, 1504), (720, 1456), (752, 1392), (800, 1328), (832, 1248),
+                                 (880, 1184), (944, 1104), (1024, 1024), (1104, 944), (1184, 880), (1248, 832),
+                                 (1328, 800), (1392, 752), (1456, 720), (1504, 688), (1568, 672))
+
+
 def grid_ids(grid, first: float) -> torch.Tensor:
     h, w = grid
     ids = torch.zeros(h, w, 3)
@@ -102,15 +109,7 @@ class FluxKontext(FluxBlocks, Family):
     pixels_per_token = 16
     scheduler_defaults = SCHEDULER
 
-    @classmethod
-    def _preferred(cls):
-        from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
-
-        return list(PREFERRED_KONTEXT_RESOLUTIONS)
-
-    @property
-    def resolution_sets(self):
-        return {"kontext-preferred": self._preferred()}
+    resolution_sets = {"kontext-preferred": PREFERRED_KONTEXT_RESOLUTIONS}
 
     # --- description -------------------------------------------------------------------------
     @property

@@ -8,12 +8,13 @@ from pathlib import Path
 from topi_export.errors import TopiError
 from topi_export.plan import MethodSettings
 from topi_export.plan.profile import SCHEMA as PROFILE_SCHEMA, read_profile  # noqa: F401
+from topi_export.resources import resource
 
-SHIPPED = Path(__file__).resolve().parents[2] / "calibration"
+SHIPPED = resource("calibration")
 
 
 def shipped_profile_for(identity):
-    """A profile in calibration/ made for this model (weights-specific first, then config-wide)."""
+    """A profile shipped in topi_export/calibration/ made for this model (weights-specific first, then config-wide)."""
     if not SHIPPED.is_dir():
         return None
     matches = []

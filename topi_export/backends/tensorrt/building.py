@@ -73,7 +73,7 @@ def _register_plugins(backend: str, trt_name: str, log, echo) -> bool:
              "function bodies")
         return False
     try:
-        from plugins import trt_plugins
+        from topi_export.kernels import trt_plugins
 
         trt_plugins.register_plugins(trt_name)
     except Exception as exc:  # noqa: BLE001 - any failure means "build without plugins"

@@ -7,7 +7,7 @@ import torch
 
 
 def register_torch_cuda_kernels() -> None:
-    from plugins import triton_kernels as tk
+    from topi_export.kernels import triton_kernels as tk
 
     import topi_export.ops  # noqa: F401  (defines the ops)
 

@@ -1,5 +1,5 @@
 """GPU kernels (OpenAI Triton) and TensorRT plugins for the ``topi`` ops; see README.md.
 
-Import the submodules directly: ``plugins.triton_kernels`` needs triton, ``plugins.trt_plugins``
+Import the submodules directly: ``topi_export.kernels.triton_kernels`` needs triton, ``topi_export.kernels.trt_plugins``
 needs nothing until ``register_plugins()`` is called.
 """
