@@ -1,10 +1,13 @@
 import os
+import tempfile
 import warnings
 
 import pytest
 import torch
 
 os.environ.setdefault("TQDM_DISABLE", "1")
+# the verification cache of engine-file hashes (artifacts/hashcache.py) stays out of the user's home
+os.environ.setdefault("TOPI_EXPORT_CACHE_DIR", tempfile.mkdtemp(prefix="topi-cache-"))
 if not torch.cuda.is_available():
     # Triton reads this when it is first imported, which any test module may trigger: set it first
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -22,7 +25,7 @@ def tiny():
 
 @pytest.fixture(scope="session")
 def tiny_settings(tiny):
-    from topi_export.runtime.settings import method_settings
+    from topi_export.artifacts.settings import method_settings
 
     return method_settings(tiny.identity(), tiny.family.default_settings())
 

@@ -69,22 +69,33 @@ def copy_engines(src: Path, dst: Path) -> Path:
     return dst
 
 
-def edit_manifest(eng: Path, edit) -> Path:
+def seal(data):
+    """Recompute the manifest's digest after an edit: an attacker who edits the manifest recomputes it too, so the
+    checks behind the digest must hold on their own."""
+    from topi_export.plan.manifest import DIGEST, manifest_digest
+
+    if isinstance(data, dict):
+        data[DIGEST] = manifest_digest(data)
+    return data
+
+
+def edit_manifest(eng: Path, edit, reseal: bool = True) -> Path:
     data = json.loads((eng / "manifest.json").read_text())
     result = edit(data)
+    result = data if result is None else result
     (eng / "manifest.json").write_text(result if isinstance(result, str) else json.dumps(
-        data if result is None else result))
+        seal(result) if reseal else result))
     return eng
 
 
 def rehash(eng: Path) -> None:
     """Make the file table match the files again (an attacker who edits files edits their hashes too)."""
-    from topi_export.runtime.manifest import sha256_file
+    from topi_export.artifacts.manifest import sha256_file
 
     data = json.loads((eng / "manifest.json").read_text())
     data["files"] = {p.relative_to(eng).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
                      for p in sorted(eng.rglob("*")) if p.is_file() and p.name != "manifest.json"}
-    (eng / "manifest.json").write_text(json.dumps(data))
+    (eng / "manifest.json").write_text(json.dumps(seal(data)))
 
 
 def write_inputs(path: Path, grid=(8, 8), **tensors) -> Path:
@@ -117,7 +128,7 @@ def no_export(monkeypatch):
 
 def _copy_graphs(source: Path, calls: list):
     """An export_graphs that copies the real graphs of engine directory ``source`` (same model and settings)."""
-    from topi_export.runtime.manifest import read_manifest
+    from topi_export.artifacts.manifest import read_manifest
 
     m = read_manifest(source)
 
@@ -282,16 +293,30 @@ def test_onnx_dir_never_replaces_the_model_folder(model_dir, tmp_path, capsys, n
 
 
 def test_timing_cache_never_overwrites_an_input(model_dir, tmp_path, capsys, no_export):
+    pytest.importorskip("tensorrt_rtx", reason="--timing-cache is a TensorRT option; needs tensorrt-rtx")
     code, err = cli(capsys, "build", "--model", model_dir, "--target-grid", "4x4", "--engine-dir", tmp_path / "e",
-                    "--timing-cache", model_dir / "config.json")
+                    "--backend", "tensorrt-rtx", "--timing-cache", model_dir / "config.json")
     refused(code, err, "--timing-cache", "model folder")
+
+
+def test_backend_flags_of_another_backend_are_refused(model_dir, tmp_path, capsys, no_export):
+    before = snapshot(tmp_path)
+    for flag in (["--timing-cache", str(tmp_path / "t.cache")], ["--compute-capability", "SM89"],
+                 ["--strip-weights"], ["--workspace", "4G"]):
+        code, err = cli(capsys, "build", "--model", model_dir, "--target-grid", "4x4", "--engine-dir",
+                        tmp_path / "e", *flag)
+        refused(code, err, flag[0], "not onnxruntime")
+    code, err = cli(capsys, "build", "--model", model_dir, "--target-grid", "4x4", "--engine-dir", tmp_path / "e",
+                    "--backend", "tensorrt", "--compute-capability", "SM89")
+    refused(code, err, "--compute-capability", "tensorrt-rtx")
+    assert snapshot(tmp_path) == before
 
 
 def test_force_replaces_a_tool_made_engine_directory_and_nothing_else(forced_build):
     b = forced_build
     assert b["code"] == 0, b["err"]
     assert len(b["calls"]) == 1  # one export (the real graphs, copied)
-    from topi_export.runtime.manifest import read_manifest
+    from topi_export.artifacts.manifest import read_manifest
 
     m = read_manifest(b["eng"])
     assert m.tau == 0.7 and not m.has_graph("dense")
@@ -340,7 +365,7 @@ def test_two_concurrent_builds_into_one_path_exactly_one_wins(tmp_path, capsys, 
                     "--engine-dir", out)
     assert inner == [0]
     refused(code, err, "appeared while this command was running")
-    from topi_export.runtime.manifest import read_manifest
+    from topi_export.artifacts.manifest import read_manifest
 
     read_manifest(out)  # the winner, whole: every file matches its hash
     assert [p.name for p in tmp_path.iterdir()] == ["eng"]
@@ -500,10 +525,8 @@ MANIFEST_EDITS = {
     "input dtype": (lambda d: d["graphs"]["topi"]["inputs"][0].update(dtype="int32"), "float32 in the graph"),
     "input channels": (lambda d: d["graphs"]["topi"]["inputs"][0].update(dims=["B", "Nx", 32]), "has dims"),
     "in_channels": (lambda d: d["model"]["config"].update(in_channels=32), "'model.config' does not match"),
-    "layout 8x8 -> 4x16": (lambda d: _layout(d, (4, 16)), "plan_sha256"),
-    "pivotal layers": (lambda d: d["calibration"].update(pivotal_layers=[3, 4]), "plan_sha256"),
     "batch 2, distilled": (lambda d: d.update(batch=2), "'batch' is 2"),
-    "guidance": (lambda d: d.update(guidance="none"), "plan_sha256"),
+    "guidance": (lambda d: d.update(guidance="none"), "guidance mode 'none'"),
     "weights file list": (lambda d: d["weights"].update(file=["onnx/weights.data"]), "'weights.file' must be a str"),
     "tau 5": (lambda d: d.update(tau=5), "'tau' is 5.0"),
     "num_layers -1": (lambda d: d["model"].update(num_layers=-1), "'model.num_layers' is -1"),
@@ -516,6 +539,7 @@ MANIFEST_EDITS = {
 
 @pytest.mark.parametrize("case", list(MANIFEST_EDITS))
 def test_edited_manifest_is_one_line_error(ort_engine_dir, tmp_path, capsys, case):
+    """Edits whose digest was recomputed: the checks behind the digest refuse them on their own."""
     edit, needle = MANIFEST_EDITS[case]
     eng = edit_manifest(copy_engines(ort_engine_dir, tmp_path / "eng"), edit)
     before = snapshot(tmp_path)
@@ -523,23 +547,52 @@ def test_edited_manifest_is_one_line_error(ort_engine_dir, tmp_path, capsys, cas
     assert snapshot(tmp_path) == before
 
 
-def test_edited_layout_is_refused_by_every_reader(ort_engine_dir, tmp_path, capsys):
-    eng = edit_manifest(copy_engines(ort_engine_dir, tmp_path / "eng"), lambda d: _layout(d, (4, 16)))
+def _files_of_another_build(d):
+    d["files"]["onnx/topi.onnx"] = {"sha256": "0" * 64, "bytes": d["files"]["onnx/topi.onnx"]["bytes"]}
+
+
+# Edits that keep every type valid; the digest binds every field, so each is refused as an edit.
+BOUND_EDITS = {
+    "layout 8x8 -> 4x16": lambda d: _layout(d, (4, 16)),
+    "pivotal layers": lambda d: d["calibration"].update(pivotal_layers=[3, 4]),
+    "guidance": lambda d: d.update(guidance="none"),
+    "scheduler": lambda d: d.update(scheduler={"num_train_timesteps": 1000, "shift": 9.0}),
+    "policy": lambda d: d.update(policy="random"),
+    "tau": lambda d: d.update(tau=0.9),
+    "backend": lambda d: d.update(backend="torch"),
+    "precision": lambda d: d.update(precision="bf16"),
+    "model source": lambda d: d["model"].update(source="/somewhere/else"),
+    "file table of another build": _files_of_another_build,
+    "digest deleted": lambda d: d.pop("manifest_sha256") and None,
+    "unknown field": lambda d: d.update(extra_field=1),
+}
+
+
+@pytest.mark.parametrize("case", list(BOUND_EDITS))
+def test_manifest_is_bound_whole(ort_engine_dir, tmp_path, capsys, case):
+    eng = edit_manifest(copy_engines(ort_engine_dir, tmp_path / "eng"), BOUND_EDITS[case], reseal=False)
     before = snapshot(tmp_path)
-    refused(*cli(capsys, "check", "--engine-dir", eng), "plan_sha256")
-    refused(*cli(capsys, "triton", "--engine-dir", eng, "--out", tmp_path / "repo"), "plan_sha256")
+    needle = "is missing" if case == "digest deleted" else "manifest_sha256"
+    refused(*cli(capsys, "run", "--engine-dir", eng, "--steps", "1", "-q"), needle)
     assert snapshot(tmp_path) == before
 
 
-def test_manifest_round_trip_keeps_the_plan_digest(ort_engine_dir):
+def test_edited_layout_is_refused_by_every_reader(ort_engine_dir, tmp_path, capsys):
+    eng = edit_manifest(copy_engines(ort_engine_dir, tmp_path / "eng"), lambda d: _layout(d, (4, 16)), reseal=False)
+    before = snapshot(tmp_path)
+    refused(*cli(capsys, "check", "--engine-dir", eng), "manifest_sha256")
+    refused(*cli(capsys, "triton", "--engine-dir", eng, "--out", tmp_path / "repo"), "manifest_sha256")
+    assert snapshot(tmp_path) == before
+
+
+def test_manifest_round_trip_keeps_the_digest(ort_engine_dir):
     from topi_export.plan import Manifest
-    from topi_export.plan.manifest import plan_digest
+    from topi_export.plan.manifest import manifest_digest
 
     raw = json.loads((ort_engine_dir / "manifest.json").read_text())
     m = Manifest.from_json(raw, "manifest.json", ort_engine_dir)
-    assert m.to_json()["plan_sha256"] == raw["plan_sha256"] == plan_digest(raw)
-    del raw["plan_sha256"]  # directories written before the digest existed are still read
-    assert Manifest.from_json(raw, "manifest.json", ort_engine_dir) == m
+    assert m.to_json()["manifest_sha256"] == raw["manifest_sha256"] == manifest_digest(raw)
+    assert Manifest.from_json(json.loads(json.dumps(m.to_json())), "manifest.json", ort_engine_dir) == m
 
 
 # --- 6. calibration profiles -------------------------------------------------------------------------------------

@@ -35,8 +35,8 @@ def _cli(args):
 def _graph(tiny, kind="topi"):
     from topi_export.export.graphs import graph_tensors
 
-    inputs, outputs = graph_tensors(tiny.family, kind)
-    return GraphEntry(f"{kind}.onnx", inputs, outputs, f"{kind}.onnx")
+    entry = graph_tensors(tiny.family, kind)
+    return GraphEntry(f"{kind}.onnx", entry.inputs, entry.outputs, f"{kind}.onnx")
 
 
 # ------------------------------------------------------------------------------------------------- pure
@@ -184,7 +184,7 @@ def _read_back(log: str, kind: str):
 
 
 def _manifest(engine_dir):
-    from topi_export.runtime.manifest import read_manifest
+    from topi_export.artifacts.manifest import read_manifest
 
     return read_manifest(engine_dir)  # every file's sha256 verified
 
@@ -313,8 +313,12 @@ def _tiny_graph(tmp_path, op="Relu", domain=""):
 
 
 def _job(tmp_path, graphs_dir, graphs, **options):
+    from topi_export.backends.tensorrt.common import TensorRTRTXOptions
+
+    options = {"compute_capabilities": ("SM89",), **options}
+    options["compute_capabilities"] = tuple(options["compute_capabilities"])
     return BuildJob(graphs_dir, tmp_path, graphs, (LAY,), profile_table((LAY,), (0.5,)), 1, "fp32",
-                    {"compute_capabilities": ["SM89"], **options}, echo=lambda s: None)
+                    TensorRTRTXOptions(**options), echo=lambda s: None)
 
 
 @pytest.mark.tensorrt_rtx
@@ -553,7 +557,7 @@ def test_runtime_plumbing_on_gpu_with_stand_in_module(tmp_path, monkeypatch, ort
     from topi_export.export.graphs import graph_module
     from topi_export.plan import NAME
     from topi_export.runtime.loop import rel_l2
-    from topi_export.runtime.manifest import file_entries, read_manifest
+    from topi_export.artifacts.manifest import file_entries, read_manifest
 
     out = tmp_path / "e"
     shutil.copytree(ort_engine_dir, out)  # an ONNX Runtime directory, turned into a fake TensorRT-RTX one

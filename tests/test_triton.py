@@ -57,10 +57,13 @@ def _tree(path: Path) -> dict:
 
 
 def _rehash(engine: Path, data: dict) -> None:
-    from topi_export.runtime.manifest import sha256_file
+    from topi_export.artifacts.manifest import sha256_file
 
     data["files"] = {str(p.relative_to(engine)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
                      for p in sorted(engine.rglob("*")) if p.is_file() and p.name != "manifest.json"}
+    from topi_export.plan.manifest import DIGEST, manifest_digest
+
+    data[DIGEST] = manifest_digest(data)  # the digest is recomputed too: the checks behind it must hold on their own
     (engine / "manifest.json").write_text(json.dumps(data, indent=2))
 
 
@@ -247,9 +250,9 @@ def test_onnxruntime_repository_layout_and_schema(engine_dir, tmp_path, capsys):
     inputs = {i.name: (i.optional, list(i.dims)) for i in loop.input}
     assert inputs["reference_latents"] == (False, [1, -1, 16])
     assert inputs["prompt_embeds"] == (False, [1, -1, 32]) and inputs["pooled_prompt_embeds"] == (False, [1, 16])
-    assert all(inputs[n][0] for n in ("noise", "guidance", "true_cfg_scale", "steps", "seed", "ratio", "tau",
+    assert all(inputs[n][0] for n in ("noise", "guidance", "steps", "seed", "ratio", "tau",
                                       "update_interval", "policy", "mode", "target_grid", "reference_grids"))
-    assert len(inputs) == 15 and [o.name for o in loop.output] == ["latents", "schedule"]
+    assert len(inputs) == 14 and [o.name for o in loop.output] == ["latents", "schedule"]
     assert json.loads(loop.parameters["topi_models"].string_value) == {"topi": "topi_topi", "dense": "topi_dense"}
     assert (out / "topi_loop" / "1" / "model.py").read_bytes() == (
         ROOT / "topi_export" / "serving" / "bls_model.py").read_bytes()
@@ -328,7 +331,7 @@ def test_request_grids_default_to_the_only_fitting_layout(engine_dir):
     from topi_export.errors import TopiError
     from topi_export.models import adapter_for
     from topi_export.plan import Layout
-    from topi_export.runtime.manifest import read_manifest
+    from topi_export.artifacts.manifest import read_manifest
     from topi_export.serving.triton_engine import parse_request
 
     m = read_manifest(engine_dir, verify_files=False)
@@ -482,6 +485,9 @@ def test_paths_outside_the_engine_directory_are_refused(engine_dir, tmp_path, ca
     data["graphs"]["topi"]["file"] = data["graphs"]["topi"]["onnx"] = "../../outside.onnx"
     _rehash(eng, data)
     data["files"]["../../outside.onnx"] = data["files"]["onnx/topi.onnx"]
+    from topi_export.plan.manifest import DIGEST, manifest_digest
+
+    data[DIGEST] = manifest_digest(data)
     (eng / "manifest.json").write_text(json.dumps(data))
     code, _, err = run_cli(["triton", "--engine-dir", str(eng), "--out", str(tmp_path / "a" / "repo")], capsys)
     assert code == 2 and "leaves the directory" in err

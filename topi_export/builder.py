@@ -8,31 +8,17 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from topi_export.errors import TopiError
+from topi_export.artifacts.versions import tool_versions
+from topi_export.errors import BadInput, TopiError
 from topi_export.plan import Layout, Manifest, profile_table
 
 ENGINE_ROOT = Path("engines")
 CACHE_FILE = "cache.json"
 CACHE_FORMAT = "topi-onnx-cache/1"
-
-
-def tool_versions(extra: dict | None = None) -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for pkg in ("topi-export", "torch", "diffusers", "onnx", "onnxscript", "onnxruntime"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            pass
-    out["python"] = sys.version.split()[0]
-    out.update(extra or {})
-    return out
 
 
 class Stages:
@@ -58,8 +44,8 @@ class BuildPlan:
     calibration: str | None = None
     policy: str | None = None
     tau: float | None = None
-    dense: bool | None = None  # None: the backend's default (ONNX Runtime: yes, it shares the weights file)
-    cfg: bool | None = None  # batch-2 true-CFG graphs (None: when the family guides with true CFG)
+    dense: bool | None = None  # None: the backend's default (dense_by_default: free where weights are shared)
+    cfg: bool | None = None  # graphs for every guidance branch batched (None: when the family has several)
     inputs: str | None = None
     resolutions: str | None = None  # "WxH,WxH" in pixels, or a family shorthand such as kontext-preferred
     references: int = 1  # references per layout with --resolutions
@@ -67,12 +53,13 @@ class BuildPlan:
     engine_dir: str | None = None
     onnx_dir: str | None = None
     force: bool = False
-    options: dict = field(default_factory=dict)
+    options: object = None  # the backend's typed build options (backends/base.py Options); None: its defaults
 
     def to_json(self) -> dict:
         return {"model": self.model, "layouts": [lay.to_json() for lay in self.layouts], "buckets": list(self.buckets),
                 "backend": self.backend, "precision": self.precision, "calibration": self.calibration,
-                "policy": self.policy, "tau": self.tau, "dense": self.dense, "cfg": self.cfg}
+                "policy": self.policy, "tau": self.tau, "dense": self.dense, "cfg": self.cfg,
+                "options": self.options.to_json() if self.options is not None else None}
 
 
 def default_engine_dir(source: str, layout: Layout, backend: str) -> Path:
@@ -83,19 +70,23 @@ def default_engine_dir(source: str, layout: Layout, backend: str) -> Path:
 def _check_plan(plan: BuildPlan) -> None:
     from topi_export.backends import build_backends, get_backend
     from topi_export.method.selection import check_policy
+    from topi_export.plan.limits import check_tau
 
     if plan.backend not in build_backends():
-        raise TopiError(f"unknown build backend {plan.backend!r}: choose {', '.join(build_backends())}")
-    be = get_backend(plan.backend).BACKEND
+        raise BadInput(f"unknown build backend {plan.backend!r}: choose {', '.join(build_backends())}")
+    module = get_backend(plan.backend)
+    be = module.BACKEND
     if plan.precision not in be.precisions:
-        raise TopiError(f"{plan.backend} builds {', '.join(be.precisions)}, not {plan.precision}: drop --precision or "
-                        f"choose another backend")
-    if hasattr(get_backend(plan.backend), "check"):  # e.g. the TensorRT module is installed, before the export
-        get_backend(plan.backend).check(plan.precision, dict(plan.options))
+        raise BadInput(f"{plan.backend} builds {', '.join(be.precisions)}, not {plan.precision}: drop --precision or "
+                       f"choose another backend")
+    if plan.options is not None and be.options is not None and not isinstance(plan.options, be.options):
+        raise BadInput(f"build options {type(plan.options).__name__} are not {plan.backend}'s ({be.options.__name__})")
+    if hasattr(module, "check"):  # e.g. the TensorRT module is installed, before the export
+        module.check(plan.options if plan.options is not None else (be.options() if be.options else None))
     if plan.policy is not None:
         check_policy(plan.policy)
-    if plan.tau is not None and not (0.0 < plan.tau <= 1.0):
-        raise TopiError(f"--tau {plan.tau} is outside (0, 1]: it is the fraction of total influence kept")
+    if plan.tau is not None:
+        check_tau(plan.tau)
 
 
 def _cache_key(identity, settings, precision: str, dense: bool) -> str:
@@ -109,8 +100,8 @@ def _cache_key(identity, settings, precision: str, dense: bool) -> str:
 def _cache_valid(onnx_dir: Path, key: str) -> bool:
     """The cache is reused only when its key matches AND every file (confined to the cache) still has the hash
     recorded with it."""
+    from topi_export.artifacts.hashcache import sha256_file
     from topi_export.fsutil import confined_path
-    from topi_export.runtime.manifest import sha256_file
 
     try:
         meta = json.loads((onnx_dir / CACHE_FILE).read_text())
@@ -137,7 +128,7 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 
 def resolve_layouts(plan: BuildPlan, loaded) -> tuple[Layout, ...]:
-    from topi_export.runtime.inputs import default_inputs, load_inputs
+    from topi_export.artifacts.inputs import default_inputs, load_inputs
 
     if plan.resolutions:
         layouts = resolution_layouts(plan.resolutions, loaded.family, plan.references, plan.text_tokens)
@@ -170,7 +161,7 @@ def resolution_layouts(text: str, family, references: int = 1, text_tokens: int 
     if not pixels:
         raise TopiError("--resolutions is empty: give WIDTHxHEIGHT[,WIDTHxHEIGHT...] in pixels")
     if not 1 <= references <= 16:
-        raise TopiError(f"--references {references} is outside 1..16")
+        raise BadInput(f"--references {references} is outside 1..16")
     ppt = family.pixels_per_token
     out = []
     for w, h in pixels:
@@ -185,20 +176,20 @@ def resolution_layouts(text: str, family, references: int = 1, text_tokens: int 
 
 def build_engines(plan: BuildPlan | None = None, *, echo=print, **kwargs) -> Path:
     """Build an engine directory; returns its path. Keyword arguments are the BuildPlan fields."""
-    from topi_export.backends import get_backend
+    from topi_export.backends import DEFAULT_BUILD_BACKEND, get_backend
     from topi_export.backends.base import BuildJob
     from topi_export.export import export_graphs
     from topi_export.fsutil import check_disjoint, check_output_dir, check_writable, refuse_overwrite, staged_dir
     from topi_export.method.selection import DEFAULT_POLICY, check_bucket_keeps, parse_buckets
     from topi_export.models import load_model, resolve_model_dir, scheduler_config_for
-    from topi_export.runtime.inputs import default_inputs
-    from topi_export.runtime.manifest import file_entries, is_engine_dir, write_manifest
-    from topi_export.runtime.settings import method_settings
+    from topi_export.artifacts.inputs import default_inputs
+    from topi_export.artifacts.manifest import file_entries, is_engine_dir, write_manifest
+    from topi_export.artifacts.settings import method_settings
 
     if plan is None:
         kwargs.setdefault("layouts", ())
         kwargs["buckets"] = parse_buckets(kwargs.pop("ratio_buckets", "0.3,0.5"))
-        kwargs.setdefault("backend", "onnxruntime")
+        kwargs.setdefault("backend", DEFAULT_BUILD_BACKEND)
         plan = BuildPlan(**kwargs)
     _check_plan(plan)
     backend = get_backend(plan.backend)
@@ -211,7 +202,7 @@ def build_engines(plan: BuildPlan | None = None, *, echo=print, **kwargs) -> Pat
     if plan.engine_dir:  # refuse a bad output path before the slow work
         check_output_dir(plan.engine_dir, replace=plan.force, is_ours=is_engine_dir, protect=protect)
         check_disjoint([(plan.engine_dir, "--engine-dir"), (plan.onnx_dir, "--onnx-dir")])
-    timing_cache = plan.options.get("timing_cache")
+    timing_cache = getattr(plan.options, "timing_cache", None)
     if timing_cache:  # TensorRT rewrites it after the build: it must be writable and overwrite nothing of the user's
         check_writable(timing_cache)
         refuse_overwrite(timing_cache, protect, what="--timing-cache")
@@ -227,11 +218,12 @@ def build_engines(plan: BuildPlan | None = None, *, echo=print, **kwargs) -> Pat
     for lay in layouts:
         check_bucket_keeps(plan.buckets, lay.num_ctx)
     policy = plan.policy or DEFAULT_POLICY
-    dense = plan.dense if plan.dense is not None else plan.backend == "onnxruntime"
-    cfg = plan.cfg if plan.cfg is not None else family.guidance == "true-cfg"
-    if cfg and family.guidance != "true-cfg":
-        raise TopiError(f"--cfg: {family.name} ({family.guidance} guidance) has no true-CFG branches")
-    batch = 2 if cfg else 1
+    dense = plan.dense if plan.dense is not None else backend.BACKEND.dense_by_default
+    cfg = plan.cfg if plan.cfg is not None else family.max_branches > 1
+    if cfg and family.max_branches == 1:
+        raise BadInput(f"--cfg: {family.name} ({family.guidance} guidance) runs one branch per step, there are no "
+                       f"guidance branches to batch")
+    batch = family.max_branches if cfg else 1
     engine_dir = Path(plan.engine_dir) if plan.engine_dir else default_engine_dir(identity.source, layouts[0],
                                                                                    plan.backend)
     if not plan.engine_dir:
@@ -268,7 +260,7 @@ def build_engines(plan: BuildPlan | None = None, *, echo=print, **kwargs) -> Pat
         profiles = profile_table(layouts, plan.buckets)
         stages(f"build {plan.backend} engines: {len(layouts)} layout(s) x buckets {list(plan.buckets)}")
         out = backend.build(BuildJob(onnx_dir, tmp, graphs, layouts, profiles, batch, plan.precision,
-                                     dict(plan.options), echo))
+                                     plan.options, echo))
         if not out.keep_onnx:
             shutil.rmtree(onnx_dir)
         stages("write manifest (sha256 of every file)")
@@ -297,8 +289,8 @@ def _entry(graph, rel: str, keep_onnx: bool):
 
 def _save_cache(src: Path, dst: Path, key: str, graphs: dict, weights: dict, protect, echo) -> None:
     """Keep the exported graphs in --onnx-dir, keyed and hashed (a later build reuses them only on a match)."""
+    from topi_export.artifacts.hashcache import sha256_file
     from topi_export.fsutil import staged_dir
-    from topi_export.runtime.manifest import sha256_file
 
     with staged_dir(dst, replace=True, is_ours=_is_cache_dir, protect=protect, echo=echo) as tmp:
         files = {}

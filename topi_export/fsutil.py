@@ -44,6 +44,11 @@ _NEW, _OLD, _REPLACED = "new", "old", "replaced"
 _NAME_MAX = 200  # staging names add ~25 characters to the final name; file names stop at 255 bytes
 
 
+def file_identity(st: os.stat_result) -> str:
+    """What changes when a file's bytes may have changed: a rewrite moves mtime and ctime, a copy is a new inode."""
+    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+
+
 def atomic_write_bytes(path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

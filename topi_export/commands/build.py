@@ -3,7 +3,24 @@ from __future__ import annotations
 
 import click
 
+from topi_export.backends import DEFAULT_BUILD_BACKEND, build_backends
 from topi_export.commands.common import model_option
+
+
+def backend_options(f):
+    """The build flags every backend owns (backends/<name>.py, BACKEND.options), each flag once."""
+    from topi_export.backends import build_backends, get_backend
+
+    seen = {}
+    for name in build_backends():
+        cls = get_backend(name).BACKEND.options
+        if cls is None:
+            continue
+        for field_name, option in zip(cls.flags(), cls.click_options()):
+            seen.setdefault(field_name, option)
+    for option in reversed(list(seen.values())):
+        f = option(f)
+    return f
 
 
 def layouts_from_flags(inputs, target_grid, ref_grid, ref_grids, text_tokens, resolutions):
@@ -45,7 +62,8 @@ def layouts_from_flags(inputs, target_grid, ref_grid, ref_grids, text_tokens, re
                    "(kontext-preferred: the 17 resolutions FluxKontextPipeline snaps to).")
 @click.option("--references", type=click.IntRange(1, 16), default=1, show_default=True,
               help="References per request with --resolutions (each at the target's resolution).")
-@click.option("--backend", default="onnxruntime", show_default=True, help="onnxruntime | tensorrt | tensorrt-rtx")
+@click.option("--backend", default=DEFAULT_BUILD_BACKEND, show_default=True,
+              help=f"Engine backend: {' | '.join(build_backends())}.")
 @click.option("--engine-dir", type=click.Path(file_okay=False), default=None,
               help="Output directory (default: engines/<model>-<shape>-<backend>).")
 @click.option("--onnx-dir", type=click.Path(file_okay=False), default=None,
@@ -63,20 +81,13 @@ def layouts_from_flags(inputs, target_grid, ref_grid, ref_grids, text_tokens, re
 @click.option("--force", is_flag=True, help="Replace an existing engine directory made by topi-export.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
               help="Precision the weights are loaded and exported in (TensorRT; ONNX Runtime engines are fp32).")
-@click.option("--timing-cache", type=click.Path(dir_okay=False), default=None, help="TensorRT timing cache file.")
-@click.option("--optimization-level", type=click.IntRange(0, 5), default=3, show_default=True,
-              help="TensorRT builder optimization level.")
-@click.option("--workspace", default=None, help="TensorRT workspace limit, e.g. 4G.")
-@click.option("--compute-capability", "compute_capability", multiple=True,
-              help="TensorRT-RTX ahead-of-time target, e.g. SM89 (repeatable).")
-@click.option("--no-plugins", is_flag=True, help="TensorRT: let the parser inline the topi function bodies.")
-@click.option("--strip-weights", is_flag=True, help="TensorRT: weight-stripped engine, refitted from the ONNX "
-                                                    "weights at load (the directory keeps the weights once, in ONNX).")
+@backend_options
 @click.option("--build-dynamic-shape", is_flag=True, hidden=True)  # TensorRT demo users: explained, not ignored
 def cmd(model, ratio_buckets, calibration, inputs, target_grid, ref_grid, ref_grids, text_tokens, resolutions,
-        references, backend, engine_dir, onnx_dir, policy, tau, dense, cfg, force, precision, timing_cache,
-        optimization_level, workspace, compute_capability, no_plugins, strip_weights, build_dynamic_shape):
+        references, backend, engine_dir, onnx_dir, policy, tau, dense, cfg, force, precision, build_dynamic_shape,
+        **backend_flags):
     """Export topi (+ dense baseline) graphs with topi custom ops and build engines per shape and ratio bucket."""
+    from topi_export.backends import options_for
     from topi_export.builder import BuildPlan, build_engines
     from topi_export.errors import TopiError
     from topi_export.method.selection import parse_buckets
@@ -86,9 +97,10 @@ def cmd(model, ratio_buckets, calibration, inputs, target_grid, ref_grid, ref_gr
                         "TensorRT engines get one profile per (resolution, bucket); list resolutions with "
                         "--resolutions WxH,WxH")
     layouts = layouts_from_flags(inputs, target_grid, ref_grid, ref_grids, text_tokens, resolutions)
-    options = {"timing_cache": timing_cache, "optimization_level": optimization_level, "workspace": workspace,
-               "compute_capabilities": list(compute_capability), "plugins": not no_plugins,
-               "strip_weights": strip_weights}
+    ctx = click.get_current_context()
+    given = {k: v for k, v in backend_flags.items()
+             if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
+    options = options_for(backend, given)
     plan = BuildPlan(model=model, layouts=layouts, buckets=parse_buckets(ratio_buckets), backend=backend,
                      precision=precision, calibration=calibration, policy=policy, tau=tau, dense=dense, cfg=cfg,
                      inputs=inputs, resolutions=resolutions, references=references, text_tokens=text_tokens,

@@ -20,10 +20,10 @@ def _parse_timesteps(text: str) -> list[float]:
 
 
 def _table(result: dict, rows: int) -> str:
-    mean, std, names = result["mean"], result["std"], result["layer_names"]
-    pivotal = set(result["pivotal_layers"])
+    mean, std, names = result.mean, result.std, result.layer_names
+    pivotal = set(result.pivotal_layers)
     lines = [("rank", "layer", "block", "sensitivity", "")]
-    for rank, layer in enumerate(result["ranking"][:rows], 1):
+    for rank, layer in enumerate(result.ranking[:rows], 1):
         lines.append((str(rank), str(layer), names[layer], f"{mean[layer]:.4f} +- {std[layer]:.4f}",
                       "pivotal" if layer in pivotal else ""))
     widths = [max(len(r[i]) for r in lines) for i in range(len(lines[0]))]
@@ -53,11 +53,13 @@ def _table(result: dict, rows: int) -> str:
 @quiet_option
 def cmd(model, inputs, samples, grid, ref_grid, text_tokens, timesteps, top_k, update_interval, seed, out, quiet):
     """Measure each layer's context sensitivity; write the profile (pivotal layers, L0, dT) and a plot."""
-    from topi_export.method.calibration import calibrate, describe_set, plot_profile, write_profile
+    from topi_export.artifacts.settings import describe_set, write_profile
+    from topi_export.method.calibration import calibrate
+    from topi_export.runtime.visualize import plot_profile
     from topi_export.commands.common import output_files
     from topi_export.models import load_model
     from topi_export.plan import Layout, parse_grid, parse_grids
-    from topi_export.runtime.inputs import load_inputs
+    from topi_export.artifacts.inputs import load_inputs
 
     out = Path(out)
     if out.is_dir():
@@ -106,8 +108,8 @@ def cmd(model, inputs, samples, grid, ref_grid, text_tokens, timesteps, top_k, u
     plot_profile(png, result, title=f"{identity.source}: context sensitivity ({len(data)} samples x "
                                     f"{len(ts)} timesteps)")
     click.echo(_table(result, min(adapter.num_layers, max(5, top_k))))
-    click.echo(f"pivotal layers {result['pivotal_layers']}, prune start L0 = {result['prune_start']}, "
-               f"update interval dT = {result['update_interval']} ({result['forward_passes']} forward passes, "
-               f"{result['elapsed_s']:.1f} s)")
+    click.echo(f"pivotal layers {result.pivotal_layers}, prune start L0 = {result.prune_start}, "
+               f"update interval dT = {result.update_interval} ({result.forward_passes} forward passes, "
+               f"{result.elapsed_s:.1f} s)")
     click.echo(f"profile -> {out}")
     click.echo(f"plot -> {png}")

@@ -8,20 +8,22 @@ from topi_export.commands.common import (POLICY_HELP, device_options, model_opti
 
 
 def schedule_summary(schedule) -> str:
-    anchors = [r["step"] for r in schedule if r["kind"] == "anchor"]
-    keeps = sorted({r["keep"] for r in schedule if r["kind"] == "pruned"})
-    total = sum(r["time_s"] for r in schedule)
-    return (f"{len(schedule)} steps, anchors at {anchors}, pruned steps keep {keeps} context tokens, "
-            f"{total:.2f} s in the transformer")
+    anchors = [r.step for r in schedule if r.kind == "anchor"]
+    keeps = sorted({r.keep for r in schedule if r.graph == "pruned"})
+    total = sum(r.time_s for r in schedule)
+    pruned = (f"pruned steps keep {keeps} context tokens" if keeps else
+              "no step pruned (every anchor kept all context tokens)")
+    return f"{len(schedule)} steps, anchors at {anchors}, {pruned}, {total:.2f} s in the transformer"
 
 
 def compare_table(report) -> str:
-    t = report["time_s"]
-    base = "dense" if report["baseline"] == "dense" else "full"
+    t = report.time_s
+    base = "dense" if report.baseline == "dense" else "full"
+    lo, hi = report.speedup_spread
     rows = [("", "time [s]", "speedup", "PSNR [dB]", "rel. L2"),
             (f"{base} (baseline)", f"{t[base]:.3f}", "1.00x", "-", "-"),
-            ("ToPi", f"{t['topi']:.3f}", f"{report['speedup']:.2f}x", f"{report['psnr_db']:.2f}",
-             f"{report['rel_l2']:.2e}")]
+            ("ToPi", f"{t['topi']:.3f}", f"{report.speedup:.2f}x ({lo:.2f}-{hi:.2f})", f"{report.psnr_db:.2f}",
+             f"{report.rel_l2:.2e}")]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
                      for r in rows)
@@ -78,45 +80,46 @@ def cmd(model, inputs, engine_dir, backend, ratio, tau, ratio_buckets, policy, u
     data = session.load_inputs(inputs, seed)
     selector = session.selector(data, ratio=ratio, tau=tau, ratio_buckets=ratio_buckets, policy=policy, seed=seed)
     progress = show_progress(quiet)
-    base_mode = session.baseline_mode()
     session.warmup(data, selector, dense=compare)
-    topi = session.denoise(data, steps=steps, seed=seed, selector=selector, progress=progress)
-    base = session.denoise(data, steps=steps, seed=seed, mode=base_mode, progress=progress,
-                           desc=base_mode) if compare else None
-    for _ in range(repeats - 1 if compare else 0):  # deterministic: only the times change
-        topi.time_s = min(topi.time_s, session.denoise(data, steps=steps, seed=seed, selector=selector).time_s)
-        base.time_s = min(base.time_s, session.denoise(data, steps=steps, seed=seed, mode=base_mode).time_s)
-    report = session.describe(data, selector, steps)
-    report["time_s"] = {"topi": topi.time_s}
-    report["schedule"] = topi.schedule
-    click.echo(schedule_summary(topi.schedule))
+    comparison = None
     if compare:
-        from topi_export.runtime.loop import psnr, rel_l2
+        from topi_export.runtime.compare import compare as run_compare
 
-        if base_mode != "dense":
+        comparison = run_compare(session, data, steps=steps, seed=seed, selector=selector, repeats=repeats,
+                                 progress=progress)
+        topi = comparison.topi
+    else:
+        topi = session.denoise(data, steps=steps, seed=seed, selector=selector, progress=progress)
+    report = session.report(data, selector, steps, topi, comparison)
+    click.echo(f"{session.source} ({session.family.name}) on {session.engine.name}: "
+               f"{_selection_text(selector)}, policy {selector.policy}")
+    click.echo(schedule_summary(topi.schedule))
+    if comparison is not None:
+        if comparison.mode != "dense":
             click.echo(f"note: {engine_dir} has no dense baseline graph; the speedup is against the in-engine "
                        f"unpruned step (rebuild with --dense-baseline)", err=True)
-        report["repeats"] = repeats
-        report["baseline"] = "dense" if base_mode == "dense" else "in-engine-full"
-        report["time_s"][base_mode] = base.time_s
-        report["speedup"] = base.time_s / topi.time_s
-        report["psnr_db"] = psnr(topi.latents, base.latents)
-        report["rel_l2"] = rel_l2(topi.latents, base.latents)
         click.echo(compare_table(report))
+        if comparison.warning():
+            click.echo(f"note: {comparison.warning()}", err=True)
         if png:
             from topi_export.runtime.visualize import save_strip
 
             last = max(topi.kept) if topi.kept else None
-            save_strip(png, data, base.latents, topi.latents, topi.kept.get(last) if last is not None else None)
+            save_strip(png, data, comparison.baseline.latents, topi.latents,
+                       topi.kept.get(last) if last is not None else None)
             click.echo(f"strip -> {png}")
-        if data.target_latents is not None:
-            report["psnr_db_vs_truth"] = {"topi": psnr(topi.latents, data.target_latents),
-                                          "baseline": psnr(base.latents, data.target_latents)}
-            click.echo(f"vs ground truth: PSNR baseline {report['psnr_db_vs_truth']['baseline']:.2f} dB, "
-                       f"ToPi {report['psnr_db_vs_truth']['topi']:.2f} dB")
+        if report.psnr_db_vs_truth is not None:
+            click.echo(f"vs ground truth: PSNR baseline {report.psnr_db_vs_truth['baseline']:.2f} dB, "
+                       f"ToPi {report.psnr_db_vs_truth['topi']:.2f} dB")
     if out:
         save_latents(out, topi.latents)
         click.echo(f"latents -> {out}")
     if json_path:
-        write_json(json_path, report)
+        write_json(json_path, report.to_json())
         click.echo(f"report -> {json_path}")
+
+
+def _selection_text(selector) -> str:
+    if selector.tau is not None:
+        return f"tau {selector.tau:g} over buckets {list(selector.buckets)}"
+    return f"ratio {selector.ratio:g}"

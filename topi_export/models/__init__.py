@@ -15,6 +15,7 @@ import torch
 from topi_export.errors import TopiError
 from topi_export.models.base import Family
 from topi_export.plan import ModelIdentity
+from topi_export.plan.manifest import config_digest
 from topi_export.resources import resource
 
 FAMILY_MODULES = [
@@ -75,20 +76,6 @@ class LoadedModel:
         f = self.family
         return ModelIdentity(self.source, f.name, self.model_class, self.config_hash, self.weights_hash, f.num_layers,
                              dict(f.config))
-
-
-def config_hash(config, cls=None) -> str:
-    """Identity of a model config: its fields (those the class's __init__ takes, when the class is known: a
-    config.json may carry keys diffusers ignores)."""
-    keep = {k: v for k, v in dict(config).items() if not k.startswith("_")}
-    if cls is not None:
-        import inspect
-
-        params = inspect.signature(cls.__init__).parameters
-        if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
-            keep = {k: v for k, v in keep.items() if k in params}
-    blob = json.dumps(keep, sort_keys=True, default=list).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def files_hash(folder: Path) -> str:
@@ -206,4 +193,4 @@ def load_model(spec: str | os.PathLike | None = None, dtype: str = "fp32") -> Lo
     fam = family_for_class(cls_name)
     model.requires_grad_(False)
     family = fam(dict(model.config), model)
-    return LoadedModel(family, spec, config_hash(model.config, type(model)), w_hash, cls_name, dtype)
+    return LoadedModel(family, spec, config_digest(model.config, type(model)), w_hash, cls_name, dtype)

@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.embeddings import apply_rotary_emb
 
-from topi_export.models.base import Family, Published, RequestField, gather_rows
+from topi_export.models.base import Family, Published, gather_rows
 from topi_export.models.sampling import flow_match_scheduler, shift_from_config
-from topi_export.plan import GraphTensor, Layout
+from topi_export.plan import Layout
+from topi_export.plan.tensors import TensorSpec
 
 DEFAULT_GUIDANCE = 2.5  # FluxKontextPipeline's default guidance_scale
 # FluxKontextPipeline's scheduler (FLUX.1 Kontext [dev] scheduler_config.json).
@@ -125,41 +126,16 @@ class FluxKontext(FluxBlocks, Family):
         return int(self.config["pooled_projection_dim"])
 
     # --- requests ----------------------------------------------------------------------------
-    def request_fields(self):
-        return (RequestField("prompt_embeds", 3, self.text_dim, text=True),
-                RequestField("pooled_prompt_embeds", 2, self.pooled_dim))
+    def tensor_specs(self):
+        specs = (TensorSpec("prompt_embeds", "text", self.text_dim, graph="encoder_hidden_states"),
+                 TensorSpec("pooled_prompt_embeds", "pooled", self.pooled_dim, graph="pooled_projections"))
+        if self.guidance == "distilled":
+            specs += (TensorSpec("guidance", "scalar", graph="guidance", required=False, default=DEFAULT_GUIDANCE),)
+        return specs
 
     def rope(self, layout: Layout):
         txt_ids, img_ids = kontext_ids(layout)
         return rope_tables(self.config.get("axes_dims_rope", (16, 56, 56)), torch.cat([txt_ids, img_ids], dim=0))
-
-    def conditioning(self, inputs, layout=None):
-        layout = layout or inputs.layout
-        cos, sin = self.rope(layout)
-        cond = {"encoder_hidden_states": inputs.tensors["prompt_embeds"].float(),
-                "pooled_projections": inputs.tensors["pooled_prompt_embeds"].float()}
-        if self.guidance == "distilled":
-            cond["guidance"] = torch.tensor([DEFAULT_GUIDANCE if inputs.guidance is None else float(inputs.guidance)])
-        cond.update(rope_cos=cos, rope_sin=sin)
-        return cond
-
-    def graph_inputs(self, batch: int = 1):
-        out = [GraphTensor("encoder_hidden_states", ("B", "T", self.text_dim), "float32"),
-               GraphTensor("pooled_projections", ("B", self.pooled_dim), "float32")]
-        if self.guidance == "distilled":
-            out.append(GraphTensor("guidance", ("B",), "float32"))
-        out += self.rope_inputs()
-        return tuple(out)
-
-    def synthetic_inputs(self, layout: Layout, seed: int = 0):
-        from topi_export.request import Inputs
-
-        gen = torch.Generator().manual_seed(int(seed) % (1 << 63))
-        ref = torch.randn(1, layout.num_ctx, self.in_channels, generator=gen)
-        prompt = torch.randn(1, layout.text_tokens, self.text_dim, generator=gen)
-        pooled = torch.randn(1, self.pooled_dim, generator=gen)
-        return Inputs(layout, ref, {"prompt_embeds": prompt, "pooled_prompt_embeds": pooled},
-                      source=f"synthetic(seed={seed})")
 
     # --- model -------------------------------------------------------------------------------
     def install_processors(self, model):
@@ -199,8 +175,7 @@ class FluxKontext(FluxBlocks, Family):
         txt_ids, img_ids = kontext_ids(inputs.layout)
         guidance = None
         if model.config.guidance_embeds:
-            g = DEFAULT_GUIDANCE if inputs.guidance is None else float(inputs.guidance)
-            guidance = torch.full([latents.shape[0]], g)
+            guidance = torch.full([latents.shape[0]], self.scalar(inputs, "guidance"))
         out = model(hidden_states=torch.cat([latents, context], dim=1), timestep=timestep, guidance=guidance,
                     pooled_projections=inputs.tensors["pooled_prompt_embeds"],
                     encoder_hidden_states=inputs.tensors["prompt_embeds"], txt_ids=txt_ids, img_ids=img_ids,
@@ -231,7 +206,7 @@ class FluxKontext(FluxBlocks, Family):
         inputs = Inputs(layout, hidden[:1, layout.num_target:].float(),
                         {"prompt_embeds": kwargs["encoder_hidden_states"][:1].float(),
                          "pooled_prompt_embeds": kwargs["pooled_projections"][:1].float()},
-                        guidance=None if g is None else float(g.reshape(-1)[0]), source="FluxKontextPipeline")
+                        {} if g is None else {"guidance": float(g.reshape(-1)[0])}, source="FluxKontextPipeline")
         return hidden[:, :layout.num_target], kwargs["timestep"], inputs
 
 

@@ -5,18 +5,22 @@ pipeline, swap the transformer. Generic over families: the family parses its pip
     pipe.transformer = TopiTransformer("engines/my-engines", ratio=0.5)
     image = pipe(image=ref, prompt=..., num_inference_steps=28).images[0]
 
-The pipeline calls the transformer once per denoising step, or twice with true CFG (positive, then negative
-branch at the same timestep). The temporal controller (method/schedule.py) plans the steps exactly as
-``topi-export run`` does: the positive branch's anchor decides the kept set; the negative branch runs the same plan
-with its own embeddings, never re-scoring. A new generation starts when the timestep goes up (or repeats with
-the same embeddings)."""
+The pipeline calls the transformer once per denoising step, or once per guidance branch. Pipelines with several
+branches name them through diffusers' ``cache_context("cond")`` / ``cache_context("uncond")``; the drop-in reads
+that name (a pipeline that names no branch makes one call per step). The temporal controller (method/schedule.py)
+plans the steps exactly as ``topi-export run`` does, and the one step runner (runtime/steps.py) runs them: the
+"cond" branch's anchor decides the kept set; the "uncond" branch runs the same plan with its own embeddings, never
+re-scoring. A new generation starts when the "cond" branch's timestep goes up (or repeats)."""
 from __future__ import annotations
 
 from contextlib import contextmanager
 
 import torch
 
-from topi_export.errors import TopiError
+from topi_export.errors import BadInput, TopiError
+
+# diffusers' cache_context names of the guidance branches -> branch index (0 decides the kept set)
+BRANCHES = {"cond": 0, "uncond": 1}
 
 
 class TopiTransformer(torch.nn.Module):
@@ -34,10 +38,13 @@ class TopiTransformer(torch.nn.Module):
         if not hasattr(self.family, "parse_call"):
             raise TopiError(f"{self.family.name} has no diffusers drop-in")
         self._selection = dict(ratio=ratio, tau=tau, ratio_buckets=ratio_buckets, policy=policy, seed=seed)
+        if self.session.manifest is not None:  # a ratio or tau the engines cannot serve fails here, not mid-pipeline
+            self.session.check_selection(**self._selection)
         self.config = FrozenDict(self.family.config)
-        self.schedule = []  # per-step records of the current generation
-        self._last = None  # (timestep, positive Inputs) of the last positive call
-        self._branch = None
+        self.schedule = []  # StepRecords of the current generation
+        self._branch_name = None  # set by cache_context
+        self._last_t = None  # timestep of the last branch-0 call
+        self.step = -1
 
     @property
     def dtype(self):
@@ -48,27 +55,30 @@ class TopiTransformer(torch.nn.Module):
         return torch.device("cpu")
 
     @contextmanager
-    def cache_context(self, name):  # diffusers' CacheMixin API, used by some pipelines around each branch
-        yield
+    def cache_context(self, name, **kwargs):  # diffusers' CacheMixin API: the pipelines name each branch's call
+        before, self._branch_name = self._branch_name, name
+        try:
+            yield
+        finally:
+            self._branch_name = before
 
     def _start(self, inputs):
         from topi_export.method.schedule import TemporalController
+        from topi_export.runtime.steps import StepRunner
 
-        self.selector = self.session.selector(inputs, **self._selection)
-        self.controller = TemporalController(self.selector, self.session.settings.update_interval,
-                                             inputs.layout.num_ctx, inputs.layout.ref_grids)
+        selector = self.session.selector(inputs, **self._selection)
+        controller = TemporalController(selector, self.session.settings.update_interval, inputs.layout.num_ctx,
+                                        inputs.layout.ref_grids)
+        self.runner = StepRunner(self.session.engine, controller, inputs.layout)
         self.step, self.schedule = 0, []
 
-    def _which_branch(self, t: float, inputs) -> str:
-        last = self._last
-        if last is not None and t == last[0] and self._branch == "positive" and not _same_text(inputs, last[1]):
-            return "negative"
-        if last is None or t >= last[0]:
-            self._start(inputs)
-        else:
-            self.step += 1
-        self._last = (t, inputs)
-        return "positive"
+    def _branch(self) -> int:
+        if self._branch_name is None:
+            return 0
+        if self._branch_name not in BRANCHES:
+            raise BadInput(f"the pipeline names its transformer call {self._branch_name!r}; the ToPi drop-in knows the "
+                           f"guidance branches {', '.join(BRANCHES)}")
+        return BRANCHES[self._branch_name]
 
     def forward(self, *args, return_dict: bool = True, **kwargs):
         if args:
@@ -76,38 +86,32 @@ class TopiTransformer(torch.nn.Module):
         latents, timestep, inputs = self.family.parse_call(kwargs)
         inputs = self.session.check_inputs(inputs)
         if latents.shape[0] != 1:
-            raise TopiError("TopiTransformer runs one image per call (num_images_per_prompt=1): the pipeline's true "
-                            "CFG branches come as separate calls")
+            raise BadInput("TopiTransformer runs one image per call (num_images_per_prompt=1): the pipeline's guidance "
+                           "branches come as separate calls")
         t = float(timestep.reshape(-1)[0])
-        self._branch = branch = self._which_branch(t, inputs)
-        plan = self.controller.plan(self.step)
+        branch = self._branch()
+        if branch == 0:
+            if self._last_t is None or t >= self._last_t:
+                self._start(inputs)
+            else:
+                self.step += 1
+            self._last_t = t
+        elif self.step < 0:
+            raise BadInput("the pipeline's first transformer call of a generation is not its 'cond' branch: the ToPi "
+                           "drop-in needs the conditional branch first")
         engine = self.session.engine
         engine.bind(self.family.conditioning(inputs, inputs.layout), inputs.reference_latents, inputs.layout)
-        x, ts = latents.float(), timestep.reshape(-1)[:1].float()
         with torch.inference_mode():
-            if plan.kind == "anchor" and branch == "positive":
-                velocity, influence = engine.anchor(x, ts)
-                record = self.controller.observe(self.step, influence[0])
-            elif plan.kind == "anchor" or plan.keep_idx is None:
-                velocity, record = engine.full(x, ts), {}
-            else:
-                velocity, record = engine.pruned(x, ts, plan.keep_idx), {}
-        if branch == "positive":
-            pruned = plan.kind == "pruned" and plan.keep_idx is not None
-            self.schedule.append({"step": self.step, "kind": plan.kind, **record,
-                                  "keep": plan.keep if pruned else inputs.layout.num_ctx,
-                                  "bucket": plan.ratio if pruned else 0.0})
+            velocity, record = self.runner.step(self.step, latents.float(), timestep.reshape(-1)[:1].float(),
+                                                branch=branch)
+        if branch == 0:
+            self.schedule.append(record)
         velocity = velocity[:1].to(latents.dtype)
         if not return_dict:
             return (velocity,)
         from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
         return Transformer2DModelOutput(sample=velocity)
-
-
-def _same_text(a, b) -> bool:
-    x, y = a.tensors.get("prompt_embeds"), b.tensors.get("prompt_embeds")
-    return x is not None and y is not None and x.shape == y.shape and bool(torch.equal(x, y))
 
 
 TopiKontextTransformer = TopiTransformer  # the first release's name

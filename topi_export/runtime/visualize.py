@@ -1,6 +1,9 @@
-"""A PNG strip for a run: every reference with its kept tokens (pruned tokens dimmed, last anchor) | the
-baseline result | the ToPi result. Latents are shown through their first three channels."""
+"""Pictures: a PNG strip for a run (every reference with its kept tokens, pruned tokens dimmed, at the last anchor |
+the baseline result | the ToPi result; latents shown through their first three channels) and the calibration plot
+(per-layer context sensitivity)."""
 from __future__ import annotations
+
+import io
 
 import numpy as np
 import torch
@@ -48,3 +51,50 @@ def save_strip(path, inputs, baseline, topi, kept, scale: int = 8) -> None:
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, format="PNG")
     atomic_write_bytes(path, buf.getvalue())
+
+
+def plot_profile(path_png, result, title: str | None = None) -> None:
+    """Bar per layer (mean sensitivity, std error bars), pivotal layers highlighted, L0 marked."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from topi_export.fsutil import atomic_write_bytes
+
+    mean, std = result.mean, result.std
+    n = len(mean)
+    pivotal = set(result.pivotal_layers)
+    l0 = result.prune_start
+    groups = result.layer_groups or [["layer", 0, n]]
+    fig = Figure(figsize=(max(6.0, 0.18 * n + 2), 3.6), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    from matplotlib.patches import Patch
+
+    palette = ["tab:blue", "tab:cyan", "tab:green", "tab:olive"]
+    colors = [palette[next(gi for gi, g in enumerate(groups) if g[1] <= layer < g[2]) % len(palette)]
+              for layer in range(n)]
+    bars = ax.bar(range(n), mean, yerr=std, color=colors, capsize=2 if n <= 60 else 0, error_kw={"elinewidth": 0.8})
+    for layer, bar in enumerate(bars):
+        if layer in pivotal:  # highlighted, stream colour kept
+            bar.set_edgecolor("tab:red")
+            bar.set_linewidth(2)
+            bar.set_hatch("//")
+    l0_line = ax.axvline(l0 - 0.5, color="black", linestyle="--", linewidth=1,
+                         label=f"prune start L0 = {l0} (layers < L0 see all context)")
+    for g in groups[1:]:
+        ax.axvline(g[1] - 0.5, color="grey", linestyle=":", linewidth=0.8)
+    ymax = max((m + s for m, s in zip(mean, std)), default=0.0)
+    ax.set_ylim(0, 1.45 * ymax if ymax > 0 else 1.0)  # headroom for the legend
+    ax.legend(handles=[Patch(color=palette[gi % len(palette)], label=g[0]) for gi, g in enumerate(groups)] + [
+                       Patch(facecolor="white", edgecolor="tab:red", hatch="//", linewidth=2,
+                             label=f"pivotal {sorted(pivotal)}"), l0_line], fontsize=7, loc="upper right", ncol=2)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("context sensitivity (rel. L2)")
+    ax.set_xlim(-0.6, n - 0.4)
+    ax.set_title(title or f"context sensitivity, {result.num_samples} samples x "
+                          f"{len(result.timesteps)} timesteps; dT = {result.update_interval}",
+                 fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    atomic_write_bytes(path_png, buf.getvalue())

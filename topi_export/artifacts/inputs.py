@@ -1,12 +1,11 @@
 """The inputs file of ``run`` / ``bench`` / ``calibrate`` / Triton: safetensors holding
 
     reference_latents [1, sum of Nc_i, C]   every reference's packed latents, concatenated in order (required)
-    <family fields>                         e.g. prompt_embeds [1, T, D], pooled_prompt_embeds [1, P] (FLUX.1),
-                                            prompt_embeds_mask, negative_prompt_embeds[_mask] (Qwen-Image-Edit)
+    <family tensors>                        declared by the family's tensor_specs (plan/tensors.py): text
+                                            embeddings [1, T, D], masks [1, T] (bool, integer or float 0/1),
+                                            pooled embeddings [1, P], scalars [1] (or as string metadata)
     noise [1, Nx, C]                        initial latents (optional; seeded otherwise)
     target_latents [1, Nx, C]               ground truth for benchmarks (optional)
-    guidance [1]                            distilled guidance scale (optional)
-    true_cfg_scale [1]                      classifier-free guidance scale (optional; also as metadata)
 
 and string metadata ``target_grid`` = "HxW" and ``reference_grids`` = "HxW,HxW,..." (``reference_grid`` for one
 reference). Without grids, square grids are assumed for the target and a single reference."""
@@ -17,82 +16,91 @@ from pathlib import Path
 
 import torch
 
-from topi_export.errors import TopiError
+from topi_export.errors import BadInput
 from topi_export.plan import Layout, parse_grid, parse_grids
 from topi_export.request import Inputs
 
 LATENTS = {"reference_latents": True, "noise": False, "target_latents": False}
-SCALARS = ("guidance", "true_cfg_scale")
-MAX_SCALE = 100.0
+GRID_KEYS = ("target_grid", "reference_grid", "reference_grids")
 
 
 def _square(n: int, what: str, key: str) -> tuple[int, int]:
     side = math.isqrt(n)
     if side * side != n:
-        raise TopiError(f"{what} has {n} tokens, not a square: add the metadata key '{key}' = 'HxW' to the inputs file")
+        raise BadInput(f"{what} has {n} tokens, not a square: add the metadata key '{key}' = 'HxW' to the inputs file")
     return side, side
 
 
-def _check_tensor(name, t, rank, path):
+def _check_tensor(name, t, rank, where, mask=False):
     if t.dim() != rank:
-        raise TopiError(f"'{name}' in {path} has shape {list(t.shape)}, expected rank {rank}")
+        raise BadInput(f"'{name}' in {where} has shape {list(t.shape)}, expected rank {rank}")
     if t.shape[0] != 1:
-        raise TopiError(f"'{name}' in {path} has batch {t.shape[0]}: topi-export runs batch 1 per request")
-    if not t.is_floating_point():
-        raise TopiError(f"'{name}' in {path} has dtype {str(t.dtype).replace('torch.', '')}, expected a float tensor: "
-                        f"re-save it as float32")
+        raise BadInput(f"'{name}' in {where} has batch {t.shape[0]}: topi-export runs batch 1 per request")
+    if mask:  # the pipelines' text encoders return int64 masks; bool and float 0/1 are as good
+        if t.is_complex():
+            raise BadInput(f"mask '{name}' in {where} is complex: save the attention mask (1 = token, 0 = padding)")
+        t = t.float()
+    elif not t.is_floating_point():
+        raise BadInput(f"'{name}' in {where} has dtype {str(t.dtype).replace('torch.', '')}, expected a float tensor: "
+                       f"re-save it as float32")
     if not torch.isfinite(t.float()).all():
-        raise TopiError(f"'{name}' in {path} contains NaN or Inf: regenerate the inputs file")
+        raise BadInput(f"'{name}' in {where} contains NaN or Inf: regenerate the inputs file")
     return t.float()
 
 
-def _scalar(name, tensors, meta, path):
+def _scalar(spec, tensors, meta, where):
+    name = spec.name
     if name in tensors:
         t = tensors[name]
         if t.numel() != 1 or not t.is_floating_point():
-            raise TopiError(f"'{name}' in {path} must be one float value, got shape {list(t.shape)} {t.dtype}")
+            raise BadInput(f"'{name}' in {where} must be one float value, got shape {list(t.shape)} {t.dtype}")
         v = float(t.reshape(-1)[0])
     elif name in meta:
         try:
             v = float(meta[name])
         except ValueError:
-            raise TopiError(f"metadata '{name}' in {path} is {meta[name]!r}, not a number") from None
+            raise BadInput(f"metadata '{name}' in {where} is {meta[name]!r}, not a number") from None
     else:
         return None
-    if not math.isfinite(v) or not 0.0 <= v <= MAX_SCALE:
-        raise TopiError(f"'{name}' in {path} is {v}, outside 0..{MAX_SCALE}")
+    lo, hi = spec.bounds
+    if not math.isfinite(v) or not lo <= v <= hi:
+        raise BadInput(f"'{name}' in {where} is {v}, outside {lo:g}..{hi:g}")
     return v
 
 
 def inputs_from_tensors(tensors: dict, meta: dict, family, source: str = "request") -> Inputs:
-    """Validate named tensors (+ string metadata) against the family's request fields -> Inputs."""
+    """Validate named tensors (+ string metadata) against the family's tensor specs -> Inputs."""
     where = source
     for name, required in LATENTS.items():
         if name not in tensors:
             if required:
-                raise TopiError(f"{where} has no tensor '{name}': see README, inputs file")
+                raise BadInput(f"{where} has no tensor '{name}': see README, inputs file")
             continue
         tensors[name] = _check_tensor(name, tensors[name], 3, where)
-    fields = family.request_fields()
-    for f in fields:
-        if f.name not in tensors:
-            if f.required:
-                need = ", ".join(["reference_latents"] + [g.name for g in fields if g.required])
-                raise TopiError(f"{where} has no tensor '{f.name}': {family.name} needs {need} (see README, inputs file)")
-            continue
-        tensors[f.name] = _check_tensor(f.name, tensors[f.name], f.rank, where)
+    specs = family.tensor_specs()
+    extra, scalars = {}, {}
+    for s in specs:
+        if s.role == "scalar":
+            v = _scalar(s, tensors, meta, where)
+            if v is not None:
+                scalars[s.name] = v
+        elif s.name in tensors:
+            extra[s.name] = _check_tensor(s.name, tensors[s.name], s.rank, where, mask=s.role == "mask")
+        elif s.required:
+            need = ", ".join(["reference_latents"] + [r.name for r in specs if r.required])
+            raise BadInput(f"{where} has no tensor '{s.name}': {family.name} needs {need} (see README, inputs file)")
     ref = tensors["reference_latents"]
     noise, target = tensors.get("noise"), tensors.get("target_latents")
     num_target = (noise if noise is not None else target if target is not None else None)
     for name in ("noise", "target_latents"):
         t = tensors.get(name)
         if t is not None and t.shape[-1] != ref.shape[-1]:
-            raise TopiError(f"'{name}' has {t.shape[-1]} channels but reference_latents has {ref.shape[-1]}: both are "
-                            f"packed latents of the same model")
+            raise BadInput(f"'{name}' has {t.shape[-1]} channels but reference_latents has {ref.shape[-1]}: both are "
+                           f"packed latents of the same model")
     if noise is not None and target is not None and noise.shape[1] != target.shape[1]:
-        raise TopiError(f"'target_latents' has {target.shape[1]} tokens but 'noise' has {noise.shape[1]}")
+        raise BadInput(f"'target_latents' has {target.shape[1]} tokens but 'noise' has {noise.shape[1]}")
     if ref.shape[1] < 1:
-        raise TopiError(f"'reference_latents' in {where} has no tokens: give at least one reference")
+        raise BadInput(f"'reference_latents' in {where} has no tokens: give at least one reference")
     if "reference_grids" in meta:
         ref_grids = parse_grids(meta["reference_grids"], "reference_grids")
     elif "reference_grid" in meta:
@@ -100,9 +108,9 @@ def inputs_from_tensors(tensors: dict, meta: dict, family, source: str = "reques
     else:
         ref_grids = (_square(ref.shape[1], "the reference", "reference_grids"),)
     if sum(h * w for h, w in ref_grids) != ref.shape[1]:
-        raise TopiError(f"reference grids {','.join(f'{h}x{w}' for h, w in ref_grids)} hold "
-                        f"{sum(h * w for h, w in ref_grids)} tokens but reference_latents has {ref.shape[1]}: fix the "
-                        f"metadata")
+        raise BadInput(f"reference grids {','.join(f'{h}x{w}' for h, w in ref_grids)} hold "
+                       f"{sum(h * w for h, w in ref_grids)} tokens but reference_latents has {ref.shape[1]}: fix the "
+                       f"metadata")
     if "target_grid" in meta:
         target_grid = parse_grid(meta["target_grid"], "target_grid")
     elif num_target is not None:
@@ -110,13 +118,11 @@ def inputs_from_tensors(tensors: dict, meta: dict, family, source: str = "reques
     else:
         target_grid = ref_grids[0]
     if num_target is not None and target_grid[0] * target_grid[1] != num_target.shape[1]:
-        raise TopiError(f"target_grid {target_grid[0]}x{target_grid[1]} does not match {num_target.shape[1]} target "
-                        f"tokens: fix the metadata")
-    extra = {f.name: tensors[f.name] for f in fields if f.name in tensors}
-    inputs = Inputs(Layout(1, target_grid, ref_grids), ref, extra, noise=noise, target_latents=target,
-                    guidance=_scalar("guidance", tensors, meta, where),
-                    true_cfg_scale=_scalar("true_cfg_scale", tensors, meta, where), source=source,
-                    meta={k: v for k, v in meta.items() if k not in ("target_grid", "reference_grid", "reference_grids")})
+        raise BadInput(f"target_grid {target_grid[0]}x{target_grid[1]} does not match {num_target.shape[1]} target "
+                       f"tokens: fix the metadata")
+    declared = {s.name for s in specs}
+    inputs = Inputs(Layout(1, target_grid, ref_grids), ref, extra, scalars, noise=noise, target_latents=target,
+                    source=source, meta={k: v for k, v in meta.items() if k not in GRID_KEYS and k not in declared})
     inputs = inputs.with_layout(inputs.layout.with_text_tokens(family.text_tokens(inputs)))
     family.check_inputs(inputs)
     return inputs
@@ -127,14 +133,14 @@ def load_inputs(path, family) -> Inputs:
 
     path = Path(path)
     if not path.is_file():
-        raise TopiError(f"inputs file {path} not found: pass a .safetensors file with reference_latents and the "
+        raise BadInput(f"inputs file {path} not found: pass a .safetensors file with reference_latents and the "
                         f"model's conditioning tensors (README, inputs file)")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = dict(f.metadata() or {})
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:  # noqa: BLE001 - anything unreadable is the same user error
-        raise TopiError(f"cannot read inputs file {path} ({type(exc).__name__}): it is not a valid safetensors file; "
+        raise BadInput(f"cannot read inputs file {path} ({type(exc).__name__}): it is not a valid safetensors file; "
                         f"re-save it with safetensors.torch.save_file")
     return inputs_from_tensors(tensors, meta, family, source=str(path))
 
@@ -150,9 +156,8 @@ def save_inputs(path, inputs: Inputs) -> None:
     for name in ("noise", "target_latents"):
         if getattr(inputs, name) is not None:
             tensors[name] = getattr(inputs, name)
-    for name in SCALARS:
-        if getattr(inputs, name) is not None:
-            tensors[name] = torch.tensor([float(getattr(inputs, name))])
+    for name, value in inputs.scalars.items():
+        tensors[name] = torch.tensor([float(value)])
     meta = {"target_grid": grid_text(inputs.layout.target_grid),
             "reference_grids": ",".join(grid_text(g) for g in inputs.layout.ref_grids),
             **{k: str(v) for k, v in inputs.meta.items()}}
