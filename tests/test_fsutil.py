@@ -30,13 +30,17 @@ def rename_mode(request, monkeypatch):
 
 
 def _tree(path: Path) -> dict:
-    return {str(p.relative_to(path)): p.read_text() for p in sorted(path.rglob("*")) if p.is_file()}
+    """Files and their text, without the ownership marker (its id and HMAC differ on every write)."""
+    return {str(p.relative_to(path)): p.read_text() for p in sorted(path.rglob("*"))
+            if p.is_file() and p.name != fsutil.MARKER_FILE}
 
 
 def _engine_dir(path: Path, tag="old") -> Path:
+    """A directory topi-export made: files, then the marker (written last, as staged_dir does)."""
     path.mkdir(parents=True)
     (path / "manifest.json").write_text(json.dumps({"format": "topi-engines/1"}))
     (path / "engine.bin").write_text(tag)
+    fsutil.write_marker(path, fsutil.ENGINE_DIR)
     return path
 
 
@@ -188,13 +192,15 @@ def test_two_concurrent_builds_exactly_one_wins(tmp_path, rename_mode):
 
 
 def test_two_concurrent_forced_builds_leave_one_whole_result(tmp_path, rename_mode):
+    """Both replace the same tree; the first to finish places its result, the second finds a tree it never saw
+    and says so instead of replacing it (before: both reported success although one result replaced the other)."""
     final = _engine_dir(tmp_path / "engines")
     barrier = threading.Barrier(2, timeout=30)
     results = {}
 
     def build(who):
         try:
-            with staged_dir(final, replace=True) as tmp:
+            with staged_dir(final, replace=True, is_ours=fsutil.owned_by(fsutil.ENGINE_DIR)) as tmp:
                 (tmp / "manifest.json").write_text(json.dumps({"format": "topi-engines/1"}))
                 (tmp / "engine.bin").write_text(who)
                 barrier.wait()
@@ -203,8 +209,13 @@ def test_two_concurrent_forced_builds_leave_one_whole_result(tmp_path, rename_mo
             results[who] = str(exc)
 
     _race(build)
-    assert "won" in results.values(), results
-    assert _tree(final)["engine.bin"] in {w for w, r in results.items() if r == "won"}
+    winners = [w for w, r in results.items() if r == "won"]
+    assert len(results) == 2 and len(winners) == 1, results
+    loser = ({"a", "b"} - set(winners)).pop()
+    assert "was replaced by another run while this command was running" in results[loser], results
+    assert "this output was discarded" in results[loser]
+    assert _tree(final)["engine.bin"] == winners[0]
+    assert fsutil.marker_problem(final, fsutil.ENGINE_DIR) is None  # the winner, whole and marked
     assert sorted(p.name for p in tmp_path.iterdir()) == ["engines"]
 
 
@@ -247,6 +258,16 @@ with fsutil.staged_dir(final, replace=replace) as tmp:
         os.kill(os.getpid(), signal.SIGKILL)
 """
 
+_HOLD_STAGING = """
+import sys, time
+from pathlib import Path
+from topi_export import fsutil
+with fsutil.staged_dir(sys.argv[1]) as tmp:
+    (tmp / "engine.bin").write_text("running")
+    print(next(Path(sys.argv[1]).parent.glob("." + Path(sys.argv[1]).name + ".staging-*")), flush=True)
+    time.sleep(120)
+"""
+
 
 def _killed_build(final: Path, mode: str):
     proc = subprocess.run([sys.executable, "-c", _KILLED_BUILD, str(final), mode], cwd=REPO, capture_output=True)
@@ -254,15 +275,15 @@ def _killed_build(final: Path, mode: str):
 
 
 def _staging_dirs(parent: Path, name: str):
-    return sorted(p for p in parent.iterdir() if p.name.startswith(f".{name}.tmp-"))
+    return sorted(p for p in parent.iterdir() if p.name.startswith(f".{name}.staging-"))
 
 
 def test_stale_staging_of_a_killed_build_is_removed_and_a_live_one_kept(tmp_path):
     final = tmp_path / "engines"
     _killed_build(final, "stage")
     stale = _staging_dirs(tmp_path, "engines")
-    assert len(stale) == 1 and (stale[0] / fsutil.OWNER_FILE).is_file()
-    legacy = tmp_path / ".engines.tmp-abcd1234"  # older versions: no owner recorded, left alone
+    assert len(stale) == 1 and (stale[0] / fsutil.LOCK_FILE).is_file() and (stale[0] / "new" / "engine.bin").is_file()
+    legacy = tmp_path / ".engines.tmp-abcd1234"  # older versions: left alone
     legacy.mkdir()
     with staged_dir(tmp_path / "other") as live_tmp:  # a live staging dir of this process, under another name
         pass
@@ -270,23 +291,40 @@ def test_stale_staging_of_a_killed_build_is_removed_and_a_live_one_kept(tmp_path
     with staged_dir(final, echo=lines.append) as tmp:  # staged_dir cleans up on entry
         assert not stale[0].exists() and legacy.exists()
         assert len(lines) == 1 and str(stale[0]) in lines[0]
-        assert clean_stale_staging(tmp_path, "engines") == []  # our own (live) staging dir is kept
+        assert clean_stale_staging(tmp_path, "engines") == []  # our own (live) staging dir is kept: its lock is held
         assert tmp.is_dir()
     assert not live_tmp.exists()
 
 
-def test_staging_dir_of_a_reused_pid_is_removed(tmp_path):
-    if fsutil._proc_start(os.getpid()) is None:
-        pytest.skip("process start times are not readable here (/proc)")
-    stale = tmp_path / f".engines.tmp-{os.getpid()}-abcd1234"
-    stale.mkdir()
-    owner = {**fsutil._owner(), "final": "engines"}
-    (stale / fsutil.OWNER_FILE).write_text(json.dumps({**owner, "start": owner["start"] - 1}))
-    live = tmp_path / f".engines.tmp-{os.getpid()}-efgh5678"
-    live.mkdir()
-    (live / fsutil.OWNER_FILE).write_text(json.dumps(owner))
-    assert clean_stale_staging(tmp_path, "engines") == [stale]
-    assert live.is_dir()
+def test_staging_dir_whose_lock_is_held_by_another_process_is_kept(tmp_path):
+    """The guarantee the old pid / start-time / boot-id record gave, now from the lock: a staging directory is
+    removed exactly when no live process holds its lock (a killed holder's lock is dropped by the kernel)."""
+    final = tmp_path / "engines"
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD_STAGING, str(final)], cwd=REPO, stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        live = Path(proc.stdout.readline().strip())
+        assert live.is_dir(), proc.poll()
+        assert clean_stale_staging(tmp_path, "engines") == [] and (live / "new" / "engine.bin").is_file()
+        proc.kill()
+        proc.wait(30)
+        assert clean_stale_staging(tmp_path, "engines") == [live] and not live.exists()
+    finally:
+        proc.kill()
+        proc.wait(30)
+
+
+def test_staging_dirs_that_are_not_this_outputs_are_kept(tmp_path):
+    unlocked = tmp_path / ".engines.staging-abcd1234"  # killed before it locked: no lock file, nothing parked
+    unlocked.mkdir()
+    long_a, long_b = "a" * 230 + "-one", "a" * 230 + "-two"  # staging names are cut at 200 bytes: same prefix
+    other = tmp_path / f".{'a' * 200}.staging-efgh5678"
+    (other / "old").mkdir(parents=True)
+    (other / fsutil.FINAL_FILE).write_text(long_b)
+    assert clean_stale_staging(tmp_path, long_a) == []  # long_b's leftover: not this output's to remove or restore
+    assert other.is_dir() and not (tmp_path / long_a).exists()
+    assert clean_stale_staging(tmp_path, long_b) == [other] and (tmp_path / long_b).is_dir()  # restored
+    assert clean_stale_staging(tmp_path, "engines") == [unlocked]
 
 
 def test_killed_during_replacement_restores_the_previous_directory(tmp_path):
@@ -295,7 +333,7 @@ def test_killed_during_replacement_restores_the_previous_directory(tmp_path):
     _killed_build(final, "replace")
     assert not final.exists() and len(_staging_dirs(tmp_path, "engines")) == 1
     assert len(clean_stale_staging(tmp_path, "engines")) == 1
-    assert _tree(final) == before
+    assert _tree(final) == before and fsutil.marker_problem(final, fsutil.ENGINE_DIR) is None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["engines"]
 
 
