@@ -414,8 +414,8 @@ def _read_key(path: Path) -> bytes:
     flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
         fd = os.open(path, flags)
-    except FileNotFoundError:
-        raise
+    except (FileNotFoundError, NotADirectoryError):
+        raise FileNotFoundError(errno.ENOENT, "no key yet", os.fspath(path)) from None
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise TopiError(f"{bad} is a symbolic link: remove it (a new key is made; outputs marked with the old "
