@@ -695,8 +695,8 @@ def check_disjoint(outputs) -> None:
                                 f"not contain each other")
 
 
-# identity of each output directory when this thread first checked it (check_output_dir), so staged_dir can
-# tell the tree it was asked to replace from one another run placed while this command loaded its model
+# identity of each output directory when this thread checked it (check_output_dir), so staged_dir can tell
+# the tree it was asked to replace from one another run placed while this command loaded its model
 _first_seen = threading.local()
 
 
@@ -719,7 +719,9 @@ def check_output_dir(final, *, replace=False, is_ours=None, protect=()) -> Path:
     final = _check_output_dir(final, replace=replace, is_ours=is_ours, protect=protect)
     if not hasattr(_first_seen, "ids"):
         _first_seen.ids = {}
-    _first_seen.ids[str(final)] = _identity(final)
+    stack = _first_seen.ids.setdefault(str(final), [])
+    stack.append(_identity(final))  # a stack: a run nested in another's work (tests) takes its own, last in
+    del stack[:-16]
     return final
 
 
@@ -988,7 +990,8 @@ def staged_dir(final, *, replace=None, is_ours=None, protect=(), echo=None, mark
     final = Path(os.path.abspath(os.fspath(final)))
     if replace is None:
         replace = os.path.lexists(final)
-    seen = getattr(_first_seen, "ids", {}).pop(str(final), _ANY)
+    stack = getattr(_first_seen, "ids", {}).get(str(final))
+    seen = stack.pop() if stack else _ANY
     final = _check_output_dir(final, replace=replace, is_ours=is_ours, protect=protect)
     now = _identity(final)
     if seen is _ANY:
