@@ -226,6 +226,36 @@ def test_two_concurrent_forced_builds_leave_one_whole_result(tmp_path, rename_mo
 
 
 
+@pytest.mark.parametrize("existed", [True, False])
+def test_a_result_placed_after_the_first_check_is_never_replaced(tmp_path, rename_mode, existed):
+    """A build checks its output, then loads its model for minutes; another run places its result meanwhile. The
+    first build must not replace a result it never saw (the cache, concurrent="replace", may: any whole one serves)."""
+    own = owned_by(ENGINE_DIR)
+    final = _engine_dir(tmp_path / "engines") if existed else tmp_path / "engines"
+    check_output_dir(final, replace=True, is_ours=own)  # this command starts
+
+    def other_run():  # another process, start to finish (a thread: the first look is kept per thread)
+        check_output_dir(final, replace=True, is_ours=own)
+        with staged_dir(final, replace=True, is_ours=own) as tmp:
+            (tmp / "engine.bin").write_text("other")
+
+    t = threading.Thread(target=other_run)
+    t.start()
+    t.join()
+    needle = "was replaced by another run while this command was running" if existed else "appeared while"
+    with pytest.raises(TopiError, match=needle):
+        with staged_dir(final, replace=True, is_ours=own):
+            pytest.fail("the block must not run")
+    assert _tree(final) == {"engine.bin": "other"} and sorted(os.listdir(tmp_path)) == ["engines"]
+    check_output_dir(final, replace=True, is_ours=own)
+    t = threading.Thread(target=other_run)
+    t.start()
+    t.join()
+    with staged_dir(final, replace=True, is_ours=own, concurrent="replace") as tmp:
+        (tmp / "engine.bin").write_text("cache")
+    assert _tree(final) == {"engine.bin": "cache"} and marker_problem(final, ENGINE_DIR) is None
+
+
 def test_a_finished_replacement_never_restores_the_tree_it_replaced(tmp_path, rename_mode, monkeypatch):
     """The race behind a flaky concurrent --force run: build B placed its tree, build A moved it aside to replace
     it, and B's cleanup then put B's parked *previous* tree back, so A found the name taken and the oldest tree

@@ -401,10 +401,13 @@ def owner_key(*, create: bool = True) -> bytes | None:
                 os.link(tmp, path)  # never replaces: a concurrent first run's key wins, and both then read it
             except FileExistsError:
                 pass
+            except OSError:  # no hard links on this file system: a plain rename, if still nobody made one
+                if not os.path.lexists(path):
+                    os.rename(tmp, path)
         finally:
-            os.unlink(tmp)
+            Path(tmp).unlink(missing_ok=True)
         return _read_key(path)
-    except (OSError, FileNotFoundError) as exc:
+    except OSError as exc:
         raise TopiError(f"cannot create topi-export's key file {path} ({exc.strerror or exc}): set {KEY_ENV} to a "
                         f"writable file path") from None
 
@@ -901,17 +904,19 @@ def _discard(wrapper: Path, final: Path, restore: bool = True) -> None:
     shutil.rmtree(wrapper, ignore_errors=True)
 
 
+_ANY = object()  # _commit: replace whatever verifies, even a tree placed during this run (the ONNX cache)
+
+
 def _appeared(final: Path) -> TopiError:
     return TopiError(f"{final} appeared while this command was running (another build or program created it): it "
                      f"was left untouched and this output was discarded; choose another path, or rerun")
 
 
-def _replaced_meanwhile(final: Path) -> TopiError:
+def _replaced_meanwhile(final: Path, seen=_ANY) -> TopiError:
+    if seen is None:  # nothing was there when this command started
+        return _appeared(final)
     return TopiError(f"{final} was replaced by another run while this command was running: that result was kept "
                      f"and this output was discarded; rerun with --force to replace it")
-
-
-_ANY = object()  # _commit: replace whatever verifies, even a tree placed during this run (the ONNX cache)
 
 
 def _commit(new: Path, final: Path, wrapper: Path, replace: bool, is_ours, protect, seen=_ANY) -> None:
@@ -928,7 +933,7 @@ def _commit(new: Path, final: Path, wrapper: Path, replace: bool, is_ours, prote
         if now is None:
             continue  # moved away while being looked at: try to place ours again
         if seen is not _ANY and now != seen:
-            raise _replaced_meanwhile(final)
+            raise _replaced_meanwhile(final, seen)
         try:
             _check_output_dir(final, replace=True, is_ours=is_ours, protect=protect)
         except TopiError:
@@ -945,7 +950,7 @@ def _commit(new: Path, final: Path, wrapper: Path, replace: bool, is_ours, prote
                             f"choose another path") from None
         if seen is not _ANY and _identity(old) != seen:  # another run placed its result between look and move
             _put_back(old, final)
-            raise _replaced_meanwhile(final)
+            raise _replaced_meanwhile(final, seen)
         if not _ours(old, is_ours):  # swapped between the check and the move: put it back untouched
             _put_back(old, final)
             raise TopiError(f"{final} changed while it was being replaced and is no longer a topi-export output: "
@@ -953,10 +958,10 @@ def _commit(new: Path, final: Path, wrapper: Path, replace: bool, is_ours, prote
         try:
             rename_noreplace(new, final)
         except FileExistsError:  # another run placed its result while ours was being moved in
-            raise _replaced_meanwhile(final) from None
+            raise _replaced_meanwhile(final, seen) from None
         os.rename(old, wrapper / _REPLACED)  # committed: the parked tree is now garbage, never to be put back
         return
-    raise _replaced_meanwhile(final)
+    raise _replaced_meanwhile(final, seen)
 
 
 def _put_back(old: Path, final: Path) -> None:
@@ -997,7 +1002,7 @@ def staged_dir(final, *, replace=None, is_ours=None, protect=(), echo=None, mark
     if seen is _ANY:
         seen = now
     elif replace and concurrent == "refuse" and now is not None and now != seen:
-        raise _replaced_meanwhile(final)
+        raise _replaced_meanwhile(final, seen)
     kind = marker if marker is not None else getattr(is_ours, "kind", None)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
