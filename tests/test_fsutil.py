@@ -955,3 +955,23 @@ def test_a_read_only_file_system_is_refused_up_front(tmp_path):
             check_writable(ro / "report.json")
         with pytest.raises(TopiError, match="read-only file system|no write permission"):
             check_output_dir(ro / "engines")
+
+
+def test_files_the_tool_writes_into_its_own_directory_stay_its_own(tmp_path):
+    """README's main job writes `run --png engines/default/demo.png` into the engine directory and then rebuilds
+    it with --force: a file topi-export wrote there is recorded in the marker; a file the user put there is not."""
+    eng = _engine_dir(tmp_path / "eng")
+    marker_id = json.loads((eng / MARKER_FILE).read_text())["id"]
+    atomic_write_bytes(eng / "demo.png", b"png")
+    atomic_write_bytes(eng / "reports" / "r.json", b"{}")
+    atomic_write_bytes(eng / "demo.png", b"a larger png")  # rewritten: its new size is recorded
+    assert marker_problem(eng, ENGINE_DIR) is None
+    doc = json.loads((eng / MARKER_FILE).read_text())
+    assert doc["id"] == marker_id and doc["entries"]["reports"] == "dir" and doc["entries"]["demo.png"] == 12
+    assert sorted(os.listdir(eng)) == sorted([MARKER_FILE, "demo.png", "engine.bin", "manifest.json", "reports"])
+    (eng / "notes.txt").write_text("the user's")
+    atomic_write_bytes(eng / "later.json", b"{}")  # not ours any more: nothing is adopted
+    assert "did not write (later.json, notes.txt)" in str(marker_problem(eng, ENGINE_DIR))
+    other = tmp_path / "plain"
+    atomic_write_bytes(other / "r.json", b"{}")  # no marker anywhere above: nothing to record
+    assert sorted(os.listdir(other)) == ["r.json"]

@@ -1135,3 +1135,22 @@ def test_manifest_with_a_5000_digit_number_is_one_line(ort_engine_dir, tmp_path,
                         lambda d: json.dumps(d).replace('"batch": 1', '"batch": 1' + "0" * 5000))
     refused(*cli(capsys, "run", "--engine-dir", eng, "--steps", "1", "-q"), "manifest",
             "not valid JSON (a number with too many digits)")
+
+
+def test_the_main_job_can_run_twice(tmp_path, capsys, copied_export):
+    """README's main job: build --force, then run --png INTO the engine directory; run again, the second build
+    --force must replace the directory (the PNG was written by topi-export), and a user's file still blocks it."""
+    eng = tmp_path / "engines" / "default"
+    build = ["build", "--model", "tiny-kontext", "--target-grid", "8x8", "--ratio-buckets", "0.3,0.5",
+             "--engine-dir", eng, "--force"]
+    for _ in range(2):
+        code, err = cli(capsys, *build)
+        assert code == 0, err
+        code, err = cli(capsys, "run", "--engine-dir", eng, "--steps", "2", "--repeats", "1", "-q", "--compare",
+                        "--png", eng / "demo.png")
+        assert code == 0, err
+        assert (eng / "demo.png").is_file() and fsutil.marker_problem(eng, fsutil.ENGINE_DIR) is None
+    (eng / "my-notes.txt").write_text("mine")
+    before = snap(tmp_path)
+    refused(*cli(capsys, *build), "holds entries topi-export did not write (my-notes.txt)")
+    assert snap(tmp_path) == before

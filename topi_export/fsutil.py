@@ -280,9 +280,12 @@ def atomic_write_bytes(path, data: bytes) -> None:
     """Write ``path`` whole or not at all: a temporary file next to it, renamed over it. An existing ``path`` that
     is not a regular file is refused (checked when called and again right before the rename; a link is never
     followed); write errors (no space, read-only file system, a name too long) are one-line TopiErrors and leave
-    no temporary file behind."""
+    no temporary file behind. A file written inside a directory topi-export owns (``run --png
+    engines/default/demo.png``, README) is recorded in that directory's marker: a later ``--force`` replaces it
+    with the rest, while a file the user put there still makes the directory "not ours"."""
     path = Path(os.path.abspath(os.fspath(path)))
     _refuse_special(path)
+    owner = _marked_owner(path)  # before anything new appears next to it
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{_cut(path.name, 200)}.", suffix=".tmp")
@@ -299,6 +302,8 @@ def atomic_write_bytes(path, data: bytes) -> None:
         if isinstance(exc, OSError):
             raise _write_error(path, exc) from None
         raise
+    if owner is not None:
+        _adopt(owner, path)
 
 
 def _refuse_special(path: Path) -> None:
@@ -582,6 +587,50 @@ def _names(names, shown: int = 5) -> str:
     parts = [n if n.isprintable() and len(n) <= 80 else repr(n[:80]) for n in names[:shown]]
     more = f" and {len(names) - shown} more" if len(names) > shown else ""
     return ", ".join(parts) + more
+
+
+def _marked_owner(path: Path) -> Path | None:
+    """The directory ``path`` would land in that topi-export owns: the nearest ancestor holding a marker, when that
+    marker verifies and the directory holds nothing unlisted; else None."""
+    d = Path(os.path.realpath(path.parent))
+    for _ in range(256):
+        if os.path.lexists(d / MARKER_FILE):
+            try:
+                return d if marker_problem(d) is None else None
+            except Exception:  # an unusable key: nothing is adopted
+                return None
+        if d.parent == d:
+            return None
+        d = d.parent
+    return None
+
+
+def _adopt(root: Path, written: Path) -> None:
+    """Add ``written``, a file topi-export just wrote inside ``root``, to ``root``'s marker (same id, new HMAC).
+    Only that entry is added, never a rescan, so a file the user adds meanwhile stays unlisted. Best effort: if
+    it fails, a later --force refuses and names the file, which is safe."""
+    tmp = None
+    try:
+        doc, key = _read_marker(root), owner_key(create=False)
+        if isinstance(doc, NotOurs) or key is None:
+            return
+        payload = {k: doc[k] for k in ("format", "kind", "id", "entries")}
+        if not hmac.compare_digest(_mac(key, payload), doc["hmac"]):
+            return
+        parts = (Path(os.path.realpath(written.parent)) / written.name).relative_to(root).parts
+        entries = dict(payload["entries"])
+        for i in range(1, len(parts)):
+            entries.setdefault("/".join(parts[:i]), "dir")
+        entries["/".join(parts)] = os.lstat(written).st_size
+        payload["entries"] = entries
+        fd, tmp = tempfile.mkstemp(dir=root, prefix=f"{MARKER_FILE}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write((json.dumps({**payload, "hmac": _mac(key, payload)}, indent=1, sort_keys=True) + "\n").encode())
+        os.chmod(tmp, 0o644 & ~_umask())
+        os.replace(tmp, root / MARKER_FILE)
+    except Exception:  # noqa: BLE001 - see the docstring
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
 
 
 class Owned:
