@@ -289,8 +289,8 @@ def _read_engine_dir(engine_dir: Path) -> tuple[Manifest, bytes]:
         raise TopiError(f"{engine_dir} holds weight-stripped TensorRT plans, which Triton cannot refit: build without "
                         f"--strip-weights for Triton")
     check_graph_types(m.graphs, engine_dir)
-    raw = read_small_file(confined_path(m.root, MANIFEST_NAME, what="manifest"), "manifest", "rebuild the engine "
-                          "directory", max_bytes=16 << 20)
+    raw = read_small_file(confined_path(m.root, MANIFEST_NAME, what="manifest"), "manifest",
+                          "rebuild the engine directory", max_bytes=16 << 20)  # bounded: it may have changed
     try:
         same = Manifest.from_json(json.loads(raw), str(engine_dir / MANIFEST_NAME), m.root) == m
     except (ValueError, TopiError):
