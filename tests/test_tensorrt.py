@@ -12,6 +12,7 @@ from topi_export.backends import tensorrt as T
 from topi_export.backends.base import BuildJob
 from topi_export.backends.tensorrt.runtime import select_profile
 from topi_export.errors import TopiError
+from topi_export.fsutil import MARKER_FILE
 from topi_export.plan import GraphEntry, GraphTensor, Layout, profile_table
 
 RTX = "tensorrt-rtx not installed (pip install tensorrt-rtx-cu13)"
@@ -192,7 +193,8 @@ def _manifest(engine_dir):
 @pytest.mark.tensorrt_rtx
 def test_rtx_build_parses_without_errors_and_drops_onnx(rtx):
     out = rtx["multi"]
-    assert sorted(p.name for p in out.iterdir()) == ["build_log.txt", "dense.engine", "manifest.json", "topi.engine"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(["build_log.txt", "dense.engine", "manifest.json",
+                                                              "topi.engine", MARKER_FILE])
     m = _manifest(out)
     assert m.backend == "tensorrt-rtx" and m.precision == "fp32"
     assert {k: (g.file, g.onnx) for k, g in m.graphs.items()} == {"topi": ("topi.engine", None),
@@ -256,7 +258,8 @@ def test_rtx_bf16_two_compute_capabilities_weights_once(rtx):
     graph = onnx.load(str(cache / "topi.onnx"), load_external_data=False)
     assert any(i.data_type == onnx.TensorProto.BFLOAT16 for i in graph.graph.initializer)
     # weights once: the directory is the engine (no ONNX, no weights file), and no weight's bytes appear twice
-    assert sorted(p.name for p in out.iterdir()) == ["build_log.txt", "manifest.json", "topi.engine"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(["build_log.txt", "manifest.json", "topi.engine",
+                                                              MARKER_FILE])
     weights = (cache / "weights.data").read_bytes()
     blob = (out / "topi.engine").read_bytes()
     assert len(blob) > len(weights)

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import run_cli
+from topi_export.fsutil import MARKER_FILE
 
 pytest.importorskip("tritonclient.grpc.model_config_pb2",
                     reason="needs tritonclient[grpc] (pip install 'topi-export[triton]')")
@@ -222,7 +223,8 @@ def test_onnxruntime_repository_layout_and_schema(engine_dir, tmp_path, capsys):
                                  "--kind", "cpu"], capsys)
     assert code == 0, err
     assert "repository ->" in stdout and "tritonserver --model-repository" in stdout
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "topi_dense", "topi_loop", "topi_topi"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(["README.md", "topi_dense", "topi_loop", "topi_topi",
+                                                              MARKER_FILE])
     assert "topi-export" in (out / "README.md").read_text().splitlines()[0] and made_by_topi_export(out)
     for kind in ("topi", "dense"):
         d = out / f"topi_{kind}"
@@ -444,7 +446,8 @@ def test_force_replaces_only_a_tool_made_repository(engine_dir, tmp_path, capsys
     code, _, err = run_cli(["triton", "--engine-dir", str(engine_dir), "--out", str(out), "--name", "other",
                             "--force"], capsys)
     assert code == 0, err
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "other_dense", "other_loop", "other_topi"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(["README.md", "other_dense", "other_loop", "other_topi",
+                                                              MARKER_FILE])
 
     mine = tmp_path / "mine"
     (mine / "sub").mkdir(parents=True)
@@ -531,7 +534,8 @@ def test_tensorrt_repository_from_described_manifest(engine_dir, tmp_path, capsy
     out = tmp_path / "repo"
     code, _, err = run_cli(["triton", "--engine-dir", str(eng), "--out", str(out), "--name", "kontext"], capsys)
     assert code == 0, err
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "kontext_dense", "kontext_loop", "kontext_topi"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(["README.md", "kontext_dense", "kontext_loop",
+                                                              "kontext_topi", MARKER_FILE])
     profiles = {"topi": [str(i) for i in range(6)], "dense": ["0", "1"]}
     for kind in ("topi", "dense"):
         d = out / f"kontext_{kind}"

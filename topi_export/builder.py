@@ -14,6 +14,7 @@ from pathlib import Path
 
 from topi_export.artifacts.versions import tool_versions
 from topi_export.errors import BadInput, TopiError
+from topi_export.fsutil import is_onnx_cache, read_json_file
 from topi_export.plan import Layout, Manifest, profile_table
 
 ENGINE_ROOT = Path("engines")
@@ -104,7 +105,7 @@ def _cache_valid(onnx_dir: Path, key: str) -> bool:
     from topi_export.fsutil import confined_path
 
     try:
-        meta = json.loads((onnx_dir / CACHE_FILE).read_text())
+        meta = read_json_file(onnx_dir / CACHE_FILE, "ONNX cache index", "it is rewritten", max_bytes=1 << 20)
         if meta.get("format") != CACHE_FORMAT or meta.get("key") != key:
             return False
         return all(sha256_file(confined_path(onnx_dir, rel, what="cached file")) == sha
@@ -113,11 +114,7 @@ def _cache_valid(onnx_dir: Path, key: str) -> bool:
         return False
 
 
-def _is_cache_dir(path: Path) -> bool:
-    try:
-        return json.loads((Path(path) / CACHE_FILE).read_text()).get("format") == CACHE_FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
+_is_cache_dir = is_onnx_cache  # an --onnx-dir a build may rewrite: proven by its ownership marker (fsutil.py)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -239,7 +236,8 @@ def build_engines(plan: BuildPlan | None = None, *, echo=print, **kwargs) -> Pat
         if plan.onnx_dir and _cache_valid(Path(plan.onnx_dir), key):
             stages(f"reuse the ONNX graphs in {plan.onnx_dir} (same model, settings and tool versions)")
             onnx_dir.mkdir()
-            meta = json.loads((Path(plan.onnx_dir) / CACHE_FILE).read_text())
+            meta = read_json_file(Path(plan.onnx_dir) / CACHE_FILE, "ONNX cache index", "rebuild without --onnx-dir",
+                                  max_bytes=1 << 20)
             for rel in meta["files"]:
                 from topi_export.fsutil import confined_path
 
@@ -292,7 +290,9 @@ def _save_cache(src: Path, dst: Path, key: str, graphs: dict, weights: dict, pro
     from topi_export.artifacts.hashcache import sha256_file
     from topi_export.fsutil import staged_dir
 
-    with staged_dir(dst, replace=True, is_ours=_is_cache_dir, protect=protect, echo=echo) as tmp:
+    # concurrent="replace": another build's cache placed meanwhile is as good as ours; never fail a build for it
+    with staged_dir(dst, replace=True, is_ours=_is_cache_dir, protect=protect, echo=echo,
+                    concurrent="replace") as tmp:
         files = {}
         for f in sorted(src.iterdir()):
             _link_or_copy(f, tmp / f.name)

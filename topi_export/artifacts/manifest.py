@@ -11,7 +11,8 @@ from pathlib import Path
 
 from topi_export.artifacts.hashcache import HashCache, identity, sha256_file  # noqa: F401  (sha256_file: API)
 from topi_export.errors import RebuildNeeded, TopiError
-from topi_export.fsutil import atomic_write_bytes, check_onnx_external_data, confined_path
+from topi_export.fsutil import (atomic_write_bytes, check_onnx_external_data, confined_path, is_engine_directory,
+                                read_json_file)
 from topi_export.plan import NAME, FileEntry, Manifest
 
 MAX_MANIFEST_BYTES = 16 << 20
@@ -33,12 +34,9 @@ def write_manifest(root: Path, manifest: Manifest) -> None:
     atomic_write_bytes(Path(root) / NAME, (json.dumps(manifest.to_json(), indent=2) + "\n").encode())
 
 
-def is_engine_dir(path) -> bool:
-    """A directory topi-export made (it holds a topi manifest): what --force may replace."""
-    try:
-        return json.loads((Path(path) / NAME).read_text()).get("format", "").startswith("topi-engines/")
-    except (OSError, ValueError, AttributeError, RecursionError):
-        return False
+# What build --force may replace: this user's marked engine directory holding nothing unlisted, proven by the
+# ownership marker (fsutil.py, "Ownership"), never by a manifest.json anyone can write or link; staged_dir stamps it.
+is_engine_dir = is_engine_directory
 
 
 def read_manifest(engine_dir, verify_files: bool = True, rehash: bool = False) -> Manifest:
@@ -50,12 +48,7 @@ def read_manifest(engine_dir, verify_files: bool = True, rehash: bool = False) -
     if not path.is_file():
         raise TopiError(f"{root} has no {NAME}: it is not a topi-export engine directory; build one with "
                         f"`topi-export build --engine-dir {root}`")
-    if path.stat().st_size > MAX_MANIFEST_BYTES:
-        raise TopiError(f"{path} is larger than {MAX_MANIFEST_BYTES >> 20} MB: not a topi-export manifest; rebuild")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise TopiError(f"{path} is not valid JSON ({exc.__class__.__name__}): rebuild the engine directory")
+    data = read_json_file(path, "manifest", "rebuild the engine directory", max_bytes=MAX_MANIFEST_BYTES)
     m = Manifest.from_json(data, str(path), root)
     for rel in m.files:
         confined_path(root, rel, what="engine file")

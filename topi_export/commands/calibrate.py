@@ -1,6 +1,7 @@
 """``topi-export calibrate``: measure per-layer context sensitivity, write a calibration profile + plot."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
@@ -62,7 +63,7 @@ def cmd(model, inputs, samples, grid, ref_grid, text_tokens, timesteps, top_k, u
     from topi_export.artifacts.inputs import load_inputs
 
     out = Path(out)
-    if out.is_dir():
+    if os.path.isdir(out):  # not Path.is_dir: it raises on a name too long (ENAMETOOLONG)
         raise TopiError(f"--out {out} is a directory: pass a file such as {out / 'profile.json'}")
     if out.suffix.lower() != ".json":
         raise TopiError(f"--out {out} must end in .json (the plot is written next to it as .png)")

@@ -8,7 +8,8 @@ from pathlib import Path
 import click
 
 from topi_export.errors import TopiError
-from topi_export.fsutil import atomic_write_bytes, check_writable, refuse_overwrite  # noqa: F401
+from topi_export.fsutil import (atomic_write_bytes, check_distinct_outputs, check_writable,  # noqa: F401
+                                refuse_overwrite)
 
 MAX_SEED = (1 << 64) - 1
 
@@ -76,7 +77,9 @@ POLICY_HELP = ("Token selection policy (default: the engine directory's, else th
 
 
 def output_files(paths, protected=()) -> None:
-    """Before any work: every output file can be written and overwrites nothing the run reads."""
+    """Before any work: every output file can be written, is not another output's file, and overwrites nothing
+    the run reads."""
+    check_distinct_outputs(paths)
     for p in paths:
         if p:
             check_writable(p)

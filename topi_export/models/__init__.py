@@ -109,23 +109,23 @@ def resolve_model_dir(path: Path) -> Path:
 
 def scheduler_config_for(spec) -> dict | None:
     """A pipeline folder's scheduler/scheduler_config.json, when --model is one."""
+    from topi_export.fsutil import read_json_file
+
     path = Path(str(spec)) / "scheduler" / "scheduler_config.json"
-    if not path.is_file():
+    if not os.path.lexists(path):
         return None
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise TopiError(f"cannot read {path} ({exc}): fix or remove the pipeline's scheduler config")
+    config = read_json_file(path, "scheduler config", "fix or remove the pipeline's scheduler config",
+                            follow_symlinks=True)  # Hugging Face snapshots link to their blobs
     if not isinstance(config, dict):
         raise TopiError(f"{path} is not a JSON object: fix or remove the pipeline's scheduler config")
     return {k: v for k, v in config.items() if not k.startswith("_")}
 
 
 def _read_config(folder: Path) -> dict:
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise TopiError(f"cannot read {folder / 'config.json'} ({exc}): re-save the model with save_pretrained")
+    from topi_export.fsutil import read_json_file
+
+    config = read_json_file(folder / "config.json", "model config", "re-save the model with save_pretrained",
+                            follow_symlinks=True)  # Hugging Face snapshots link to their blobs
     if not isinstance(config, dict):
         raise TopiError(f"{folder / 'config.json'} is not a JSON object: re-save the model with save_pretrained")
     return config

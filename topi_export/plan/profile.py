@@ -2,8 +2,6 @@
 the family and its layer groups; schema 1 files (FLUX.1 Kontext only) are still read."""
 from __future__ import annotations
 
-import json
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,17 +71,11 @@ MAX_PROFILE_BYTES = 16 << 20  # profiles are a few kB; a larger file (or a devic
 
 
 def read_profile(path) -> CalibrationProfile:
+    from topi_export.fsutil import read_json_file
+
     path = Path(path)
-    try:
-        st = path.stat()
-        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_PROFILE_BYTES:
-            raise TopiError(f"calibration profile {path} is not a regular JSON file of at most "
-                            f"{MAX_PROFILE_BYTES >> 20} MB: pass the file `topi-export calibrate --out` wrote")
-        with open(path, "rb") as f:
-            data = json.loads(f.read(MAX_PROFILE_BYTES + 1).decode("utf-8"))
-    except FileNotFoundError:
-        raise TopiError(f"calibration profile {path} not found: run `topi-export calibrate --out {path}` first")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise TopiError(f"calibration profile {path} is not valid JSON ({exc.__class__.__name__}): re-run "
-                        f"`topi-export calibrate`")
+    data = read_json_file(path, "calibration profile", "pass the file `topi-export calibrate --out` wrote",
+                          max_bytes=MAX_PROFILE_BYTES, follow_symlinks=True,
+                          missing=f"calibration profile {path} not found: run `topi-export calibrate --out {path}` "
+                                  f"first")
     return parse_profile(data, path)

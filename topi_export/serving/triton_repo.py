@@ -1,7 +1,8 @@
 """``topi-export triton``: a Triton Inference Server model repository from an engine directory.
 
     REPO/
-      README.md                    first line names topi-export (what --force may replace); how to serve it
+      README.md                    how to serve it
+      .topi-export-owner.json      ownership marker, written last (fsutil.py): what --force may replace
       <name>_topi/config.pbtxt     the topi graph: velocity + influence, every step of the loop
       <name>_topi/1/model.onnx     + 1/weights.data (ONNX Runtime), or 1/model.plan (TensorRT)
       <name>_dense/...             the plain model (the baseline), when the engine directory has one
@@ -32,7 +33,7 @@ from pathlib import Path, PurePosixPath
 
 from topi_export.errors import TopiError
 from topi_export.fsutil import (atomic_write_bytes, check_onnx_external_data, check_output_dir, confined_path,
-                                is_triton_repository, staged_dir)
+                                is_triton_repository, read_small_file, staged_dir)
 from topi_export.plan import NAME as MANIFEST_NAME, Manifest
 from topi_export.serving.triton_engine import check_graph_types, loop_inputs, loop_outputs, model_names
 
@@ -283,11 +284,12 @@ def _read_engine_dir(engine_dir: Path):
         servable = " or ".join(f"`--backend {n}`" for n in BACKENDS if get_backend(n).BACKEND.triton_platform)
         raise TopiError(f"{engine_dir} holds {m.backend} engines ({backend.description}), which Triton has no backend "
                         f"for: build with `topi-export build` {servable} for Triton")
-    if m.target.get("strip_weights"):
+    if m.target.get("weights") == "stripped":
         raise TopiError(f"{engine_dir} holds weight-stripped TensorRT plans, which Triton cannot refit: build without "
                         f"--strip-weights for Triton")
     check_graph_types(m.graphs, engine_dir)
-    raw = confined_path(m.root, MANIFEST_NAME, what="manifest").read_bytes()
+    raw = read_small_file(confined_path(m.root, MANIFEST_NAME, what="manifest"), "manifest",
+                          "rebuild the engine directory", max_bytes=16 << 20)  # bounded: it may have changed
     try:
         same = Manifest.from_json(json.loads(raw), str(engine_dir / MANIFEST_NAME), m.root) == m
     except (ValueError, TopiError):
@@ -327,7 +329,6 @@ def generate_repository(engine_dir, out, *, name: str = "topi", instances: int =
 
     placed = {}
     with staged_dir(out, replace=force, is_ours=is_triton_repository, protect=protect, echo=echo) as tmp:
-        # the README first: its first line marks the repository as made by topi-export
         atomic_write_bytes(tmp / "README.md", _readme(m, backend, family, engines, loop_name, kind,
                                                       instances).encode())
         for g in engines:
