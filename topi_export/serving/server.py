@@ -183,12 +183,16 @@ def _load_prctl():
             _prctl = None
 
 
+# Logged as errors by every start on a machine without an NVIDIA driver, and harmless there.
+BENIGN = ("CudaDriverHelper has not been initialized", "Failed to initialize NVML", "Unable to allocate pinned")
+
+
 def error_lines(log: str, limit: int = 1500) -> str:
     """The server log's error lines on one line (model-table rows that failed included)."""
     picked = []
     for line in log.splitlines():
         text = line.strip()
-        if not text:
+        if not text or any(b in text for b in BENIGN):
             continue
         if (text[:1] == "E" and text[1:5].isdigit()) or text.startswith("error:") or "UNAVAILABLE" in text \
                 or "Error" in text or "error while loading" in text or "already in use" in text:
@@ -431,8 +435,11 @@ class TritonServer:
         if self._log is not None:
             self._log.close()
             self._log = None
-        if self._own_workdir and not self._failed and self.workdir is not None and proc.returncode is not None:
-            shutil.rmtree(self.workdir, ignore_errors=True)  # the log stays where an error message points to it
+        if self._own_workdir and self.workdir is not None and proc.returncode is not None:
+            if self._failed:  # the log stays where the error message points to it
+                shutil.rmtree(self.workdir / "backends", ignore_errors=True)
+            else:
+                shutil.rmtree(self.workdir, ignore_errors=True)
         return proc.returncode
 
     def _reap_stubs(self, pgid: int) -> None:
@@ -479,6 +486,7 @@ def _message(body: bytes) -> str:
 
 
 def _group_members(pgid: int) -> list[int]:
+    """Live processes of process group ``pgid`` (from /proc)."""
     out = []
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
@@ -486,7 +494,7 @@ def _group_members(pgid: int) -> list[int]:
         try:
             stat = (d / "stat").read_text()
             fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state ppid pgrp ...
-            if int(fields[2]) == pgid:
+            if int(fields[2]) == pgid and fields[0] != "Z":  # a zombie has exited; init reaps it
                 out.append(int(d.name))
         except (OSError, ValueError, IndexError):
             continue
@@ -513,7 +521,8 @@ def serve(repository, *, echo=print, **kwargs) -> int:
     old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         server.start()
-        echo(f"ready: HTTP {server.http_url}  gRPC {server.grpc_url}  metrics {server.metrics_url}  (Ctrl-C stops)")
+        echo(f"ready (pid {server.pid}): HTTP {server.http_url}  gRPC {server.grpc_url}  metrics "
+             f"{server.metrics_url}  (Ctrl-C stops)")
         while not stop.wait(0.5):
             if server.returncode is not None:
                 echo(f"tritonserver exited with code {server.returncode}: {error_lines(server.log_text())}")
