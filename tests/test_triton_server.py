@@ -560,3 +560,75 @@ def test_server_dies_with_a_killed_parent(tiny_repo, server_env, tmp_path):
     finally:
         if Path(f"/proc/{pid}").exists():
             os.kill(pid, signal.SIGKILL)
+
+
+def test_wheel_server_defaults_to_its_own_environment(tiny_repo, server_env):
+    """tritonserver= the wheel's binary, no env: the models run in the environment the wheel is installed in."""
+    from topi_export.serving.server_env import python_info
+
+    binary = Path(python_info(server_env).pytriton) / "tritonserver" / "bin" / "tritonserver"
+    srv = _start(tiny_repo, None, tritonserver=binary)
+    try:
+        assert srv.env == Path(server_env).resolve() and srv.model_ready("topi_topi")
+    finally:
+        assert srv.stop() == 0
+
+
+def test_generated_loop_model_over_python_engine_models(ort_engine_dir, server_env, tmp_path, capsys):
+    """The loop model `topi-export triton` generates (BLS, topi_export imported in the stub) calling Python-backend
+    engine models on a real server: the latents of a pruned request equal `topi-export run --engine-dir`
+    (bit-identical here: the same graphs, session options and ONNX Runtime), the schedule too."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from conftest import run_cli
+    from topi_export.serving.python_engine import write_engine_model
+    from topi_export.serving.triton_repo import generate_repository
+
+    grpcclient = _grpc()
+    pytest.importorskip("tritonclient.grpc.model_config_pb2", reason="needs tritonclient[grpc]")
+    generate_repository(ort_engine_dir, tmp_path / "generated", kind="cpu")
+    repo = tmp_path / "repo"
+    for kind in ("topi", "dense"):
+        write_engine_model(repo, f"topi_{kind}", Path(ort_engine_dir) / _graph(ort_engine_dir, kind)["onnx"],
+                           parameters={"intra_op_num_threads": "1"})
+    shutil.copytree(tmp_path / "generated" / "topi_loop", repo / "topi_loop")
+
+    g = torch.Generator().manual_seed(7)
+    tensors = {"reference_latents": torch.randn(1, 64, 16, generator=g),
+               "prompt_embeds": torch.randn(1, 8, 32, generator=g),
+               "pooled_prompt_embeds": torch.randn(1, 16, generator=g), "guidance": torch.tensor([3.0])}
+    save_file(tensors, str(tmp_path / "in.safetensors"), metadata={"target_grid": "8x8", "reference_grids": "8x8"})
+    code, _, err = run_cli(["run", "--engine-dir", str(ort_engine_dir), "--inputs", str(tmp_path / "in.safetensors"),
+                            "-q", "--steps", "5", "--seed", "3", "--ratio", "0.5", "--update-interval", "2",
+                            "--out", str(tmp_path / "run.safetensors"), "--json", str(tmp_path / "run.json")], capsys)
+    assert code == 0, err
+    expected = load_file(str(tmp_path / "run.safetensors"))["latents"].numpy()
+    report = json.loads((tmp_path / "run.json").read_text())
+
+    srv = _start(repo, server_env)
+    try:
+        client = grpcclient.InferenceServerClient(srv.grpc_url)
+        feeds = {k: v.numpy() for k, v in tensors.items()}
+        inputs = []
+        for name, array, dtype in [*((k, v, "FP32") for k, v in feeds.items()),
+                                   ("steps", np.array([5], np.int32), "INT32"),
+                                   ("seed", np.array([3], np.uint64), "UINT64"),
+                                   ("ratio", np.array([0.5], np.float32), "FP32"),
+                                   ("update_interval", np.array([2], np.int32), "INT32")]:
+            tensor = grpcclient.InferInput(name, list(array.shape), dtype)
+            tensor.set_data_from_numpy(array)
+            inputs.append(tensor)
+        result = client.infer("topi_loop", inputs, outputs=[grpcclient.InferRequestedOutput("latents"),
+                                                            grpcclient.InferRequestedOutput("schedule")],
+                              client_timeout=300)
+        client.close()
+    finally:
+        assert srv.stop() == 0
+    schedule = json.loads(result.as_numpy("schedule")[0])
+    assert [(r["kind"], r["keep"]) for r in schedule["schedule"]] == [(r["kind"], r["keep"])
+                                                                      for r in report["schedule"]]
+    assert {r["kind"] for r in schedule["schedule"]} == {"anchor", "pruned"}
+    assert _rel_l2(result.as_numpy("latents"), expected) <= REL_L2

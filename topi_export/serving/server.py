@@ -207,7 +207,8 @@ class TritonServer:
     """One tritonserver process on ``repository`` (see the module docstring).
 
     env: the Python environment the Python-backend models run in (a venv made by server_env.create_environment);
-        None runs the server with the current environment (a tritonserver whose own stub fits it).
+        None: for the wheel's tritonserver the environment it is installed in, else the current environment (a
+        tritonserver whose own stub fits it, as in NVIDIA's container).
     tritonserver: the binary; default from ``env``'s nvidia-pytriton, else PATH.
     model_control_mode: none | explicit | poll; load_models: the models --load-model loads in explicit mode.
     ready_timeout: seconds for the server and every model to become ready.
@@ -276,6 +277,15 @@ class TritonServer:
         if self.workdir is None:
             self.workdir = Path(tempfile.mkdtemp(prefix="topi-triton-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
+        if info is None and install.stubs is not None:
+            # the wheel has no stub in place (PyTriton copies one at run time): run the models in the environment
+            # the wheel is installed in, <prefix>/lib/python3.X/site-packages/pytriton/tritonserver/bin/tritonserver
+            parents = install.tritonserver.resolve().parents
+            prefix = parents[6] if len(parents) > 6 else Path("/nonexistent")
+            if not (prefix / "pyvenv.cfg").is_file() and not (prefix / "bin" / "python3").exists():
+                raise TopiError(f"{install.tritonserver} is nvidia-pytriton's server outside a Python environment: "
+                                f"pass env= (the environment the Python-backend models run in)")
+            self.env, info = prefix, python_info(prefix)
         backends = None
         if info is not None and install.stubs is not None:
             check_stub_python(info)  # this wheel's stub needs numpy<2 and a shared libpython
