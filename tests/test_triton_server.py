@@ -253,12 +253,14 @@ def test_python_engine_config_has_the_platform_models_tensors(ort_engine_dir, tm
         assert list(ours.input) == list(platform.input) and list(ours.output) == list(platform.output)
         version = model_dir / "1"
         assert sorted(p.name for p in version.iterdir()) == ["model.onnx", "model.py", "weights.data"]
-        assert (version / "model.py").read_bytes() == (ROOT / "topi_export/serving/ort_engine_model.py").read_bytes()
+        template = ROOT / "topi_export" / "serving" / "ort_engine_model.py"
+        assert (version / "model.py").read_bytes() == template.read_bytes()
     with pytest.raises(TopiError, match="already exists"):
-        write_engine_model(tmp_path / "python", "topi_topi", Path(ort_engine_dir) / _graph(ort_engine_dir, "topi")["onnx"])
+        write_engine_model(tmp_path / "python", "topi_topi",
+                           Path(ort_engine_dir) / _graph(ort_engine_dir, "topi")["onnx"])
 
 
-# --- the server environment and a repository ---------------------------------------------------------------------------
+# --- the server environment and a repository ------------------------------------------------------------------
 def _env_from_setting():
     from topi_export.serving.server_env import check_stub_python, python_info
 
@@ -332,7 +334,7 @@ def server(tiny_repo, server_env):
     assert not _group(srv.pid) and not _shm(prefix)
 
 
-# --- against the server ------------------------------------------------------------------------------------------------
+# --- against the server ---------------------------------------------------------------------------------------
 def test_http_and_grpc_answer_like_onnxruntime(server, ort_engine_dir):
     """A direct request to each engine model, over HTTP and gRPC, anchor and pruned steps: the outputs equal
     ONNX Runtime in-process (rel. L2 <= 1e-4). The models declare the graphs' inputs (metadata)."""
@@ -468,6 +470,34 @@ def test_explicit_mode_unload_and_reload(tiny_repo, server_env, ort_engine_dir):
         got = _infer(httpclient, client, "topi_topi", feeds, ["velocity", "influence"])
         assert all(_rel_l2(got[n], expected[n]) <= REL_L2 for n in expected)
         client.close()
+    finally:
+        assert srv.stop() == 0
+
+
+def test_a_port_taken_meanwhile_is_retried(tiny_repo, server_env, monkeypatch):
+    """Another process binds the HTTP port between the pick and the server's bind: the server exits with 'already
+    in use' and the launcher starts it again on new ports."""
+    import socket
+
+    from topi_export.serving import server as launcher
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    picks, real = [], launcher.free_ports
+
+    def first_taken(count=3, host="127.0.0.1"):
+        ports = real(count, host)
+        picks.append(ports if picks else [taken.getsockname()[1], *ports[1:]])
+        return picks[-1]
+
+    monkeypatch.setattr(launcher, "free_ports", first_taken)
+    try:
+        srv = _start(tiny_repo, server_env)
+    finally:
+        taken.close()
+    try:
+        assert len(picks) == 2 and srv.http_port == picks[1][0] != picks[0][0] and srv.model_ready("topi_topi")
     finally:
         assert srv.stop() == 0
 

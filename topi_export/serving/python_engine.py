@@ -39,7 +39,8 @@ def graph_io(onnx_path) -> tuple[list[TensorSpec], list[TensorSpec]]:
     try:
         model = onnx.load(str(onnx_path), load_external_data=False)
     except Exception as exc:  # noqa: BLE001 - anything unreadable is a broken engine directory
-        raise TopiError(f"cannot read ONNX graph {onnx_path} ({type(exc).__name__}): rebuild the engine directory")
+        raise TopiError(f"cannot read ONNX graph {onnx_path} ({type(exc).__name__}): rebuild the engine "
+                        f"directory") from None
 
     def spec(v):
         tt = v.type.tensor_type

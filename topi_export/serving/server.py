@@ -241,7 +241,7 @@ class TritonServer:
         self._proc = self._log = None
         self._shm_prefix = None
         self._cancel = threading.Event()  # set by serve()'s signal handler: stop waiting for readiness
-        self._failed = False
+        self._started = False  # became ready once
 
     # --- endpoints ------------------------------------------------------------------------------------------
     @property
@@ -274,9 +274,6 @@ class TritonServer:
     def _prepare(self):
         info = python_info(self.env) if self.env is not None else None
         install = find_tritonserver(self.tritonserver, self.env, info)
-        if self.workdir is None:
-            self.workdir = Path(tempfile.mkdtemp(prefix="topi-triton-"))
-        self.workdir.mkdir(parents=True, exist_ok=True)
         if info is None and install.stubs is not None:
             # the wheel has no stub in place (PyTriton copies one at run time): run the models in the environment
             # the wheel is installed in, <prefix>/lib/python3.X/site-packages/pytriton/tritonserver/bin/tritonserver
@@ -286,13 +283,20 @@ class TritonServer:
                 raise TopiError(f"{install.tritonserver} is nvidia-pytriton's server outside a Python environment: "
                                 f"pass env= (the environment the Python-backend models run in)")
             self.env, info = prefix, python_info(prefix)
-        backends = None
-        if info is not None and install.stubs is not None:
+        wheel = info is not None and install.stubs is not None
+        if wheel:
             check_stub_python(info)  # this wheel's stub needs numpy<2 and a shared libpython
-            backends = prepare_backends(install, info, self.workdir)
+        if self.workdir is None:
+            self.workdir = Path(tempfile.mkdtemp(prefix="topi-triton-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
         environ = server_environ(install, info)
-        if backends is not None:
-            check_stub(backends, environ)
+        try:
+            backends = prepare_backends(install, info, self.workdir) if wheel else None
+            if backends is not None:
+                check_stub(backends, environ)
+        except BaseException:
+            self._remove_workdir(keep_log=False)
+            raise
         return install, backends, environ
 
     def _command(self, install, backends) -> list[str]:
@@ -330,15 +334,16 @@ class TritonServer:
                                           preexec_fn=_die_with_parent)
             try:
                 self.wait_ready(self.ready_timeout)
+                self._started = True
                 return self
-            except TopiError:
-                retry = (self.returncode is not None and "already in use" in self.log_text()
-                         and attempt < PORT_ATTEMPTS)
-                self._failed = True
-                self.stop()
+            except BaseException as exc:  # KeyboardInterrupt included: never leave a half-started server
+                retry = (isinstance(exc, TopiError) and self.returncode is not None
+                         and "already in use" in self.log_text() and attempt < PORT_ATTEMPTS)
+                self._terminate()
                 if not retry:
+                    self._remove_workdir(keep_log=True)  # the error message points to the log
                     raise
-                self._proc, self._failed = None, False
+                self._proc = None
         raise AssertionError("unreachable")
 
     def _models_to_wait_for(self) -> list[str]:
@@ -424,8 +429,22 @@ class TritonServer:
             self._proc.kill()
 
     def stop(self, grace: float | None = None) -> int | None:
-        """SIGINT, then SIGTERM, then SIGKILL (each bounded); stubs and shared memory left behind are removed.
-        Returns the server's exit code. Safe to call twice."""
+        """SIGINT, then SIGTERM, then SIGKILL (each bounded); stubs and shared memory left behind are removed, and
+        the temporary work directory. Returns the server's exit code. Safe to call twice."""
+        code = self._terminate(grace)
+        if code is not None:
+            self._remove_workdir(keep_log=not self._started)  # a failed start's error message names the log
+        return code
+
+    def _remove_workdir(self, keep_log: bool) -> None:
+        if not self._own_workdir or self.workdir is None:
+            return
+        if keep_log and self.log_path is not None and self.log_path.is_file():
+            shutil.rmtree(self.workdir / "backends", ignore_errors=True)
+        else:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def _terminate(self, grace: float | None = None) -> int | None:
         proc = self._proc
         if proc is None:
             return None
@@ -445,11 +464,6 @@ class TritonServer:
         if self._log is not None:
             self._log.close()
             self._log = None
-        if self._own_workdir and self.workdir is not None and proc.returncode is not None:
-            if self._failed:  # the log stays where the error message points to it
-                shutil.rmtree(self.workdir / "backends", ignore_errors=True)
-            else:
-                shutil.rmtree(self.workdir, ignore_errors=True)
         return proc.returncode
 
     def _reap_stubs(self, pgid: int) -> None:

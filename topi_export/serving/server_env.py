@@ -29,7 +29,6 @@ Standard library only (the launcher, server.py, imports it).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -122,8 +121,8 @@ def check_stub_python(info: PythonInfo, *, need_numpy: bool = True) -> None:
                         f"{', '.join(STUB_PYTHONS)}: create the environment from one of those")
     if not info.libpython:
         raise TopiError(f"{info.executable} (Python {info.full_version}) has no shared libpython{info.version}: the "
-                        f"stub links libpython{info.version}.so.1.0; use a shared build (Debian's python{info.version}, "
-                        f"or pyenv with PYTHON_CONFIGURE_OPTS=--enable-shared)")
+                        f"stub links libpython{info.version}.so.1.0; use a shared build (Debian's "
+                        f"python{info.version}, or pyenv with PYTHON_CONFIGURE_OPTS=--enable-shared)")
     if need_numpy and info.numpy is None:
         raise TopiError(f"{info.prefix} has no numpy: install '{NUMPY}' in it (`python -m "
                         f"topi_export.serving.server_env create`)")
