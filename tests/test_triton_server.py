@@ -164,6 +164,20 @@ def test_stub_python_refusals(changes, needle):
     check_stub_python(_info())
 
 
+def test_create_environment_refuses_before_any_work(tmp_path):
+    """An existing path needs --force, and --force replaces only a virtual environment: nothing is touched."""
+    from topi_export.serving.server_env import create_environment
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "data.txt").write_text("keep")
+    with pytest.raises(TopiError, match="already exists: pass --force"):
+        create_environment(mine, echo=lambda s: None)
+    with pytest.raises(TopiError, match="not a virtual environment"):
+        create_environment(mine, force=True, echo=lambda s: None)
+    assert [p.name for p in mine.iterdir()] == ["data.txt"] and sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+
+
 def test_server_environ_puts_the_env_first(tmp_path):
     from topi_export.serving.server import ServerInstall, server_environ
 
