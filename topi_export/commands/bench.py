@@ -119,6 +119,9 @@ def cmd(model, inputs, ratio_buckets, policies, no_default_policy, calibration, 
 
         out = Path(engine_dir) if engine_dir else (Path("engines") / f"bench-{Path(torch_session.source).name}-"
                                                   f"{data[0].layout.describe()}-{backend}")
+        if out.exists() and not (out / "manifest.json").exists():
+            raise TopiError(f"--engine-dir {out} exists but is not an engine directory: remove it or name another "
+                            f"(bench builds the engines there when the directory is missing)")
         if not (out / "manifest.json").exists():
             build_engines(model=model, layouts=(data[0].layout,), ratio_buckets=[r for r in ratios if r > 0] or "0.5",
                           calibration=calibration, engine_dir=str(out), backend=backend,

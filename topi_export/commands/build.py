@@ -98,6 +98,12 @@ def cmd(model, ratio_buckets, calibration, inputs, target_grid, ref_grid, ref_gr
                         "--resolutions WxH,WxH")
     layouts = layouts_from_flags(inputs, target_grid, ref_grid, ref_grids, text_tokens, resolutions)
     ctx = click.get_current_context()
+    if ctx.get_parameter_source("references") == click.core.ParameterSource.COMMANDLINE and not resolutions:
+        raise TopiError("--references sets the reference count of --resolutions layouts; with --target-grid give one "
+                        "--ref-grid per reference (or --ref-grids HxW,HxW)")
+    for flag, value in (("--engine-dir", engine_dir), ("--onnx-dir", onnx_dir)):
+        if value is not None and not str(value).strip():
+            raise TopiError(f"{flag} is empty: name a directory")
     given = {k: v for k, v in backend_flags.items()
              if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
     options = options_for(backend, given)

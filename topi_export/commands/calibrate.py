@@ -36,11 +36,13 @@ def _table(result: dict, rows: int) -> str:
 @click.option("--inputs", "inputs", cls=ManyValues, type=click.Path(dir_okay=False),
               help="Calibration inputs .safetensors (repeatable: several files form the set). "
                    "Default: a seeded synthetic set.")
-@click.option("--samples", type=int, default=None, help="Synthetic set size when no --inputs.  [default: 4]")
+@click.option("--samples", type=click.IntRange(1, 10_000), default=None,
+              help="Synthetic set size when no --inputs (1..10000).  [default: 4]")
 @click.option("--grid", default="8x8", show_default=True, help="Target token grid HxW of the synthetic set.")
 @click.option("--ref-grid", default=None, help="Reference token grids HxW[,HxW...] of the synthetic set (several: "
                                                "several references). Default: --grid.")
-@click.option("--text-tokens", type=int, default=8, show_default=True, help="Text tokens of the synthetic set.")
+@click.option("--text-tokens", type=click.IntRange(1, 4096), default=8, show_default=True,
+              help="Text tokens of the synthetic set (1..4096, as build).")
 @click.option("--timesteps", default="0.9,0.6,0.3", show_default=True,
               help="Noise levels t in (0, 1] at which x_t = (1-t) x0 + t noise is probed.")
 @click.option("--top-k", type=click.IntRange(1, 10_000), default=3, show_default=True,

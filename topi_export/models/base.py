@@ -84,6 +84,15 @@ class AttentionHook:
         return q, k, v
 
 
+def call_tensor(kwargs: dict, name: str, pipeline: str) -> torch.Tensor:
+    """One tensor argument of a pipeline's transformer call (the drop-in), as a tensor; a one-line error when the
+    call lacks it."""
+    value = kwargs.get(name)
+    if value is None:
+        raise BadInput(f"the transformer call has no '{name}': the ToPi drop-in serves {pipeline}'s transformer calls")
+    return value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
+
+
 def gather_rows(table: torch.Tensor, cut: int, keep_idx: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """Rows [:cut] of a table (tokens along `dim`) plus its rows cut + keep_idx: the kept context tokens' rows."""
     if dim == 0:

@@ -84,6 +84,9 @@ class TopiTransformer(torch.nn.Module):
         if args:
             kwargs.setdefault("hidden_states", args[0])
         latents, timestep, inputs = self.family.parse_call(kwargs)
+        timestep = torch.as_tensor(timestep, dtype=torch.float32).reshape(-1)  # a pipeline may pass a float
+        if timestep.numel() < 1 or not bool(torch.isfinite(timestep).all()):
+            raise BadInput("the transformer call's timestep is empty or not finite")
         inputs = self.session.check_inputs(inputs)
         if latents.shape[0] != 1:
             raise BadInput("TopiTransformer runs one image per call (num_images_per_prompt=1): the pipeline's guidance "
