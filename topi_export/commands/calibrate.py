@@ -50,7 +50,7 @@ def _table(result: dict, rows: int) -> str:
 @click.option("--reuse-steps", type=click.IntRange(0, 1000), default=28, show_default=True,
               help="Also measure the step-reuse criterion on full runs of this many steps (0: do not).")
 @click.option("--reuse-threshold", type=click.FloatRange(0, 10), default=None,
-              help="Accumulated predicted error a run of reused steps may reach (method/reuse.py).  [default: 0.3]")
+              help="Accumulated predicted error a run of reused steps may reach (method/reuse.py).  [default: 0.1]")
 @click.option("--reuse-max-consecutive", type=click.IntRange(1, 100), default=None,
               help="Longest run of reused steps.  [default: 2]")
 @click.option("--seed", type=click.IntRange(0, (1 << 63) - 1), default=0, show_default=True,

@@ -26,7 +26,7 @@ ORDERS = (0, 1)
 PROTECT_FIRST = PROTECT_LAST = 2
 # Accumulated relative velocity error a run of reused steps may reach, and the longest run (docs/design.md, "Step
 # reuse": chosen on the shipped models flux2-pick and kontext-digits, docs/benchmarks.md section 8).
-DEFAULT_THRESHOLD = 0.3
+DEFAULT_THRESHOLD = 0.1
 DEFAULT_MAX_CONSECUTIVE = 2
 
 
