@@ -49,18 +49,25 @@ def _table(result: dict, rows: int) -> str:
               help="Number of pivotal layers.")
 @click.option("--update-interval", type=click.IntRange(1, 1000), default=10, show_default=True,
               help="Update interval dT written to the profile (not measured; published: 10).")
+@click.option("--reuse-steps", type=click.IntRange(0, 1000), default=28, show_default=True,
+              help="Also measure the step-reuse criterion on full runs of this many steps (0: do not).")
+@click.option("--reuse-threshold", type=click.FloatRange(0, 10), default=None,
+              help="Accumulated predicted error a run of reused steps may reach (method/reuse.py).  [default: 0.1]")
+@click.option("--reuse-max-consecutive", type=click.IntRange(1, 100), default=None,
+              help="Longest run of reused steps.  [default: 2]")
 @click.option("--seed", type=click.IntRange(0, (1 << 63) - 1), default=0, show_default=True,
               help="Seed of the synthetic set and the noise.")
 @click.option("--out", required=True, type=click.Path(), help="Profile JSON to write, e.g. calibration/NAME.json "
                                                               "(the plot goes next to it, same stem, .png).")
 @quiet_option
-def cmd(model, inputs, samples, grid, ref_grid, text_tokens, timesteps, top_k, update_interval, seed, out, quiet):
+def cmd(model, inputs, samples, grid, ref_grid, text_tokens, timesteps, top_k, update_interval, reuse_steps,
+        reuse_threshold, reuse_max_consecutive, seed, out, quiet):
     """Measure each layer's context sensitivity; write the profile (pivotal layers, L0, dT) and a plot."""
     from topi_export.artifacts.settings import describe_set, write_profile
     from topi_export.method.calibration import calibrate
     from topi_export.runtime.visualize import plot_profile
     from topi_export.commands.common import output_files
-    from topi_export.models import load_model
+    from topi_export.models import load_model, scheduler_config_for
     from topi_export.plan import Layout, parse_grid, parse_grids
     from topi_export.artifacts.inputs import load_inputs
 
@@ -97,6 +104,16 @@ def cmd(model, inputs, samples, grid, ref_grid, text_tokens, timesteps, top_k, u
                f"{len(ts)} timestep(s)")
     result = calibrate(adapter, data, ts, top_k=top_k, progress=show_progress(quiet), seed=seed,
                        update_interval=update_interval)
+    if reuse_steps:
+        from dataclasses import replace
+
+        from topi_export.runtime.loop import measure_reuse
+
+        click.echo(f"measuring step-reuse errors on {len(data)} full run(s) of {reuse_steps} steps")
+        result = replace(result, reuse=measure_reuse(adapter, data, reuse_steps, seed=seed,
+                                                     scheduler_config=scheduler_config_for(model) if model else None,
+                                                     threshold=reuse_threshold,
+                                                     max_consecutive=reuse_max_consecutive))
     argv = ["topi-export calibrate", "--model", str(identity.source)]
     if inputs:
         argv += [a for p in inputs for a in ("--inputs", str(p))]
@@ -104,7 +121,9 @@ def cmd(model, inputs, samples, grid, ref_grid, text_tokens, timesteps, top_k, u
         argv += ["--samples", str(n_samples), "--grid", grid, "--text-tokens", str(text_tokens)]
         argv += ["--ref-grid", ref_grid] if ref_grid else []
     argv += ["--timesteps", ",".join(f"{t:g}" for t in ts), "--top-k", str(top_k), "--update-interval",
-             str(update_interval), "--seed", str(seed), "--out", str(out)]
+             str(update_interval), "--reuse-steps", str(reuse_steps), "--seed", str(seed), "--out", str(out)]
+    argv += ["--reuse-threshold", f"{reuse_threshold:g}"] if reuse_threshold is not None else []
+    argv += ["--reuse-max-consecutive", str(reuse_max_consecutive)] if reuse_max_consecutive is not None else []
     write_profile(out, result, identity, describe_set(data, ts, files=list(inputs), seed=seed),
                   command=" ".join(argv))
     png = out.with_suffix(".png")
@@ -114,5 +133,12 @@ def cmd(model, inputs, samples, grid, ref_grid, text_tokens, timesteps, top_k, u
     click.echo(f"pivotal layers {result.pivotal_layers}, prune start L0 = {result.prune_start}, "
                f"update interval dT = {result.update_interval} ({result.forward_passes} forward passes, "
                f"{result.elapsed_s:.1f} s)")
+    if result.reuse is not None:
+        from topi_export.method.reuse import plan_reuse
+
+        sigmas, crit = result.reuse.sigmas, result.reuse
+        auto = plan_reuse("auto", 0, sigmas, range(0, len(sigmas), update_interval), crit, source=str(out))
+        click.echo(f"step reuse: at {len(sigmas)} steps and dT = {update_interval}, auto reuses {len(auto.steps)} "
+                   f"steps {list(auto.steps)} (threshold {crit.threshold:g}, at most {crit.max_consecutive} in a row)")
     click.echo(f"profile -> {out}")
     click.echo(f"plot -> {png}")

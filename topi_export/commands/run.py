@@ -4,16 +4,19 @@ from __future__ import annotations
 import click
 
 from topi_export.commands.common import (POLICY_HELP, device_options, model_option, output_files, quiet_option,
-                                         save_latents, seed_option, show_progress, steps_option, write_json)
+                                         reuse_options, save_latents, seed_option, show_progress, steps_option,
+                                         write_json)
 
 
 def schedule_summary(schedule) -> str:
     anchors = [r.step for r in schedule if r.kind == "anchor"]
     keeps = sorted({r.keep for r in schedule if r.graph == "pruned"})
     total = sum(r.time_s for r in schedule)
+    computed = sum(r.kind != "reuse" for r in schedule)
     pruned = (f"pruned steps keep {keeps} context tokens" if keeps else
               "no step pruned (every anchor kept all context tokens)")
-    return f"{len(schedule)} steps, anchors at {anchors}, {pruned}, {total:.2f} s in the transformer"
+    return (f"{len(schedule)} steps ({computed} computed), anchors at {anchors}, {pruned}, {total:.2f} s in the "
+            f"transformer")
 
 
 def compare_table(report) -> str:
@@ -46,6 +49,7 @@ def compare_table(report) -> str:
 @click.option("--update-interval", type=click.IntRange(1, 1000), default=None,
               help="Anchor every N steps (dT). Default: the calibration's.")
 @click.option("--calibration", type=click.Path(dir_okay=False), default=None, help="Calibration profile JSON.")
+@reuse_options
 @steps_option
 @seed_option
 @click.option("--compare", is_flag=True, help="Also run the dense baseline; print time, speedup, PSNR, rel. L2.")
@@ -58,8 +62,8 @@ def compare_table(report) -> str:
               help="With --compare: save a strip of the references with their kept tokens, the baseline and ToPi.")
 @device_options
 @quiet_option
-def cmd(model, inputs, engine_dir, backend, ratio, tau, ratio_buckets, policy, update_interval, calibration, steps,
-        seed, compare, repeats, json_path, out, png, device, dtype, quiet):
+def cmd(model, inputs, engine_dir, backend, ratio, tau, ratio_buckets, policy, update_interval, calibration, reuse,
+        reuse_order, steps, seed, compare, repeats, json_path, out, png, device, dtype, quiet):
     """Run a ToPi-pruned in-context generation and report the per-step schedule."""
     from topi_export.errors import TopiError
     from topi_export.runtime.session import open_session
@@ -79,6 +83,7 @@ def cmd(model, inputs, engine_dir, backend, ratio, tau, ratio_buckets, policy, u
                 refuse_overwrite(p, [m.root / NAME] + [m.root / rel for rel in m.files], what="the output")
     data = session.load_inputs(inputs, seed)
     selector = session.selector(data, ratio=ratio, tau=tau, ratio_buckets=ratio_buckets, policy=policy, seed=seed)
+    plan = session.reuse_plan(data, steps=steps, reuse=reuse, order=reuse_order, update_interval=update_interval)
     progress = show_progress(quiet)
     session.warmup(data, selector, dense=compare)
     comparison = None
@@ -86,13 +91,15 @@ def cmd(model, inputs, engine_dir, backend, ratio, tau, ratio_buckets, policy, u
         from topi_export.runtime.compare import compare as run_compare
 
         comparison = run_compare(session, data, steps=steps, seed=seed, selector=selector, repeats=repeats,
-                                 progress=progress)
+                                 progress=progress, update_interval=update_interval, reuse=plan)
         topi = comparison.topi
     else:
-        topi = session.denoise(data, steps=steps, seed=seed, selector=selector, progress=progress)
-    report = session.report(data, selector, steps, topi, comparison)
+        topi = session.denoise(data, steps=steps, seed=seed, selector=selector, progress=progress,
+                               update_interval=update_interval, reuse=plan)
+    report = session.report(data, selector, steps, topi, comparison, reuse=plan)
     click.echo(f"{session.source} ({session.family.name}) on {session.engine.name}: "
                f"{_selection_text(selector)}, policy {selector.policy}")
+    click.echo(f"step reuse: {reuse_text(plan, steps)}")
     click.echo(schedule_summary(topi.schedule))
     if comparison is not None:
         if comparison.mode != "dense":
@@ -117,6 +124,13 @@ def cmd(model, inputs, engine_dir, backend, ratio, tau, ratio_buckets, policy, u
     if json_path:
         write_json(json_path, report.to_json())
         click.echo(f"report -> {json_path}")
+
+
+def reuse_text(plan, steps: int) -> str:
+    if not plan.enabled:
+        return plan.why
+    order = "the last velocity" if plan.order == 0 else "extrapolated from the last two"
+    return (f"{len(plan.steps)} of {steps} steps reuse {order} (steps {list(plan.steps)}); {plan.why}")
 
 
 def _selection_text(selector) -> str:

@@ -108,19 +108,34 @@ class Session:
         warmup(self.engine, self.family, data, keeps, dense=dense)
 
     def denoise(self, data, *, steps: int, seed: int = 0, selector=None, mode: str = "topi", update_interval=None,
-                progress: bool = False, desc: str | None = None):
+                progress: bool = False, desc: str | None = None, reuse=None):
+        """One generation; ``reuse``: a plan.reuse.ReusePlan (see ``reuse_plan``), default none."""
+        from topi_export.plan.reuse import OFF
         from topi_export.runtime.loop import denoise
 
         return denoise(self.engine, self.family, data, steps=steps, seed=seed, selector=selector, mode=mode,
                        update_interval=update_interval or self.settings.update_interval,
-                       scheduler_config=self.scheduler_config, progress=progress, desc=desc)
+                       scheduler_config=self.scheduler_config, progress=progress, desc=desc, reuse=reuse or OFF)
+
+    def reuse_plan(self, data, *, steps: int, reuse=None, order: int = 0, update_interval=None):
+        """Which steps of this run reuse a velocity (method/reuse.py): ``reuse`` 'off' | 'auto' | N | None (the
+        default: auto when the settings hold a criterion measured on this model)."""
+        from topi_export.method.reuse import plan_reuse
+        from topi_export.plan.limits import check_steps
+        from topi_export.runtime.loop import schedule_sigmas
+
+        check_steps(steps)
+        dt = update_interval or self.settings.update_interval
+        sigmas = schedule_sigmas(self.family, steps, data.layout, self.scheduler_config)
+        return plan_reuse(reuse, order, sigmas, range(0, steps, dt), self.settings.reuse,
+                          measured=self.settings.provenance == "measured", source=self.settings.source)
 
     def baseline_mode(self) -> str:
         """'dense' when the plain model can run (always for torch), else the in-engine unpruned step."""
         return "dense" if self.engine.has_dense else "full"
 
     # --- reporting ------------------------------------------------------------------------------
-    def report(self, data, selector: Selector, steps: int, result, comparison=None):
+    def report(self, data, selector: Selector, steps: int, result, comparison=None, reuse=None):
         """The typed report of one run (``run --json``), with the comparison against the baseline when given."""
         from topi_export.plan.results import RunReport
         from topi_export.runtime.loop import psnr, rel_l2
@@ -143,7 +158,9 @@ class Session:
             layout=data.layout.to_json(),
             selection={"ratio": selector.ratio, "tau": selector.tau, "buckets": list(selector.buckets),
                        "policy": selector.policy},
-            method=self.settings.to_json(), schedule=tuple(result.schedule), time_s=time_s, **extra)
+            method=self.settings.to_json(), schedule=tuple(result.schedule), time_s=time_s,
+            reuse=reuse.to_json() if reuse is not None else None,
+            computed_steps=sum(r.kind != "reuse" for r in result.schedule), **extra)
 
 
 def open_session(*, model=None, engine_dir=None, backend=None, calibration=None, update_interval=None,
