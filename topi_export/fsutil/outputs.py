@@ -22,10 +22,23 @@ def _resolve(path) -> Path:
     return Path(os.path.abspath(os.fspath(path))).resolve()
 
 
+def _existing_ancestor(path: Path) -> Path:
+    while not os.path.lexists(path) and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _inode(path):
+    """(device, inode) of an existing file, else None: the same file under another name or a hard link."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
 def _name_max(path: Path) -> int:
-    anc = path
-    while not os.path.lexists(anc) and anc != anc.parent:
-        anc = anc.parent
+    anc = _existing_ancestor(path)
     try:
         n = os.pathconf(anc, "PC_NAME_MAX")  # e.g. 143 on eCryptfs
         return n if 14 <= n <= NAME_MAX else NAME_MAX
@@ -57,9 +70,7 @@ def _check_creatable(directory: Path, target: Path) -> None:
     """``directory`` exists or can be created, is a directory, and new entries can really be made in it: a probe
     directory is created and removed in the nearest existing ancestor, so /proc, /sys and read-only mounts are
     refused up front even for root."""
-    anc = directory
-    while not os.path.lexists(anc) and anc != anc.parent:
-        anc = anc.parent
+    anc = _existing_ancestor(directory)
     if not os.path.isdir(anc):
         raise TopiError(f"cannot create {target}: {anc} is not a directory")
     if not os.access(anc, os.W_OK | os.X_OK):
@@ -111,11 +122,7 @@ def check_distinct_outputs(outputs) -> None:
             continue
         shown = f"{label} {os.fspath(p)}" if label else os.fspath(p)
         real = _resolve(p)
-        try:
-            st = os.stat(real)
-            ident = (st.st_dev, st.st_ino)
-        except OSError:
-            ident = None
+        ident = _inode(real)
         for real2, ident2, shown2 in seen:
             if real == real2 or (ident is not None and ident == ident2):
                 raise TopiError(f"outputs {shown2} and {shown} are the same file: give each output its own path")
@@ -160,26 +167,13 @@ def _labelled(protect) -> list[tuple[Path, str]]:
     return out
 
 
-def _danger_zones() -> list[tuple[Path, str]]:
-    zones = [(Path(os.path.abspath(os.sep)), "the filesystem root")]
-    try:
-        zones.append((_resolve(Path.home()), "your home directory"))
-    except (RuntimeError, KeyError, OSError):
-        pass
-    try:
-        zones.append((_resolve(os.getcwd()), "the current directory"))
-    except OSError:
-        pass
-    return zones
-
-
 def check_disjoint(outputs) -> None:
     """Refuse, before any work, output directories of one command that are the same or nested (e.g. ``build
     --engine-dir X --onnx-dir X/cache``): each would be placed over, or inside, the other's staging. ``outputs``
     is {path: label} or (path, label) pairs (two equal paths need pairs); paths are compared resolved, whether they
     exist or not; None entries are skipped."""
     pairs = outputs.items() if isinstance(outputs, Mapping) else outputs
-    items = [(Path(os.path.abspath(os.fspath(p))).resolve(), os.fspath(p), label)
+    items = [(_resolve(p), os.fspath(p), label)
              for p, label in pairs if p is not None and os.fspath(p) != ""]
     for i, (a, shown_a, label_a) in enumerate(items):
         for b, shown_b, label_b in items[i + 1:]:
@@ -198,11 +192,7 @@ def refuse_overwrite(path, protected, *, what="the output") -> None:
     inside a protected directory (an engine directory, the model folder). ``protected`` is paths or
     {path: label}; compared by resolved path and by inode (hard links, other spellings)."""
     target = _resolve(path)
-    try:
-        st = os.stat(target)
-        ident = (st.st_dev, st.st_ino)
-    except OSError:
-        ident = None
+    ident = _inode(target)
     for p, label in _labelled(protected):
         try:
             pst = os.stat(p)

@@ -141,6 +141,18 @@ def _mac(key: bytes, payload: dict) -> str:
     return hmac.new(key, b"topi-export ownership marker\0" + body, hashlib.sha256).hexdigest()
 
 
+def _signed(doc: dict, key: bytes | None) -> dict | None:
+    """The signed fields of marker ``doc`` when its HMAC verifies under ``key``, else None."""
+    if key is None:
+        return None
+    payload = {k: doc[k] for k in ("format", "kind", "id", "entries")}
+    return payload if hmac.compare_digest(_mac(key, payload), doc["hmac"]) else None
+
+
+def _marker_bytes(doc: dict) -> bytes:
+    return (json.dumps(doc, indent=1, sort_keys=True, ensure_ascii=True) + "\n").encode()
+
+
 def write_marker(directory, kind: str) -> dict:
     """Stamp ``directory`` (a finished staging tree) as this user's ``kind`` output: ``MARKER_FILE`` lists every
     entry below it with its size and carries an HMAC under ``owner_key()``. Written last, exclusively (never over
@@ -156,7 +168,7 @@ def write_marker(directory, kind: str) -> dict:
     doc = {**payload, "hmac": _mac(owner_key(), payload)}
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
     with os.fdopen(os.open(directory / MARKER_FILE, flags, 0o644), "wb") as f:
-        f.write((json.dumps(doc, indent=1, sort_keys=True, ensure_ascii=True) + "\n").encode())
+        f.write(_marker_bytes(doc))
     return doc
 
 
@@ -211,9 +223,7 @@ def marker_problem(directory, kind: str | None = None) -> NotOurs | None:
     doc = _read_marker(directory)
     if isinstance(doc, NotOurs):
         return doc
-    key = owner_key(create=False)
-    payload = {k: doc[k] for k in ("format", "kind", "id", "entries")}
-    if key is None or not hmac.compare_digest(_mac(key, payload), doc["hmac"]):
+    if _signed(doc, owner_key(create=False)) is None:
         return NotOurs(f"was not made by your topi-export (its {MARKER_FILE} does not verify with your key "
                        f"{owner_key_path()}: copied from another user or machine, or edited)")
     if kind is not None and doc["kind"] != kind:
@@ -271,10 +281,8 @@ def _adopt(root: Path, written: Path) -> None:
     tmp = None
     try:
         doc, key = _read_marker(root), owner_key(create=False)
-        if isinstance(doc, NotOurs) or key is None:
-            return
-        payload = {k: doc[k] for k in ("format", "kind", "id", "entries")}
-        if not hmac.compare_digest(_mac(key, payload), doc["hmac"]):
+        payload = None if isinstance(doc, NotOurs) else _signed(doc, key)
+        if payload is None:
             return
         parts = (Path(os.path.realpath(written.parent)) / written.name).relative_to(root).parts
         entries = dict(payload["entries"])
@@ -284,7 +292,7 @@ def _adopt(root: Path, written: Path) -> None:
         payload["entries"] = entries
         fd, tmp = tempfile.mkstemp(dir=root, prefix=f"{MARKER_FILE}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
-            f.write((json.dumps({**payload, "hmac": _mac(key, payload)}, indent=1, sort_keys=True) + "\n").encode())
+            f.write(_marker_bytes({**payload, "hmac": _mac(key, payload)}))
         os.chmod(tmp, 0o644 & ~_umask())
         os.replace(tmp, root / MARKER_FILE)
     except Exception:  # noqa: BLE001 - see the docstring

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from topi_export.errors import TopiError
-from topi_export.fsutil.outputs import (_SPACE_ERRORS, _check_creatable, _cut, _danger_zones, _labelled,
+from topi_export.fsutil.outputs import (_SPACE_ERRORS, _check_creatable, _cut, _labelled, _resolve,
                                         _write_error, check_name_lengths)
 from topi_export.fsutil.ownership import (ONNX_CACHE, NotOurs, _ours, _read_marker, _why_not_ours, owner_key,
                                           write_marker)
@@ -56,6 +56,19 @@ def check_output_dir(final, *, replace=False, is_ours=None, protect=()) -> Path:
     stack.append(_identity(final))  # a stack: a run nested in another's work (tests) takes its own, last in
     del stack[:-16]
     return final
+
+
+def _danger_zones() -> list[tuple[Path, str]]:
+    zones = [(Path(os.path.abspath(os.sep)), "the filesystem root")]
+    try:
+        zones.append((_resolve(Path.home()), "your home directory"))
+    except (RuntimeError, KeyError, OSError):
+        pass
+    try:
+        zones.append((_resolve(os.getcwd()), "the current directory"))
+    except OSError:
+        pass
+    return zones
 
 
 def _check_output_dir(final, *, replace=False, is_ours=None, protect=()) -> Path:
