@@ -114,7 +114,7 @@ def _cache_valid(onnx_dir: Path, key: str) -> bool:
         return False
 
 
-_is_cache_dir = is_onnx_cache  # an --onnx-dir a build may rewrite: proven by its ownership marker (fsutil.py)
+_is_cache_dir = is_onnx_cache  # an --onnx-dir a build may rewrite: proven by its ownership marker (fsutil/ownership.py)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

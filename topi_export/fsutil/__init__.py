@@ -30,10 +30,10 @@ this tool made it and it is still the tree this command saw when it started (ano
 is kept and this command fails saying so): it is moved into the staging directory (and checked again there), the
 new tree is moved in exclusively, then the old one is deleted. Nothing is deleted that was not verified as ours.
 
-Modules, each importing only those above it: ``reading`` (small files read bounded), ``rename`` (the exclusive
-rename), ``outputs`` (output paths checked before the work), ``ownership`` (the key, the marker, ``is_ours``),
-``writing`` (``atomic_write_bytes``), ``staging`` (output directories: ``check_output_dir``, ``staged_dir``),
-``confine`` (paths read from an engine directory). This package re-exports their public names.
+Modules, each importing only those listed before it: ``reading`` (small files read bounded), ``rename`` (the
+exclusive rename), ``outputs`` (output paths checked before the work), ``ownership`` (the key, the marker,
+``is_ours``), ``writing`` (``atomic_write_bytes``), ``staging`` (output directories: ``check_output_dir``,
+``staged_dir``), ``confine`` (paths read from an engine directory). This package re-exports their public names.
 """
 from topi_export.fsutil.reading import MAX_JSON_BYTES, file_identity, read_json_file, read_small_file
 from topi_export.fsutil.rename import rename_noreplace

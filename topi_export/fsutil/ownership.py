@@ -330,7 +330,7 @@ def owned_by(kind: str | None) -> Owned:
 
 made_by_topi_export = Owned(None)  # default is_ours: any kind of this user's marked output, or an empty directory
 is_triton_repository = Owned(TRITON_REPOSITORY)  # what `topi-export triton --force` may replace
-is_engine_directory = Owned(ENGINE_DIR)  # what `build --force` may replace (runtime/manifest.py is_engine_dir)
+is_engine_directory = Owned(ENGINE_DIR)  # what `build --force` may replace (artifacts/manifest.py is_engine_dir)
 is_onnx_cache = Owned(ONNX_CACHE)  # what a build may rewrite as its --onnx-dir (builder.py _is_cache_dir)
 
 
