@@ -662,8 +662,8 @@ def no_generation(monkeypatch):
     (["--seed", str(2 ** 70)], "'--seed'"),
     (["--seed", "-1"], "'--seed'"),
     (["--update-interval", "0"], "'--update-interval'"),
-    (["--tau", "nan"], "--tau nan"),
-    (["--tau", "0"], "--tau 0"),
+    (["--tau", "nan"], "--tau is nan"),
+    (["--tau", "0"], "--tau is 0"),
     (["--ratio", "nan"], "ratio nan"),
     (["--tau", "0.5", "--ratio-buckets", "0.3,0.301"], "both keep 45 of 64"),
 ])
@@ -1037,7 +1037,7 @@ def test_two_overlapping_forced_builds_never_both_report_success(ort_engine_dir,
                     "--engine-dir", out, "--force")
     assert inner == [0]
     refused(code, err, "was replaced by another run while this command was running", "this output was discarded")
-    from topi_export.runtime.manifest import read_manifest
+    from topi_export.artifacts.manifest import read_manifest
 
     assert read_manifest(out).tau == 0.6  # the second build's result, whole (every file re-hashed)
     assert fsutil.marker_problem(out, fsutil.ENGINE_DIR) is None
