@@ -91,9 +91,13 @@ def cmd(model, inputs, engine_dir, backend, ratio, tau, ratio_buckets, policy, u
     else:
         topi = session.denoise(data, steps=steps, seed=seed, selector=selector, progress=progress)
     report = session.report(data, selector, steps, topi, comparison)
-    click.echo(f"{session.source} ({session.family.name}) on {session.engine.name}: "
-               f"{_selection_text(selector)}, policy {selector.policy}")
+    lora = f", LoRA {session.identity.describe_adapters()}" if session.identity.adapters else ""
+    click.echo(f"{session.source} ({session.family.name}{lora}) on {session.engine.name}: "
+               f"{selection_text(selector)}, policy {selector.policy}")
     click.echo(schedule_summary(topi.schedule))
+    note = tau_note(selector, topi.schedule, data.layout.num_ctx)
+    if note:
+        click.echo(f"note: {note}", err=True)
     if comparison is not None:
         if comparison.mode != "dense":
             click.echo(f"note: {engine_dir} has no dense baseline graph; the speedup is against the in-engine "
@@ -119,7 +123,22 @@ def cmd(model, inputs, engine_dir, backend, ratio, tau, ratio_buckets, policy, u
         click.echo(f"report -> {json_path}")
 
 
-def _selection_text(selector) -> str:
+def selection_text(selector) -> str:
     if selector.tau is not None:
         return f"tau {selector.tau:g} over buckets {list(selector.buckets)}"
     return f"ratio {selector.ratio:g}"
+
+
+_selection_text = selection_text
+
+
+def tau_note(selector, schedule, num_ctx: int) -> str | None:
+    """With --tau: the anchors at which no compiled bucket kept enough influence, so their interval ran unpruned."""
+    if selector.tau is None:
+        return None
+    full = [r.step for r in schedule if r.kind == "anchor" and (r.selected_keep or r.keep) >= num_ctx]
+    if not full:
+        return None
+    return (f"tau {selector.tau:g}: at anchor step(s) {full} no compiled bucket keeps that much of the influence, so "
+            f"those intervals ran unpruned (all {num_ctx} context tokens); lower --tau or build a bucket with a "
+            f"smaller ratio")
