@@ -319,6 +319,13 @@ def build_engines(plan: BuildPlan | None = None, *, echo=print, **kwargs) -> Pat
                                                 progress=exporting)
             if plan.onnx_dir:
                 _save_cache(onnx_dir, Path(plan.onnx_dir), key, graphs, weights, protect, echo)
+        # where every parameter sits in the graphs, for `topi-export refit` (other LoRA adapters, no re-export)
+        from topi_export.export.weights_map import REFIT_MAP, find_slots, write_refit_map
+
+        echo("  map the weights for refit")
+        write_refit_map(tmp / REFIT_MAP, find_slots(onnx_dir, [g.file for g in graphs.values()],
+                                                    family.model.state_dict(), plan.precision),
+                        loaded.fused_params)
         del loaded
         family.model = None  # the weights live in the graphs now; free them before engines are built
         profiles = profile_table(layouts, plan.buckets)

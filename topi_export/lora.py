@@ -1,5 +1,5 @@
 """LoRA adapters (README, "LoRA"): ``--lora FILE[:SCALE]`` files are read by the family's own diffusers LoRA loader
-(``Family.lora_loader``, e.g. ``FluxLoraLoaderMixin``, which also converts the common non-diffusers formats), set
+(``Family.lora_loader``, a diffusers loader mixin, which also converts the common non-diffusers formats), set
 to their scales and fused into the transformer's weights with peft, so every backend runs plain weights: no LoRA op
 in any graph. The model identity keeps the base weights' hash and adds each adapter's file name, sha256 and scale
 (plan/manifest.py ModelIdentity.adapters); `refit` (commands/refit.py) swaps adapters without re-exporting."""
@@ -113,14 +113,23 @@ def _loader(family):
     return TransformerOnly
 
 
-def fuse(family, model, adapters) -> None:
+def fuse(family, model, adapters) -> set[str]:
     """Load every adapter into the diffusers transformer `model` at its scale and fuse them into its weights
-    (peft); afterwards the model has plain modules and the fused weights."""
+    (peft); afterwards the model has plain modules and the fused weights. Returns the parameters that changed."""
+    import torch
+
     if not adapters:
-        return
+        return set()
     names = attach(family, model, adapters)
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [n for n, mod in model.named_modules() if isinstance(mod, BaseTunerLayer)]
+    before = {f"{n}.{p}": t.detach().clone() for n in layers
+              for p, t in model.get_submodule(n).get_base_layer().named_parameters(recurse=False)}
     model.fuse_lora(lora_scale=1.0, adapter_names=names)
     model.unload_lora()
+    state = model.state_dict()
+    return {k for k, t in before.items() if k in state and not torch.equal(state[k], t)}
 
 
 def attach(family, model, adapters) -> list[str]:

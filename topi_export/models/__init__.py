@@ -96,6 +96,7 @@ class LoadedModel:
     model_class: str
     dtype: str = "fp32"
     adapters: tuple = ()  # lora.Adapter fused into the weights
+    fused_params: frozenset = frozenset()  # the parameters the adapters changed
 
     @property
     def adapter(self) -> Family:
@@ -221,11 +222,12 @@ def load_model(spec: str | os.PathLike | None = None, dtype: str = "fp32", adapt
         w_hash = files_hash(weights_dir)
     cls_name = type(model).__name__
     fam = family_for_class(cls_name)
+    fused = set()
     if adapters:
         from topi_export.lora import fuse
 
-        fuse(fam, model, adapters)
+        fused = fuse(fam, model, adapters)
     model.requires_grad_(False)
     family = fam(dict(model.config), model)
     return LoadedModel(family, spec, config_digest(model.config, type(model)), w_hash, cls_name, dtype,
-                       tuple(adapters))
+                       tuple(adapters), frozenset(fused))

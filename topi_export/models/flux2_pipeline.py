@@ -55,6 +55,16 @@ class Flux2FrontEnd(PipelineFrontEnd):
         check_px(target, ppt, "the target")
         return PipelineShape(target, tuple(refs), ppt, self.text_tokens())
 
+    def decode(self, vae, latents, grid):
+        import torch
+
+        h, w = grid
+        x = latents.to(vae.dtype).transpose(1, 2).reshape(1, -1, h, w)  # Flux2Pipeline._pack_latents, inverted
+        mean = vae.bn.running_mean.view(1, -1, 1, 1).to(x.dtype)
+        std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(x.dtype)
+        x = self.pipeline_class()._unpatchify_latents(x * std + mean)
+        return self.to_pil(vae.decode(x, return_dict=False)[0])
+
     def call_kwargs(self, request: EditRequest) -> dict:
         kwargs = {"image": list(request.images), "prompt": request.prompt}
         if request.width is not None:

@@ -52,6 +52,12 @@ class KontextFrontEnd(PipelineFrontEnd):
         check_px(target, ppt, "the target")
         return PipelineShape(target, (ref,), ppt, self.text_tokens())
 
+    def decode(self, vae, latents, grid):
+        ppt = self.pixels_per_token()
+        x = self.pipeline_class()._unpack_latents(latents.to(vae.dtype), grid[0] * ppt, grid[1] * ppt, ppt // 2)
+        x = x / vae.config.scaling_factor + vae.config.shift_factor
+        return self.to_pil(vae.decode(x, return_dict=False)[0])
+
     def call_kwargs(self, request: EditRequest) -> dict:
         kwargs = {"image": request.images[0], "prompt": request.prompt}
         if request.width is not None:  # max_area = the asked area keeps the asked size (the pipeline rescales)

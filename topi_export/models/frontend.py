@@ -180,6 +180,29 @@ class PipelineFrontEnd:
         """Scalars an inputs file records that the transformer call does not carry (e.g. a true-CFG scale)."""
         return {}
 
+    # --- pictures of latents ---------------------------------------------------------------------------------
+    def load_vae(self, dtype=None):
+        """The pipeline's VAE alone (pictures of latents: `run --png`)."""
+        import diffusers
+        import torch
+
+        entry = self.index.get("vae") or [None, None]
+        cls = getattr(diffusers, str(entry[1]), None)
+        if cls is None:
+            raise BadInput(f"{self.folder}/model_index.json names no VAE class diffusers has ({entry[1]!r})")
+        return cls.from_pretrained(self.folder / "vae", torch_dtype=dtype or torch.float32).eval()
+
+    def decode(self, vae, latents, grid):
+        """Packed latents [1, H*W, C] of a token grid (H, W), as the transformer sees them (references too) -> a
+        PIL image, decoded as the pipeline decodes its result."""
+        raise NotImplementedError
+
+    @staticmethod
+    def to_pil(image):
+        from diffusers.image_processor import VaeImageProcessor
+
+        return VaeImageProcessor().postprocess(image.float(), output_type="pil")[0]
+
 
 def option_value(request: EditRequest, kwarg: str, default=None):
     value = request.options.get(kwarg)

@@ -136,6 +136,14 @@ class QwenEditFrontEnd(PipelineFrontEnd):
     def load(self, *, transformer=None, dtype=None):
         return self.from_pretrained(transformer, dtype, processor=load_processor(self.folder / "processor"))
 
+    def decode(self, vae, latents, grid):
+        ppt = self.pixels_per_token()
+        x = self.pipeline_class()._unpack_latents(latents.to(vae.dtype), grid[0] * ppt, grid[1] * ppt, ppt // 2)
+        z = vae.config.z_dim
+        mean = torch.tensor(vae.config.latents_mean).view(1, z, 1, 1, 1).to(x.dtype)
+        std = torch.tensor(vae.config.latents_std).view(1, z, 1, 1, 1).to(x.dtype)
+        return self.to_pil(vae.decode(x * std + mean, return_dict=False)[0][:, :, 0])
+
     def call_kwargs(self, request: EditRequest) -> dict:
         kwargs = {"image": list(request.images) if self.plus else request.images[0], "prompt": request.prompt}
         if request.width is not None:

@@ -199,6 +199,29 @@ def check_planned(shape, layouts, family) -> None:
                             f"{family} front end (models/) does not match this diffusers version's resolution rules")
 
 
+def latent_decoder(folder, *, required: bool = False):
+    """(latents [1, N, C], grid) -> PIL image through a pipeline folder's VAE, as its pipeline decodes; None when
+    the folder is not a pipeline with a front end or the front end's packages are missing (unless required)."""
+    from topi_export.models import pipeline_index
+
+    try:
+        if pipeline_index(folder) is None:
+            raise BadInput(f"--vae {folder}: not a diffusers pipeline folder (no model_index.json)")
+        require_packages()
+        front = open_front_end(folder)
+        vae = front.load_vae()
+    except (TopiError, ImportError, OSError):
+        if required:
+            raise
+        return None
+
+    def decode(latents, grid):
+        with torch.inference_mode():
+            return front.decode(vae, latents.float(), tuple(grid))
+
+    return decode
+
+
 def unmodified_transformer(front, dtype=None):
     """The pipeline folder's own transformer, loaded by its diffusers class (the reference of `edit --compare`)."""
     import diffusers

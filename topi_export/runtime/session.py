@@ -143,7 +143,8 @@ class Session:
             layout=data.layout.to_json(),
             selection={"ratio": selector.ratio, "tau": selector.tau, "buckets": list(selector.buckets),
                        "policy": selector.policy},
-            method=self.settings.to_json(), schedule=tuple(result.schedule), time_s=time_s, **extra)
+            method=self.settings.to_json(), schedule=tuple(result.schedule), time_s=time_s,
+            adapters=[dict(a) for a in self.identity.adapters] or None, **extra)
 
 
 def open_session(*, model=None, engine_dir=None, backend=None, calibration=None, update_interval=None,
