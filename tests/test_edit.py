@@ -120,6 +120,12 @@ def test_edit_equals_the_pipeline_with_the_dropin(pipes, images, family, tmp_pat
     ref_image, ref_latents = _python_pipeline(pipes, images, family, tr)
     torch.testing.assert_close(load_file(str(latents))["latents"], ref_latents.float(), rtol=0, atol=1e-6)
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(ref_image))
+    # the front end's decoder (`run --png` pictures) decodes latents as the pipeline does
+    from topi_export.runtime.pipeline import latent_decoder
+
+    grid = tr.runner.layout.target_grid
+    decoded = latent_decoder(pipes[family], required=True)(load_file(str(latents))["latents"], grid)
+    assert np.abs(np.asarray(decoded, np.int16) - np.asarray(ref_image, np.int16)).max() <= 1
 
 
 @pytest.mark.parametrize("family", ["kontext", "qwen"])
@@ -166,7 +172,8 @@ def test_encode_refuses_a_second_branch_the_inputs_file_cannot_hold(pipes, image
     branch: refused, and --guidance 1 (no CFG) encodes."""
     args = ["encode", "--model", str(pipes["klein"]), "--image", str(images["square"]), "--prompt", PROMPT]
     code, _, err = run_cli(args + ["--out", str(tmp_path / "a.safetensors")], capsys)
-    assert code == 2 and len(err.strip().splitlines()) == 1 and "--guidance 1" in err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "--guidance 1" in errors[0] and not (tmp_path / "a.safetensors").exists()
     code, _, err = run_cli(args + ["--guidance", "1", "--out", str(tmp_path / "b.safetensors")], capsys)
     assert code == 0, err
 
@@ -277,6 +284,10 @@ def test_kontext_front_end_follows_the_pipelines_rules(pipes, monkeypatch):
     shape = front.shape(EditRequest([Image.new("RGB", (800, 600))], "x"))
     assert shape.target_px == (1024, 1024) and shape.refs_px == ((1184, 880),) and shape.text_tokens == 512
     assert shape.layout.ref_grids == ((55, 74),) and shape.resolutions() == "1024x1024:1184x880"
+    from topi_export import Layout
+    from topi_export.builder import image_size_layouts  # build --image-sizes: the same rules
+
+    assert image_size_layouts("800x600; 800x600", front, pipes["kontext"], None) == (Layout(512, (64, 64), ((55, 74),)),)
 
 
 def test_resolutions_accept_target_reference_layouts():

@@ -47,7 +47,7 @@ def _build(out, *loras_):
     from topi_export import build_engines
 
     return build_engines(model="tiny-kontext", layouts=(LAYOUT,), ratio_buckets="0.5", engine_dir=out,
-                         lora=tuple(loras_), echo=lambda s: None)
+                         loras=tuple(loras_), echo=lambda s: None)
 
 
 @pytest.fixture(scope="module")

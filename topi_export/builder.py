@@ -61,6 +61,7 @@ class BuildPlan:
     references: int = 1  # references per layout with --resolutions
     text_tokens: int | None = None  # with --resolutions (default: the pipeline's with a pipeline folder, else the family's)
     loras: tuple = ()  # lora.Adapter (or "FILE[:SCALE]") fused into the weights before export
+    image_sizes: str | None = None  # "WxH,WxH;WxH": reference images' sizes; the pipeline's rules give the layouts
     engine_dir: str | None = None
     onnx_dir: str | None = None
     force: bool = False
@@ -152,11 +153,16 @@ def pipeline_front_end(model):
 def resolve_layouts(plan: BuildPlan, loaded) -> tuple[Layout, ...]:
     from topi_export.artifacts.inputs import default_inputs, load_inputs
 
-    if plan.resolutions:
+    if plan.resolutions or plan.image_sizes:
         front = pipeline_front_end(plan.model)
         text_tokens = plan.text_tokens or (front.text_tokens() if front else None)
-        layouts = resolution_layouts(plan.resolutions, loaded.family, plan.references, text_tokens,
-                                     front.pixels_per_token() if front else None)
+        layouts = ()
+        if plan.resolutions:
+            layouts = resolution_layouts(plan.resolutions, loaded.family, plan.references, text_tokens,
+                                         front.pixels_per_token() if front else None)
+        if plan.image_sizes:
+            layouts += tuple(lay for lay in image_size_layouts(plan.image_sizes, front, plan.model, text_tokens)
+                             if lay not in layouts)
     elif plan.layouts:
         layouts = tuple(plan.layouts)
     elif plan.inputs:
@@ -166,6 +172,27 @@ def resolve_layouts(plan: BuildPlan, loaded) -> tuple[Layout, ...]:
     for lay in layouts:
         loaded.family.check_layout(lay)
     return layouts
+
+
+def image_size_layouts(text: str, front, model, text_tokens) -> tuple[Layout, ...]:
+    """--image-sizes 'WxH,WxH;WxH' (the sizes of the reference images requests will bring) -> the layouts the
+    pipeline makes of them with its resolution rules and default target size (models/frontend.py shape)."""
+    if front is None:
+        raise BadInput(f"--image-sizes needs --model to be a diffusers pipeline folder with a front end (its "
+                       f"resolution rules make the layouts); {model} is not: use --resolutions TARGET:REF,REF")
+    from PIL import Image
+
+    from topi_export.models.frontend import EditRequest
+
+    out = []
+    for item in (i.strip() for i in text.split(";") if i.strip()):
+        images = [Image.new("RGB", _pixels(p, {})) for p in item.split(",") if p.strip()]
+        shape = front.shape(EditRequest(images, "", names=tuple(f"image {i + 1} ({p.strip()})" for i, p in
+                                                                 enumerate(item.split(",")))))
+        lay = shape.layout.with_text_tokens(text_tokens or shape.text_tokens)
+        if lay not in out:
+            out.append(lay)
+    return tuple(out)
 
 
 def _pixels(part: str, sets) -> tuple[int, int]:

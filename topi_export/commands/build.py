@@ -30,7 +30,7 @@ def layouts_from_flags(inputs, target_grid, ref_grid, ref_grids, text_tokens, re
 
     grid_flags = bool(target_grid or ref_grid or ref_grids)
     if sum(map(bool, (inputs, grid_flags, resolutions))) > 1:
-        raise TopiError("give one of --inputs, --target-grid/--ref-grid, --resolutions")
+        raise TopiError("give one of --inputs, --target-grid/--ref-grid, --resolutions/--image-sizes")
     if ref_grid and ref_grids:
         raise TopiError("give either --ref-grid (repeatable) or --ref-grids HxW,HxW, not both")
     if not grid_flags:
@@ -63,6 +63,10 @@ def layouts_from_flags(inputs, target_grid, ref_grid, ref_grids, text_tokens, re
                    "the target's size), TARGET:REF,REF layouts (e.g. 1024x1024:1184x880), or a shorthand "
                    "(kontext-preferred: the 17 resolutions FluxKontextPipeline snaps to). Repeatable; ';' also "
                    "separates layouts. With a pipeline folder, pixels per token come from its VAE.")
+@click.option("--image-sizes", multiple=True, metavar="WxH[,WxH...]",
+              help="With a pipeline folder: the sizes of the reference images requests will bring (one WxH per "
+                   "reference; repeat for several layouts); the pipeline's resolution rules and default target size "
+                   "give the layouts (e.g. 800x600 -> 1024x1024:1184x880 for FLUX.1 Kontext).")
 @click.option("--references", type=click.IntRange(1, 16), default=1, show_default=True,
               help="References per request with --resolutions (each at the target's resolution).")
 @click.option("--backend", default=DEFAULT_BUILD_BACKEND, show_default=True,
@@ -90,7 +94,7 @@ def layouts_from_flags(inputs, target_grid, ref_grid, ref_grids, text_tokens, re
 @backend_options
 @click.option("--build-dynamic-shape", is_flag=True, hidden=True)  # TensorRT demo users: explained, not ignored
 def cmd(model, ratio_buckets, calibration, inputs, target_grid, ref_grid, ref_grids, text_tokens, resolutions,
-        references, backend, engine_dir, onnx_dir, policy, tau, dense, cfg, force, lora, precision,
+        image_sizes, references, backend, engine_dir, onnx_dir, policy, tau, dense, cfg, force, lora, precision,
         build_dynamic_shape, **backend_flags):
     """Export topi (+ dense baseline) graphs with topi custom ops and build engines per shape and ratio bucket."""
     from topi_export.backends import options_for
@@ -106,8 +110,9 @@ def cmd(model, ratio_buckets, calibration, inputs, target_grid, ref_grid, ref_gr
     from topi_export.lora import parse_adapters
 
     resolutions = ";".join(resolutions) or None
+    image_sizes = ";".join(image_sizes) or None
     front = pipeline_front_end(model)  # a pipeline folder gives the default text length
-    layouts = layouts_from_flags(inputs, target_grid, ref_grid, ref_grids, text_tokens, resolutions,
+    layouts = layouts_from_flags(inputs, target_grid, ref_grid, ref_grids, text_tokens, resolutions or image_sizes,
                                  front.text_tokens() if front is not None else 8)
     adapters = parse_adapters(lora)
     ctx = click.get_current_context()
@@ -117,6 +122,7 @@ def cmd(model, ratio_buckets, calibration, inputs, target_grid, ref_grid, ref_gr
     plan = BuildPlan(model=model, layouts=layouts, buckets=parse_buckets(ratio_buckets), backend=backend,
                      precision=precision, calibration=calibration, policy=policy, tau=tau, dense=dense, cfg=cfg,
                      inputs=inputs, resolutions=resolutions, references=references, text_tokens=text_tokens,
+                     image_sizes=image_sizes,
                      engine_dir=engine_dir, onnx_dir=onnx_dir, force=force, options=options, loras=adapters)
     out = build_engines(plan, echo=lambda s: click.echo(s, err=True))
     click.echo(f"engines -> {out}")

@@ -16,13 +16,15 @@ def front_end_options(f):
 
     from topi_export.models import families
 
-    seen = {}
+    seen, owners = {}, {}
     for fam in families():
         if fam.front_end:
             for opt in importlib.import_module(fam.front_end).FRONT_END.options:
                 seen.setdefault(opt.flag, opt)
+                owners.setdefault(opt.flag, []).append(fam.name)
     for opt in reversed(list(seen.values())):
-        f = click.option(opt.flag, opt.dest, type=opt.kind, default=None, help=f"[{opt.flag} pipelines] {opt.help}")(f)
+        f = click.option(opt.flag, opt.dest, type=opt.kind, default=None,
+                         help=f"[{', '.join(owners[opt.flag])}] {opt.help}")(f)
     return f
 
 
@@ -100,6 +102,7 @@ def cmd(model, images, prompt, width, height, steps, seed, engine_dir, backend, 
     from topi_export.runtime import pipeline as P
 
     P.require_packages()
+    P.loading_bars(show_progress(quiet))
     front = P.open_front_end(model)
     request = make_request(front, images, prompt, steps, seed, width, height, given)
     out_path = Path(out)

@@ -24,6 +24,7 @@ def cmd(model, images, prompt, width, height, steps, seed, out, dtype, **given):
     from topi_export.runtime import pipeline as P
 
     P.require_packages()
+    P.loading_bars(False)
     front = P.open_front_end(model)
     request = make_request(front, images, prompt, steps, seed, width, height, given)
     output_files([out], protected=list(images))

@@ -164,7 +164,7 @@ class PipelineFrontEnd:
         replacement that is not a ModelMixin, so the slot is loaded empty and filled afterwards)."""
         import torch
 
-        kwargs = {"torch_dtype": dtype or torch.float32, **components}
+        kwargs = {"dtype": dtype or torch.float32, **components}
         if transformer is not None:
             kwargs["transformer"] = None
         pipe = self.pipeline_class().from_pretrained(self.folder, **kwargs)
@@ -190,7 +190,7 @@ class PipelineFrontEnd:
         cls = getattr(diffusers, str(entry[1]), None)
         if cls is None:
             raise BadInput(f"{self.folder}/model_index.json names no VAE class diffusers has ({entry[1]!r})")
-        return cls.from_pretrained(self.folder / "vae", torch_dtype=dtype or torch.float32).eval()
+        return cls.from_pretrained(self.folder / "vae", dtype=dtype or torch.float32).eval()
 
     def decode(self, vae, latents, grid):
         """Packed latents [1, H*W, C] of a token grid (H, W), as the transformer sees them (references too) -> a

@@ -29,6 +29,22 @@ def require_packages() -> None:
                                      f"{EXTRA_HINT}")
 
 
+def loading_bars(show: bool) -> None:
+    """diffusers' and transformers' own loading bars: on a terminal with progress shown, else off (they would
+    fill a log with carriage returns)."""
+    from topi_export.progress import mode
+
+    on = show and mode(True) == "bar"
+    for module in ("diffusers.utils.logging", "transformers.utils.logging"):
+        try:
+            import importlib
+
+            logging = importlib.import_module(module)
+            (logging.enable_progress_bar if on else logging.disable_progress_bar)()
+        except ImportError:
+            pass
+
+
 def open_front_end(folder):
     from topi_export.models import front_end_for
 
@@ -231,7 +247,7 @@ def unmodified_transformer(front, dtype=None):
     if cls is None:
         raise BadInput(f"{front.folder}/model_index.json names transformer class {entry[1]!r}, which diffusers "
                        f"does not have: re-save the pipeline")
-    return cls.from_pretrained(front.folder / "transformer", torch_dtype=dtype or torch.float32,
+    return cls.from_pretrained(front.folder / "transformer", dtype=dtype or torch.float32,
                                use_safetensors=True).eval()
 
 

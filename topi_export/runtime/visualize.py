@@ -77,7 +77,10 @@ def _dim(image, mask_grid, pixels_per_token: int):
 
 def _kept_mask(layout, kept) -> np.ndarray:
     mask = np.zeros(layout.num_ctx, dtype=np.float32)
-    mask[kept.cpu().numpy() if kept is not None else slice(None)] = 1.0
+    if kept is None:
+        mask[:] = 1.0
+    else:
+        mask[np.asarray(kept.cpu() if hasattr(kept, "cpu") else kept, dtype=np.int64)] = 1.0
     return mask
 
 
