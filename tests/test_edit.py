@@ -333,3 +333,21 @@ def test_generic_code_names_no_pipeline():
                  for i, line in enumerate((ROOT / "topi_export" / rel).read_text().splitlines(), 1)
                  if pattern.search(line)]
     assert not offenders, "\n".join(offenders)
+
+
+def test_edit_with_a_lora_compares_against_the_pipeline_with_the_adapter(pipes, images, tmp_path, capsys):
+    """`edit --lora` fuses the adapter into the ToPi model; --compare gives it, unfused, to the unmodified
+    pipeline: at ratio 0 the images are identical (and differ from the base model's)."""
+    pytest.importorskip("peft")
+    from PIL import Image
+
+    from test_lora import make_lora
+
+    lora = make_lora(tmp_path / "style.safetensors", 21)
+    out, _, stdout, err = _edit(pipes, images, "kontext", tmp_path, capsys, "--ratio", "0", "--compare",
+                                "--lora", f"{lora}:0.7")
+    assert "LoRA style.safetensors x0.7" in err
+    report = json.loads(out.with_name(f"{out.stem}.json").read_text())
+    assert report["psnr_db"] is None and report["adapters"][0]["scale"] == 0.7
+    base, _, _, _ = _edit(pipes, images, "kontext", tmp_path / "base", capsys, "--ratio", "0")
+    assert not np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(base)))

@@ -18,7 +18,8 @@ class KontextFrontEnd(PipelineFrontEnd):
     pipelines = ("FluxKontextPipeline",)
     max_images = 1
     options = (CallOption("--guidance", "guidance_scale", float,
-                          "Distilled guidance scale (default: the pipeline's)."),)
+                          "The pipeline's guidance_scale: embedded (distilled) guidance, or CFG with an empty negative "
+                          "prompt for a non-distilled Flux2KleinPipeline (default: the pipeline's)."),)
 
     def pixels_per_token(self) -> int:
         blocks = self.component_config("vae").get("block_out_channels") or (0,) * 4

@@ -80,10 +80,16 @@ def transformer_identity(front) -> tuple[str, str]:
     from topi_export.models import _read_config, family_for_class, files_hash, resolve_model_dir
     from topi_export.plan.manifest import config_digest
 
+    import inspect
+
     folder = resolve_model_dir(front.folder)
     config = _read_config(folder)
     cls = family_for_class(str(config.get("_class_name"))).model_class()
-    return config_digest(config, cls), files_hash(folder)
+    # the loaded model's config = __init__'s defaults + config.json (a saved config may omit newer keys)
+    params = inspect.signature(cls.__init__).parameters
+    full = {k: p.default for k, p in params.items() if k != "self" and p.default is not inspect.Parameter.empty}
+    full.update({k: v for k, v in config.items() if k in params})
+    return config_digest(full, cls), files_hash(folder)
 
 
 def build_hint(front, shape, adapters=()) -> str:
