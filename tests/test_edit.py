@@ -337,7 +337,8 @@ def test_generic_code_names_no_pipeline():
 
 def test_edit_with_a_lora_compares_against_the_pipeline_with_the_adapter(pipes, images, tmp_path, capsys):
     """`edit --lora` fuses the adapter into the ToPi model; --compare gives it, unfused, to the unmodified
-    pipeline: at ratio 0 the images are identical (and differ from the base model's)."""
+    pipeline: at ratio 0 the images agree to float rounding of fused vs unfused weights (and differ from the base
+    model's)."""
     pytest.importorskip("peft")
     from PIL import Image
 
@@ -348,6 +349,7 @@ def test_edit_with_a_lora_compares_against_the_pipeline_with_the_adapter(pipes, 
                                 "--lora", f"{lora}:0.7")
     assert "LoRA style.safetensors x0.7" in err
     report = json.loads(out.with_name(f"{out.stem}.json").read_text())
-    assert report["psnr_db"] is None and report["adapters"][0]["scale"] == 0.7
+    assert (report["psnr_db"] is None or report["psnr_db"] > 60) and report["ssim"] > 0.9999
+    assert report["adapters"][0]["scale"] == 0.7
     base, _, _, _ = _edit(pipes, images, "kontext", tmp_path / "base", capsys, "--ratio", "0")
     assert not np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(base)))
