@@ -227,7 +227,8 @@ def test_edit_refuses_engines_of_another_shape_before_encoding(pipes, images, ko
 
 
 def test_edit_refuses_engines_of_another_model(pipes, images, ort_engine_dir, tmp_path, capsys):
-    code, _, err = run_cli(["edit", "--model", str(pipes["kontext"]), "--image", str(images["wide"]), "--prompt", PROMPT,
+    code, _, err = run_cli(["edit", "--model", str(pipes["kontext"]), "--image", str(images["wide"]),
+                            "--prompt", PROMPT,
                             "--width", "64", "--height", "64", "--engine-dir", str(ort_engine_dir),
                             "--out", str(tmp_path / "x.png")], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "another flux-kontext model" in err
@@ -287,7 +288,8 @@ def test_kontext_front_end_follows_the_pipelines_rules(pipes, monkeypatch):
     from topi_export import Layout
     from topi_export.builder import image_size_layouts  # build --image-sizes: the same rules
 
-    assert image_size_layouts("800x600; 800x600", front, pipes["kontext"], None) == (Layout(512, (64, 64), ((55, 74),)),)
+    lays = image_size_layouts("800x600; 800x600", front, pipes["kontext"], None)
+    assert lays == (Layout(512, (64, 64), ((55, 74),)),)
 
 
 def test_resolutions_accept_target_reference_layouts():
@@ -307,7 +309,8 @@ def test_resolutions_accept_target_reference_layouts():
 
 
 def test_a_flag_of_another_family_is_refused(pipes, images, tmp_path, capsys):
-    code, _, err = run_cli(["edit", "--model", str(pipes["kontext"]), "--image", str(images["wide"]), "--prompt", PROMPT,
+    code, _, err = run_cli(["edit", "--model", str(pipes["kontext"]), "--image", str(images["wide"]),
+                            "--prompt", PROMPT,
                             "--negative-prompt", " ", "--out", str(tmp_path / "x.png")], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "--negative-prompt is not an option" in err
 
@@ -316,8 +319,10 @@ def test_missing_front_end_package_is_one_line_naming_the_extra(pipes, images, t
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "transformers" else real(name, *a))
-    code, _, err = run_cli(["edit", "--model", str(pipes["kontext"]), "--image", str(images["wide"]), "--prompt", PROMPT,
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "transformers" else real(name, *a))
+    code, _, err = run_cli(["edit", "--model", str(pipes["kontext"]), "--image", str(images["wide"]),
+                            "--prompt", PROMPT,
                             "--out", str(tmp_path / "x.png")], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "topi-export[edit]" in err
 

@@ -59,7 +59,7 @@ class BuildPlan:
     inputs: str | None = None
     resolutions: str | None = None  # "WxH,WxH" in pixels, or a family shorthand such as kontext-preferred
     references: int = 1  # references per layout with --resolutions
-    text_tokens: int | None = None  # with --resolutions (default: the pipeline's with a pipeline folder, else the family's)
+    text_tokens: int | None = None  # with --resolutions (default: a pipeline folder's, else the family's)
     loras: tuple = ()  # lora.Adapter (or "FILE[:SCALE]") fused into the weights before export
     image_sizes: str | None = None  # "WxH,WxH;WxH": reference images' sizes; the pipeline's rules give the layouts
     engine_dir: str | None = None

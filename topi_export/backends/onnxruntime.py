@@ -82,7 +82,7 @@ def refit_onnx_weights(job) -> list[str]:
     graph_files = [g.onnx or g.file for g in m.graphs.values()]
     values = new_values(job.slots, job.changed, job.new, m.precision, graph_files)
     written = write_weights(m.root, job.out_dir, values)
-    job.echo(f"  {sum(1 for _ in values)} initializer(s) rewritten in {', '.join(written) or 'no file'}; graphs unchanged")
+    job.echo(f"  {len(values)} initializer(s) rewritten in {', '.join(written) or 'no file'}; graphs unchanged")
     return written
 
 

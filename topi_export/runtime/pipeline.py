@@ -125,7 +125,8 @@ def check_fit(front, manifest, shape, *, identity=None, adapters=()) -> None:
         ppt = shape.pixels_per_token
         served = [layout_pixels(lay, ppt) for lay in m.layouts]
         more = f" and {len(served) - MAX_LISTED} more" if len(served) > MAX_LISTED else ""
-        same_grids = [lay for lay in m.layouts if lay.target_grid == want.target_grid and lay.ref_grids == want.ref_grids]
+        same_grids = [lay for lay in m.layouts
+                      if lay.target_grid == want.target_grid and lay.ref_grids == want.ref_grids]
         why = (f"{want.text_tokens} text tokens, the engines hold {', '.join(str(b.text_tokens) for b in same_grids)}"
                if same_grids else f"{len(shape.refs_px)} reference(s) at {shape.resolutions()}")
         raise BadInput(f"{m.root} serves {'; '.join(served[:MAX_LISTED])}{more} (pixels of this pipeline) but "
