@@ -244,7 +244,7 @@ class _Edit:
         shown = "inf (identical)" if math.isinf(psnr) else f"{psnr:.2f}"
         click.echo(f"dense (unmodified pipeline): {dense.time_s:.2f} s ({dense.transformer_s:.2f} s transformer); "
                    f"ToPi {topi.time_s:.2f} s ({topi.transformer_s:.2f} s); transformer speedup "
-                   f"{speedup:.2f}x; PSNR {shown} dB, SSIM {ssim:.4f}")
+                   f"{speedup or 0:.2f}x; PSNR {shown} dB, SSIM {ssim:.4f}")
         if self.manifest is not None:
             click.echo(f"note: the baseline is the diffusers transformer in PyTorch and ToPi ran on {engine_name}: "
                        f"the speedup compares backends too (`run --engine-dir ... --compare` measures against the "
