@@ -350,9 +350,8 @@ def build_engines(plan: BuildPlan | None = None, *, echo=print, **kwargs) -> Pat
         from topi_export.export.weights_map import REFIT_MAP, find_slots, write_refit_map
 
         echo("  map the weights for refit")
-        write_refit_map(tmp / REFIT_MAP, find_slots(onnx_dir, [g.file for g in graphs.values()],
-                                                    family.model.state_dict(), plan.precision),
-                        loaded.fused_params)
+        slots = find_slots(onnx_dir, [g.file for g in graphs.values()], family.model.state_dict(), plan.precision)
+        fused_params = loaded.fused_params
         del loaded
         family.model = None  # the weights live in the graphs now; free them before engines are built
         profiles = profile_table(layouts, plan.buckets)
@@ -361,6 +360,8 @@ def build_engines(plan: BuildPlan | None = None, *, echo=print, **kwargs) -> Pat
                                      plan.options, echo))
         if not out.keep_onnx:
             shutil.rmtree(onnx_dir)
+        if out.keep_onnx or getattr(plan.options, "refittable", False):  # engines refit can change
+            write_refit_map(tmp / REFIT_MAP, slots, fused_params)
         stages("write manifest (sha256 of every file)")
         files = [p.relative_to(tmp).as_posix() for p in sorted(tmp.rglob("*")) if p.is_file()]
         entries = {kind: _entry(graphs[kind], rel, out.keep_onnx) for kind, rel in out.graphs.items()}

@@ -34,7 +34,11 @@ def _slots(m, base_state):
     if REFIT_MAP in m.files:
         slots, old = read_refit_map(m.file(REFIT_MAP))
         return [replace(s, graph=onnx_paths.get(Path(s.graph).name, s.graph)) for s in slots], old
-    if m.model.adapters or not onnx_paths:
+    if not onnx_paths:
+        raise BadInput(f"{m.root} holds {m.backend} engines that embed their weights and were built without "
+                       f"--refittable: rebuild with --refittable to refit them, or build the adapters in with "
+                       f"`build --lora`")
+    if m.model.adapters:
         raise BadInput(f"{m.root} has no refit map ({REFIT_MAP}): rebuild it with this topi-export to refit it")
     return find_slots(m.root, list(onnx_paths.values()), base_state, m.precision), set()
 
