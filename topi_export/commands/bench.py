@@ -67,7 +67,7 @@ def cmd(model, inputs, ratio_buckets, policies, no_default_policy, calibration, 
         update_intervals, taus, reuses, reuse_order, target_grid, ref_grids, text_tokens, samples, repeats, seed, json_path, md_path,
         png_path, device, dtype, quiet):
     """Benchmark speed and fidelity of every ratio and policy against the unpruned run."""
-    from tqdm import tqdm
+    from topi_export.progress import progress_bar
 
     from topi_export.bench import BenchConfig, markdown_table, plot, run_bench, timestamp
     from topi_export.errors import TopiError
@@ -137,7 +137,7 @@ def cmd(model, inputs, ratio_buckets, policies, no_default_policy, calibration, 
     cfg = BenchConfig(ratios, tuple(pols), steps, dts, tau_list, seed, repeats, dim=family.width, reuses=reuse_specs,
                       reuse_order=reuse_order)
     total = len(data) * len(dts) * len(pols) * (len(ratios) + len(tau_list)) * len(reuse_specs)
-    with tqdm(total=total, disable=not show_progress(quiet), desc="bench", unit="run") as bar:
+    with progress_bar(total, "bench", show_progress(quiet), unit="run") as bar:
         report = run_bench(session, data, cfg, progress=lambda: bar.update(1))
     report["created"] = timestamp()
     report["command"] = "topi-export " + " ".join(sys.argv[1:]) if sys.argv and "topi-export" in sys.argv[0] else None

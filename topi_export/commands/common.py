@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
@@ -80,7 +79,8 @@ def quiet_option(f):
 
 
 def show_progress(quiet: bool) -> bool:
-    return not quiet and sys.stderr.isatty()
+    """Progress is shown unless --quiet: a bar on a terminal, log lines otherwise (topi_export/progress.py)."""
+    return not quiet
 
 
 POLICY_HELP = ("Token selection policy (default: the engine directory's, else the package default); an unknown "

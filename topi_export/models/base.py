@@ -108,6 +108,8 @@ class Family:
     name: str = ""
     model_classes: tuple[str, ...] = ()  # diffusers transformer classes served
     pipelines: tuple[str, ...] = ()  # diffusers pipelines the drop-in serves
+    front_end: str | None = None  # module whose FRONT_END drives those pipelines from images (models/frontend.py)
+    lora_loader: str | None = None  # diffusers.loaders mixin that reads this family's LoRA files (topi_export/lora.py)
     builtins: dict = {}  # built-in name -> callable returning a seeded diffusers config
     max_references: int | None = 1  # None: any number
     published: Published | None = None  # default method setting (with provenance)

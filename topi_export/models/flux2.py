@@ -120,6 +120,8 @@ class Flux2(FluxBlocks, Family):
     name = "flux2"
     model_classes = ("Flux2Transformer2DModel",)
     pipelines = ("Flux2Pipeline", "Flux2KleinPipeline")
+    front_end = "topi_export.models.flux2_pipeline"
+    lora_loader = "Flux2LoraLoaderMixin"
     max_references = None
     published = replace(FluxKontext.published, source="FLUX.1 Kontext published setting, no FLUX.2 setting published")
     pixels_per_token = 16

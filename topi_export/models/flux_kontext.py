@@ -105,6 +105,8 @@ class FluxKontext(FluxBlocks, Family):
     name = "flux-kontext"
     model_classes = ("FluxTransformer2DModel",)
     pipelines = ("FluxKontextPipeline",)
+    front_end = "topi_export.models.flux_kontext_pipeline"
+    lora_loader = "FluxLoraLoaderMixin"
     max_references = 1
     published = Published((13, 18, 31), 10, 10, 57, "published ToPi setting for FLUX.1 Kontext [dev]")
     pixels_per_token = 16

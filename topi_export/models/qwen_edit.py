@@ -125,6 +125,8 @@ class QwenImageEdit(Family):
     pads_text = True  # the text mask makes padding exact for the image tokens
     model_classes = ("QwenImageTransformer2DModel",)
     pipelines = ("QwenImageEditPipeline", "QwenImageEditPlusPipeline")
+    front_end = "topi_export.models.qwen_edit_pipeline"
+    lora_loader = "QwenImageLoraLoaderMixin"
     max_references = None  # Edit takes one reference, Plus several: one family
     max_branches = 2  # true CFG: positive and negative prompt, batched
     published = Published((35, 37, 42), 11, 10, 60,

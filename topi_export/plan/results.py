@@ -100,9 +100,10 @@ class RunReport:
     psnr_db: float | None = None
     rel_l2: float | None = None
     psnr_db_vs_truth: dict | None = None
+    adapters: list | None = None  # LoRA adapters fused into the weights ({"file", "sha256", "scale"})
 
     OPTIONAL = ("repeats", "baseline", "speedup", "speedup_spread", "psnr_db", "rel_l2", "psnr_db_vs_truth", "reuse",
-                "computed_steps")
+                "computed_steps", "adapters")
 
     def to_json(self) -> dict:
         out = {}

@@ -26,14 +26,14 @@ BRANCHES = {"cond": 0, "uncond": 1}
 class TopiTransformer(torch.nn.Module):
     def __init__(self, engine_dir=None, *, model=None, backend=None, ratio=None, tau=None, ratio_buckets=None,
                  policy=None, update_interval=None, calibration=None, seed: int = 0, device: str = "cpu",
-                 dtype: str = "fp32", reuse=None, reuse_order: int = 0, steps: int | None = None):
+                 dtype: str = "fp32", reuse=None, reuse_order: int = 0, steps: int | None = None, loras=()):
         super().__init__()
         from diffusers.configuration_utils import FrozenDict
 
         from topi_export.runtime.session import open_session
 
         self.session = open_session(model=model, engine_dir=engine_dir, backend=backend, calibration=calibration,
-                                    update_interval=update_interval, device=device, dtype=dtype)
+                                    update_interval=update_interval, device=device, dtype=dtype, loras=loras)
         self.family = self.session.family
         if not hasattr(self.family, "parse_call"):
             raise TopiError(f"{self.family.name} has no diffusers drop-in")
@@ -127,7 +127,7 @@ class TopiTransformer(torch.nn.Module):
                                                 branch=branch)
         if branch == 0:
             self.schedule.append(record)
-        velocity = velocity[:1].to(latents.dtype)
+        velocity = velocity[:1].to(device=latents.device, dtype=latents.dtype)
         if not return_dict:
             return (velocity,)
         from diffusers.models.modeling_outputs import Transformer2DModelOutput

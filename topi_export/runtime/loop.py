@@ -32,9 +32,9 @@ class RunResult:
 
 
 def _progress(total, desc, enabled):
-    from tqdm import tqdm
+    from topi_export.progress import progress_bar
 
-    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, unit="step")
+    return progress_bar(total, desc, enabled)
 
 
 @contextmanager
