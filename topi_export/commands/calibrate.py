@@ -81,8 +81,6 @@ def cmd(model, inputs, samples, grid, ref_grid, text_tokens, timesteps, top_k, u
     if inputs and samples is not None:
         raise TopiError("give either --inputs (a calibration set from files) or --samples (a synthetic set), not both")
     n_samples = 4 if samples is None else samples
-    if not inputs and n_samples < 1:
-        raise TopiError(f"--samples {n_samples} must be >= 1")
     if text_tokens < 1:
         raise TopiError(f"--text-tokens {text_tokens} must be >= 1")
     target_grid = parse_grid(grid, "--grid")
