@@ -94,9 +94,12 @@ def measure_model(name: str, steps: int, patterns: dict, limit: int | None, log=
     from topi_export.runtime.loop import psnr
 
     session = open_session(model=name)
-    files = sample_files(name)[:limit] if limit else sample_files(name)
+    # A built-in trained model's shipped samples, or a model folder's samples/ (a training script's output).
+    files = sample_files(name) or sorted(Path(name).glob("samples/sample_*.safetensors"),
+                                         key=lambda p: int(p.stem.split("_")[-1]))
+    files = files[:limit] if limit else files
     if not files:
-        raise SystemExit(f"{name} ships no held-out samples: pass a trained built-in model")
+        raise SystemExit(f"{name} has no held-out samples: pass a trained built-in model or a folder with samples/")
     per_sample, changes = [], []
     t0 = time.time()
     for path in files:
@@ -131,7 +134,8 @@ def measure_model(name: str, steps: int, patterns: dict, limit: int | None, log=
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma-separated built-in model names")
+    p.add_argument("--models", default=",".join(DEFAULT_MODELS),
+                   help="comma-separated built-in model names or model folders with samples/")
     p.add_argument("--steps", type=int, default=28, help="denoising steps (the pipelines' default: 28)")
     p.add_argument("--reuse", action="append", default=None,
                    help="steps that reuse the previous velocity, 'a-b:k' (a to b, every k-th) or a list; repeatable,\n"

@@ -121,14 +121,14 @@ def request_set(levels, n: int, crop, seed: int):
 # ------------------------------------------------------------------------------------------------ main
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--steps", type=int, default=2000, help="optimizer steps")
+    p.add_argument("--steps", type=int, default=2400, help="optimizer steps")
     p.add_argument("--minutes", type=float, default=0.0, help="wall budget of the training loop, stops early (0 = none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--crop", default="32", help="px of one half (HxW or one size): 32 = 16x16-token halves")
     p.add_argument("--low-res-crop", default="16x32", help="px of one half at the low-res steps")
-    p.add_argument("--low-res-frac", type=float, default=0.5, help="fraction of the steps at --low-res-crop")
+    p.add_argument("--low-res-frac", type=float, default=0.75, help="fraction of the steps at --low-res-crop")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--ema", type=float, default=0.995)

@@ -6,9 +6,9 @@ Why: the shipped models learn edits whose answer is a deterministic function of 
 nearly straight and reusing a velocity across steps looks free (flux2-pick: ~63 dB against the normal run with 12
 of 28 steps reused). Real editing models are not that straight: the coarse structure follows the reference, the
 fine detail is one draw from a continuous distribution, and the x0-prediction moves during sampling (early: the
-conditional mean; later: committed detail). Two of this model's four edits add such random detail (grain, band-pass
-texture with random amplitude, frequency, orientation and phase); two are deterministic (identity, smooth), for
-contrast. ``topi_export.models.kontext_texture`` defines them. ``scripts/measure_curvature.py`` measures the
+conditional mean; later: committed detail). Three of this model's four edits add such random detail (grain,
+band-pass texture, colour grain, with random amplitude, frequency, orientation and phase); one is deterministic
+(smooth), the control. ``topi_export.models.kontext_texture`` defines them. ``scripts/measure_curvature.py`` measures the
 curvature.
 
 Data: scikit-image's bundled photos, random 32x32 px crops packed like ``kontext-digits`` (RGB + luma, 2x2 px per
@@ -101,14 +101,14 @@ def request_set(levels, n: int, crop: int, seed: int):
 # ------------------------------------------------------------------------------------------------ main
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--steps", type=int, default=2000, help="optimizer steps")
+    p.add_argument("--steps", type=int, default=2400, help="optimizer steps")
     p.add_argument("--minutes", type=float, default=0.0, help="wall budget of the training loop, stops early (0 = none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--crop", type=int, default=32, help="crop size in px (token grid = crop/2)")
     p.add_argument("--low-res-crop", type=int, default=16, help="crop size in px of the low-res steps")
-    p.add_argument("--low-res-frac", type=float, default=0.0, help="fraction of the steps at --low-res-crop")
+    p.add_argument("--low-res-frac", type=float, default=0.5, help="fraction of the steps at --low-res-crop")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--ema", type=float, default=0.995)
@@ -351,8 +351,7 @@ def _model_card(args, cmd, r, n_params, layout, preview) -> str:
     repro = (f"python scripts/train_texture.py --steps {r['steps']} --seed {args.seed} --batch {args.batch} "
              f"--crop {args.crop} --low-res-crop {args.low_res_crop} --low-res-frac {args.low_res_frac} "
              f"--lr {args.lr} --warmup {args.warmup} --ema {args.ema} --threads {args.threads}")
-    lo_g, hi_g = kt.GRAIN_AMPLITUDE
-    lo_t, hi_t = kt.TEXTURE_AMPLITUDE
+    (lo_g, hi_g), (lo_t, hi_t), (lo_c, hi_c) = (kt.AMPLITUDE[e] for e in ("grain", "texture", "color_grain"))
     lo_f, hi_f = kt.TEXTURE_FREQUENCY
     low_res = (f" A fraction {args.low_res_frac} of the steps (spread evenly) uses {args.low_res_crop} px crops."
                if args.low_res_frac > 0 else "")
@@ -377,12 +376,13 @@ across steps looks free on them; on this one it does not. Not a general image mo
 - Edits (`topi_export.models.kontext_texture`; the conditioning names one, fixed seeded random `prompt_embeds`
   [1, {kt.TEXT_TOKENS}, {kt.TEXT_DIM}] and `pooled_prompt_embeds` [1, {kt.POOLED_DIM}] per edit; `guidance` embedded,
   trained on U[1, 4], samples use {GUIDANCE}):
-  - `identity`: target = reference (deterministic);
-  - `smooth`: Gaussian blur, sigma {kt.SMOOTH_SIGMA} px (deterministic);
+  - `smooth`: Gaussian blur, sigma {kt.SMOOTH_SIGMA} px (deterministic: the control);
   - `grain`: each token's 2x2 px replaced by their mean, plus monochrome white grain, std a ~ U[{lo_g}, {hi_g}]
     per sample (random);
   - `texture`: `smooth` plus a monochrome band-pass Gaussian random texture: centre frequency U[{lo_f}, {hi_f}]
-    cycles/px, random orientation and anisotropy, std a ~ U[{lo_t}, {hi_t}] per sample (random).
+    cycles/px, random orientation and anisotropy, std a ~ U[{lo_t}, {hi_t}] per sample (random);
+  - `color_grain`: the reference plus white grain drawn independently per colour channel, std a ~ U[{lo_c}, {hi_c}]
+    per sample (random).
   The random detail is continuous (Gaussian given its parameters), so there are no discrete modes; its mean is
   zero, so the conditional mean of a target is its deterministic part (`kontext_texture.mean_latents`).
 - Images: scikit-image's bundled photos at scales 1, 1/2, 1/4, ... (short side <= 400 px), random crops and

@@ -5,19 +5,24 @@ curved.
 Why: on an edit whose answer is a deterministic function of the reference, the rectified flow is nearly straight
 (the x0-prediction is right from the first steps), so reusing a velocity across steps costs almost nothing. Real
 edits are not like that: the coarse structure follows the reference, the fine detail is one draw from a continuous
-distribution. Two of this model's edits are like that: the target keeps a low-passed version of the reference and
-adds a RANDOM grain or texture (random amplitude, frequency, orientation, phase per sample), so the x0-prediction
-moves during sampling: first the conditional mean, later the committed detail. No discrete modes (no "flip or
-not"): a small change of the trajectory changes the detail a little, not into another mode.
+distribution. Three of this model's four edits are like that: the target keeps the reference (or a low-passed
+version of it) and adds a RANDOM grain or texture (random amplitude, frequency, orientation, phase per sample), so
+the x0-prediction moves during sampling: first the conditional mean, later the committed detail. No discrete modes
+(no "flip or not"): a small change of the trajectory changes the detail a little, not into another mode. The
+fourth edit is deterministic, the control.
 
 Edits (the conditioning names one; fixed seeded embeddings per edit):
 
-- ``identity``: target = reference (deterministic);
 - ``smooth``: target = Gaussian blur (sigma SMOOTH_SIGMA px) of the reference (deterministic);
 - ``grain``: each token's 2x2 px replaced by their mean, plus monochrome white grain N(0, a^2) per pixel,
-  a ~ U(GRAIN_AMPLITUDE) per sample;
+  a ~ U(AMPLITUDE["grain"]) per sample;
 - ``texture``: ``smooth`` plus a monochrome random band-pass texture (Gaussian random field: centre frequency,
-  orientation and anisotropy random per sample), scaled to std a ~ U(TEXTURE_AMPLITUDE).
+  orientation and anisotropy random per sample), scaled to std a ~ U(AMPLITUDE["texture"]);
+- ``color_grain``: the reference plus white grain drawn independently per colour channel, a ~
+  U(AMPLITUDE["color_grain"]).
+
+The amplitudes are large enough that the detail is decided in the middle and late part of the 28-step schedule
+(a Gaussian component of std a is decided around t / (1 - t) ~ a), where step reuse happens.
 
 Latents are packed RGB + luma crops exactly like ``kontext-digits`` (``kontext_digits.rgb_to_latents``).
 This module is torch only (no diffusers, no scikit-image).
@@ -33,11 +38,10 @@ from topi_export.models.kontext_digits import (POOLED_DIM, TEXT_DIM, TEXT_TOKENS
                                                rgb_to_latents, unpack)
 
 # Order matters (it seeds the embeddings), so only ever append.
-EDITS = ("identity", "smooth", "grain", "texture")
-RANDOM_EDITS = ("grain", "texture")
+EDITS = ("smooth", "grain", "texture", "color_grain")
+RANDOM_EDITS = ("grain", "texture", "color_grain")
 SMOOTH_SIGMA = 1.5  # px, the low-pass of ``smooth`` and ``texture``
-GRAIN_AMPLITUDE = (0.05, 0.25)  # std of the grain, per sample
-TEXTURE_AMPLITUDE = (0.10, 0.35)  # std of the texture, per sample
+AMPLITUDE = {"grain": (0.15, 0.35), "texture": (0.20, 0.45), "color_grain": (0.10, 0.30)}  # detail std per sample
 TEXTURE_FREQUENCY = (0.12, 0.30)  # centre frequency in cycles / px (wavelength 3.3 - 8 px)
 TEXTURE_BANDWIDTH = 0.04  # radial std of the band-pass in cycles / px
 TEXTURE_ANISOTROPY = (0.0, 3.0)  # concentration of the orientation lobe (0: isotropic)
@@ -76,7 +80,7 @@ def token_mean(rgb: torch.Tensor) -> torch.Tensor:
 
 def coarse_rgb(rgb: torch.Tensor, edit: str) -> torch.Tensor:
     """The deterministic part of an edit of RGB [B, 3, H, W] in [-1, 1]: the target's conditional mean."""
-    if edit == "identity":
+    if edit == "color_grain":
         return rgb.clone()
     if edit in ("smooth", "texture"):
         return gaussian_blur(rgb, SMOOTH_SIGMA)
@@ -108,14 +112,17 @@ def band_pass_field(h: int, w: int, gen: torch.Generator) -> torch.Tensor:
 
 
 def detail_rgb(edit: str, h: int, w: int, gen: torch.Generator) -> torch.Tensor:
-    """The random part [1, 1, h, w] of one sample of an edit (monochrome: added to R, G and B alike); zeros for the
-    deterministic edits (no random numbers drawn)."""
+    """The random part of one sample of an edit: [1, 1, h, w] when monochrome (added to R, G and B alike), [1, 3, h, w]
+    for ``color_grain``; zeros for the deterministic edit (no random numbers drawn)."""
     if edit == "grain":
-        a = _uniform(gen, GRAIN_AMPLITUDE)
+        a = _uniform(gen, AMPLITUDE[edit])
         return a * torch.randn(1, 1, h, w, generator=gen)
     if edit == "texture":
-        a = _uniform(gen, TEXTURE_AMPLITUDE)
+        a = _uniform(gen, AMPLITUDE[edit])
         return a * band_pass_field(h, w, gen)
+    if edit == "color_grain":
+        a = _uniform(gen, AMPLITUDE[edit])
+        return a * torch.randn(1, 3, h, w, generator=gen)
     if edit in EDITS:
         return torch.zeros(1, 1, h, w)
     raise ValueError(f"unknown edit {edit!r}; known: {', '.join(EDITS)}")
