@@ -144,6 +144,9 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default=str(DEFAULT_JSON), help="where to write the results ('' = nowhere)")
     p.add_argument("--per-sample", action="store_true", help="print every sample's numbers")
+    p.add_argument("--update", action="store_true",
+                   help="keep the other models of an existing --json file (measured with the same steps and reuse\n"
+                        "patterns; each model entry records the command that measured it)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     patterns = {}
@@ -153,9 +156,15 @@ def main(argv=None) -> dict:
     cmd = "python scripts/measure_curvature.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     results = {}
+    if args.update and args.json and Path(args.json).exists():
+        old = json.loads(Path(args.json).read_text())
+        same = old.get("steps") == args.steps and {k: v["reuse_steps"] for k, v in old.get("patterns", {}).items()} == patterns
+        if not same:
+            raise SystemExit(f"--update: {args.json} was measured with other steps or reuse patterns: measure every model")
+        results = {k: v for k, v in old.get("models", {}).items() if k not in models}
     for name in models:
-        results[name] = measure_model(name, args.steps, patterns, args.samples,
-                                      log=print if args.per_sample else (lambda *_: None))
+        results[name] = {"command": cmd, **measure_model(name, args.steps, patterns, args.samples,
+                                                          log=print if args.per_sample else (lambda *_: None))}
     print(f"PSNR (dB) of the final latents of a run that reuses the previous step's velocity at the listed steps "
           f"(of {args.steps}) vs the normal run (runtime.loop.psnr); velocity change = mean over steps of "
           f"||v_(i+1) - v_i|| / ||v_i|| in the normal run")
@@ -176,7 +185,7 @@ def main(argv=None) -> dict:
     print(f"velocity change per step (mean over samples), steps 0->1 ... {args.steps - 2}->{args.steps - 1}:")
     for name, r in results.items():
         print(f"  {name:<17} " + " ".join(f"{v:.3f}" for v in r["velocity_change_per_step"]))
-    out = {"schema": "topi-curvature/1", "command": cmd, "steps": args.steps,
+    out = {"schema": "topi-curvature/1", "steps": args.steps,
            "patterns": {k: {"reuse_steps": v, "computed_steps": args.steps - len(v)} for k, v in patterns.items()},
            "psnr": "runtime.loop.psnr: 10 log10(range(normal)^2 / mean((reuse - normal)^2)) over the final latents",
            "velocity_change": "||v_(i+1) - v_i|| / ||v_i|| between consecutive steps of the normal run",

@@ -340,19 +340,27 @@ def _curvature_section() -> str:
     path = REPO / "docs" / "results" / "curvature.json"
     try:
         data = json.loads(path.read_text())
-    except (OSError, ValueError):
+        models, patterns = data["models"], list(data["patterns"])
+    except (OSError, ValueError, KeyError):
         return "Not measured yet: run `python scripts/measure_curvature.py`."
-    lines = ["| model | samples | reuse PSNR mean (dB) | reuse PSNR min (dB) | mean rel. velocity change |",
-             "|---|---|---|---|---|"]
-    for name, m in data.get("models", {}).items():
-        lines.append(f"| {name} | {m['samples']} | {m['reuse_psnr_mean']:.2f} | {m['reuse_psnr_min']:.2f} | "
-                     f"{m['velocity_change_mean']:.4f} |")
-    return (f"From `docs/results/curvature.json` (`{data.get('command', 'python scripts/measure_curvature.py')}`): "
-            f"each model's shipped held-out samples, the normal {data.get('steps', 28)}-step run against a run that "
-            f"reuses the previous step's velocity (no model call) at steps {data.get('reuse_steps_text', '4, 6, ..., 26')}"
-            f" ({data.get('computed_steps', 16)} of {data.get('steps', 28)} steps computed); PSNR of the final "
-            f"latents as `run --compare` computes it; velocity change = mean over steps of ||v_(i+1) - v_i|| / ||v_i||"
-            f" in the normal run.\n\n" + "\n".join(lines))
+    head = " | ".join(f"{k}: mean / min (dB)" for k in patterns)
+    lines = [f"| model / edit | samples | {head} | velocity change |", "|---" * (3 + len(patterns)) + "|"]
+
+    def row(label, r):
+        cells = " | ".join(f"{r[k]['reuse_psnr_mean']:.2f} / {r[k]['reuse_psnr_min']:.2f}" for k in patterns)
+        return f"| {label} | {r['samples']} | {cells} | {r['velocity_change_mean']:.4f} |"
+
+    for name, r in models.items():
+        lines.append(row(f"`{name}`", r))
+        if name == "kontext-texture":
+            lines += [row(f"&nbsp;&nbsp;{e}", v) for e, v in r.get("per_edit", {}).items()]
+    commands = sorted({r["command"] for r in models.values() if "command" in r})
+    computed = ", ".join(f"{v['computed_steps']} of {data['steps']}" for v in data["patterns"].values())
+    return (f"From `docs/results/curvature.json` ({'; '.join(f'`{c}`' for c in commands)}): each model's shipped "
+            f"held-out samples through the runtime (`open_session`, the family's scheduler, unpruned steps), the normal "
+            f"{data['steps']}-step run against runs that reuse the previous step's velocity (no model call) at the listed "
+            f"steps ({computed} steps computed); PSNR of the final latents as `run --compare` computes it; velocity "
+            f"change = mean over steps of ||v_(i+1) - v_i|| / ||v_i|| in the normal run.\n\n" + "\n".join(lines))
 
 
 def _model_card(args, cmd, r, n_params, layout, preview) -> str:

@@ -64,6 +64,7 @@ def test_main_writes_json(mod, tmp_path):
     data = json.loads(out.read_text())
     assert data == json.loads(json.dumps(result))
     assert data["schema"] == "topi-curvature/1" and data["steps"] == 5
+    assert data["models"]["kontext-digits"]["command"].startswith("python scripts/measure_curvature.py --models")
     assert data["patterns"] == {"reuse 2": {"reuse_steps": [2], "computed_steps": 4},
                                 "reuse 2, 3": {"reuse_steps": [2, 3], "computed_steps": 3}}
     m = data["models"]["kontext-digits"]
@@ -72,3 +73,23 @@ def test_main_writes_json(mod, tmp_path):
         assert math.isfinite(m[k]["reuse_psnr_mean"]) and m[k]["reuse_psnr_min"] == m[k]["reuse_psnr_mean"]
     # More reuse, further from the normal run (measured: 66.6 dB reusing step 2, 55.0 dB reusing steps 2 and 3).
     assert m["reuse 2, 3"]["reuse_psnr_mean"] < m["reuse 2"]["reuse_psnr_mean"]
+
+
+def test_update_keeps_other_models_of_the_same_procedure(mod, tmp_path):
+    out = tmp_path / "curv.json"
+    out.write_text(json.dumps({"schema": "topi-curvature/1", "steps": 4, "patterns": {"reuse 2": {"reuse_steps": [2]}},
+                               "models": {"other": {"command": "earlier", "samples": 8, "per_edit": {},
+                                                    "reuse 2": {"reuse_psnr_mean": 50.0, "reuse_psnr_min": 49.0},
+                                                    "velocity_change_mean": 0.01,
+                                                    "velocity_change_per_step": [0.01] * 3}}}))
+    threads = torch.get_num_threads()
+    try:
+        mod.main(["--models", "kontext-digits", "--samples", "1", "--steps", "4", "--reuse", "2", "--json", str(out),
+                  "--update"])
+        data = json.loads(out.read_text())
+        assert set(data["models"]) == {"other", "kontext-digits"} and data["models"]["other"]["command"] == "earlier"
+        with pytest.raises(SystemExit):  # another procedure: the old entries would not be comparable
+            mod.main(["--models", "kontext-digits", "--samples", "1", "--steps", "4", "--reuse", "3", "--json",
+                      str(out), "--update"])
+    finally:
+        torch.set_num_threads(threads)
