@@ -1,9 +1,8 @@
 #!/usr/bin/env python3
-"""How curved are a model's sampling trajectories? Step reuse against the normal run, and velocity change per step.
+"""How curved are a model's sampling trajectories? Step reuse (no pruning) against the normal run.
 
-For each model and each of its shipped held-out samples (``topi_export.runtime.inputs.sample_files``), with the
-project's own runtime (``open_session``, the family's scheduler ``session.family.make_scheduler``, unpruned steps
-``session.engine.full``):
+For each model and each of its shipped held-out samples (``topi_export.artifacts.inputs.sample_files``), with the
+project's own runtime (``open_session``, ``session.denoise`` at ratio 0: every computed step unpruned):
 
 - the normal N-step run (every step computes the velocity), and runs that REUSE the previous step's velocity
   (zero order, no model call) at the steps of each ``--reuse`` pattern (default: every other step between steps
@@ -11,10 +10,9 @@ project's own runtime (``open_session``, the family's scheduler ``session.family
   each reuse run's final latents against the normal run's, as ``run --compare`` computes it
   (``runtime.loop.psnr``: range of the reference run squared over the MSE, all latent channels). A straight flow
   (constant velocity along the trajectory) loses nothing to reuse; a curved one does.
-- the relative velocity change between consecutive steps of the normal run, ||v_(i+1) - v_i|| / ||v_i||, per step
-  (mean over samples) and averaged over steps.
 
-The reuse loop is this script's own (the runtime has no reuse step kind). Prints a table and writes JSON.
+Reused steps are the runtime's own ``reuse`` step kind (zero order; a fixed pattern, not the calibrated criterion).
+Prints a table and writes JSON.
 
     python scripts/measure_curvature.py                   # kontext-digits, flux2-pick, kontext-canvas, kontext-texture
     python scripts/measure_curvature.py --models kontext-texture --per-sample
@@ -59,38 +57,21 @@ def parse_steps(text: str, steps: int) -> list[int]:
     return sorted(out)
 
 
-@torch.inference_mode()
 def trajectory(session, data, steps: int, reuse=(), seed: int = 0):
-    """(final latents, the velocity used at every step) of one generation through the session's engine; at the
-    steps in ``reuse`` the previous step's velocity is used again instead of calling the model. Without reuse this
-    is ``runtime.loop.denoise`` in mode "full"."""
-    family, engine, layout = session.family, session.engine, data.layout
-    reuse = set(reuse)
-    batch = family.batch(data)
-    engine.bind(family.conditioning(data, layout), data.reference_latents, layout)
-    sched = family.make_scheduler(steps, layout, session.scheduler_config)
-    latents = data.initial_noise(seed)
-    velocities, v = [], None
-    for step, t in enumerate(sched.timesteps):
-        if step not in reuse or v is None:
-            timestep = (t / 1000).reshape(1).to(torch.float32).expand(batch).contiguous()
-            x = latents.expand(batch, -1, -1).contiguous()
-            v = family.guide(engine.full(x, timestep).float(), data)
-        velocities.append(v)
-        latents = sched.step(v, t, latents, return_dict=False)[0]
-    return latents, velocities
+    """Final latents of one unpruned generation through the session's engine (``denoise`` in mode "full"); the
+    steps in ``reuse`` take the previous computed velocity (the runtime's zero-order reuse step, no model call)."""
+    from topi_export.plan.reuse import OFF, ReusePlan
 
-
-def velocity_changes(velocities) -> list[float]:
-    """||v_(i+1) - v_i|| / ||v_i|| for consecutive steps."""
-    return [float((b.double() - a.double()).norm() / a.double().norm().clamp_min(1e-30))
-            for a, b in zip(velocities, velocities[1:])]
+    plan = ReusePlan("count", 0, tuple(sorted(reuse)), "pattern", "measure_curvature pattern") if reuse else OFF
+    # ratio 0 keeps every context token (the ToPi schedule unpruned, its controller plans the reuse steps); one anchor
+    return session.denoise(data, steps=steps, seed=seed, selector=session.selector(data, ratio=0.0), update_interval=steps,
+                           reuse=plan).latents
 
 
 def measure_model(name: str, steps: int, patterns: dict, limit: int | None, log=print) -> dict:
     """Every held-out sample of a built-in model: the normal run, one reuse run per pattern (name -> steps)."""
     from topi_export import open_session
-    from topi_export.runtime.inputs import sample_files
+    from topi_export.artifacts.inputs import sample_files
     from topi_export.runtime.loop import psnr
 
     session = open_session(model=name)
@@ -100,26 +81,21 @@ def measure_model(name: str, steps: int, patterns: dict, limit: int | None, log=
     files = files[:limit] if limit else files
     if not files:
         raise SystemExit(f"{name} has no held-out samples: pass a trained built-in model or a folder with samples/")
-    per_sample, changes = [], []
+    per_sample = []
     t0 = time.time()
     for path in files:
         data = session.load_inputs(path)
-        normal, vs = trajectory(session, data, steps)
-        ch = velocity_changes(vs)
-        changes.append(ch)
+        normal = trajectory(session, data, steps)
         ps = {k: round(psnr(trajectory(session, data, steps, reuse)[0], normal), 3) for k, reuse in patterns.items()}
-        per_sample.append({"file": path.name, "edit": data.meta.get("edit"), "reuse_psnr": ps,
-                           "velocity_change_mean": round(sum(ch) / len(ch), 5)})
+        per_sample.append({"file": path.name, "edit": data.meta.get("edit"), "reuse_psnr": ps})
         log(f"  {name} {path.name}{' (' + data.meta['edit'] + ')' if data.meta.get('edit') else ''}: reuse PSNR "
-            f"{', '.join(f'{v:.2f} dB ({k})' for k, v in ps.items())}; mean velocity change {sum(ch) / len(ch):.4f}")
-    per_step = [sum(c[i] for c in changes) / len(changes) for i in range(steps - 1)]
+            f"{', '.join(f'{v:.2f} dB ({k})' for k, v in ps.items())}")
 
     def summary(rows):
         out = {"samples": len(rows)}
         for k in patterns:
             vals = [s["reuse_psnr"][k] for s in rows]
             out[k] = {"reuse_psnr_mean": round(sum(vals) / len(vals), 3), "reuse_psnr_min": round(min(vals), 3)}
-        out["velocity_change_mean"] = round(sum(s["velocity_change_mean"] for s in rows) / len(rows), 5)
         return out
 
     by_edit = {}
@@ -127,7 +103,6 @@ def measure_model(name: str, steps: int, patterns: dict, limit: int | None, log=
         if s["edit"] is not None:
             by_edit.setdefault(s["edit"], []).append(s)
     return {"family": session.family.name, "layout": data.layout.to_json(), **summary(per_sample),
-            "velocity_change_per_step": [round(v, 5) for v in per_step],
             "per_edit": {e: summary(v) for e, v in by_edit.items()},
             "per_sample": per_sample, "seconds": round(time.time() - t0, 1)}
 
@@ -166,29 +141,24 @@ def main(argv=None) -> dict:
         results[name] = {"command": cmd, **measure_model(name, args.steps, patterns, args.samples,
                                                           log=print if args.per_sample else (lambda *_: None))}
     print(f"PSNR (dB) of the final latents of a run that reuses the previous step's velocity at the listed steps "
-          f"(of {args.steps}) vs the normal run (runtime.loop.psnr); velocity change = mean over steps of "
-          f"||v_(i+1) - v_i|| / ||v_i|| in the normal run")
+          f"(of {args.steps}) vs the normal run (runtime.loop.psnr)")
     cols = list(patterns)
     for k in cols:
         print(f"  {k}: {args.steps - len(patterns[k])} of {args.steps} steps computed")
-    print(f"{'model / edit':<19} {'samples':>7} " + " ".join(f"{'mean':>7} {'min':>7}" for _ in cols) + f" {'vel. change':>12}")
+    print(f"{'model / edit':<19} {'samples':>7} " + " ".join(f"{'mean':>7} {'min':>7}" for _ in cols))
     print(f"{'':<27} " + " ".join(f"{k[6:]:>15}" for k in cols))
 
     def line(label, r):
         return (f"{label:<19} {r['samples']:>7} " + " ".join(f"{r[k]['reuse_psnr_mean']:>7.2f} {r[k]['reuse_psnr_min']:>7.2f}"
-                                                          for k in cols) + f" {r['velocity_change_mean']:>12.4f}")
+                                                          for k in cols))
 
     for name, r in results.items():
         print(line(name, r))
         for edit, e in r["per_edit"].items():
             print(line("  " + edit, e))
-    print(f"velocity change per step (mean over samples), steps 0->1 ... {args.steps - 2}->{args.steps - 1}:")
-    for name, r in results.items():
-        print(f"  {name:<17} " + " ".join(f"{v:.3f}" for v in r["velocity_change_per_step"]))
-    out = {"schema": "topi-curvature/1", "steps": args.steps,
+    out = {"schema": "topi-curvature/2", "steps": args.steps,
            "patterns": {k: {"reuse_steps": v, "computed_steps": args.steps - len(v)} for k, v in patterns.items()},
            "psnr": "runtime.loop.psnr: 10 log10(range(normal)^2 / mean((reuse - normal)^2)) over the final latents",
-           "velocity_change": "||v_(i+1) - v_i|| / ||v_i|| between consecutive steps of the normal run",
            "machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
                        "threads": args.threads},
            "models": results}

@@ -310,9 +310,9 @@ def evaluate_and_save(model, args, log, cmd, result) -> dict:
 
 
 def write_samples(folder: Path, layout, half, edit, x0, ref, noise, cond, count: int, images) -> None:
-    """Inputs files (runtime/inputs.py format) of the first ``count`` requests; stale ones are removed."""
+    """Inputs files (artifacts/inputs.py format) of the first ``count`` requests; stale ones are removed."""
     from topi_export.request import Inputs
-    from topi_export.runtime.inputs import save_inputs
+    from topi_export.artifacts.inputs import save_inputs
 
     folder.mkdir(parents=True, exist_ok=True)
     for old in folder.glob("sample_*.safetensors"):
@@ -320,7 +320,7 @@ def write_samples(folder: Path, layout, half, edit, x0, ref, noise, cond, count:
     for i in range(count):
         prompt, pooled = cond(half[i:i + 1], edit[i:i + 1])
         data = Inputs(layout, ref[i:i + 1].contiguous(), {"prompt_embeds": prompt, "pooled_prompt_embeds": pooled},
-                      noise=noise[i:i + 1].contiguous(), target_latents=x0[i:i + 1].contiguous(), guidance=GUIDANCE,
+                      noise=noise[i:i + 1].contiguous(), target_latents=x0[i:i + 1].contiguous(), scalars={"guidance": GUIDANCE},
                       meta={"half": HALVES[int(half[i])], "edit": EDITS[int(edit[i])], "photos": ",".join(images)})
         save_inputs(folder / f"sample_{i}.safetensors", data)
 
@@ -475,7 +475,7 @@ generation vs the same edit applied to the OTHER half (low when the model follow
 
 `samples/sample_{{i}}.safetensors` (the first {args.num_samples} held-out requests) and
 `calibration_samples/sample_{{i}}.safetensors` ({args.num_calibration} requests from the TRAINING photos, for a
-calibration that does not touch held-out data), written by `topi_export.runtime.inputs.save_inputs`:
+calibration that does not touch held-out data), written by `topi_export.artifacts.inputs.save_inputs`:
 `reference_latents` [1, {ch * cw}, 16] (the canvas), `prompt_embeds` [1, {TEXT_TOKENS}, {TEXT_DIM}],
 `pooled_prompt_embeds` [1, {POOLED_DIM}], `noise` [1, {th * tw}, 16], `target_latents` [1, {th * tw}, 16],
 `guidance` [1]; string metadata `target_grid` = "{th}x{tw}", `reference_grids` = "{ch}x{cw}", `half`, `edit`,

@@ -275,9 +275,9 @@ def evaluate_and_save(model, args, log, cmd, result) -> dict:
 
 
 def write_samples(folder: Path, layout, edit, x0, ref, noise, cond, count: int, images) -> None:
-    """Inputs files (runtime/inputs.py format) of the first ``count`` requests; stale ones are removed."""
+    """Inputs files (artifacts/inputs.py format) of the first ``count`` requests; stale ones are removed."""
     from topi_export.request import Inputs
-    from topi_export.runtime.inputs import save_inputs
+    from topi_export.artifacts.inputs import save_inputs
 
     folder.mkdir(parents=True, exist_ok=True)
     for old in folder.glob("sample_*.safetensors"):
@@ -285,7 +285,7 @@ def write_samples(folder: Path, layout, edit, x0, ref, noise, cond, count: int, 
     for i in range(count):
         prompt, pooled = cond(edit[i:i + 1])
         data = Inputs(layout, ref[i:i + 1].contiguous(), {"prompt_embeds": prompt, "pooled_prompt_embeds": pooled},
-                      noise=noise[i:i + 1].contiguous(), target_latents=x0[i:i + 1].contiguous(), guidance=GUIDANCE,
+                      noise=noise[i:i + 1].contiguous(), target_latents=x0[i:i + 1].contiguous(), scalars={"guidance": GUIDANCE},
                       meta={"edit": EDITS[int(edit[i])], "photos": ",".join(images)})
         save_inputs(folder / f"sample_{i}.safetensors", data)
 
@@ -470,7 +470,7 @@ strong the random detail is (about 0 for an output that only predicts the mean).
 
 `samples/sample_{{i}}.safetensors` (the first {args.num_samples} held-out requests, edits cycling) and
 `calibration_samples/sample_{{i}}.safetensors` ({args.num_calibration} requests from the TRAINING photos, for a
-calibration that does not touch held-out data), written by `topi_export.runtime.inputs.save_inputs`:
+calibration that does not touch held-out data), written by `topi_export.artifacts.inputs.save_inputs`:
 `reference_latents` [1, {nt}, 16], `prompt_embeds` [1, {kt.TEXT_TOKENS}, {kt.TEXT_DIM}], `pooled_prompt_embeds`
 [1, {kt.POOLED_DIM}], `noise` [1, {nt}, 16], `target_latents` [1, {nt}, 16] (one draw of the edit), `guidance` [1];
 string metadata `target_grid`, `reference_grids` = "{g[0]}x{g[1]}", `edit`, `photos`.

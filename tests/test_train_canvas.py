@@ -40,7 +40,7 @@ def _run(mod, out: Path, *extra):
 
 
 def _load(path: Path, family):
-    from topi_export.runtime.inputs import load_inputs
+    from topi_export.artifacts.inputs import load_inputs
 
     return load_inputs(path, family)
 
@@ -48,13 +48,13 @@ def _load(path: Path, family):
 def _check_sample(data, grid: int):
     n = grid * grid
     assert data.reference_latents.shape == (1, 2 * n, 16)
-    assert data.prompt_embeds.shape == (1, TEXT_TOKENS, TEXT_DIM) and data.pooled_prompt_embeds.shape == (1, POOLED_DIM)
-    assert data.noise.shape == (1, n, 16) and data.target_latents.shape == (1, n, 16) and data.guidance == 2.5
+    assert data.tensors["prompt_embeds"].shape == (1, TEXT_TOKENS, TEXT_DIM) and data.tensors["pooled_prompt_embeds"].shape == (1, POOLED_DIM)
+    assert data.noise.shape == (1, n, 16) and data.target_latents.shape == (1, n, 16) and data.scalars["guidance"] == 2.5
     assert data.layout.target_grid == (grid, grid) and data.layout.ref_grids == ((grid, 2 * grid),)
     half, edit = data.meta["half"], data.meta["edit"]
     assert half in HALVES and edit in EDITS
     prompt, pooled = canvas_conditioning(half, edit)
-    assert torch.equal(data.prompt_embeds, prompt) and torch.equal(data.pooled_prompt_embeds, pooled)
+    assert torch.equal(data.tensors["prompt_embeds"], prompt) and torch.equal(data.tensors["pooled_prompt_embeds"], pooled)
 
 
 def _edit_error(data, half) -> float:

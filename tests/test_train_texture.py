@@ -49,10 +49,10 @@ def _detail(data) -> torch.Tensor:
 def _check_sample(data, grid: int):
     n = grid * grid
     assert data.reference_latents.shape == (1, n, 16) and data.target_latents.shape == (1, n, 16)
-    assert data.noise.shape == (1, n, 16) and data.guidance == 2.5
+    assert data.noise.shape == (1, n, 16) and data.scalars["guidance"] == 2.5
     assert data.layout.target_grid == (grid, grid) and data.layout.ref_grids == ((grid, grid),)
     prompt, pooled = kt.texture_conditioning(data.meta["edit"])
-    assert torch.equal(data.prompt_embeds, prompt) and torch.equal(data.pooled_prompt_embeds, pooled)
+    assert torch.equal(data.tensors["prompt_embeds"], prompt) and torch.equal(data.tensors["pooled_prompt_embeds"], pooled)
     detail = _detail(data)
     if data.meta["edit"] in kt.RANDOM_EDITS:
         lo, hi = kt.AMPLITUDE[data.meta["edit"]]
@@ -65,7 +65,7 @@ def _check_sample(data, grid: int):
 
 def test_train_script_writes_loadable_model(tmp_path):
     from topi_export.models import load_model
-    from topi_export.runtime.inputs import load_inputs
+    from topi_export.artifacts.inputs import load_inputs
 
     mod = _module()
     out = tmp_path / "model"
@@ -152,7 +152,7 @@ def test_gaussian_blur_preserves_constants_and_smooths():
 
 def test_shipped_asset_loads_and_samples_are_documented():
     from topi_export.models import builtin_names, load_model
-    from topi_export.runtime.inputs import load_inputs
+    from topi_export.artifacts.inputs import load_inputs
 
     assert (ASSET / "config.json").exists(), f"{ASSET} is missing: run scripts/train_texture.py"
     assert "kontext-texture" in builtin_names()
