@@ -263,6 +263,47 @@ def test_python_engine_config_has_the_platform_models_tensors(ort_engine_dir, tm
                            Path(ort_engine_dir) / _graph(ort_engine_dir, "topi")["onnx"])
 
 
+@pytest.mark.parametrize("args, needle", [
+    ([], "give --repo REPO"),
+    (["--repo", "r", "--engine-dir", "e"], "not both"),
+    (["--out", "o", "--repo", "r"], "--out is where --engine-dir"),
+    (["--create-env"], "--create-env needs --env"),
+    (["--repo", "r", "--env", "/nonexistent/env"], "--create-env"),
+    (["--repo", "/nonexistent/repo", "--env", "{tmp}", "--server", "{tmp}/tritonserver"], "does not exist"),
+    (["--repo", "{tmp}", "--server", "{tmp}/tritonserver", "--host", "localhost:1"], "IPv4 address"),
+    (["--repo", "{tmp}", "--server", "{tmp}/tritonserver", "--http-port", "9000", "--grpc-port", "9000"],
+     "different ports"),
+])
+def test_serve_command_refusals_are_one_line(tmp_path, capsys, args, needle):
+    """Bad flags of `topi-export serve` are one `error:` line naming the fix, before anything starts."""
+    from conftest import run_cli
+
+    server = tmp_path / "tritonserver"
+    server.write_text("#!/bin/sh\nexit 1\n")
+    server.chmod(0o755)
+    code, _, err = run_cli(["serve", *(a.replace("{tmp}", str(tmp_path)) for a in args)], capsys)
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], err
+
+
+def test_engine_models_follow_the_servers_backends(tmp_path):
+    """serve --engine-dir writes platform models where the server has the platform's backend (NVIDIA's container:
+    <prefix>/backends next to <prefix>/bin/tritonserver), python engine models where it has only the Python
+    backend (the wheel)."""
+    from topi_export.serving.server import ServerInstall, has_platform
+
+    binary = tmp_path / "bin" / "tritonserver"
+    binary.parent.mkdir()
+    binary.write_text("")
+    (tmp_path / "backends" / "python").mkdir(parents=True)
+    install = ServerInstall(binary)
+    assert not has_platform(install, "onnxruntime_onnx") and has_platform(install, "python")
+    (tmp_path / "backends" / "onnxruntime").mkdir()
+    assert has_platform(install, "onnxruntime_onnx") and not has_platform(install, "tensorrt_plan")
+    assert has_platform(ServerInstall(tmp_path / "elsewhere" / "bin" / "tritonserver"), "tensorrt_plan")  # unknown
+
+
 # --- the server environment and the repositories ------------------------------------------------------------------
 def _env_from_setting():
     from topi_export.serving.server_env import check_stub_python, python_info

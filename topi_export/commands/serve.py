@@ -41,7 +41,7 @@ import click
 @click.option("--server", "server", type=click.Path(dir_okay=False), default=None,
               help="The tritonserver binary (default: nvidia-pytriton's in --env, then tritonserver on PATH).")
 @click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address the HTTP, gRPC and metrics endpoints bind (0.0.0.0: every interface).")
+              help="IPv4 address the HTTP, gRPC and metrics endpoints bind (0.0.0.0: every interface).")
 @click.option("--http-port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="0: a free port.")
 @click.option("--grpc-port", type=click.IntRange(0, 65535), default=8001, show_default=True, help="0: a free port.")
 @click.option("--metrics-port", type=click.IntRange(0, 65535), default=8002, show_default=True,
@@ -109,11 +109,15 @@ def cmd(repo, engine_dir, out, force, name, instances, kind, engine_models, ort_
 
 def ensure_env(env, python, echo) -> None:
     """Create the server environment at ``env`` unless a complete one is there (its marker, written last)."""
+    from topi_export.errors import BadInput
     from topi_export.serving.server_env import create_environment, read_marker
 
     if read_marker(env) is not None:
         echo(f"server environment {env}: present (remove it to create it again)")
         return
+    if Path(env).exists():
+        raise BadInput(f"{env} exists but is not a complete server environment (no topi-triton-env.json): remove it "
+                       f"or choose another --env")
     create_environment(env, python=python, echo=echo)
 
 

@@ -23,6 +23,7 @@ Standard library only; clients (tritonclient) are for the callers.
 """
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import secrets
@@ -275,6 +276,11 @@ class TritonServer:
             raise BadInput(f"ports {ports}: give three ports (HTTP, gRPC, metrics) in 0..65535, 0 for a free one")
         if len({p for p in ports if p}) != len([p for p in ports if p]):
             raise BadInput(f"ports {ports}: HTTP, gRPC and metrics need different ports")
+        try:
+            ipaddress.IPv4Address(str(host))
+        except ValueError:
+            raise BadInput(f"host {host!r}: give an IPv4 address to bind (127.0.0.1: this machine only, 0.0.0.0: "
+                           f"every interface)") from None
         self.host, self.ports = str(host), ports
         self.env = Path(env).absolute() if env is not None else None
         self.tritonserver = tritonserver
