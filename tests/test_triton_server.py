@@ -291,17 +291,19 @@ def test_engine_models_follow_the_servers_backends(tmp_path):
     """serve --engine-dir writes platform models where the server has the platform's backend (NVIDIA's container:
     <prefix>/backends next to <prefix>/bin/tritonserver), python engine models where it has only the Python
     backend (the wheel)."""
-    from topi_export.serving.server import ServerInstall, has_platform
+    from topi_export.backends import get_backend
+    from topi_export.serving.server import ServerInstall, has_backend
 
+    ort = get_backend("onnxruntime").BACKEND.triton_backend
     binary = tmp_path / "bin" / "tritonserver"
     binary.parent.mkdir()
     binary.write_text("")
     (tmp_path / "backends" / "python").mkdir(parents=True)
     install = ServerInstall(binary)
-    assert not has_platform(install, "onnxruntime_onnx") and has_platform(install, "python")
-    (tmp_path / "backends" / "onnxruntime").mkdir()
-    assert has_platform(install, "onnxruntime_onnx") and not has_platform(install, "tensorrt_plan")
-    assert has_platform(ServerInstall(tmp_path / "elsewhere" / "bin" / "tritonserver"), "tensorrt_plan")  # unknown
+    assert not has_backend(install, ort) and has_backend(install, "python")
+    (tmp_path / "backends" / ort).mkdir()
+    assert has_backend(install, ort) and not has_backend(install, get_backend("tensorrt").BACKEND.triton_backend)
+    assert has_backend(ServerInstall(tmp_path / "elsewhere" / "bin" / "tritonserver"), "tensorrt")  # unknown
 
 
 # --- the server environment and the repositories ------------------------------------------------------------------

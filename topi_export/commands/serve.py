@@ -136,14 +136,17 @@ def write_repository(engine_dir, out, install, *, name, instances, kind, engine_
     from topi_export.artifacts.manifest import read_manifest
     from topi_export.backends import get_backend
     from topi_export.errors import BadInput
-    from topi_export.serving.server import has_platform
+    from topi_export.serving.server import has_backend
     from topi_export.serving.triton_repo import generate_repository
 
-    backend = get_backend(read_manifest(engine_dir, verify_files=False).backend).BACKEND
+    m = read_manifest(engine_dir, verify_files=False)
+    backend = get_backend(m.backend).BACKEND
     if engine_models == "auto":
         platform = backend.triton_platform
-        engine_models = "platform" if platform is None or has_platform(install, platform) else "python"
-        if engine_models == "python" and platform != "onnxruntime_onnx":
+        engine_models = ("platform" if platform is None or has_backend(install, backend.triton_backend)
+                         else "python")
+        portable = all(g.file.endswith(".onnx") for g in m.graphs.values())  # what python engine models run
+        if engine_models == "python" and not portable:
             raise BadInput(f"{install.tritonserver} has no {platform} backend for the {backend.name} engines of "
                            f"{engine_dir}: serve them with a Triton that has it (NVIDIA's container), or build "
                            f"--backend onnxruntime")

@@ -106,10 +106,6 @@ def find_tritonserver(tritonserver=None, env=None, info: PythonInfo | None = Non
                              f"--server PATH")
 
 
-# Triton backend (a folder of the backend directory) that loads each platform's models
-PLATFORM_BACKENDS = {"onnxruntime_onnx": "onnxruntime", "tensorrt_plan": "tensorrt"}
-
-
 def server_backends(install: ServerInstall) -> set[str] | None:
     """The backends this server can load (folders of its backend directory: the wheel's, or
     <prefix>/backends next to <prefix>/bin/tritonserver as in NVIDIA's container); None when unknown."""
@@ -120,10 +116,11 @@ def server_backends(install: ServerInstall) -> set[str] | None:
         return None
 
 
-def has_platform(install: ServerInstall, platform: str) -> bool:
-    """Whether this server loads ``platform`` models (unknown: assume it does, as a full Triton install)."""
+def has_backend(install: ServerInstall, name: str) -> bool:
+    """Whether this server has Triton backend ``name`` (backends/base.py Backend.triton_backend); unknown: assume
+    it has, as a full Triton install does."""
     have = server_backends(install)
-    return have is None or PLATFORM_BACKENDS.get(platform, platform) in have
+    return have is None or name in have
 
 
 def prepare_backends(install: ServerInstall, info: PythonInfo, workdir) -> Path:
