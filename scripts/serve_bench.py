@@ -92,6 +92,20 @@ def grpc_request(grpcclient, arrays):
     return inputs
 
 
+def engine_stats(server, model):
+    """Triton's cumulative statistics of ``model``: successful requests, their time in the server (ns), and the
+    time in the model's execute (compute_infer, ns)."""
+    status, body = server._http("GET", f"/v2/models/{model}/stats")
+    stats = json.loads(body)["model_stats"] if status == 200 else []
+    out = {"count": 0, "ns": 0, "compute_ns": 0}
+    for s in stats:
+        inf = s["inference_stats"]
+        out["count"] += int(inf["success"]["count"])
+        out["ns"] += int(inf["success"]["ns"])
+        out["compute_ns"] += int(inf["compute_infer"]["ns"])
+    return out
+
+
 def percentiles(values):
     a = np.asarray(values, dtype=np.float64)
     return {"n": int(a.size), "p50_s": float(np.percentile(a, 50)), "p99_s": float(np.percentile(a, 99)),
@@ -200,6 +214,7 @@ def served(engine_dir, inputs, args, instances, session):
         client.infer(f"{name}_loop", grpc_request(grpcclient, request_arrays(inputs, steps=args.steps, seed=0,
                                                                              ratio=args.ratio)), client_timeout=3600)
         client.close()
+        engine_before = engine_stats(server, f"{name}_topi")
         seed = 2000
         for clients, total in zip(args.clients, args.requests_per_round):
             latencies, errors, reports = [], [], []
@@ -239,6 +254,15 @@ def served(engine_dir, inputs, args, instances, session):
             if clients == 1 and reports:
                 row.update({k: statistics.median(step_sums(r)[k] for r in reports)
                             for k in ("sum_step_s", "anchor_s", "pruned_s")})
+                after = engine_stats(server, f"{name}_topi")
+                calls = after["count"] - engine_before["count"]
+                # the engine model's own time per request of the loop (Triton's statistics: from the request's
+                # arrival at the engine model to its response), against the loop's step times (BLS calls + the
+                # host work of each step)
+                row["engine_calls_per_request"] = calls / len(reports)
+                row["engine_s_per_request"] = (after["ns"] - engine_before["ns"]) / 1e9 / len(reports)
+                row["engine_compute_s_per_request"] = (after["compute_ns"] - engine_before["compute_ns"]) / 1e9 / len(
+                    reports)
             result["rounds"].append(row)
             print(f"  instances {instances}, C={clients}: {row['requests']} requests, {row['rps']:.3f} req/s, "
                   f"p50 {row['p50_s']:.3f} s, p99 {row['p99_s']:.3f} s{' ERRORS ' + str(errors) if errors else ''}",
@@ -295,6 +319,12 @@ def main():
           f"pruned {first.get('pruned_s', 0):.4f}); in-process request {local['p50_s']:.4f} s, loop "
           f"{local['loop_s']:.4f} s, steps {local['sum_step_s']:.4f} s (anchor {local['anchor_s']:.4f}, pruned "
           f"{local['pruned_s']:.4f})")
+    if "engine_s_per_request" in first:
+        calls = first["engine_calls_per_request"]
+        print(f"engine model per loop request (Triton statistics): {calls:.0f} calls, {first['engine_s_per_request']:.4f} s "
+              f"in the engine model ({first['engine_compute_s_per_request']:.4f} s in its execute); loop steps - "
+              f"engine time = {(first['sum_step_s'] - first['engine_s_per_request']) / max(calls, 1) * 1000:.2f} ms "
+              f"per step")
     for step, d in results[0]["direct"].items():
         print(f"direct {step} call: in-process {d['in_process_s']:.4f} s, gRPC to the engine model "
               f"{d['grpc_direct_s']:.4f} s")
