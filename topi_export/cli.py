@@ -15,6 +15,9 @@ COMMANDS = {
     "bench": "Benchmark speed and fidelity per ratio bucket and selection policy.",
     "triton": "Write a Triton Inference Server model repository from an engine directory.",
     "serve": "Serve a Triton model repository (or an engine directory) on a real tritonserver until Ctrl-C.",
+    "edit": "Edit reference image(s) with a prompt: the family's diffusers pipeline with the ToPi transformer.",
+    "encode": "Write an inputs file (latents, prompt embeddings) from images and a prompt, through the pipeline.",
+    "refit": "Write an engine directory with other LoRA adapters fused in, without re-exporting.",
 }
 
 

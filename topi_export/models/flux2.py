@@ -21,8 +21,8 @@ from diffusers.models.embeddings import apply_rotary_emb
 
 from dataclasses import replace
 
-from topi_export.errors import TopiError
-from topi_export.models.base import Family, gather_rows
+from topi_export.errors import BadInput, TopiError
+from topi_export.models.base import Family, call_tensor, gather_rows
 from topi_export.models.flux_kontext import FluxBlocks, FluxKontext
 from topi_export.models.sampling import compute_empirical_mu, flow_match_scheduler
 from topi_export.plan import Layout
@@ -120,6 +120,8 @@ class Flux2(FluxBlocks, Family):
     name = "flux2"
     model_classes = ("Flux2Transformer2DModel",)
     pipelines = ("Flux2Pipeline", "Flux2KleinPipeline")
+    front_end = "topi_export.models.flux2_pipeline"
+    lora_loader = "Flux2LoraLoaderMixin"
     max_references = None
     published = replace(FluxKontext.published, source="FLUX.1 Kontext published setting, no FLUX.2 setting published")
     pixels_per_token = 16
@@ -233,12 +235,15 @@ class Flux2(FluxBlocks, Family):
                 raise TopiError(f"img_ids group T={int(t[a])} holds {e - a} tokens, not a {h}x{w} grid")
             grids.append((h, w))
         layout = Layout(int(txt_ids.shape[-2]), grids[0], tuple(grids[1:]))
+        if len(t) != hidden.shape[1]:
+            raise BadInput(f"img_ids hold {len(t)} positions but hidden_states has {hidden.shape[1]} tokens: the "
+                            f"call's ids do not match its latents")
         g = kwargs.get("guidance")
         if g is None and self.guidance == "distilled":  # diffusers would skip the guidance embedding
             raise TopiError("the pipeline passes no guidance but this model embeds one (guidance_embeds): use "
                             "Flux2Pipeline for guidance-distilled FLUX.2 checkpoints")
         inputs = Inputs(layout, hidden[:1, layout.num_target:].float(),
-                        {"prompt_embeds": kwargs["encoder_hidden_states"][:1].float()},
+                        {"prompt_embeds": call_tensor(kwargs, "encoder_hidden_states", "Flux2Pipeline")[:1].float()},
                         {} if g is None else {"guidance": float(g.reshape(-1)[0])}, source="Flux2Pipeline")
         return hidden[:, :layout.num_target], kwargs["timestep"], inputs
 

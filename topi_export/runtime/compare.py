@@ -43,7 +43,7 @@ class Comparison:
 
 
 def compare(session, data, *, steps: int, seed: int = 0, selector, update_interval=None, repeats: int = 3,
-            progress: bool = False) -> Comparison:
+            progress: bool = False, reuse=None) -> Comparison:
     """Run the ToPi loop and the session's baseline ``repeats`` times each, interleaved. Every run of one loop gives
     the same latents (seeded); only the times differ."""
     mode = session.baseline_mode()
@@ -51,7 +51,7 @@ def compare(session, data, *, steps: int, seed: int = 0, selector, update_interv
     topi_times, base_times = [], []
     for i in range(repeats):
         t = session.denoise(data, steps=steps, seed=seed, selector=selector, update_interval=update_interval,
-                            progress=progress and i == 0)
+                            progress=progress and i == 0, reuse=reuse)
         b = session.denoise(data, steps=steps, seed=seed, mode=mode, update_interval=update_interval,
                             progress=progress and i == 0, desc=mode)
         topi_times.append(t.time_s)

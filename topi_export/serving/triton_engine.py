@@ -44,7 +44,8 @@ class Wire:
 OPTIONS = (Wire("steps", "TYPE_INT32", (1,)), Wire("seed", "TYPE_UINT64", (1,)), Wire("ratio", "TYPE_FP32", (1,)),
            Wire("tau", "TYPE_FP32", (1,)), Wire("update_interval", "TYPE_INT32", (1,)),
            Wire("policy", "TYPE_STRING", (1,)), Wire("mode", "TYPE_STRING", (1,)),
-           Wire("target_grid", "TYPE_STRING", (1,)), Wire("reference_grids", "TYPE_STRING", (1,)))
+           Wire("target_grid", "TYPE_STRING", (1,)), Wire("reference_grids", "TYPE_STRING", (1,)),
+           Wire("reuse", "TYPE_STRING", (1,)), Wire("reuse_order", "TYPE_INT32", (1,)))
 
 
 def loop_inputs(family) -> tuple[Wire, ...]:
@@ -121,6 +122,8 @@ class RequestOptions:
     update_interval: int | None = None
     policy: str | None = None
     mode: str = "topi"
+    reuse: object = None  # 'off' | 'auto' | N | None (the model's default), as `run --reuse`
+    reuse_order: int = 0
 
 
 def _one(arrays: dict, name: str):
@@ -190,6 +193,12 @@ def request_options(arrays: dict) -> RequestOptions:
         opts.policy = check_policy(v)
     if (v := _text(arrays, "mode")) is not None:
         opts.mode = check_mode(v, "request input 'mode'")
+    if (v := _text(arrays, "reuse")) is not None:
+        from topi_export.method.reuse import parse_reuse
+
+        opts.reuse = parse_reuse(v)
+    if (v := _int(arrays, "reuse_order", 0, 1)) is not None:
+        opts.reuse_order = v
     return opts
 
 
@@ -288,10 +297,13 @@ def run_request(session, arrays: dict) -> tuple[np.ndarray, str]:
     if opts.mode == "topi":  # exactly what `topi-export run --engine-dir` does
         selector = session.selector(data, ratio=opts.ratio, tau=opts.tau, policy=opts.policy, seed=opts.seed)
     update_interval = opts.update_interval or session.settings.update_interval
+    plan = session.reuse_plan(data, steps=opts.steps, reuse=opts.reuse, order=opts.reuse_order,
+                              update_interval=update_interval) if opts.mode == "topi" else None
     result = session.denoise(data, steps=opts.steps, seed=opts.seed, selector=selector, mode=opts.mode,
-                             update_interval=update_interval)
+                             update_interval=update_interval, reuse=plan)
     report = {"mode": opts.mode, "steps": opts.steps, "seed": opts.seed, "update_interval": update_interval,
               "ratio": selector.ratio if selector else None, "tau": selector.tau if selector else None,
               "policy": selector.policy if selector else None, "layout": data.layout.to_json(),
+              "reuse": plan.to_json() if plan is not None else None,
               "schedule": [r.to_json() for r in result.schedule], "time_s": result.time_s}
     return np.ascontiguousarray(result.latents.numpy(), dtype=np.float32), json.dumps(report)
