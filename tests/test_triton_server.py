@@ -467,7 +467,8 @@ def _file_request(path, **options):
     for key in ("target_grid", "reference_grids"):
         if key in meta:
             arrays[key] = np.array([meta[key].encode()], dtype=np.object_)
-    types = {"steps": np.int32, "update_interval": np.int32, "seed": np.uint64, "ratio": np.float32}
+    types = {"steps": np.int32, "update_interval": np.int32, "seed": np.uint64, "ratio": np.float32,
+             "reuse_order": np.int32}
     for name, value in options.items():
         arrays[name] = (np.array([value.encode()], dtype=np.object_) if isinstance(value, str)
                         else np.array([value], dtype=types[name]))
@@ -482,23 +483,27 @@ def inputs(engine_dirs, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run_result(engine_dirs, inputs, tmp_path_factory):
-    """`topi-export run --engine-dir` (the CLI, in-process) for a family and seed: (latents, report); cached."""
+    """`topi-export run --engine-dir` (the CLI, in-process) for a family and seed, optionally with step reuse
+    (`--reuse`, `--reuse-order`): (latents, report); cached."""
     from safetensors.torch import load_file
 
     from conftest import run_cli
 
     root, cache = tmp_path_factory.mktemp("serve-runs"), {}
 
-    def result(family, seed):
-        if (family, seed) not in cache:
-            out, report = root / f"{family}-{seed}.safetensors", root / f"{family}-{seed}.json"
+    def result(family, seed, reuse=None, reuse_order=0):
+        key = (family, seed, reuse, reuse_order)
+        if key not in cache:
+            stem = f"{family}-{seed}-{reuse}-{reuse_order}"
+            out, report = root / f"{stem}.safetensors", root / f"{stem}.json"
+            extra = ["--reuse", str(reuse), "--reuse-order", str(reuse_order)] if reuse is not None else []
             code, _, err = run_cli(["run", "--engine-dir", str(engine_dirs[family]), "--inputs",
                                     str(inputs[family]), "-q", "--steps", str(STEPS), "--seed", str(seed),
                                     "--ratio", str(RATIO), "--update-interval", str(UPDATE_INTERVAL), "--out",
-                                    str(out), "--json", str(report)])
+                                    str(out), "--json", str(report), *extra])
             assert code == 0, err
-            cache[family, seed] = (load_file(str(out))["latents"].numpy(), json.loads(report.read_text()))
-        return cache[family, seed]
+            cache[key] = (load_file(str(out))["latents"].numpy(), json.loads(report.read_text()))
+        return cache[key]
 
     return result
 
@@ -604,6 +609,28 @@ def test_loop_model_over_http_and_grpc_equals_run(server, engine_dirs, inputs, r
     assert {r["kind"] for r in schedule["schedule"]} == {"anchor", "pruned"}
     assert len(schedule["layout"]["reference_grids"]) == (3 if family == "flux2" else 1)
     assert report["true_cfg"] is (family == "qwen")
+
+
+@pytest.mark.parametrize("order", [0, 1])
+def test_loop_model_with_step_reuse_equals_run(server, inputs, run_result, order):
+    """Step reuse (`reuse` / `reuse_order` request inputs) on the real server: the only eligible step of the
+    6-step schedule (step 2: after the two protected steps, before the anchor at 3) reuses the last velocity
+    (order 0) or extrapolates the last two (order 1), as `run --reuse 1 --reuse-order N`; latents and schedule
+    equal run's, over gRPC."""
+    expected, report = run_result("flux2", 5, reuse=1, reuse_order=order)
+    assert [r["kind"] for r in report["schedule"]].count("reuse") == 1
+    arrays = _file_request(inputs["flux2"], steps=STEPS, seed=5, ratio=RATIO, update_interval=UPDATE_INTERVAL,
+                           reuse="1", reuse_order=order)
+    module, client = _client(server, "grpc")
+    try:
+        latents, schedule = _loop(module, client, "flux2_loop", arrays)
+    finally:
+        client.close()
+    assert latents.shape == expected.shape and _rel_l2(latents, expected) <= REL_L2
+    assert [(r["kind"], r["keep"]) for r in schedule["schedule"]] == [
+        (r["kind"], r["keep"]) for r in report["schedule"]]
+    assert schedule["reuse"] == report["reuse"]
+    assert _rel_l2(latents, run_result("flux2", 5)[0]) > 1e-6  # reuse changed the result: it was applied
 
 
 def test_loop_bad_requests_get_errors_and_the_server_keeps_serving(server, inputs, run_result):
