@@ -268,6 +268,7 @@ def test_python_engine_config_has_the_platform_models_tensors(ort_engine_dir, tm
     (["--repo", "r", "--engine-dir", "e"], "not both"),
     (["--out", "o", "--repo", "r"], "--out is where --engine-dir"),
     (["--create-env"], "--create-env needs --env"),
+    (["--repo", "r", "--project", "dist/topi_export-0.2.0-py3-none-any.whl[serve]"], "add --create-env"),
     (["--repo", "r", "--env", "/nonexistent/env"], "--create-env"),
     (["--repo", "/nonexistent/repo", "--env", "{tmp}", "--server", "{tmp}/tritonserver"], "does not exist"),
     (["--repo", "{tmp}", "--server", "{tmp}/tritonserver", "--host", "localhost:1"], "IPv4 address"),
@@ -285,6 +286,36 @@ def test_serve_command_refusals_are_one_line(tmp_path, capsys, args, needle):
     assert code == 2, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], err
+
+
+def test_server_env_installs_topi_export_from_its_checkout_or_wheel(tmp_path, monkeypatch):
+    """topi-export is on no package index: the server environment gets this checkout (editable), else the wheel
+    this installation came from (pip's direct_url.json); otherwise one line asking for --project, never a pip
+    install from an index."""
+    from importlib import metadata
+
+    from topi_export.serving import server_env
+
+    assert server_env._default_project() == ["-e", f"{ROOT}[serve]"]
+    monkeypatch.setattr(server_env, "__file__", str(tmp_path / "site" / "topi_export" / "serving" / "server_env.py"))
+    wheel = tmp_path / "dist" / "topi_export-0.2.0-py3-none-any.whl"
+    wheel.parent.mkdir()
+    wheel.write_bytes(b"")
+
+    class Dist:
+        def __init__(self, direct):
+            self.direct = direct
+
+        def read_text(self, name):
+            return json.dumps(self.direct) if name == "direct_url.json" and self.direct is not None else None
+
+    monkeypatch.setattr(metadata, "distribution", lambda name: Dist({"url": wheel.as_uri(), "archive_info": {}}))
+    assert server_env._default_project() == [f"{wheel}[serve]"]
+    wheel.unlink()
+    for direct in ({"url": wheel.as_uri(), "archive_info": {}}, None, {"url": "https://example.org/x.whl"}):
+        monkeypatch.setattr(metadata, "distribution", lambda name, d=direct: Dist(d))
+        with pytest.raises(TopiError, match=r"on no package index: pass its wheel or checkout with --project"):
+            server_env._default_project()
 
 
 def test_engine_models_follow_the_servers_backends(tmp_path):

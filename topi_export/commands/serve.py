@@ -38,6 +38,10 @@ import click
                    "topi-export[serve]: minutes, needs PyPI). Without --repo / --engine-dir: create it and exit.")
 @click.option("--python", "python", default=None,
               help="With --create-env: the base interpreter (a shared build of Python 3.8-3.13; default: this one).")
+@click.option("--project", default=None,
+              help="With --create-env: what pip installs as topi-export in the environment, e.g. "
+                   "'dist/topi_export-0.2.0-py3-none-any.whl[serve]' or '/path/to/checkout[serve]' (default: this "
+                   "checkout, or the wheel this installation came from).")
 @click.option("--server", "server", type=click.Path(dir_okay=False), default=None,
               help="The tritonserver binary (default: nvidia-pytriton's in --env, then tritonserver on PATH).")
 @click.option("--host", default="127.0.0.1", show_default=True,
@@ -59,7 +63,7 @@ import click
               help="Backend directory and tritonserver.log here (default: a temporary directory, removed at a clean "
                    "stop).")
 def cmd(repo, engine_dir, out, force, name, instances, kind, engine_models, ort_threads, env, create_env, python,
-        server, host, http_port, grpc_port, metrics_port, model_control_mode, load_models, ready_timeout,
+        project, server, host, http_port, grpc_port, metrics_port, model_control_mode, load_models, ready_timeout,
         exit_timeout, log_verbose, workdir):
     """Serve a Triton model repository (or an engine directory) until Ctrl-C / SIGTERM."""
     from topi_export.errors import BadInput
@@ -76,10 +80,13 @@ def cmd(repo, engine_dir, out, force, name, instances, kind, engine_models, ort_
     if create_env:
         if env is None:
             raise BadInput("--create-env needs --env ENV: the path of the environment to create")
-        ensure_env(env, python, echo)
+        ensure_env(env, python, echo, project=project)
         if not (repo or engine_dir):
             echo(f"next: topi-export serve --repo REPO --env {env}")
             return
+    elif project is not None or python is not None:
+        raise BadInput("--project and --python say how --create-env makes the environment: add --create-env, or "
+                       "drop them")
     elif not (repo or engine_dir):
         raise BadInput("give --repo REPO (from `topi-export triton`) or --engine-dir DIR to serve, or --create-env "
                        "with --env ENV")
@@ -107,7 +114,7 @@ def cmd(repo, engine_dir, out, force, name, instances, kind, engine_models, ort_
         raise SystemExit(code)
 
 
-def ensure_env(env, python, echo) -> None:
+def ensure_env(env, python, echo, project=None) -> None:
     """Create the server environment at ``env`` unless a complete one is there (its marker, written last)."""
     from topi_export.errors import BadInput
     from topi_export.serving.server_env import create_environment, read_marker
@@ -118,7 +125,7 @@ def ensure_env(env, python, echo) -> None:
     if Path(env).exists():
         raise BadInput(f"{env} exists but is not a complete server environment (no topi-triton-env.json): remove it "
                        f"or choose another --env")
-    create_environment(env, python=python, echo=echo)
+    create_environment(env, python=python, project=[project] if project else None, echo=echo)
 
 
 def check_env(env) -> None:

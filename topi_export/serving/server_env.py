@@ -139,16 +139,26 @@ def check_stub_python(info: PythonInfo, *, need_numpy: bool = True) -> None:
 
 
 def _default_project() -> list[str]:
-    """topi-export with the serve extra: this source checkout (editable) or the released version."""
+    """pip arguments installing topi-export with the serve extra: this source checkout (editable), else the wheel
+    this installation came from (pip's ``direct_url.json``, when that file still exists). topi-export is on no
+    package index, so anything else is a TopiError naming ``--project``."""
     root = Path(__file__).resolve().parents[2]
     if (root / "pyproject.toml").is_file() and (root / "topi_export").is_dir():
         return ["-e", f"{root}[serve]"]
     from importlib import metadata
+    from urllib.parse import unquote, urlparse
 
     try:
-        return [f"topi-export[serve]=={metadata.version('topi-export')}"]
-    except metadata.PackageNotFoundError:
-        return ["topi-export[serve]"]
+        direct = json.loads(metadata.distribution("topi-export").read_text("direct_url.json") or "{}")
+    except (metadata.PackageNotFoundError, ValueError):
+        direct = {}
+    url = urlparse(str(direct.get("url", "")))
+    source = Path(unquote(url.path)) if url.scheme == "file" else None
+    if source is not None and (source.is_file() and source.suffix == ".whl" or (source / "pyproject.toml").is_file()):
+        return [f"{source}[serve]"]
+    raise TopiError("cannot tell where this topi-export came from (not a checkout, and not installed from a wheel "
+                    "file that still exists), and it is on no package index: pass its wheel or checkout with --project, e.g. "
+                    "--project '/path/to/topi_export-VERSION-py3-none-any.whl[serve]'")
 
 
 def _run_logged(cmd, log: Path, what: str) -> None:
@@ -223,6 +233,7 @@ def create_environment(path, *, python=None, project=None, layer_on=None, root=N
     if layer is not None and not (root / "topi_export").is_dir():
         raise TopiError(f"{root} is not a topi-export checkout (no topi_export/): pass --root CHECKOUT")
     check_stub_python(base, need_numpy=False)  # before any work: the venv inherits these
+    project_args = (list(project) if project else _default_project()) if layer is None else None
     if path.exists() or path.is_symlink():
         is_venv = (path / "pyvenv.cfg").is_file() and not path.is_symlink()
         if not force:
@@ -240,7 +251,6 @@ def create_environment(path, *, python=None, project=None, layer_on=None, root=N
         _run_logged([base.executable, "-m", "venv", path], log, "python -m venv")
         pip = [env_python(path), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
         if layer is None:
-            project_args = list(project) if project else _default_project()
             echo(f"[2/3] pip install {NUMPY} {' '.join(project_args)} (log: {log})")
             _run_logged([*pip, NUMPY, *project_args], log, "pip install")
         else:
