@@ -288,9 +288,21 @@ def main():
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     os.environ.setdefault("TQDM_DISABLE", "1")
-    args.clients = [int(c) for c in args.clients.split(",")]
-    args.requests_per_round = ([int(r) for r in args.requests.split(",")] if args.requests
+    def counts(text, flag):
+        try:
+            values = [int(v) for v in str(text).split(",")]
+        except ValueError:
+            values = []
+        if not values or min(values) < 1:
+            parser.error(f"{flag} {text!r}: give positive integers separated by commas, e.g. 1,2,4")
+        return values
+
+    args.clients = counts(args.clients, "--clients")
+    counts(args.instances, "--instances")
+    args.requests_per_round = (counts(args.requests, "--requests") if args.requests
                                else [max(4, 2 * c) for c in args.clients])
+    if len(args.requests_per_round) != len(args.clients):
+        parser.error(f"--requests {args.requests!r}: give one count per --clients value ({len(args.clients)})")
     args.requests = args.requests_per_round
     inputs = args.inputs or write_inputs(args.engine_dir, Path(tempfile.mkdtemp(prefix="serve-bench-")) / "in.st")
     load_before = os.getloadavg()
@@ -333,4 +345,10 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from topi_export.errors import TopiError
+
+    try:
+        main()
+    except TopiError as exc:  # a bad engine directory, environment or server: one line, as the CLI prints it
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
