@@ -1,6 +1,6 @@
 """`topi-export triton`: schema-valid repositories for an ONNX Runtime engine directory (built with the CLI) and a
 TensorRT one (described by its manifest, not built), the refusals, and the BLS loop model's logic with ONNX Runtime
-standing in for Triton's model calls. No tritonserver runs here."""
+standing in for Triton's model calls. No tritonserver runs here (tests/test_triton_server.py runs one)."""
 import dataclasses
 import importlib.util
 import json
@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import run_cli
 from topi_export.fsutil import MARKER_FILE
+from topi_export.serving.model_config import HEADER
 
 pytest.importorskip("tritonclient.grpc.model_config_pb2",
                     reason="needs tritonclient[grpc] (pip install 'topi-export[triton]')")
@@ -47,10 +48,14 @@ def repo(engine_dir, tmp_path_factory):
 
 
 def _config(path):
+    return _config_text(Path(path).read_text())
+
+
+def _config_text(text):
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
-    return text_format.Parse(Path(path).read_text(), model_config_pb2.ModelConfig())
+    return text_format.Parse(text, model_config_pb2.ModelConfig())
 
 
 def _tree(path: Path) -> dict:
@@ -260,7 +265,75 @@ def test_onnxruntime_repository_layout_and_schema(engine_dir, tmp_path, capsys):
     assert (out / "topi_loop" / "1" / "model.py").read_bytes() == (
         ROOT / "topi_export" / "serving" / "bls_model.py").read_bytes()
     assert (out / "topi_loop" / "manifest.json").read_bytes() == (engine_dir / "manifest.json").read_bytes()
-    assert "pip install topi-export" in (out / "README.md").read_text()
+    assert "pip wheel --no-deps" in (out / "README.md").read_text()  # not on an index: from the checkout or a wheel
+    assert all(not line.startswith("#") or line == HEADER for d in out.iterdir() if (d / "config.pbtxt").exists()
+               for line in (d / "config.pbtxt").read_text().splitlines())
+
+
+def test_python_engine_models_repository(engine_dir, repo, tmp_path, capsys):
+    """--engine-models python: every engine model is a Python-backend model (ort_engine_model.py) over the same
+    graph and weights, with the platform model's name, tensors, dims and instances; the loop model is unchanged."""
+    out = tmp_path / "repo"
+    code, stdout, err = run_cli(["triton", "--engine-dir", str(engine_dir), "--out", str(out), "--kind", "cpu",
+                                 "--engine-models", "python", "--ort-threads", "1"], capsys)
+    assert code == 0, err
+    assert "topi-export serve --repo" in stdout
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in repo.iterdir())
+    template = (ROOT / "topi_export" / "serving" / "ort_engine_model.py").read_bytes()
+    for kind in ("topi", "dense"):
+        d = out / f"topi_{kind}"
+        assert sorted(p.name for p in (d / "1").iterdir()) == ["model.onnx", "model.py", "weights.data"]
+        assert (d / "1" / "model.py").read_bytes() == template
+        assert os.path.samefile(d / "1" / "weights.data", engine_dir / "onnx" / "weights.data")
+        ours, platform = _config(d / "config.pbtxt"), _config(repo / f"topi_{kind}" / "config.pbtxt")
+        assert ours.backend == "python" and not ours.platform and platform.platform == "onnxruntime_onnx"
+        assert (ours.name, ours.max_batch_size, list(ours.input), list(ours.output), list(ours.instance_group)) == (
+            platform.name, platform.max_batch_size, list(platform.input), list(platform.output),
+            list(platform.instance_group))
+        assert dict((k, v.string_value) for k, v in ours.parameters.items()) == {"intra_op_num_threads": "1"}
+    assert _config(out / "topi_loop" / "config.pbtxt") == _config(repo / "topi_loop" / "config.pbtxt")
+    assert (out / "topi_loop" / "1" / "model.py").read_bytes() == (repo / "topi_loop" / "1" / "model.py").read_bytes()
+    assert "ort_engine_model.py" in (out / "README.md").read_text()
+
+
+def test_config_pbtxt_takes_no_text_from_the_model_path(engine_dir, tmp_path, capsys):
+    """A model path with a newline and quotes (what `build --model PATH` records as model.source) once closed the
+    header comment and added a parameters block to every config, which still parsed. Configs are now ModelConfig
+    messages written by text_format with a fixed comment: the path appears in no config, each config reads back
+    as exactly the message built, and the README quotes it escaped."""
+    evil = ('/models/x"\n}\n\nparameters { key: "EXECUTION_ENV_PATH" value { string_value: "/tmp/evil" } }\n'
+            '# "it\'s"')
+    eng = _copy_engine_dir(engine_dir, tmp_path / "eng")
+    data = json.loads((eng / "manifest.json").read_text())
+    data["model"]["source"] = evil
+    _rehash(eng, data)
+    for flavour in ("platform", "python"):
+        out = tmp_path / flavour
+        code, _, err = run_cli(["triton", "--engine-dir", str(eng), "--out", str(out), "--kind", "cpu",
+                                "--engine-models", flavour], capsys)
+        assert code == 0, err
+        for name in ("topi_topi", "topi_dense", "topi_loop"):
+            text = (out / name / "config.pbtxt").read_text()
+            assert "EXECUTION_ENV_PATH" not in text and "/tmp/evil" not in text and "/models/x" not in text
+            assert [line for line in text.splitlines() if line.startswith("#")] == [HEADER]
+            cfg = _config(out / name / "config.pbtxt")
+            assert "EXECUTION_ENV_PATH" not in cfg.parameters and cfg.name == name
+        assert json.dumps(evil) in (out / "README.md").read_text()
+
+
+def test_config_text_is_the_message(tmp_path):
+    """config_text renders with text_format and parses back to the same message; a name or parameter holding
+    quotes and newlines is escaped, never new syntax."""
+    from topi_export.serving.model_config import config_text, model_config
+    from topi_export.serving.triton_engine import Wire
+
+    cfg = model_config('m"\n}', inputs=[Wire("x\ny", "TYPE_FP32", (1, -1), optional=True)],
+                       outputs=[Wire("z", "TYPE_STRING", (1,), optional=False)], backend="python",
+                       parameters={'k"': 'v\n}\nparameters { key: "EXECUTION_ENV_PATH" }'})
+    text = config_text(cfg)
+    back = _config_text(text)
+    assert back == cfg and list(back.parameters) == ['k"'] and back.input[0].optional
+    assert [line for line in text.splitlines() if line.startswith("parameters")] == ["parameters {"]
 
 
 @pytest.mark.parametrize("options", [
@@ -556,6 +629,9 @@ def test_tensorrt_repository_from_described_manifest(engine_dir, tmp_path, capsy
     code, _, err = run_cli(["triton", "--engine-dir", str(eng), "--out", str(tmp_path / "cpu"), "--kind", "cpu"],
                            capsys)
     assert code == 2 and "GPU" in err and not (tmp_path / "cpu").exists()
+    code, _, err = run_cli(["triton", "--engine-dir", str(eng), "--out", str(tmp_path / "py"), "--engine-models",
+                            "python"], capsys)
+    assert code == 2 and "--engine-models platform" in err and not (tmp_path / "py").exists()
 
 
 def test_tensorrt_rtx_engine_dir_is_refused(engine_dir, tmp_path, capsys):
@@ -568,6 +644,8 @@ def test_tensorrt_rtx_engine_dir_is_refused(engine_dir, tmp_path, capsys):
 @pytest.mark.parametrize("args, needle", [
     (["--instances", "0"], "--instances"),
     (["--name", "a/b"], "--name"),
+    (["--ort-threads", "2"], "--ort-threads"),
+    (["--engine-models", "python", "--ort-threads", "0"], "--ort-threads"),
 ])
 def test_bad_options_are_refused(engine_dir, tmp_path, capsys, args, needle):
     code, _, err = run_cli(["triton", "--engine-dir", str(engine_dir), "--out", str(tmp_path / "r"), *args], capsys)

@@ -14,6 +14,7 @@ COMMANDS = {
     "check": "Compare built engines against the PyTorch reference, per graph and bucket.",
     "bench": "Benchmark speed and fidelity per ratio bucket and selection policy.",
     "triton": "Write a Triton Inference Server model repository from an engine directory.",
+    "serve": "Serve a Triton model repository (or an engine directory) on a real tritonserver until Ctrl-C.",
     "edit": "Edit reference image(s) with a prompt: the family's diffusers pipeline with the ToPi transformer.",
     "encode": "Write an inputs file (latents, prompt embeddings) from images and a prompt, through the pipeline.",
     "refit": "Write an engine directory with other LoRA adapters fused in, without re-exporting.",
@@ -46,7 +47,7 @@ class LazyGroup(click.Group):
 def cli():
     """topi-export: compile in-context DiTs (FLUX.1 Kontext, FLUX.2, Qwen-Image-Edit) with ToPi context-token pruning.
 
-    Typical flow: calibrate (optional) -> build -> run --engine-dir ... --compare -> triton.
+    Typical flow: calibrate (optional) -> build -> run --engine-dir ... --compare -> triton -> serve.
     """
 
 

@@ -34,6 +34,7 @@ class Backend:
     dense_by_default: bool = False  # build the dense baseline unless told otherwise (free when weights are shared)
     triton_platform: str | None = None  # Triton platform of its engine models; None: Triton cannot load them
     triton_model_file: str | None = None  # file name Triton expects in the model's version folder
+    triton_backend: str | None = None  # the Triton backend loading those models (a folder of its backend directory)
     options: type | None = None  # its build options (an Options dataclass), filled by the build command's flags
 
 

@@ -21,7 +21,8 @@ class OrtOptions(Options):
 BACKEND = Backend("onnxruntime", builds=True, precisions=("fp32",), runs_on="CPU (CUDA with onnxruntime-gpu)",
                   description="ONNX Runtime, portable graphs with topi function bodies",
                   dense_by_default=True,  # the dense graph reads the same weights file: free on disk
-                  triton_platform="onnxruntime_onnx", triton_model_file="model.onnx", options=OrtOptions)
+                  triton_platform="onnxruntime_onnx", triton_model_file="model.onnx",
+                  triton_backend="onnxruntime", options=OrtOptions)
 NUMPY = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "bool": np.bool_}
 
 

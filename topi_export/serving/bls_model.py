@@ -5,8 +5,8 @@ tensors become ``Inputs`` (validated like an inputs file), the selector is built
 and ``topi_export.runtime.loop.denoise`` runs with a ``TritonEngine`` whose graph calls are BLS requests to the
 engine models (serving/triton_engine.py holds all of that logic).
 
-The Python backend's environment needs topi-export (and so torch and diffusers) installed:
-    pip install topi-export
+The Python backend's environment needs topi-export (and so torch and diffusers) installed, from its checkout or
+a wheel made there (it is not on a package index): `topi-export serve --env ENV --create-env` (docs/triton.md).
 Settings come from this model's config.pbtxt (``parameters``: the engine model names, the manifest's sha256) and
 the engine directory's manifest.json copied next to it (layouts, buckets, calibration, policy).
 """
@@ -20,7 +20,7 @@ try:
     from topi_export.serving.triton_engine import open_loop_session, request_input_names, run_request
 except ImportError as exc:  # surfaces in Triton's model load error
     raise ImportError(f"the Triton Python backend environment needs topi-export (with torch and diffusers): "
-                      f"pip install topi-export ({exc})") from exc
+                      f"pip install it from its checkout or wheel, see docs/triton.md ({exc})") from exc
 
 
 # Triton's triton_python_backend_utils, bound in initialize(): it exists only inside the Python backend, and

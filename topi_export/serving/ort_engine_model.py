@@ -5,7 +5,7 @@ Copied into a repository as ``<model>/1/model.py`` next to ``1/model.onnx`` and 
 The config is that platform model's config with ``backend: "python"`` in place of ``platform:`` (same inputs,
 outputs, names, types and dims; ``max_batch_size: 0``), so the BLS loop model (bls_model.py) calls it unchanged.
 This is what serves a repository on a Triton without the onnxruntime backend (PyPI's nvidia-pytriton wheel ships
-only the Python backend: docs/triton-server.md).
+only the Python backend: docs/triton.md, "The server's Python environment").
 
 Needs only numpy and onnxruntime in the stub's environment (not topi_export: no torch import per instance).
 Optional ``parameters`` of the config (string values):

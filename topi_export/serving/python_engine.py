@@ -6,11 +6,10 @@
     REPO/<name>/1/model.onnx     the graph, + its external data under the locations it names (1/weights.data)
 
 Same model name, tensors and dims as the platform model, so a loop model calls either. Used where Triton has no
-onnxruntime backend (the nvidia-pytriton wheel: docs/triton-server.md).
+onnxruntime backend (the nvidia-pytriton wheel: docs/triton.md, "The server's Python environment").
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -55,28 +54,16 @@ def graph_io(onnx_path) -> tuple[list[TensorSpec], list[TensorSpec]]:
             [spec(v) for v in model.graph.output])
 
 
-def _q(text: str) -> str:
-    return json.dumps(text)  # a protobuf text-format string for the names used here (ASCII, no control chars)
-
-
 def engine_model_config(name: str, inputs, outputs, *, instances: int = 1, kind: str = "KIND_CPU",
                         parameters: dict | None = None) -> str:
-    """config.pbtxt of a Python-backend engine model (ort_engine_model.py reads ``parameters``)."""
+    """config.pbtxt of a Python-backend engine model (ort_engine_model.py reads ``parameters``), built as a
+    ModelConfig message (serving/model_config.py)."""
+    from topi_export.serving.model_config import config_text, model_config
+
     if kind not in KINDS:
         raise TopiError(f"instance kind {kind!r}: choose one of {', '.join(KINDS)}")
-
-    def block(t):
-        return (f"  {{\n    name: {_q(t.name)}\n    data_type: {t.dtype}\n"
-                f"    dims: [ {', '.join(map(str, t.dims))} ]\n  }}")
-
-    parts = [f"name: {_q(name)}", 'backend: "python"',
-             "max_batch_size: 0  # the batch is an explicit dim of the graph; token dims are dynamic (-1)",
-             "input [\n" + ",\n".join(map(block, inputs)) + "\n]",
-             "output [\n" + ",\n".join(map(block, outputs)) + "\n]",
-             f"instance_group [\n  {{\n    kind: {kind}\n    count: {int(instances)}\n  }}\n]"]
-    for key, value in (parameters or {}).items():
-        parts.append(f"parameters {{\n  key: {_q(key)}\n  value {{ string_value: {_q(str(value))} }}\n}}")
-    return "\n".join(parts) + "\n"
+    return config_text(model_config(name, inputs=inputs, outputs=outputs, backend="python", kind=kind,
+                                    count=instances, parameters=parameters))
 
 
 def _place(src: Path, dst: Path) -> None:
@@ -90,21 +77,25 @@ def _place(src: Path, dst: Path) -> None:
 def write_engine_model(repo, name: str, onnx_path, *, instances: int = 1, kind: str = "KIND_CPU",
                        parameters: dict | None = None) -> Path:
     """Write REPO/<name>/ for the ONNX graph ``onnx_path`` (its external data must lie in the graph's folder or
-    below it). Returns the model directory. Refuses an existing model directory."""
-    from topi_export.fsutil import check_onnx_external_data
+    below it), staged and placed whole (fsutil.staged_dir). Returns the model directory; refuses an existing one.
+    ``topi-export triton --engine-models python`` writes the same files for every graph of an engine directory,
+    hash-checked against its manifest (triton_repo.py)."""
+    from topi_export.fsutil import atomic_write_bytes, check_onnx_external_data, staged_dir
 
     onnx_path = Path(onnx_path)
     model_dir = Path(repo) / name
-    if model_dir.exists():
+    if os.path.lexists(model_dir):
         raise TopiError(f"{model_dir} already exists: write the model into a new repository")
     data = sorted(check_onnx_external_data(onnx_path, onnx_path.parent))  # confined to the graph's folder
     inputs, outputs = graph_io(onnx_path)
-    version = model_dir / "1"
-    version.mkdir(parents=True)
-    _place(onnx_path, version / "model.onnx")
-    for rel in data:
-        _place(onnx_path.parent / rel, version / rel)
-    shutil.copyfile(TEMPLATE, version / "model.py")
-    (model_dir / "config.pbtxt").write_text(
-        engine_model_config(name, inputs, outputs, instances=instances, kind=kind, parameters=parameters))
+    config = engine_model_config(name, inputs, outputs, instances=instances, kind=kind, parameters=parameters)
+    with staged_dir(model_dir, replace=False) as tmp:
+        _place(onnx_path, tmp / "1" / "model.onnx")
+        for rel in data:
+            _place(onnx_path.parent / rel, tmp / "1" / rel)
+        atomic_write_bytes(tmp / "1" / "model.py", TEMPLATE.read_bytes())
+        atomic_write_bytes(tmp / "config.pbtxt", config.encode())
+        for d in [tmp, *tmp.rglob("*")]:
+            if d.is_dir():
+                d.chmod(0o755)  # Triton may run as another user
     return model_dir

@@ -23,6 +23,7 @@ Standard library only; clients (tritonclient) are for the callers.
 """
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import secrets
@@ -38,7 +39,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from topi_export.errors import TopiError
+from topi_export.errors import BackendUnavailable, BadInput, TopiError
 from topi_export.serving.server_env import PythonInfo, check_stub_python, python_info
 
 LOOPBACK = "127.0.0.1"
@@ -68,8 +69,21 @@ def _wheel_install(binary: Path) -> ServerInstall:
     return ServerInstall(binary)
 
 
+def _own_pytriton() -> Path | None:
+    """site-packages/pytriton of an nvidia-pytriton installed in this interpreter's environment (located, not
+    imported: it needs numpy<2)."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("pytriton")
+    except (ImportError, ValueError):
+        return None
+    return Path(spec.origin).parent if spec is not None and spec.origin else None
+
+
 def find_tritonserver(tritonserver=None, env=None, info: PythonInfo | None = None) -> ServerInstall:
-    """An explicit ``tritonserver`` path, else the one of nvidia-pytriton installed in ``env``, else PATH."""
+    """An explicit ``tritonserver`` path, else the one of nvidia-pytriton installed in ``env`` (without ``env``:
+    in this interpreter's environment), else PATH."""
     if tritonserver is not None:
         path = Path(tritonserver)
         if not (path.is_file() and os.access(path, os.X_OK)):
@@ -81,13 +95,32 @@ def find_tritonserver(tritonserver=None, env=None, info: PythonInfo | None = Non
             binary = Path(info.pytriton) / "tritonserver" / "bin" / "tritonserver"
             if binary.is_file():
                 return _wheel_install(binary)
+    elif (own := _own_pytriton()) is not None and (own / "tritonserver" / "bin" / "tritonserver").is_file():
+        return _wheel_install(own / "tritonserver" / "bin" / "tritonserver")
     found = shutil.which("tritonserver")
     if found:
         return _wheel_install(Path(found))
-    where = f"in {env} or on PATH" if env is not None else "on PATH (and no environment was given)"
-    raise TopiError(f"no tritonserver {where}: create the server environment with `python -m "
-                    f"topi_export.serving.server_env create ENV` (nvidia-pytriton ships one) and pass it, or pass "
-                    f"the tritonserver path")
+    where = f"in {env} or on PATH" if env is not None else "in this environment or on PATH (no --env given)"
+    raise BackendUnavailable(f"no tritonserver {where}: create the server environment with `topi-export serve --env "
+                             f"ENV --create-env` (its nvidia-pytriton ships one) and pass --env ENV, or pass "
+                             f"--server PATH")
+
+
+def server_backends(install: ServerInstall) -> set[str] | None:
+    """The backends this server can load (folders of its backend directory: the wheel's, or
+    <prefix>/backends next to <prefix>/bin/tritonserver as in NVIDIA's container); None when unknown."""
+    root = install.backends or install.tritonserver.resolve().parent.parent / "backends"
+    try:
+        return {p.name for p in root.iterdir() if p.is_dir()}
+    except OSError:
+        return None
+
+
+def has_backend(install: ServerInstall, name: str) -> bool:
+    """Whether this server has Triton backend ``name`` (backends/base.py Backend.triton_backend); unknown: assume
+    it has, as a full Triton install does."""
+    have = server_backends(install)
+    return have is None or name in have
 
 
 def prepare_backends(install: ServerInstall, info: PythonInfo, workdir) -> Path:
@@ -206,11 +239,14 @@ def error_lines(log: str, limit: int = 1500) -> str:
 class TritonServer:
     """One tritonserver process on ``repository`` (see the module docstring).
 
+    repository: a model repository, or a list of them (one --model-repository each; model names must differ).
     env: the Python environment the Python-backend models run in (a venv made by server_env.create_environment);
         None: for the wheel's tritonserver the environment it is installed in, else the current environment (a
         tritonserver whose own stub fits it, as in NVIDIA's container).
     tritonserver: the binary; default from ``env``'s nvidia-pytriton, else PATH.
     model_control_mode: none | explicit | poll; load_models: the models --load-model loads in explicit mode.
+    host: the address every endpoint binds (loopback by default).
+    ports: (http, grpc, metrics); 0 picks a free port (then a port another process takes first is retried).
     ready_timeout: seconds for the server and every model to become ready.
     exit_timeout: seconds Triton drains in-flight requests on SIGINT (--exit-timeout-secs).
     workdir: backends and log (default: a temporary directory, removed by a clean stop).
@@ -218,15 +254,31 @@ class TritonServer:
     metrics_url, the ports, pid, log_path."""
 
     def __init__(self, repository, *, env=None, tritonserver=None, model_control_mode: str = "none",
-                 load_models=(), ready_timeout: float = 180.0, exit_timeout: int = 10, log_verbose: int = 0,
-                 extra_args=(), workdir=None, echo=None):
-        self.repository = Path(repository).resolve()
-        if not self.repository.is_dir():
-            raise TopiError(f"model repository {self.repository} does not exist: write one with `topi-export triton`")
+                 load_models=(), host: str = LOOPBACK, ports=(0, 0, 0), ready_timeout: float = 180.0,
+                 exit_timeout: int = 10, log_verbose: int = 0, extra_args=(), workdir=None, echo=None):
+        repos = [repository] if isinstance(repository, (str, os.PathLike)) else list(repository)
+        self.repositories = [Path(r).resolve() for r in repos]
+        for repo in self.repositories:
+            if not repo.is_dir():
+                raise BadInput(f"model repository {repo} does not exist: write one with `topi-export triton`")
+        if not self.repositories:
+            raise BadInput("no model repository given: pass one")
+        self.repository = self.repositories[0]
         if model_control_mode not in CONTROL_MODES:
-            raise TopiError(f"model control mode {model_control_mode!r}: choose one of {', '.join(CONTROL_MODES)}")
+            raise BadInput(f"model control mode {model_control_mode!r}: choose one of {', '.join(CONTROL_MODES)}")
         if load_models and model_control_mode != "explicit":
-            raise TopiError("models to load at start need model control mode 'explicit'")
+            raise BadInput("models to load at start need model control mode 'explicit'")
+        ports = tuple(int(p) for p in ports)
+        if len(ports) != 3 or not all(0 <= p <= 65535 for p in ports):
+            raise BadInput(f"ports {ports}: give three ports (HTTP, gRPC, metrics) in 0..65535, 0 for a free one")
+        if len({p for p in ports if p}) != len([p for p in ports if p]):
+            raise BadInput(f"ports {ports}: HTTP, gRPC and metrics need different ports")
+        try:
+            ipaddress.IPv4Address(str(host))
+        except ValueError:
+            raise BadInput(f"host {host!r}: give an IPv4 address to bind (127.0.0.1: this machine only, 0.0.0.0: "
+                           f"every interface)") from None
+        self.host, self.ports = str(host), ports
         self.env = Path(env).absolute() if env is not None else None
         self.tritonserver = tritonserver
         self.model_control_mode = model_control_mode
@@ -245,16 +297,21 @@ class TritonServer:
 
     # --- endpoints ------------------------------------------------------------------------------------------
     @property
+    def _client_host(self) -> str:
+        """Where a client on this machine reaches the server: loopback for a wildcard bind."""
+        return LOOPBACK if self.host in ("0.0.0.0", "", "::") else self.host
+
+    @property
     def http_url(self) -> str:
-        return f"http://{LOOPBACK}:{self.http_port}"
+        return f"http://{self._client_host}:{self.http_port}"
 
     @property
     def grpc_url(self) -> str:
-        return f"{LOOPBACK}:{self.grpc_port}"
+        return f"{self._client_host}:{self.grpc_port}"
 
     @property
     def metrics_url(self) -> str:
-        return f"http://{LOOPBACK}:{self.metrics_port}/metrics"
+        return f"http://{self._client_host}:{self.metrics_port}/metrics"
 
     @property
     def pid(self) -> int | None:
@@ -300,10 +357,12 @@ class TritonServer:
         return install, backends, environ
 
     def _command(self, install, backends) -> list[str]:
-        cmd = [str(install.tritonserver), "--model-repository", str(self.repository),
-               "--http-address", LOOPBACK, "--http-port", str(self.http_port),
-               "--grpc-address", LOOPBACK, "--grpc-port", str(self.grpc_port),
-               "--metrics-address", LOOPBACK, "--metrics-port", str(self.metrics_port),
+        cmd = [str(install.tritonserver)]
+        for repo in self.repositories:
+            cmd += ["--model-repository", str(repo)]
+        cmd += ["--http-address", self.host, "--http-port", str(self.http_port),
+                "--grpc-address", self.host, "--grpc-port", str(self.grpc_port),
+                "--metrics-address", self.host, "--metrics-port", str(self.metrics_port),
                "--allow-gpu-metrics", "false", "--model-control-mode", self.model_control_mode,
                "--exit-timeout-secs", str(self.exit_timeout), "--log-verbose", str(self.log_verbose),
                # the configs are complete: no extra stub start per model to auto-complete them
@@ -324,10 +383,11 @@ class TritonServer:
         _load_prctl()
         self.log_path = self.workdir / LOG_NAME
         for attempt in range(1, PORT_ATTEMPTS + 1):
-            self.http_port, self.grpc_port, self.metrics_port = free_ports(3)
+            free = iter(free_ports(3, self.host))
+            self.http_port, self.grpc_port, self.metrics_port = (p or next(free) for p in self.ports)
             self._shm_prefix = f"topi_triton_{os.getpid()}_{secrets.token_hex(4)}_"
             self._log = open(self.log_path, "wb")
-            self.echo(f"starting tritonserver on {LOOPBACK} (http {self.http_port}, grpc {self.grpc_port}, "
+            self.echo(f"starting tritonserver on {self.host} (http {self.http_port}, grpc {self.grpc_port}, "
                       f"metrics {self.metrics_port}); log: {self.log_path}")
             self._proc = subprocess.Popen(self._command(install, backends), env=environ, stdin=subprocess.DEVNULL,
                                           stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
@@ -337,9 +397,15 @@ class TritonServer:
                 self._started = True
                 return self
             except BaseException as exc:  # KeyboardInterrupt included: never leave a half-started server
-                retry = (isinstance(exc, TopiError) and self.returncode is not None
-                         and "already in use" in self.log_text() and attempt < PORT_ATTEMPTS)
+                in_use = (isinstance(exc, TopiError) and self.returncode is not None
+                          and "already in use" in self.log_text())
+                retry = in_use and attempt < PORT_ATTEMPTS and not all(self.ports)
                 self._terminate()
+                if in_use and not retry and any(self.ports):
+                    self._remove_workdir(keep_log=True)
+                    raise BadInput(f"a port tritonserver was told to use is taken on {self.host} (http "
+                                   f"{self.http_port}, grpc {self.grpc_port}, metrics {self.metrics_port}): stop what "
+                                   f"uses it or choose other ports (0: a free one); log: {self.log_path}") from None
                 if not retry:
                     self._remove_workdir(keep_log=True)  # the error message points to the log
                     raise

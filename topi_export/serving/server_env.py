@@ -1,7 +1,7 @@
 """The Python environment that Triton's Python-backend stub runs the models in, and how to create it.
 
 What the stub of Triton 2.51 (PyPI's nvidia-pytriton 0.7.0 wheel) needs, each found on this project's machines
-(docs/triton-server.md has the experiments):
+(docs/triton.md, "The server's Python environment", has the experiments):
 
 - its own build per Python: ``pytriton/tritonserver/python_backend_stubs/3.X/triton_python_backend_stub`` links
   ``libpython3.X.so.1.0``, so 3.X must be the environment's Python and that Python must be a shared build;
@@ -22,7 +22,14 @@ links the base interpreter's libpython into ``<env>/lib`` so that the env also w
 ``EXECUTION_ENV_PATH`` (the backend sources ``<env>/bin/activate`` and puts ``<env>/lib`` on LD_LIBRARY_PATH).
 
     python -m topi_export.serving.server_env create ENV [--python PYTHON] [--project SPEC] [--force]
+    python -m topi_export.serving.server_env create ENV --layer-on PYTHON [--root CHECKOUT]   # tests and CI
     python -m topi_export.serving.server_env check ENV
+
+``--layer-on`` makes a thin environment for development and CI: only numpy<2 and nvidia-pytriton are installed in
+it, and a ``.pth`` file appends the checkout and then the site-packages of another environment of the same Python
+(torch, ONNX Runtime, diffusers from there). This environment's numpy<2 comes first on sys.path, so the stub reads
+tensors right; the other environment's binary packages run on numpy 1.26 as they do in the full recipe (the same
+wheels). It takes seconds of pip instead of minutes; a deployment uses the full recipe.
 
 Standard library only (the launcher, server.py, imports it).
 """
@@ -132,16 +139,26 @@ def check_stub_python(info: PythonInfo, *, need_numpy: bool = True) -> None:
 
 
 def _default_project() -> list[str]:
-    """topi-export with the serve extra: this source checkout (editable) or the released version."""
+    """pip arguments installing topi-export with the serve extra: this source checkout (editable), else the wheel
+    this installation came from (pip's ``direct_url.json``, when that file still exists). topi-export is on no
+    package index, so anything else is a TopiError naming ``--project``."""
     root = Path(__file__).resolve().parents[2]
     if (root / "pyproject.toml").is_file() and (root / "topi_export").is_dir():
         return ["-e", f"{root}[serve]"]
     from importlib import metadata
+    from urllib.parse import unquote, urlparse
 
     try:
-        return [f"topi-export[serve]=={metadata.version('topi-export')}"]
-    except metadata.PackageNotFoundError:
-        return ["topi-export[serve]"]
+        direct = json.loads(metadata.distribution("topi-export").read_text("direct_url.json") or "{}")
+    except (metadata.PackageNotFoundError, ValueError):
+        direct = {}
+    url = urlparse(str(direct.get("url", "")))
+    source = Path(unquote(url.path)) if url.scheme == "file" else None
+    if source is not None and (source.is_file() and source.suffix == ".whl" or (source / "pyproject.toml").is_file()):
+        return [f"{source}[serve]"]
+    raise TopiError("cannot tell where this topi-export came from (not a checkout, and not installed from a wheel "
+                    "file that still exists), and it is on no package index: pass its wheel or checkout with --project, e.g. "
+                    "--project '/path/to/topi_export-VERSION-py3-none-any.whl[serve]'")
 
 
 def _run_logged(cmd, log: Path, what: str) -> None:
@@ -168,14 +185,55 @@ def link_libpython(info: PythonInfo) -> Path | None:
     return dst
 
 
-def create_environment(path, *, python=None, project=None, force: bool = False, echo=print) -> PythonInfo:
+LAYER_PTH = "topi_layer.pth"
+
+
+def _site_packages(python) -> list[str]:
+    """The site-packages directories of ``python``'s environment."""
+    code = "import json, site; print(json.dumps(site.getsitepackages()))"
+    try:
+        out = subprocess.run([str(python), "-I", "-c", code], capture_output=True, text=True,
+                             timeout=PROBE_TIMEOUT_S, check=True).stdout
+        return [p for p in json.loads(out.strip().splitlines()[-1]) if Path(p).is_dir()]
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError) as exc:
+        raise TopiError(f"cannot ask {python} for its site-packages ({type(exc).__name__}): pass a working Python "
+                        f"environment to --layer-on") from None
+
+
+def _write_layer(info: PythonInfo, layer: PythonInfo, root: Path) -> Path:
+    """<env>/site-packages/topi_layer.pth: the checkout, then the layer's site-packages (processed with their
+    own .pth files), both after this environment's own packages."""
+    own = _site_packages(info.executable)
+    if not own:
+        raise TopiError(f"{info.prefix} has no site-packages directory: recreate it")
+    lines = [str(root)] + [f"import site; site.addsitedir({d!r})" for d in _site_packages(layer.executable)]
+    pth = Path(own[0]) / LAYER_PTH
+    pth.write_text("\n".join(lines) + "\n")
+    return pth
+
+
+def create_environment(path, *, python=None, project=None, layer_on=None, root=None, force: bool = False,
+                       echo=print) -> PythonInfo:
     """Create the stub's environment at ``path`` (a new venv). ``python``: the base interpreter (default: the one
     running this); ``project``: pip arguments installing topi-export (default ``_default_project()``).
+    ``layer_on``: an interpreter (or environment) of the same Python whose packages the new environment uses
+    (only numpy<2 and nvidia-pytriton are installed; ``root``, default this checkout, provides topi_export).
     Returns its PythonInfo; writes ``<path>/topi-triton-env.json`` last, with the time it took."""
     start = time.monotonic()
     path = Path(path).absolute()
+    layer = python_info(layer_on) if layer_on is not None else None
+    if layer is not None and python is None:
+        python = Path(layer.base_prefix) / "bin" / f"python{layer.version}"
+        python = python if python.exists() else layer.executable
     base = python_info(python or sys.executable)
+    if layer is not None and layer.version != base.version:
+        raise TopiError(f"--layer-on {layer.executable} is Python {layer.version} but the environment's Python is "
+                        f"{base.version}: layer on an environment of the same Python")
+    root = Path(root).absolute() if root is not None else Path(__file__).resolve().parents[2]
+    if layer is not None and not (root / "topi_export").is_dir():
+        raise TopiError(f"{root} is not a topi-export checkout (no topi_export/): pass --root CHECKOUT")
     check_stub_python(base, need_numpy=False)  # before any work: the venv inherits these
+    project_args = (list(project) if project else _default_project()) if layer is None else None
     if path.exists() or path.is_symlink():
         is_venv = (path / "pyvenv.cfg").is_file() and not path.is_symlink()
         if not force:
@@ -191,20 +249,34 @@ def create_environment(path, *, python=None, project=None, force: bool = False, 
     try:
         echo(f"[1/3] venv from {base.executable} (Python {base.full_version}) -> {path}")
         _run_logged([base.executable, "-m", "venv", path], log, "python -m venv")
-        project_args = list(project) if project else _default_project()
-        echo(f"[2/3] pip install {NUMPY} {' '.join(project_args)} (log: {log})")
-        _run_logged([env_python(path), "-m", "pip", "install", "--disable-pip-version-check", "-q", NUMPY,
-                     *project_args], log, "pip install")
+        pip = [env_python(path), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
+        if layer is None:
+            echo(f"[2/3] pip install {NUMPY} {' '.join(project_args)} (log: {log})")
+            _run_logged([*pip, NUMPY, *project_args], log, "pip install")
+        else:
+            # the server binary and its stubs need none of nvidia-pytriton's Python dependencies
+            project_args = [NUMPY, "--no-deps", PYTRITON, f"layer: {root}, {layer.prefix}"]
+            echo(f"[2/3] pip install {NUMPY}; pip install --no-deps {PYTRITON}; packages of {layer.prefix} (log: {log})")
+            _run_logged([*pip, NUMPY], log, "pip install")
+            _run_logged([*pip, "--no-deps", PYTRITON], log, "pip install")
+            _write_layer(python_info(path), layer, root)
         info = python_info(path)
         check_stub_python(info)
         missing = [d for d in ("nvidia-pytriton", "topi-export", "onnxruntime", "torch") if not info.packages.get(d)]
-        if missing:
+        if missing and layer is None:
             raise TopiError(f"{path} lacks {', '.join(missing)} after pip install: install them, or pass --project "
                             f"with the serve extra")
         echo("[3/3] link libpython for EXECUTION_ENV_PATH, check imports")
         link_libpython(info)
-        _run_logged([info.executable, "-c", "import numpy, onnxruntime, torch, topi_export, pytriton"], log,
-                    "importing numpy, onnxruntime, torch, topi_export, pytriton in the new environment")
+        check = ("import numpy, onnxruntime, torch, topi_export; "
+                 "assert int(numpy.__version__.split('.')[0]) < 2, numpy.__version__")
+        if layer is None:
+            check += "; import pytriton"
+        else:  # pytriton's Python side (not installed: its dependencies) is not needed; topi_export is the checkout's
+            check += ("; import importlib.util; assert importlib.util.find_spec('pytriton'); "
+                      f"assert topi_export.__file__.startswith({str(root / 'topi_export')!r}), topi_export.__file__")
+        _run_logged([info.executable, "-c", check], log,
+                    "importing numpy<2, onnxruntime, torch, topi_export in the new environment")
     except BaseException:
         shutil.rmtree(path, ignore_errors=True)  # a half-made environment would be taken for a complete one
         raise
@@ -234,13 +306,17 @@ def main(argv=None) -> int:
     create.add_argument("--python", help="base interpreter (a shared build of Python 3.8-3.13; default: this one)")
     create.add_argument("--project", nargs="+", help="pip arguments installing topi-export (default: this checkout "
                                                      "editable with [serve], or the released version)")
+    create.add_argument("--layer-on", help="development and CI: install only numpy<2 and nvidia-pytriton, take "
+                                           "every other package from this interpreter's environment (same Python)")
+    create.add_argument("--root", help="with --layer-on: the topi-export checkout to import (default: this one)")
     create.add_argument("--force", action="store_true", help="replace an existing virtual environment")
     check = sub.add_parser("check", help="print what the stub needs to know of an environment, check it")
     check.add_argument("env")
     args = parser.parse_args(argv)
     try:
         if args.command == "create":
-            create_environment(args.env, python=args.python, project=args.project, force=args.force)
+            create_environment(args.env, python=args.python, project=args.project, layer_on=args.layer_on,
+                               root=args.root, force=args.force)
         else:
             info = python_info(args.env)
             print(json.dumps(asdict(info), indent=2))

@@ -271,7 +271,19 @@ def open_loop_session(model_dir, infer, models: dict, manifest_sha256: str | Non
     # The engine files stay with the engine models; their hashes were checked when the repository was written.
     m = read_manifest(model_dir, verify_files=False)
     engine = TritonEngine(infer, m, models)
-    return Session(engine, adapter(m), m.settings, m.model, m, m.scheduler or None)
+    session = Session(engine, adapter(m), m.settings, m.model, m, m.scheduler or None)
+    warm_up(session)
+    return session
+
+
+def warm_up(session) -> None:
+    """Pay at model load what the first request would: building the family's scheduler imports diffusers (and
+    what it pulls in), 6-7 s of a 2-core CPU here, which was the first request's latency otherwise. Host work
+    only: the engine models may not be loaded yet. A failure is left to the requests to report."""
+    try:
+        session.family.make_scheduler(1, session.manifest.layouts[0], session.scheduler_config)
+    except Exception:  # noqa: BLE001 - the same call fails each request with its own message
+        pass
 
 
 def run_request(session, arrays: dict) -> tuple[np.ndarray, str]:

@@ -31,14 +31,17 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from topi_export.errors import TopiError
+from topi_export.errors import BadInput, TopiError
 from topi_export.fsutil import (atomic_write_bytes, check_onnx_external_data, check_output_dir, confined_path,
                                 is_triton_repository, read_small_file, staged_dir)
 from topi_export.plan import NAME as MANIFEST_NAME, Manifest
+from topi_export.serving import model_config
+from topi_export.serving.python_engine import TEMPLATE as ENGINE_TEMPLATE
 from topi_export.serving.triton_engine import check_graph_types, loop_inputs, loop_outputs, model_names
 
 TEMPLATE = Path(__file__).resolve().parent / "bls_model.py"
 KINDS = {"gpu": "KIND_GPU", "cpu": "KIND_CPU"}
+ENGINE_MODELS = ("platform", "python")  # engine models on the backend's Triton platform, or Python-backend ones
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 MAX_INSTANCES = 1024
 TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "int64": "TYPE_INT64",
@@ -65,84 +68,33 @@ class EngineModel:
     profiles: list = field(default_factory=list)  # TensorRT optimization profiles, as strings
 
 
-# --- schema validation ----------------------------------------------------------------------------------------
+# --- configs (ModelConfig messages, serving/model_config.py) ---------------------------------------------------
 def _model_config_cls():
-    import importlib
-
-    try:
-        importlib.import_module("google.protobuf.text_format")
-        model_config_pb2 = importlib.import_module("tritonclient.grpc.model_config_pb2")
-    except ImportError as exc:
-        raise TopiError(f"validating config.pbtxt against Triton's schema needs tritonclient[grpc] with protobuf "
-                        f"({exc}): pip install 'topi-export[triton]'")
-    return model_config_pb2.ModelConfig
+    return model_config.pb2().ModelConfig
 
 
 def validate_config(text: str, where: str = "config.pbtxt"):
     """Parse ``text`` as Triton's ModelConfig (fields and types); returns the message or raises TopiError."""
-    from google.protobuf import text_format
-
-    try:
-        return text_format.Parse(text, _model_config_cls()())
-    except text_format.ParseError as exc:
-        raise TopiError(f"generated {where} does not parse against Triton's ModelConfig schema ({exc}): "
-                        f"this is a topi-export bug, please report it")
+    return model_config.parse_config(text, where)
 
 
-# --- config text ----------------------------------------------------------------------------------------------
-def _q(text: str) -> str:
-    from google.protobuf import text_encoding
-
-    return '"' + text_encoding.CEscape(text, as_utf8=True) + '"'
-
-
-def _tensor_block(t: Tensor) -> str:
-    lines = [f"    name: {_q(t.name)}", f"    data_type: {t.dtype}", f"    dims: [ {', '.join(map(str, t.dims))} ]"]
-    if t.optional:
-        lines.append("    optional: true")
-    return "  {\n" + "\n".join(lines) + "\n  }"
+def engine_config(g: EngineModel, platform: str, kind: str, instances: int, engine_models: str = "platform",
+                  parameters: dict | None = None):
+    """The ModelConfig of an engine model: on Triton's ``platform`` (onnxruntime_onnx, tensorrt_plan), or, with
+    ``engine_models="python"``, the same tensors served by the Python backend (serving/ort_engine_model.py)."""
+    if engine_models == "python":
+        return model_config.model_config(g.name, inputs=g.inputs, outputs=g.outputs, backend="python", kind=kind,
+                                         count=instances, parameters=parameters)
+    return model_config.model_config(g.name, inputs=g.inputs, outputs=g.outputs, platform=platform, kind=kind,
+                                     count=instances, profiles=g.profiles)
 
 
-def _io(key: str, tensors) -> str:
-    return f"{key} [\n" + ",\n".join(_tensor_block(t) for t in tensors) + "\n]"
-
-
-def _instance_group(kind: str, count: int, profiles=()) -> str:
-    lines = [f"    kind: {kind}", f"    count: {count}"]
-    if profiles:
-        lines.append(f"    profile: [ {', '.join(_q(p) for p in profiles)} ]")
-    return "instance_group [\n  {\n" + "\n".join(lines) + "\n  }\n]"
-
-
-def _parameters(params: dict) -> str:
-    return "\n".join(f"parameters {{\n  key: {_q(k)}\n  value {{ string_value: {_q(v)} }}\n}}"
-                     for k, v in params.items())
-
-
-def engine_config(g: EngineModel, platform: str, kind: str, instances: int, header: str) -> str:
-    parts = [header, f"name: {_q(g.name)}", f"platform: {_q(platform)}",
-             "max_batch_size: 0  # the batch is an explicit dim (2 with true CFG); token dims are dynamic (-1)",
-             _io("input", g.inputs), _io("output", g.outputs)]
-    if g.profiles:
-        parts.append("# Every optimization profile is listed: Triton picks the one that fits the request's shapes\n"
-                     "# (layout, anchor or bucket keep count). Without the list only profile 0 would be used.")
-    parts.append(_instance_group(kind, instances, g.profiles))
-    return "\n".join(parts) + "\n"
-
-
-def _wire(w) -> Tensor:
-    return Tensor(w.name, w.dtype, list(w.dims), w.optional)
-
-
-def loop_config(name: str, family, models: dict, manifest_sha256: str, instances: int, header: str) -> str:
-    parts = [header, f"name: {_q(name)}", 'backend: "python"',
-             "max_batch_size: 0  # one denoising loop per request; concurrency via instances",
-             _io("input", [_wire(w) for w in loop_inputs(family)]),
-             _io("output", [_wire(w) for w in loop_outputs(family)]),
-             "# The loop runs on the CPU; the engine models it calls run where their instance_group says.",
-             _instance_group("KIND_CPU", instances),
-             _parameters({"topi_models": json.dumps(models, sort_keys=True), "manifest_sha256": manifest_sha256})]
-    return "\n".join(parts) + "\n"
+def loop_config(name: str, family, models: dict, manifest_sha256: str, instances: int):
+    """The loop model (BLS, Python backend): the request tensors of `run`; it runs on the CPU."""
+    return model_config.model_config(name, inputs=loop_inputs(family), outputs=loop_outputs(family),
+                                     backend="python", kind="KIND_CPU", count=instances,
+                                     parameters={"topi_models": json.dumps(models, sort_keys=True),
+                                                 "manifest_sha256": manifest_sha256})
 
 
 # --- engine models ----------------------------------------------------------------------------------------------
@@ -186,7 +138,7 @@ def _onnx_io(path: Path, entry, where) -> tuple[list[Tensor], list[Tensor]]:
             tensors(model.graph.output, entry.outputs))
 
 
-def engine_models(m: Manifest, prefix: str, backend) -> list[EngineModel]:
+def engine_models_of(m: Manifest, prefix: str, backend) -> list[EngineModel]:
     """backend: the engine directory's backends.base.Backend (its Triton platform and model file name)."""
     names = model_names(prefix, [k for k in ("topi", "dense") if k in m.graphs])
     out = []
@@ -263,14 +215,20 @@ def _hash(f, out=None) -> str:
 
 
 # --- main entry -------------------------------------------------------------------------------------------------
-def check_options(*, name: str, instances: int, kind: str) -> None:
+def check_options(*, name: str, instances: int, kind: str, engine_models: str = "platform",
+                  ort_threads: int | None = None) -> None:
     if not NAME_RE.match(name or ""):
-        raise TopiError(f"--name {name!r} is not a usable Triton model-name prefix: use up to 100 letters, digits, "
-                        f"'_', '-', '.'")
+        raise BadInput(f"--name {name!r} is not a usable Triton model-name prefix: use up to 100 letters, digits, "
+                       f"'_', '-', '.'")
     if kind not in KINDS:
-        raise TopiError(f"--kind {kind!r}: choose gpu or cpu")
+        raise BadInput(f"--kind {kind!r}: choose gpu or cpu")
     if not 1 <= instances <= MAX_INSTANCES:
-        raise TopiError(f"--instances {instances} is outside 1..{MAX_INSTANCES} (model instances per model)")
+        raise BadInput(f"--instances {instances} is outside 1..{MAX_INSTANCES} (model instances per model)")
+    if engine_models not in ENGINE_MODELS:
+        raise BadInput(f"--engine-models {engine_models!r}: choose {' or '.join(ENGINE_MODELS)}")
+    if ort_threads is not None and (engine_models != "python" or not 1 <= ort_threads <= 1024):
+        raise BadInput(f"--ort-threads {ort_threads}: give 1..1024, with --engine-models python (the platform "
+                       f"models take Triton's onnxruntime backend settings)")
 
 
 def _read_engine_dir(engine_dir: Path):
@@ -300,10 +258,16 @@ def _read_engine_dir(engine_dir: Path):
 
 
 def generate_repository(engine_dir, out, *, name: str = "topi", instances: int = 1, kind: str = "gpu",
-                        force: bool = False, echo=None) -> dict:
-    """Write the repository; returns a summary {out, models, files}."""
+                        engine_models: str = "platform", ort_threads: int | None = None, force: bool = False,
+                        echo=None) -> dict:
+    """Write the repository; returns a summary {out, models, files, backend, engine_models}.
+
+    engine_models: "platform": the backend's Triton platform (onnxruntime_onnx, tensorrt_plan); "python": the ONNX
+    graphs served by the Python backend with ONNX Runtime in-process (serving/ort_engine_model.py), for a Triton
+    without the onnxruntime backend (the nvidia-pytriton wheel). ort_threads: ONNX Runtime's intra-op threads per
+    python engine-model instance (default: ONNX Runtime's choice, as `run`)."""
     echo = echo or (lambda s: None)
-    check_options(name=name, instances=instances, kind=kind)
+    check_options(name=name, instances=instances, kind=kind, engine_models=engine_models, ort_threads=ort_threads)
     engine_dir = Path(engine_dir)
     protect = {engine_dir: "the engine directory"}
     out = check_output_dir(out, replace=force, is_ours=is_triton_repository, protect=protect)
@@ -315,25 +279,29 @@ def generate_repository(engine_dir, out, *, name: str = "topi", instances: int =
     from topi_export.artifacts.manifest import adapter
 
     family = adapter(m)
-    engines = engine_models(m, name, backend)
+    engines = engine_models_of(m, name, backend)
+    if engine_models == "python" and any(g.profiles for g in engines):
+        raise BadInput(f"--engine-models python serves ONNX graphs with ONNX Runtime; {engine_dir} holds {m.backend} "
+                       f"plans: use --engine-models platform (Triton's {backend.triton_platform} backend), or build "
+                       f"--backend onnxruntime")
     loop_name = f"{name}_loop"
-    header = (f"# Generated by topi-export triton ({m.backend} engines of {m.model.source}, "
-              f"{len(m.layouts)} layout(s), buckets {list(m.buckets)}).")
-    configs = {g.name: engine_config(g, backend.triton_platform, KINDS[kind], instances, header) for g in engines}
-    configs[loop_name] = loop_config(loop_name, family, {g.kind: g.name for g in engines},
-                                     hashlib.sha256(raw_manifest).hexdigest(), instances, header)
-    for model_name, text in configs.items():  # every config parses against Triton's schema before anything is written
-        parsed = validate_config(text, f"{model_name}/config.pbtxt")
-        if parsed.name != model_name:
-            raise TopiError(f"generated {model_name}/config.pbtxt names model {parsed.name!r}: topi-export bug")
+    params = {"intra_op_num_threads": str(ort_threads)} if ort_threads else None
+    messages = {g.name: engine_config(g, backend.triton_platform, KINDS[kind], instances, engine_models, params)
+                for g in engines}
+    messages[loop_name] = loop_config(loop_name, family, {g.kind: g.name for g in engines},
+                                      hashlib.sha256(raw_manifest).hexdigest(), instances)
+    # every config is rendered by text_format and parsed back against Triton's schema before anything is written
+    configs = {model_name: model_config.config_text(msg) for model_name, msg in messages.items()}
 
     placed = {}
     with staged_dir(out, replace=force, is_ours=is_triton_repository, protect=protect, echo=echo) as tmp:
         atomic_write_bytes(tmp / "README.md", _readme(m, backend, family, engines, loop_name, kind,
-                                                      instances).encode())
+                                                      instances, engine_models).encode())
         for g in engines:
             for dst, rel in g.files.items():
                 placed[f"{g.name}/1/{dst}"] = _place_verified(m, rel, tmp / g.name / "1" / dst)
+            if engine_models == "python":
+                atomic_write_bytes(tmp / g.name / "1" / "model.py", ENGINE_TEMPLATE.read_bytes())
         (tmp / loop_name / "1").mkdir(parents=True)
         atomic_write_bytes(tmp / loop_name / "1" / "model.py", TEMPLATE.read_bytes())
         atomic_write_bytes(tmp / loop_name / MANIFEST_NAME, raw_manifest)
@@ -344,17 +312,24 @@ def generate_repository(engine_dir, out, *, name: str = "topi", instances: int =
                 d.chmod(0o755)  # Triton may run as another user
     for rel, how in placed.items():
         echo(f"{how}: {rel} (sha256 checked)")
-    return {"out": out, "models": [g.name for g in engines] + [loop_name], "files": placed, "backend": m.backend}
+    return {"out": out, "models": [g.name for g in engines] + [loop_name], "files": placed, "backend": m.backend,
+            "engine_models": engine_models}
 
 
-def _readme(m: Manifest, be, family, engines, loop_name, kind, instances) -> str:
+def _readme(m: Manifest, be, family, engines, loop_name, kind, instances, engine_models="platform") -> str:
     rows = "\n".join(f"| {p.index} | {m.layouts[p.layout].describe()} | {p.ratio} | {p.keep} |" for p in m.profiles)
     what = {"topi": "the topi graph: velocity + influence (every step: anchor, pruned, unpruned)",
             "dense": "the plain model without pruning: the baseline"}
     models = "\n".join(f"| `{g.name}` | {what[g.kind]} |" for g in engines)
     inputs = "\n".join(f"| `{w.name}` | {w.dtype[5:].replace('STRING', 'BYTES')} | {list(w.dims)} | "
                        f"{'optional' if w.optional else 'required'} |" for w in loop_inputs(family))
-    if not any(g.profiles for g in engines):
+    if engine_models == "python":
+        backend = (f"The engine models are Python-backend models ({kind.upper()} instances): `1/model.py` (a copy "
+                   f"of topi_export/serving/ort_engine_model.py) runs the portable ONNX graph `1/model.onnx` with "
+                   f"ONNX Runtime in-process, with the tensors of the `{be.triton_platform}` model; their weights "
+                   f"file is placed next to it (hard-linked when the repository is on the engine directory's file "
+                   f"system). They need numpy and onnxruntime in the Python backend's environment.")
+    elif not any(g.profiles for g in engines):
         backend = (f"The engine models are the portable ONNX graphs on Triton's `{be.triton_platform}` platform "
                    f"({kind.upper()} instances); their weights file is placed next to each `{be.triton_model_file}` "
                    f"(hard-linked when the repository is on the engine directory's file system).")
@@ -367,7 +342,7 @@ def _readme(m: Manifest, be, family, engines, loop_name, kind, instances) -> str
                    f"request's shapes.")
     return f"""# Triton model repository (generated by topi-export triton)
 
-Engines: {m.backend}, model `{m.model.source}` ({m.model.family}), {instances} instance(s) per model.
+Engines: {m.backend}, model {json.dumps(m.model.source)} ({m.model.family}), {instances} instance(s) per model.
 
 | model | what |
 |---|---|
@@ -384,10 +359,16 @@ Served layouts, buckets and profiles (ratio 0: anchor / unpruned steps):
 
 ## Serve
 
-`{loop_name}` imports topi_export: install topi-export (it brings torch and diffusers) in the Python
-backend's environment, e.g. in NVIDIA's Triton container:
+`{loop_name}` imports topi_export: the Python backend's environment needs topi-export (it brings torch and
+diffusers). topi-export is not on a package index: install it from its checkout (`pip install
+'/path/to/topi-export[serve]'`) or from a wheel made there (`pip wheel --no-deps .`). On a CPU machine, with the
+Triton of PyPI's nvidia-pytriton wheel (write the repository with `--engine-models python`):
 
-    pip install topi-export
+    topi-export serve --repo <this directory> --env ENV --create-env
+
+In NVIDIA's Triton container (its own Python backend and onnxruntime / TensorRT backends):
+
+    pip install topi_export-*.whl
     tritonserver --model-repository <this directory>
 
 ## Request

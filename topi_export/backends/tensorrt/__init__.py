@@ -22,6 +22,7 @@ from topi_export.backends.tensorrt.common import (  # noqa: F401  (the package's
 BACKEND = Backend("tensorrt", builds=True, precisions=PRECISIONS, runs_on="data-center / Jetson NVIDIA GPU "
                   "(the GPU it was built on)", description="TensorRT engine: one engine, a profile per shape and "
                   "bucket, built on the target GPU", triton_platform="tensorrt_plan", triton_model_file="model.plan",
+                  triton_backend="tensorrt",
                   options=TensorRTOptions)
 
 
