@@ -81,11 +81,18 @@ def layouts_from_flags(inputs, target_grid, ref_grid, ref_grids, text_tokens, re
 @click.option("--force", is_flag=True, help="Replace an existing engine directory made by topi-export.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
               help="Precision the weights are loaded and exported in (TensorRT; ONNX Runtime engines are fp32).")
+# --- reference K/V cache (docs/design.md, "Reference K/V cache") ---
+@click.option("--kv-cache/--no-kv-cache", "kv_cache", default=None,
+              help="The model was trained with a reference K/V cache (FLUX.2 [klein] KV): build its extract and "
+                   "cached graphs; the cache is exact. Default: when --model is such a pipeline folder.")
+@click.option("--ref-kv", "ref_kv", type=click.Choice(["reuse"]), default=None,
+              help="Also build the graphs of approximate reference K/V reuse (`run --ref-kv reuse`), for any model.")
+# ---
 @backend_options
 @click.option("--build-dynamic-shape", is_flag=True, hidden=True)  # TensorRT demo users: explained, not ignored
 def cmd(model, ratio_buckets, calibration, inputs, target_grid, ref_grid, ref_grids, text_tokens, resolutions,
-        references, backend, engine_dir, onnx_dir, policy, tau, dense, cfg, force, precision, build_dynamic_shape,
-        **backend_flags):
+        references, backend, engine_dir, onnx_dir, policy, tau, dense, cfg, force, precision, kv_cache, ref_kv,
+        build_dynamic_shape, **backend_flags):
     """Export topi (+ dense baseline) graphs with topi custom ops and build engines per shape and ratio bucket."""
     from topi_export.backends import options_for
     from topi_export.builder import BuildPlan, build_engines
@@ -104,7 +111,8 @@ def cmd(model, ratio_buckets, calibration, inputs, target_grid, ref_grid, ref_gr
     plan = BuildPlan(model=model, layouts=layouts, buckets=parse_buckets(ratio_buckets), backend=backend,
                      precision=precision, calibration=calibration, policy=policy, tau=tau, dense=dense, cfg=cfg,
                      inputs=inputs, resolutions=resolutions, references=references, text_tokens=text_tokens,
-                     engine_dir=engine_dir, onnx_dir=onnx_dir, force=force, options=options)
+                     engine_dir=engine_dir, onnx_dir=onnx_dir, force=force, options=options, kv_cache=kv_cache,
+                     ref_kv=ref_kv)
     out = build_engines(plan, echo=lambda s: click.echo(s, err=True))
     click.echo(f"engines -> {out}")
     click.echo(f"next: topi-export run --engine-dir {out} --compare")

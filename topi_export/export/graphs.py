@@ -28,11 +28,9 @@ import onnx
 import torch
 
 from topi_export.plan import GraphEntry, GraphTensor, Layout, MethodSettings
+from topi_export.plan.manifest import GRAPHS, KEEP_PROFILED, REQUIRED_GRAPHS, STATE  # noqa: F401
 
-GRAPH_KINDS = ("topi", "extract", "cached", "dense")  # export order (the first graph's data file is the weights file)
-KEEP_PROFILED = ("topi", "cached")  # graphs taking keep_idx: one optimization profile per (layout, keep)
-# Graph outputs a later call of the same request takes back as an input of the same name (per-request state).
-STATE = ("ref_kv",)
+GRAPH_KINDS = GRAPHS  # export order (the first graph's data file becomes the weights file)
 KV_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
@@ -44,8 +42,7 @@ def ref_kv_tensor(family, dtype: str = "float32") -> GraphTensor:
 def graph_kinds(ref_kv: str | None, dense: bool) -> tuple[str, ...]:
     """The graphs a build exports: ``topi`` for ToPi over the full sequence; ``extract`` + ``cached`` for a
     reference K/V cache (an exact KV model needs no ``topi`` graph); ``dense``, the baseline."""
-    kinds = {None: ("topi",), "reuse": ("topi", "extract", "cached"), "exact": ("extract", "cached")}[ref_kv]
-    return kinds + (("dense",) if dense else ())
+    return REQUIRED_GRAPHS[ref_kv] + (("dense",) if dense else ())
 WEIGHTS_FILE = "weights.data"
 STATIC_DIMS = set()
 INLINE_BYTES = 1 << 20  # initializers at least this large go to the shared weights file

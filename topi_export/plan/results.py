@@ -26,7 +26,10 @@ class StepRecord:
     kind: ``anchor`` (full sequence, influence scored, kept set chosen), ``pruned`` (the kept set from L0 on),
     ``full`` (every context token: the unpruned baseline through the topi graph), ``dense`` (the plain model).
     graph: the graph call that ran (``anchor`` | ``pruned`` | ``full`` | ``dense``; an anchor whose kept set is
-    everything runs its next steps as ``full``). The anchor-only fields are None on other steps."""
+    everything runs its next steps as ``full``). The anchor-only fields are None on other steps.
+    Reference K/V cache kinds and graph calls (docs/design.md): ``extract`` (the full sequence, recording the
+    references' keys/values; an anchor when it scores), ``kv-anchor`` (a cached step scoring influence over the
+    cached keys), ``kv-pruned`` (cached, the kept set from L0 on), ``kv-full`` (cached, every reference)."""
 
     step: int
     kind: str
@@ -87,7 +90,7 @@ class RunReport:
     selection: dict  # ratio, tau, buckets, policy
     method: dict  # pivotal_layers, prune_start, update_interval, source, provenance
     schedule: tuple[StepRecord, ...]
-    time_s: dict  # "topi" and, with --compare, the baseline's mode ("dense" or "full")
+    time_s: dict  # "topi" and, with --compare, the baseline's mode ("dense" or "full") and "kv-cache"
     repeats: int | None = None
     baseline: str | None = None  # "dense" | "in-engine-full"
     speedup: float | None = None  # fastest baseline run / fastest ToPi run
@@ -95,8 +98,13 @@ class RunReport:
     psnr_db: float | None = None
     rel_l2: float | None = None
     psnr_db_vs_truth: dict | None = None
+    # --- reference K/V cache (docs/design.md, "Reference K/V cache") ---
+    ref_kv: dict | None = None  # mode, exact, label, cache_bytes, cache_bytes_per_reference, layers, heads, head_dim
+    speedup_vs_kv_cache: float | None = None  # fastest unpruned cached loop / fastest ToPi run (KV-trained models)
+    speedup_vs_kv_cache_spread: tuple[float, float] | None = None
 
-    OPTIONAL = ("repeats", "baseline", "speedup", "speedup_spread", "psnr_db", "rel_l2", "psnr_db_vs_truth")
+    OPTIONAL = ("repeats", "baseline", "speedup", "speedup_spread", "psnr_db", "rel_l2", "psnr_db_vs_truth",
+                "ref_kv", "speedup_vs_kv_cache", "speedup_vs_kv_cache_spread")
 
     def to_json(self) -> dict:
         out = {}
