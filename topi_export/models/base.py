@@ -366,6 +366,26 @@ class Family:
         """Combine the branches of a batched velocity [B, Nx, C] into one [1, Nx, C] (true CFG); identity at B=1."""
         return velocity[:1]
 
+    # --- diffusers drop-in (override parse_call(kwargs) -> (latents, timestep, Inputs); the rest when a pipeline
+    # keeps a reference K/V cache between its transformer calls: docs/design.md, "Reference K/V cache") -----------
+    def dropin_cache_call(self, kwargs) -> str | None:
+        """How the pipeline's call uses a reference K/V cache: "extract" (the call that builds it), "cached" (a
+        call that passes it back), None (a plain call)."""
+        return None
+
+    def dropin_output(self, velocity, cache=None, return_dict: bool = True):
+        """What the transformer returns to the pipeline; with ``cache`` (an extract call), also the cache token
+        the pipeline passes back to its later calls."""
+        if not return_dict:
+            return (velocity,) if cache is None else (velocity, cache)
+        from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+        return Transformer2DModelOutput(sample=velocity)
+
+    def dropin_attributes(self) -> dict:
+        """Attributes a pipeline reads from its transformer besides config, dtype and device (name -> value)."""
+        return {}
+
     # --- generic ToPi forward --------------------------------------------------------------------
     def text_input(self) -> str:
         """The graph input of the (first) text tensor: its length is T."""

@@ -282,18 +282,59 @@ class Flux2(FluxBlocks, Family):
         return flow_match_scheduler(config, steps, compute_empirical_mu(layout.num_target, steps))
 
     # --- diffusers drop-in -------------------------------------------------------------------
+    def dropin_cache_call(self, kwargs):
+        return kwargs.get("kv_cache_mode")
+
+    def dropin_output(self, velocity, cache=None, return_dict=True):
+        if cache is None or not return_dict:
+            return super().dropin_output(velocity, cache, return_dict)
+        from diffusers.models.transformers.transformer_flux2 import Flux2Transformer2DModelOutput
+
+        return Flux2Transformer2DModelOutput(sample=velocity, kv_cache=cache)
+
+    def dropin_attributes(self):
+        """Flux2KleinKVPipeline.__init__ sets its KV attention processors on every block: the drop-in runs that
+        attention itself, so its blocks take any processor and ignore it."""
+        class Attn:
+            def set_processor(self, processor):
+                pass
+
+        def blocks(n):
+            return [SimpleNamespace(attn=Attn()) for _ in range(n)]
+
+        return {"transformer_blocks": blocks(self.num_double),
+                "single_transformer_blocks": blocks(self.num_layers - self.num_double)}
+
     def parse_call(self, kwargs):
-        """Flux2Pipeline's / Flux2KleinPipeline's transformer call -> (latents, context, timestep, Inputs). The
-        layout is read from the ids: the target is the leading run of T = 0, then one grid per T value."""
+        """Flux2Pipeline's / Flux2KleinPipeline's / Flux2KleinKVPipeline's transformer call -> (latents, timestep,
+        Inputs). The layout is read from the ids: the target is the run of T = 0, then one grid per T value.
+        Flux2KleinKVPipeline's first call ("extract") orders the tokens [references | target]; its later calls
+        ("cached") carry the target only and pass back the cache token of the first (``kv_cache.inputs``)."""
         from topi_export.request import Inputs
 
-        if kwargs.get("kv_cache_mode") is not None:
-            raise TopiError("the transformer was called with a reference KV cache (Flux2KleinKVPipeline): the ToPi "
-                            "drop-in serves Flux2Pipeline and Flux2KleinPipeline; see docs/flux2.md")
+        mode = kwargs.get("kv_cache_mode")
+        if (mode is not None) != self.kv_model:
+            raise TopiError("the transformer was called with a reference KV cache (Flux2KleinKVPipeline) but the "
+                            "engines run a model without one: build with --kv-cache (docs/flux2.md)" if mode else
+                            "the engines run a KV-trained model (reference K/V cache) but the pipeline calls it "
+                            "without one: use Flux2KleinKVPipeline (docs/flux2.md)")
+        if mode == "cached":
+            inputs = getattr(kwargs.get("kv_cache"), "inputs", None)
+            if inputs is None:
+                raise TopiError("the cached call's kv_cache was not made by this transformer's extract call (or was "
+                                "cleared): start the generation again")
+            inputs = Inputs(inputs.layout, inputs.reference_latents,
+                            {"prompt_embeds": kwargs["encoder_hidden_states"][:1].float()}, dict(inputs.scalars),
+                            source=inputs.source)
+            return kwargs["hidden_states"], kwargs["timestep"], inputs
         hidden, img_ids, txt_ids = kwargs["hidden_states"], kwargs.get("img_ids"), kwargs.get("txt_ids")
         if img_ids is None or txt_ids is None:
             raise TopiError("the transformer call has no img_ids / txt_ids: this is not a FLUX.2 pipeline call")
         ids = (img_ids[0] if img_ids.dim() == 3 else img_ids).long().cpu()
+        if mode == "extract":  # [references | target] -> the [target | references] order used here
+            n_ref = int(kwargs.get("num_ref_tokens") or 0)
+            hidden = torch.cat([hidden[:, n_ref:], hidden[:, :n_ref]], dim=1)
+            ids = torch.cat([ids[n_ref:], ids[:n_ref]])
         t = ids[:, 0]
         changes = (torch.nonzero(t[1:] != t[:-1]).flatten() + 1).tolist()
         starts, ends = [0] + changes, changes + [len(t)]
@@ -316,7 +357,8 @@ class Flux2(FluxBlocks, Family):
                             "Flux2Pipeline for guidance-distilled FLUX.2 checkpoints")
         inputs = Inputs(layout, hidden[:1, layout.num_target:].float(),
                         {"prompt_embeds": kwargs["encoder_hidden_states"][:1].float()},
-                        {} if g is None else {"guidance": float(g.reshape(-1)[0])}, source="Flux2Pipeline")
+                        {} if g is None else {"guidance": float(g.reshape(-1)[0])},
+                        source="Flux2KleinKVPipeline" if mode else "Flux2Pipeline")
         return hidden[:, :layout.num_target], kwargs["timestep"], inputs
 
 

@@ -58,8 +58,11 @@ def host_threads(engine):
 def denoise(engine, family, inputs, *, steps: int, seed: int = 0, selector=None, mode: str = "topi",
             update_interval: int = 10, scheduler_config: dict | None = None, progress: bool = False,
             desc: str | None = None, ref_kv: str | None = None) -> RunResult:
-    """One generation. The engine is bound to the request's conditioning here."""
+    """One generation. The engine is bound to the request's conditioning here. ref_kv None: a KV-trained model's
+    exact cache (the dense mode recomputes the references every step), no cache otherwise."""
     check_mode(mode)
+    if ref_kv is None and family.kv_model and mode != "dense":
+        ref_kv = "exact"
     if mode == "topi" and selector is None:
         raise BadInput("the ToPi schedule needs a selector (ratio or tau)")
     check_steps(steps)

@@ -134,7 +134,6 @@ class Session:
         recomputes the references every step."""
         from topi_export.runtime.loop import denoise
 
-        ref_kv = None if mode == "dense" else ref_kv or self.ref_kv
         return denoise(self.engine, self.family, data, steps=steps, seed=seed, selector=selector, mode=mode,
                        update_interval=update_interval or self.settings.update_interval,
                        scheduler_config=self.scheduler_config, progress=progress, desc=desc, ref_kv=ref_kv)
