@@ -13,6 +13,7 @@ from topi_export.plan import Layout
 
 GRIDS = {1: ((4, 4),), 2: ((4, 4), (3, 5)), 3: ((4, 4), (3, 5), (2, 4))}
 LAYOUT3 = Layout(6, (4, 4), GRIDS[3])
+PIPE_LAYOUT = Layout(6, (4, 4), ((4, 4), (4, 6), (5, 4)))  # what the pipeline makes of 64x64, 64x96, 80x64 px
 
 
 def _rel(a, b) -> float:
@@ -171,8 +172,8 @@ def ort_kv(klein_kv, tmp_path_factory):
     from topi_export import build_engines
 
     root = tmp_path_factory.mktemp("kv-engines")
-    out = build_engines(model=str(klein_kv), layouts=(LAYOUT3,), buckets=(0.3, 0.5), engine_dir=root / "ort",
-                        onnx_dir=root / "onnx", echo=lambda s: None)
+    out = build_engines(model=str(klein_kv), layouts=(LAYOUT3, PIPE_LAYOUT), buckets=(0.3, 0.5),
+                        engine_dir=root / "ort", onnx_dir=root / "onnx", echo=lambda s: None)
     return out, root
 
 
@@ -249,7 +250,7 @@ def test_dropin_in_a_real_flux2_klein_kv_pipeline_equals_run(ort_kv):
 
     gen = torch.Generator().manual_seed(0)
     images = [Image.fromarray((torch.rand(h, w, 3, generator=gen) * 255).byte().numpy())
-              for h, w in ((64, 64), (48, 80), (32, 64))]  # 4x4, 3x5, 2x4 tokens
+              for h, w in ((64, 64), (64, 96), (80, 64))]  # 4x4, 4x6, 5x4 tokens (the pipeline needs >= 64 px)
     prompt = torch.randn(1, 6, 32, generator=gen)
     noise = torch.randn(1, 16, 4, 4, generator=gen)
     with warnings.catch_warnings():
@@ -260,7 +261,7 @@ def test_dropin_in_a_real_flux2_klein_kv_pipeline_equals_run(ort_kv):
                                               "kv-pruned", "kv-anchor"]
     assert seen_steps[0][1] > 0 and tr.session.engine.state_bytes() == 0  # held during the loop, freed by clear()
     refs, _ = seen["refs"]
-    data = Inputs(LAYOUT3, refs[:1].float(), {"prompt_embeds": prompt}, noise=noise.flatten(2).transpose(1, 2))
+    data = Inputs(PIPE_LAYOUT, refs[:1].float(), {"prompt_embeds": prompt}, noise=noise.flatten(2).transpose(1, 2))
     session = tr.session
     want = denoise(session.engine, session.family, data, steps=7, selector=session.selector(data, ratio=0.5),
                    update_interval=3)
@@ -307,21 +308,23 @@ def test_tensorrt_rtx_builds_kv_engines_with_cache_profiles(ort_kv, klein_kv):
     from topi_export.backends.tensorrt.common import BUILD_LOG
 
     root = ort_kv[1]
-    out = build_engines(model=str(klein_kv), layouts=(LAYOUT3,), buckets=(0.3, 0.5), backend="tensorrt-rtx",
-                        dense=True, engine_dir=root / "rtx", onnx_dir=root / "onnx", echo=lambda s: None)
+    out = build_engines(model=str(klein_kv), layouts=(LAYOUT3, PIPE_LAYOUT), buckets=(0.3, 0.5),
+                        backend="tensorrt-rtx", dense=True, engine_dir=root / "rtx", onnx_dir=root / "onnx",
+                        echo=lambda s: None)
     m = read_manifest(out)
     assert m.ref_kv == "exact" and sorted(m.graphs) == ["cached", "dense", "extract"]
     assert {g.file for g in m.graphs.values()} == {"extract.engine", "cached.engine", "dense.engine"}
     lines = [ln for ln in (out / BUILD_LOG).read_text().splitlines() if "TOPI: profiles " in ln]
     profiles = {ln.split("]")[0].strip("["): json.loads(ln.split("TOPI: profiles ", 1)[1]) for ln in lines}
-    kv = [6, 2, 1, 2, LAYOUT3.num_ctx, 16]
     cached, extract = profiles["cached"], profiles["extract"]
-    assert len(cached) == len(m.profiles) == 3 and len(extract) == 1
+    assert len(cached) == len(m.profiles) == 6 and len(extract) == len(m.layouts) == 2
     for prof, p in zip(cached, m.profiles):
-        assert prof["keep_idx"] == [[p.keep]] * 3 and prof["ref_kv"] == [kv] * 3
+        lay = m.layouts[p.layout]
+        assert prof["ref_kv"] == [[6, 2, 1, 2, lay.num_ctx, 16]] * 3  # the layout's whole cache, every profile
+        assert prof["keep_idx"] == [[p.keep]] * 3
         assert prof["score_idx"] == ([[1], [16], [16]] if p.ratio == 0 else [[1]] * 3)
-    assert extract[0]["ref_kv"] if "ref_kv" in extract[0] else True
-    assert extract[0]["score_idx"] == [[1], [16], [16]] and extract[0]["context"] == [[1, 39, 16]] * 3
+    for prof, lay in zip(extract, m.layouts):
+        assert prof["context"] == [[1, lay.num_ctx, 16]] * 3 and prof["score_idx"] == [[1], [16], [16]]
 
 
 # --- approximate reuse, any family ----------------------------------------------------------------------------
