@@ -406,3 +406,19 @@ def test_manifest_needs_the_cache_graphs(ort_kv, tmp_path):
     doc["manifest_sha256"] = manifest_digest(doc)
     with pytest.raises(TopiError, match="no 'cached' graph"):
         Manifest.from_json(doc, "manifest.json")
+
+
+def test_check_and_triton_repository_cover_the_cache_graphs(ort_kv, tmp_path, capsys):
+    code, out, err = run_cli(["check", "--engine-dir", str(ort_kv[0]), "--json", str(tmp_path / "c.json")], capsys)
+    assert code == 0, err
+    rows = json.loads((tmp_path / "c.json").read_text())["rows"]
+    seen = {(r["graph"], r["output"]) for r in rows}
+    assert {("extract", "velocity"), ("extract", "influence"), ("extract", "ref_kv"), ("kv-anchor", "influence"),
+            ("kv-pruned", "velocity"), ("dense", "velocity")} <= seen and all(r["pass"] for r in rows)
+    code, out, err = run_cli(["triton", "--engine-dir", str(ort_kv[0]), "--out", str(tmp_path / "repo"), "--kind",
+                              "cpu"], capsys)
+    assert code == 0, err
+    loop = (tmp_path / "repo" / "topi_loop" / "config.pbtxt").read_text()
+    assert "topi_extract" in loop and "topi_cached" in loop and '"ref_kv"' in loop
+    assert (tmp_path / "repo" / "topi_cached" / "1" / "model.onnx").exists()
+    assert not (tmp_path / "repo" / "topi_topi").exists()

@@ -317,7 +317,8 @@ class Flux2(FluxBlocks, Family):
             raise TopiError("the transformer was called with a reference KV cache (Flux2KleinKVPipeline) but the "
                             "engines run a model without one: build with --kv-cache (docs/flux2.md)" if mode else
                             "the engines run a KV-trained model (reference K/V cache) but the pipeline calls it "
-                            "without one: use Flux2KleinKVPipeline (docs/flux2.md)")
+                            "without one (another pipeline, or no reference image): use Flux2KleinKVPipeline with "
+                            "reference images (docs/flux2.md)")
         if mode == "cached":
             inputs = getattr(kwargs.get("kv_cache"), "inputs", None)
             if inputs is None:

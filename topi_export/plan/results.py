@@ -59,10 +59,10 @@ class CheckRow:
     """One comparison of ``topi-export check``: an engine output against the PyTorch reference (worst trial)."""
 
     layout: str
-    graph: str  # anchor | full | pruned | dense
+    graph: str  # anchor | full | pruned | dense | extract | kv-anchor | kv-pruned
     bucket: float | None
     keep: int
-    output: str  # velocity | influence
+    output: str  # velocity | influence | ref_kv
     max_abs: float
     rel_l2: float
     finite: bool
