@@ -33,7 +33,11 @@ def main(argv=None):
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--steps", type=int, default=28)
     ap.add_argument("--json", required=True)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: no spinning pool on a shared CPU)")
     args = ap.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
     session = open_session(model=args.model)
     samples = sorted((ROOT / "topi_export" / "assets" / args.model / "samples").glob("sample_*.safetensors"))
     samples = samples[:args.samples]
