@@ -18,8 +18,8 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 
 @pytest.fixture(scope="session", autouse=True)
 def owner_key_file(tmp_path_factory):
-    """Ownership markers (topi_export/fsutil.py) are signed with a per-user key: tests use their own, never the
-    user's ~/.config/topi-export/owner.key. Set first (autouse): session fixtures build marked directories."""
+    """Ownership markers (topi_export/fsutil/ownership.py) are signed with a per-user key: tests use their own, never
+    the user's ~/.config/topi-export/owner.key. Set first (autouse): session fixtures build marked directories."""
     path = tmp_path_factory.mktemp("owner-key") / "owner.key"
     old = os.environ.get("TOPI_EXPORT_KEY_FILE")
     os.environ["TOPI_EXPORT_KEY_FILE"] = str(path)  # subprocesses of tests inherit it

@@ -35,3 +35,16 @@ def test_bench_json_on_tiny(tmp_path, capsys):
     assert (tmp_path / "bench.md").read_text().startswith("| policy")
     assert (tmp_path / "bench.png").stat().st_size > 1000
     assert "default policy" in stdout
+
+
+def test_bench_sweeps_step_reuse(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code, stdout, err = run_cli(["bench", "--model", "tiny-kontext", "--ratio-buckets", "0.5", "--policies", "topi",
+                                 "--no-default-policy", "--steps", "8", "--update-interval", "4", "--reuse",
+                                 "off,2,3", "--repeats", "0", "--json", str(out), "-q"], capsys)
+    assert code == 0, err
+    rows = {r["reuse"]: r for r in json.loads(out.read_text())["results"]}
+    assert set(rows) == {"off", 2, 3} and [rows[k]["reused_steps"] for k in ("off", 2, 3)] == [0, 2, 3]
+    assert rows["off"]["psnr_db"] > rows[3]["psnr_db"]  # reusing velocities moves the result away from unpruned
+    assert all(r["speedup"] is None for r in rows.values())  # --repeats 0: fidelity only
+    assert "| reuse (steps) |" in (tmp_path / "bench.md").read_text().splitlines()[0]

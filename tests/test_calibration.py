@@ -226,7 +226,7 @@ def test_cli_calibrate_from_inputs_files(tmp_path, capsys):
     (["--timesteps", "0.5,1.5"], "outside (0, 1]"),
     (["--timesteps", "a,b"], "bad --timesteps"),
     (["--inputs", "missing.safetensors"], "not found"),
-    (["--samples", "0"], "--samples 0"),
+    (["--samples", "0"], "'--samples': 0"),
 ])
 def test_cli_bad_args(args, needle, tmp_path, capsys):
     args = [a.replace("missing.safetensors", str(tmp_path / "missing.safetensors")) for a in args]

@@ -28,10 +28,10 @@ REPO = Path(__file__).resolve().parents[1]
 def rename_mode(request, monkeypatch):
     """Run placement tests with RENAME_NOREPLACE and with the fallback used where it is unavailable."""
     if request.param == "renameat2":
-        if fsutil._renameat2 is None:
+        if fsutil.rename._renameat2 is None:
             pytest.skip("renameat2 is not available here")
     else:
-        monkeypatch.setattr(fsutil, "_renameat2", None)
+        monkeypatch.setattr(fsutil.rename, "_renameat2", None)
     return request.param
 
 
@@ -262,13 +262,13 @@ def test_a_finished_replacement_never_restores_the_tree_it_replaced(tmp_path, re
     won. Once a build has placed its tree, its parked previous tree is garbage."""
     final = _engine_dir(tmp_path / "engines")
     taken = tmp_path / "taken"
-    real_commit = fsutil._commit
+    real_commit = fsutil.staging._commit
 
     def commit_then_taken(new, final_, *args):
         real_commit(new, final_, *args)
         final_.rename(taken)  # another forced build moves our fresh result aside before our cleanup runs
 
-    monkeypatch.setattr(fsutil, "_commit", commit_then_taken)
+    monkeypatch.setattr(fsutil.staging, "_commit", commit_then_taken)
     with staged_dir(final, replace=True) as tmp:
         (tmp / "manifest.json").write_text(json.dumps({"format": "topi-engines/1"}))
         (tmp / "engine.bin").write_text("new")
@@ -282,12 +282,12 @@ import os, signal, sys
 from topi_export import fsutil
 final, replace = sys.argv[1], sys.argv[2] == "replace"
 if replace:  # die after the old tree was moved aside, before the new one is moved in
-    real = fsutil.rename_noreplace
+    real = fsutil.staging.rename_noreplace
     def rename(src, dst):
         real(src, dst)
         if str(dst).endswith("/old"):
             os.kill(os.getpid(), signal.SIGKILL)
-    fsutil.rename_noreplace = rename
+    fsutil.staging.rename_noreplace = rename
 with fsutil.staged_dir(final, replace=replace) as tmp:
     (tmp / "engine.bin").write_text("new")
     if not replace:

@@ -408,8 +408,9 @@ def test_manifest_needs_the_cache_graphs(ort_kv, tmp_path):
         Manifest.from_json(doc, "manifest.json")
 
 
-def test_check_and_triton_repository_cover_the_cache_graphs(ort_kv, tmp_path, capsys):
-    code, out, err = run_cli(["check", "--engine-dir", str(ort_kv[0]), "--json", str(tmp_path / "c.json")], capsys)
+def test_check_and_triton_repository_cover_the_cache_graphs(ort_kv, klein_kv, tmp_path, capsys):
+    code, out, err = run_cli(["check", "--engine-dir", str(ort_kv[0]), "--model", str(klein_kv),
+                              "--json", str(tmp_path / "c.json")], capsys)
     assert code == 0, err
     rows = json.loads((tmp_path / "c.json").read_text())["rows"]
     seen = {(r["graph"], r["output"]) for r in rows}

@@ -84,7 +84,7 @@ def test_manifest_contents(ort_engine_dir):
     assert m.backend == "onnxruntime" and m.model.family == "flux-kontext" and m.batch == 1
     assert [(p.ratio, p.keep) for p in m.profiles] == [(0.0, 64), (0.3, 45), (0.5, 32)]
     assert set(m.graphs) == {"topi", "dense"} and m.weights["file"] == "onnx/weights.data"
-    assert set(m.files) == {"onnx/topi.onnx", "onnx/dense.onnx", "onnx/weights.data"}
+    assert set(m.files) == {"onnx/topi.onnx", "onnx/dense.onnx", "onnx/weights.data", "refit_map.json"}
     raw = json.loads((ort_engine_dir / "manifest.json").read_text())
     assert raw["format"] == "topi-engines/3" and all(len(f["sha256"]) == 64 for f in raw["files"].values())
     assert len(raw["manifest_sha256"]) == 64

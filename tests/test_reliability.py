@@ -663,8 +663,8 @@ def no_generation(monkeypatch):
     (["--seed", str(2 ** 70)], "'--seed'"),
     (["--seed", "-1"], "'--seed'"),
     (["--update-interval", "0"], "'--update-interval'"),
-    (["--tau", "nan"], "--tau nan"),
-    (["--tau", "0"], "--tau 0"),
+    (["--tau", "nan"], "--tau is nan"),
+    (["--tau", "0"], "--tau is 0"),
     (["--ratio", "nan"], "ratio nan"),
     (["--tau", "0.5", "--ratio-buckets", "0.3,0.301"], "both keep 45 of 64"),
 ])
@@ -1038,7 +1038,7 @@ def test_two_overlapping_forced_builds_never_both_report_success(ort_engine_dir,
                     "--engine-dir", out, "--force")
     assert inner == [0]
     refused(code, err, "was replaced by another run while this command was running", "this output was discarded")
-    from topi_export.runtime.manifest import read_manifest
+    from topi_export.artifacts.manifest import read_manifest
 
     assert read_manifest(out).tau == 0.6  # the second build's result, whole (every file re-hashed)
     assert fsutil.marker_problem(out, fsutil.ENGINE_DIR) is None
@@ -1208,3 +1208,75 @@ def test_the_main_job_can_run_twice(tmp_path, capsys, copied_export):
     before = snap(tmp_path)
     refused(*cli(capsys, *build), "holds entries topi-export did not write (my-notes.txt)")
     assert snap(tmp_path) == before
+
+
+# --- limits checked before the memory is spent; flags that would be accepted and ignored ---------------------------
+def test_oversized_inputs_are_refused_from_the_header(tmp_path, capsys):
+    path = tmp_path / "big.safetensors"
+    write_inputs(path, reference_latents=torch.zeros(1, 200_000, 1))  # more tokens than a request holds
+    before = snapshot(tmp_path)
+    refused(*cli(capsys, "run", "--model", "tiny-kontext", "--inputs", path, "--steps", "1", "-q"),
+            "'reference_latents'", "[1, 200000, 1]", "more than a request can hold")
+    assert snapshot(tmp_path) == before
+
+
+def test_inputs_that_are_not_regular_files_are_named_so(tmp_path, capsys):
+    fifo = tmp_path / "in.safetensors"
+    os.mkfifo(fifo)
+    refused(*cli(capsys, "run", "--model", "tiny-kontext", "--inputs", fifo, "--steps", "1", "-q"),
+            "is not a regular file")
+    refused(*cli(capsys, "run", "--model", "tiny-kontext", "--inputs", tmp_path, "--steps", "1", "-q"),
+            "is a directory")
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--samples", "100000000"], "--samples"),
+    (["--text-tokens", "5000"], "--text-tokens"),
+])
+def test_calibrate_bounds_what_it_allocates(tmp_path, capsys, args, needle):
+    refused(*cli(capsys, "calibrate", "--model", "tiny-kontext", "--out", tmp_path / "p.json", *args), needle)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--ratio-buckets", "0.001,0.5"], "prunes nothing"),
+    (["--references", "3"], "--references"),
+    (["--engine-dir", ""], "--engine-dir is empty"),
+])
+def test_build_flags_that_would_be_ignored_are_refused(tmp_path, capsys, no_export, args, needle):
+    base = ["build", "--model", "tiny-kontext", "--target-grid", "8x8"]
+    if "--engine-dir" not in args:
+        base += ["--engine-dir", str(tmp_path / "e")]
+    before = snapshot(tmp_path)
+    refused(*cli(capsys, *base, *args), needle)
+    assert snapshot(tmp_path) == before
+
+
+def test_bench_never_suggests_a_flag_it_does_not_have(tmp_path, capsys):
+    (tmp_path / "notes").mkdir()
+    code, err = cli(capsys, "bench", "--model", "tiny-kontext", "--backend", "onnxruntime", "--engine-dir",
+                    tmp_path / "notes", "--steps", "2", "--json", tmp_path / "b.json", "-q")
+    line = refused(code, err, "is not an engine directory")
+    assert "--force" not in line
+
+
+def test_dropin_calls_that_are_not_the_pipelines_are_one_line_errors():
+    from topi_export import TopiTransformer
+    from topi_export.errors import BadInput
+
+    tr = TopiTransformer(model="tiny-kontext", ratio=0.5)
+    data = tr.family.synthetic_inputs(__import__("topi_export").Layout(8, (4, 4), ((4, 4),)), 0)
+    from topi_export.models.flux_kontext import kontext_ids
+
+    txt, img = kontext_ids(data.layout)
+    call = dict(hidden_states=torch.cat([torch.randn(1, 16, 16), data.reference_latents], 1), timestep=0.7,
+                encoder_hidden_states=data.tensors["prompt_embeds"],
+                pooled_projections=data.tensors["pooled_prompt_embeds"], txt_ids=txt, img_ids=img,
+                guidance=torch.tensor([2.5]), return_dict=False)
+    assert tr(**call)[0].shape == (1, 16, 16)  # a float timestep is a timestep
+    for broken, needle in ((dict(call, img_ids=None), "no 'img_ids'"),
+                           (dict(call, encoder_hidden_states=None), "no 'encoder_hidden_states'"),
+                           (dict(call, img_ids=img[:20]), "do not match"),
+                           (dict(call, timestep=float("nan")), "not finite")):
+        with pytest.raises(BadInput, match=needle):
+            tr(**broken)

@@ -200,7 +200,8 @@ def _load_generated_model(repo: Path, pb, monkeypatch, loop="topi_loop"):
 
 
 def _request(pb, tensors: dict, **options):
-    wire = {"steps": np.int32, "seed": np.uint64, "ratio": np.float32, "tau": np.float32, "update_interval": np.int32}
+    wire = {"steps": np.int32, "seed": np.uint64, "ratio": np.float32, "tau": np.float32, "update_interval": np.int32,
+            "reuse_order": np.int32}
     items = [pb.Tensor(k, v.numpy() if isinstance(v, torch.Tensor) else v) for k, v in tensors.items()]
     for k, v in options.items():
         array = np.array([v.encode()], dtype=np.object_) if isinstance(v, str) else np.array([v], dtype=wire[k])
@@ -252,9 +253,10 @@ def test_onnxruntime_repository_layout_and_schema(engine_dir, tmp_path, capsys):
     inputs = {i.name: (i.optional, list(i.dims)) for i in loop.input}
     assert inputs["reference_latents"] == (False, [1, -1, 16])
     assert inputs["prompt_embeds"] == (False, [1, -1, 32]) and inputs["pooled_prompt_embeds"] == (False, [1, 16])
-    assert all(inputs[n][0] for n in ("noise", "guidance", "steps", "seed", "ratio", "tau",
-                                      "update_interval", "policy", "mode", "target_grid", "reference_grids", "ref_kv"))
-    assert len(inputs) == 15 and [o.name for o in loop.output] == ["latents", "schedule"]
+    assert all(inputs[n][0] for n in ("noise", "guidance", "steps", "seed", "ratio", "tau", "reuse", "reuse_order",
+                                      "update_interval", "policy", "mode", "target_grid", "reference_grids",
+                                      "ref_kv"))
+    assert len(inputs) == 17 and [o.name for o in loop.output] == ["latents", "schedule"]
     assert json.loads(loop.parameters["topi_models"].string_value) == {"topi": "topi_topi", "dense": "topi_dense"}
     assert (out / "topi_loop" / "1" / "model.py").read_bytes() == (
         ROOT / "topi_export" / "serving" / "bls_model.py").read_bytes()
@@ -266,7 +268,8 @@ def test_onnxruntime_repository_layout_and_schema(engine_dir, tmp_path, capsys):
     {"ratio": 0.5, "update_interval": 2, "steps": 5, "seed": 3},
     {"tau": 0.5, "update_interval": 2, "steps": 4, "seed": 1},
     {"ratio": 0.0, "steps": 2, "seed": 0},
-], ids=["ratio", "tau", "unpruned"])
+    {"ratio": 0.5, "update_interval": 4, "steps": 8, "seed": 2, "reuse": "3", "reuse_order": 1},
+], ids=["ratio", "tau", "unpruned", "reuse"])
 def test_loop_model_matches_run_with_ort_standing_in_for_triton(engine_dir, repo, tmp_path, capsys, monkeypatch,
                                                                 options):
     """The generated model.py (the real file, a fake pb_utils) drives runtime.loop.denoise through TritonEngine;
@@ -292,7 +295,8 @@ def test_loop_model_matches_run_with_ort_standing_in_for_triton(engine_dir, repo
     assert {name for name, _ in standin.calls} == {"topi_topi"}
     assert all(set(shapes) == declared for _, shapes in standin.calls)
     keeps = [shapes["keep_idx"][0] for _, shapes in standin.calls]
-    assert keeps == [r["keep"] for r in report["schedule"]]
+    assert keeps == [r["keep"] for r in report["schedule"] if r["kind"] != "reuse"]  # a reused step calls nothing
+    assert schedule["reuse"] == report["reuse"]
 
 
 def test_loop_model_serves_every_built_layout(engine_dir, repo, tmp_path, capsys, monkeypatch):

@@ -23,14 +23,23 @@ CACHE_FORMAT = "topi-onnx-cache/1"
 
 
 class Stages:
-    """Prints '[i/n] what (elapsed)' lines: progress for each build stage."""
+    """Prints '[i/n] what' when a build stage starts and '[i/n] done in X s' when it ends: each stage's own time,
+    not the time since the build began."""
 
     def __init__(self, total: int, echo):
         self.total, self.echo, self.i, self.t0 = total, echo, 0, time.perf_counter()
+        self.started = None
 
     def __call__(self, what: str):
+        self.finish()
         self.i += 1
-        self.echo(f"[{self.i}/{self.total}] {what} ({time.perf_counter() - self.t0:.1f} s)")
+        self.started = time.perf_counter()
+        self.echo(f"[{self.i}/{self.total}] {what}")
+
+    def finish(self):
+        if self.started is not None:
+            self.echo(f"[{self.i}/{self.total}] done in {time.perf_counter() - self.started:.1f} s")
+            self.started = None
 
 
 @dataclass(frozen=True)
@@ -50,7 +59,9 @@ class BuildPlan:
     inputs: str | None = None
     resolutions: str | None = None  # "WxH,WxH" in pixels, or a family shorthand such as kontext-preferred
     references: int = 1  # references per layout with --resolutions
-    text_tokens: int | None = None  # with --resolutions (default: the family's)
+    text_tokens: int | None = None  # with --resolutions (default: a pipeline folder's, else the family's)
+    loras: tuple = ()  # lora.Adapter (or "FILE[:SCALE]") fused into the weights before export
+    image_sizes: str | None = None  # "WxH,WxH;WxH": reference images' sizes; the pipeline's rules give the layouts
     engine_dir: str | None = None
     onnx_dir: str | None = None
     force: bool = False
@@ -64,6 +75,7 @@ class BuildPlan:
         return {"model": self.model, "layouts": [lay.to_json() for lay in self.layouts], "buckets": list(self.buckets),
                 "backend": self.backend, "precision": self.precision, "calibration": self.calibration,
                 "policy": self.policy, "tau": self.tau, "dense": self.dense, "cfg": self.cfg,
+                "loras": [a.to_json() if hasattr(a, "to_json") else str(a) for a in self.loras],
                 "options": self.options.to_json() if self.options is not None else None,
                 "kv_cache": self.kv_cache, "ref_kv": self.ref_kv}
 
@@ -102,8 +114,9 @@ def _check_plan(plan: BuildPlan) -> None:
 
 def _cache_key(identity, settings, precision: str, dense: bool, ref_kv: str | None = None) -> str:
     doc = {"format": CACHE_FORMAT, "family": identity.family, "config_hash": identity.config_hash,
-           "weights_hash": identity.weights_hash, "pivotal_layers": list(settings.pivotal_layers),
-           "prune_start": settings.prune_start, "precision": precision, "dense": dense, "versions": tool_versions()}
+           "weights_hash": identity.weights_hash, "adapters": [dict(a) for a in identity.adapters],
+           "pivotal_layers": list(settings.pivotal_layers), "prune_start": settings.prune_start,
+           "precision": precision, "dense": dense, "versions": tool_versions()}
     if ref_kv is not None:  # other graphs (and, for "exact", another attention): never the same export
         doc["ref_kv"] = ref_kv
     blob = json.dumps(doc, sort_keys=True).encode()
@@ -126,7 +139,7 @@ def _cache_valid(onnx_dir: Path, key: str) -> bool:
         return False
 
 
-_is_cache_dir = is_onnx_cache  # an --onnx-dir a build may rewrite: proven by its ownership marker (fsutil.py)
+_is_cache_dir = is_onnx_cache  # an --onnx-dir a build may rewrite: proven by its ownership marker (fsutil/ownership.py)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -136,11 +149,32 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
+def pipeline_front_end(model):
+    """The front end (models/frontend.py) when --model is a diffusers pipeline folder, else None: a pipeline folder
+    gives the build its text length and its pixels per token."""
+    from topi_export.models import front_end_for, pipeline_index
+
+    if not model or not Path(str(model)).is_dir() or pipeline_index(model) is None:
+        return None
+    try:
+        return front_end_for(model)
+    except TopiError:
+        return None  # a pipeline topi-export does not drive: its transformer folder still builds
+
+
 def resolve_layouts(plan: BuildPlan, loaded) -> tuple[Layout, ...]:
     from topi_export.artifacts.inputs import default_inputs, load_inputs
 
-    if plan.resolutions:
-        layouts = resolution_layouts(plan.resolutions, loaded.family, plan.references, plan.text_tokens)
+    if plan.resolutions or plan.image_sizes:
+        front = pipeline_front_end(plan.model)
+        text_tokens = plan.text_tokens or (front.text_tokens() if front else None)
+        layouts = ()
+        if plan.resolutions:
+            layouts = resolution_layouts(plan.resolutions, loaded.family, plan.references, text_tokens,
+                                         front.pixels_per_token() if front else None)
+        if plan.image_sizes:
+            layouts += tuple(lay for lay in image_size_layouts(plan.image_sizes, front, plan.model, text_tokens)
+                             if lay not in layouts)
     elif plan.layouts:
         layouts = tuple(plan.layouts)
     elif plan.inputs:
@@ -152,32 +186,71 @@ def resolve_layouts(plan: BuildPlan, loaded) -> tuple[Layout, ...]:
     return layouts
 
 
-def resolution_layouts(text: str, family, references: int = 1, text_tokens: int | None = None):
-    """'1024x1024,1184x880' (WIDTHxHEIGHT in pixels) or a shorthand of the family (e.g. kontext-preferred) ->
-    layouts whose target and every reference have that resolution."""
+def image_size_layouts(text: str, front, model, text_tokens) -> tuple[Layout, ...]:
+    """--image-sizes 'WxH,WxH;WxH' (the sizes of the reference images requests will bring) -> the layouts the
+    pipeline makes of them with its resolution rules and default target size (models/frontend.py shape)."""
+    if front is None:
+        raise BadInput(f"--image-sizes needs --model to be a diffusers pipeline folder with a front end (its "
+                       f"resolution rules make the layouts); {model} is not: use --resolutions TARGET:REF,REF")
+    from PIL import Image
+
+    from topi_export.models.frontend import EditRequest
+
+    out = []
+    for item in (i.strip() for i in text.split(";") if i.strip()):
+        images = [Image.new("RGB", _pixels(p, {})) for p in item.split(",") if p.strip()]
+        shape = front.shape(EditRequest(images, "", names=tuple(f"image {i + 1} ({p.strip()})" for i, p in
+                                                                 enumerate(item.split(",")))))
+        lay = shape.layout.with_text_tokens(text_tokens or shape.text_tokens)
+        if lay not in out:
+            out.append(lay)
+    return tuple(out)
+
+
+def _pixels(part: str, sets) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in part.strip().lower().split("x"))
+    except ValueError:
+        raise TopiError(f"bad resolution {part.strip()!r} in --resolutions: write WIDTHxHEIGHT in pixels, e.g. "
+                        f"1024x1024, TARGET:REF,REF layouts, or one of "
+                        f"{', '.join(sets) or '(no shorthands for this model)'}") from None
+    return w, h
+
+
+def resolution_layouts(text: str, family, references: int = 1, text_tokens: int | None = None,
+                       pixels_per_token: int | None = None):
+    """--resolutions (pixels, WIDTHxHEIGHT) -> layouts. Items are separated by ';'. An item 'TARGET:REF,REF,...'
+    is one layout with those references; an item 'WxH,WxH,...' (or a shorthand of the family, e.g.
+    kontext-preferred) is one layout per size, each with `references` references at the target's size.
+    pixels_per_token: the pipeline's (VAE factor x packing), else the family's."""
     sets = family.resolution_sets
-    if text.strip() in sets:
-        pixels = [tuple(wh) for wh in sets[text.strip()]]
-    else:
-        pixels = []
-        for part in (p.strip() for p in text.split(",") if p.strip()):
-            try:
-                w, h = (int(v) for v in part.lower().split("x"))
-            except ValueError:
-                raise TopiError(f"bad resolution {part!r} in --resolutions: write WIDTHxHEIGHT in pixels, e.g. "
-                                f"1024x1024, or one of {', '.join(sets) or '(no shorthands for this model)'}") from None
-            pixels.append((w, h))
-    if not pixels:
-        raise TopiError("--resolutions is empty: give WIDTHxHEIGHT[,WIDTHxHEIGHT...] in pixels")
     if not 1 <= references <= 16:
         raise BadInput(f"--references {references} is outside 1..16")
-    ppt = family.pixels_per_token
+    shapes = []  # (target, refs) in pixels
+    for item in (i.strip() for i in text.split(";") if i.strip()):
+        if item in sets:
+            shapes += [(tuple(wh), (tuple(wh),) * references) for wh in sets[item]]
+        elif ":" in item:
+            target, _, refs = item.partition(":")
+            ref_px = tuple(_pixels(r, sets) for r in refs.split(",") if r.strip())
+            if not ref_px:
+                raise TopiError(f"--resolutions {item!r} names no reference after ':': write TARGET:REF[,REF...]")
+            shapes.append((_pixels(target, sets), ref_px))
+        else:
+            shapes += [(wh, (wh,) * references) for wh in (_pixels(p, sets) for p in item.split(",") if p.strip())]
+    if not shapes:
+        raise TopiError("--resolutions is empty: give WIDTHxHEIGHT[,WIDTHxHEIGHT...] or TARGET:REF,REF in pixels")
+    ppt = pixels_per_token or family.pixels_per_token
     out = []
-    for w, h in pixels:
-        if w <= 0 or h <= 0 or w % ppt or h % ppt:
-            raise TopiError(f"resolution {w}x{h} is not a positive multiple of {ppt} pixels (one {family.name} token)")
-        grid = (h // ppt, w // ppt)
-        lay = Layout(text_tokens or family.text_tokens_default, grid, (grid,) * references)
+    for target, refs in shapes:
+        grids = []
+        for w, h in (target, *refs):
+            if w <= 0 or h <= 0 or w % ppt or h % ppt:
+                raise TopiError(f"resolution {w}x{h} is not a positive multiple of {ppt} pixels (one {family.name} "
+                                f"token{' of this pipeline' if pixels_per_token else ''}): use "
+                                f"{max(ppt, w // ppt * ppt)}x{max(ppt, h // ppt * ppt)}")
+            grids.append((h // ppt, w // ppt))
+        lay = Layout(text_tokens or family.text_tokens_default, grids[0], tuple(grids[1:]))
         if lay not in out:
             out.append(lay)
     return tuple(out)
@@ -200,11 +273,23 @@ def build_engines(plan: BuildPlan | None = None, *, echo=print, **kwargs) -> Pat
         kwargs["buckets"] = parse_buckets(kwargs.pop("ratio_buckets", "0.3,0.5"))
         kwargs.setdefault("backend", DEFAULT_BUILD_BACKEND)
         plan = BuildPlan(**kwargs)
+    if plan.loras and any(isinstance(a, str) for a in plan.loras):
+        from dataclasses import replace
+
+        from topi_export.lora import parse_adapters
+
+        plan = replace(plan, loras=parse_adapters([str(a) if isinstance(a, str) else a.flag() for a in plan.loras]))
     _check_plan(plan)
     backend = get_backend(plan.backend)
     protect = {}
     if plan.model and Path(plan.model).exists():
         protect[Path(plan.model)] = "the model folder"
+    for a in plan.loras:
+        protect[Path(a.path)] = "a LoRA file"
+    if plan.loras:
+        from topi_export.lora import require_peft
+
+        require_peft()
     for p, label in ((plan.inputs, "the inputs file"), (plan.calibration, "the calibration profile")):
         if p:
             protect[Path(p)] = label
@@ -218,8 +303,9 @@ def build_engines(plan: BuildPlan | None = None, *, echo=print, **kwargs) -> Pat
     if plan.onnx_dir:
         check_output_dir(plan.onnx_dir, replace=True, is_ours=_is_cache_dir, protect=protect)
     stages = Stages(5, echo)
-    stages(f"load model {plan.model or '(default)'} ({plan.precision})")
-    loaded = load_model(plan.model, dtype=plan.precision, kv_model=plan.kv_cache)
+    fused = f" + LoRA {', '.join(a.describe() for a in plan.loras)} (fused)" if plan.loras else ""
+    stages(f"load model {plan.model or '(default)'} ({plan.precision}){fused}")
+    loaded = load_model(plan.model, dtype=plan.precision, adapters=plan.loras, kv_model=plan.kv_cache)
     family = loaded.family
     identity = loaded.identity()
     ref_kv = "exact" if family.kv_model else plan.ref_kv
@@ -265,12 +351,25 @@ def build_engines(plan: BuildPlan | None = None, *, echo=print, **kwargs) -> Pat
             weights = meta["weights"]
         else:
             from topi_export.export.graphs import graph_kinds
+            from topi_export.progress import ticker
 
             stages(f"export {' + '.join(graph_kinds(ref_kv, dense))} ONNX graphs ({family.name}, {plan.precision})")
-            graphs, weights = export_graphs(family, settings, sample, layouts[0], onnx_dir, dense=dense,
-                                            progress=lambda s: echo(f"  {s}"), ref_kv=ref_kv)
+
+            def exporting(step):  # per graph, with a ticker: one torch.onnx.export call can take many minutes
+                echo(f"  {step}")
+                tick.label = f"  {step}: still running"
+
+            with ticker("  exporting", echo) as tick:
+                graphs, weights = export_graphs(family, settings, sample, layouts[0], onnx_dir, dense=dense,
+                                                progress=exporting, ref_kv=ref_kv)
             if plan.onnx_dir:
                 _save_cache(onnx_dir, Path(plan.onnx_dir), key, graphs, weights, protect, echo)
+        # where every parameter sits in the graphs, for `topi-export refit` (other LoRA adapters, no re-export)
+        from topi_export.export.weights_map import REFIT_MAP, find_slots, write_refit_map
+
+        echo("  map the weights for refit")
+        slots = find_slots(onnx_dir, [g.file for g in graphs.values()], family.model.state_dict(), plan.precision)
+        fused_params = loaded.fused_params
         del loaded
         family.model = None  # the weights live in the graphs now; free them before engines are built
         profiles = profile_table(layouts, plan.buckets)
@@ -279,6 +378,8 @@ def build_engines(plan: BuildPlan | None = None, *, echo=print, **kwargs) -> Pat
                                      plan.options, echo))
         if not out.keep_onnx:
             shutil.rmtree(onnx_dir)
+        if out.keep_onnx or getattr(plan.options, "refittable", False):  # engines refit can change
+            write_refit_map(tmp / REFIT_MAP, slots, fused_params)
         stages("write manifest (sha256 of every file)")
         files = [p.relative_to(tmp).as_posix() for p in sorted(tmp.rglob("*")) if p.is_file()]
         entries = {kind: _entry(graphs[kind], rel, out.keep_onnx) for kind, rel in out.graphs.items()}
@@ -294,6 +395,8 @@ def build_engines(plan: BuildPlan | None = None, *, echo=print, **kwargs) -> Pat
             weights=weights, scheduler=scheduler or {}, ref_kv=ref_kv, root=tmp)
         write_manifest(tmp, manifest)
         stages(f"move into place: {engine_dir}")
+    stages.finish()
+    echo(f"built in {time.perf_counter() - stages.t0:.1f} s")
     return engine_dir
 
 

@@ -128,20 +128,43 @@ def inputs_from_tensors(tensors: dict, meta: dict, family, source: str = "reques
     return inputs
 
 
+# A request's tensors are at most this large: checked from the file's header, before any tensor is read (an
+# inputs file of [1, 2^26, 16] reference latents would otherwise take 12 GB before its grid is refused).
+MAX_ELEMENTS = 1 << 28
+
+
 def load_inputs(path, family) -> Inputs:
+    import os
+    import stat
+
     from safetensors import safe_open
 
+    from topi_export.plan.layout import MAX_TOKENS
+
     path = Path(path)
-    if not path.is_file():
+    try:
+        st = os.stat(path)
+    except OSError:
         raise BadInput(f"inputs file {path} not found: pass a .safetensors file with reference_latents and the "
-                        f"model's conditioning tensors (README, inputs file)")
+                       f"model's conditioning tensors (README, inputs file)") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise BadInput(f"inputs file {path} is not a regular file (a directory, FIFO or device): pass a .safetensors "
+                       f"file")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = dict(f.metadata() or {})
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            for k, shape in shapes.items():
+                n = math.prod(shape)
+                if n > MAX_ELEMENTS or (k in LATENTS and len(shape) == 3 and shape[1] > MAX_TOKENS):
+                    raise BadInput(f"'{k}' in {path} has shape {list(shape)}: more than a request can hold (at most "
+                                   f"{MAX_TOKENS} tokens of latents, {MAX_ELEMENTS} values per tensor)")
             tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except BadInput:
+        raise
     except Exception as exc:  # noqa: BLE001 - anything unreadable is the same user error
         raise BadInput(f"cannot read inputs file {path} ({type(exc).__name__}): it is not a valid safetensors file; "
-                        f"re-save it with safetensors.torch.save_file")
+                       f"re-save it with safetensors.torch.save_file") from None
     return inputs_from_tensors(tensors, meta, family, source=str(path))
 
 

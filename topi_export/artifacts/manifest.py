@@ -35,7 +35,7 @@ def write_manifest(root: Path, manifest: Manifest) -> None:
 
 
 # What build --force may replace: this user's marked engine directory holding nothing unlisted, proven by the
-# ownership marker (fsutil.py, "Ownership"), never by a manifest.json anyone can write or link; staged_dir stamps it.
+# ownership marker (fsutil/ownership.py), never by a manifest.json anyone can write or link; staged_dir stamps it.
 is_engine_dir = is_engine_directory
 
 

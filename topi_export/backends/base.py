@@ -4,6 +4,7 @@
     build(job: BuildJob) -> BuildOutput      engines from the exported ONNX graphs (backends that build)
     open_engine(source: EngineSource)        a StepEngine over a verified engine directory (or the model itself)
     check(options)                           (optional) refuse early what build would refuse after the export
+    refit(job: RefitJob) -> list[str]        (optional) engines with other weights (LoRA), without re-exporting
 
 A StepEngine runs the steps the temporal controller plans (method/schedule.py). The feed of every graph is built
 and checked HERE, once per request, from the graph's entry (plan.GraphEntry: names, symbolic dims, dtypes): the
@@ -98,6 +99,22 @@ class BuildOutput:
     target: dict  # where the engines run (execution provider, GPU, compute capabilities, versions)
     keep_onnx: bool = True  # whether the portable ONNX graphs stay in the engine directory
     versions: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RefitJob:
+    """What a backend refit receives (topi_export/refitting.py): the verified source directory, the staging
+    directory to write into, where every parameter sits in the graphs (export/weights_map.py Slot, graph paths
+    relative to the source directory), the parameters to rewrite (those the old or the new adapters change) and
+    the new parameters. The backend writes only the files whose bytes change and returns them (relative); every
+    other file of the source directory is carried over unchanged."""
+
+    manifest: object  # plan.Manifest of the source directory
+    out_dir: Path
+    slots: tuple  # export.weights_map.Slot
+    changed: frozenset  # parameter names to rewrite
+    new: dict  # parameter name -> tensor at the engines' precision
+    echo: object = print
 
 
 @dataclass(frozen=True)

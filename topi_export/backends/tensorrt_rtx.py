@@ -23,4 +23,8 @@ def build(job):
     return trt.build(job, BACKEND.name)
 
 
+def refit(job):
+    return trt.refit(job, BACKEND.name)
+
+
 open_engine = trt.open_engine

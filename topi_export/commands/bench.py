@@ -45,6 +45,10 @@ def parse_ratios(text: str) -> tuple:
 @click.option("--update-interval", "update_intervals", default="10", show_default=True,
               help="dT; several (e.g. 5,10) sweep it.")
 @click.option("--tau", "taus", default="", help="Also sweep adaptive tau values, e.g. 0.5,0.7 (buckets = ratios).")
+@click.option("--reuse", "reuses", default=None,
+              help="Step-reuse settings to sweep, e.g. off,auto,4,8,12 (default: the model's default only).")
+@click.option("--reuse-order", type=click.IntRange(0, 1), default=0, show_default=True,
+              help="Reused steps take the last velocity (0) or extrapolate from the last two (1).")
 @click.option("--target-grid", default=None, help="Synthetic input grid HxW when no --inputs (e.g. 32x32).")
 @click.option("--ref-grids", default=None, help="Synthetic input reference grids HxW,HxW (default: the target grid).")
 @click.option("--text-tokens", type=click.IntRange(1, 4096), default=8, show_default=True,
@@ -60,10 +64,10 @@ def parse_ratios(text: str) -> tuple:
 @device_options
 @quiet_option
 def cmd(model, inputs, ratio_buckets, policies, no_default_policy, calibration, backend, engine_dir, steps,
-        update_intervals, taus, target_grid, ref_grids, text_tokens, samples, repeats, seed, json_path, md_path,
+        update_intervals, taus, reuses, reuse_order, target_grid, ref_grids, text_tokens, samples, repeats, seed, json_path, md_path,
         png_path, device, dtype, quiet):
     """Benchmark speed and fidelity of every ratio and policy against the unpruned run."""
-    from tqdm import tqdm
+    from topi_export.progress import progress_bar
 
     from topi_export.bench import BenchConfig, markdown_table, plot, run_bench, timestamp
     from topi_export.errors import TopiError
@@ -119,14 +123,21 @@ def cmd(model, inputs, ratio_buckets, policies, no_default_policy, calibration, 
 
         out = Path(engine_dir) if engine_dir else (Path("engines") / f"bench-{Path(torch_session.source).name}-"
                                                   f"{data[0].layout.describe()}-{backend}")
+        if out.exists() and not (out / "manifest.json").exists():
+            raise TopiError(f"--engine-dir {out} exists but is not an engine directory: remove it or name another "
+                            f"(bench builds the engines there when the directory is missing)")
         if not (out / "manifest.json").exists():
             build_engines(model=model, layouts=(data[0].layout,), ratio_buckets=[r for r in ratios if r > 0] or "0.5",
                           calibration=calibration, engine_dir=str(out), backend=backend,
                           echo=lambda s: click.echo(s, err=True))
         session = open_session(engine_dir=out, model=model)
-    cfg = BenchConfig(ratios, tuple(pols), steps, dts, tau_list, seed, repeats, dim=family.width)
-    total = len(data) * len(dts) * len(pols) * (len(ratios) + len(tau_list))
-    with tqdm(total=total, disable=not show_progress(quiet), desc="bench", unit="run") as bar:
+    from topi_export.method.reuse import parse_reuse
+
+    reuse_specs = tuple(dict.fromkeys(parse_reuse(v) for v in reuses.split(",") if v.strip())) if reuses else (None,)
+    cfg = BenchConfig(ratios, tuple(pols), steps, dts, tau_list, seed, repeats, dim=family.width, reuses=reuse_specs,
+                      reuse_order=reuse_order)
+    total = len(data) * len(dts) * len(pols) * (len(ratios) + len(tau_list)) * len(reuse_specs)
+    with progress_bar(total, "bench", show_progress(quiet), unit="run") as bar:
         report = run_bench(session, data, cfg, progress=lambda: bar.update(1))
     report["created"] = timestamp()
     report["command"] = "topi-export " + " ".join(sys.argv[1:]) if sys.argv and "topi-export" in sys.argv[0] else None

@@ -18,7 +18,9 @@ from topi_export.commands.common import model_option, output_files, seed_option,
                    "cache says (run and the other commands re-hash only files changed since their last check).")
 @seed_option
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the rows as JSON.")
-def cmd(engine_dir, model, inputs, tolerance, verify, seed, json_path):
+@click.option("--lora", multiple=True, metavar="FILE[:SCALE]",
+              help="The LoRA adapters the engines were built or refitted with, for the PyTorch reference.")
+def cmd(engine_dir, model, inputs, tolerance, verify, seed, json_path, lora):
     """Compare every graph, layout and bucket of an engine directory with the PyTorch reference."""
     import math
     from dataclasses import replace
@@ -37,7 +39,7 @@ def cmd(engine_dir, model, inputs, tolerance, verify, seed, json_path):
         read_manifest(engine_dir, rehash=True)
         click.echo(f"every file of {engine_dir} matches its sha256 in the manifest (re-hashed)")
     session = open_session(engine_dir=engine_dir)
-    reference = open_session(engine_dir=engine_dir, backend=model_backend(), model=model)
+    reference = open_session(engine_dir=engine_dir, backend=model_backend(), model=model, loras=lora)
     m = session.manifest
     if inputs:
         datas = [session.load_inputs(inputs, seed)]

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
@@ -64,12 +63,24 @@ def device_options(f):
                         help="PyTorch backend device: cpu or cuda[:N] (fused Triton kernels on CUDA).")(f)
 
 
+def reuse_options(f):
+    f = click.option("--reuse-order", type=click.IntRange(0, 1), default=0, show_default=True,
+                     help="Reused steps take the last computed velocity (0) or extrapolate it in sigma from the last "
+                          "two (1).")(f)
+    return click.option("--reuse", default=None, metavar="off|auto|N",
+                        help="Step reuse: steps that skip the transformer and reuse a velocity. auto: the criterion "
+                             "the model's calibration measured; N: that many steps (lowest measured error, or spread "
+                             "evenly without a criterion). Never anchors, the first two or the last two steps. "
+                             "Default: auto when this model's profile measured a criterion, else off.")(f)
+
+
 def quiet_option(f):
     return click.option("--quiet", "-q", is_flag=True, help="No progress bars.")(f)
 
 
 def show_progress(quiet: bool) -> bool:
-    return not quiet and sys.stderr.isatty()
+    """Progress is shown unless --quiet: a bar on a terminal, log lines otherwise (topi_export/progress.py)."""
+    return not quiet
 
 
 POLICY_HELP = ("Token selection policy (default: the engine directory's, else the package default); an unknown "

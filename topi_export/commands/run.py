@@ -4,16 +4,19 @@ from __future__ import annotations
 import click
 
 from topi_export.commands.common import (POLICY_HELP, device_options, model_option, output_files, quiet_option,
-                                         save_latents, seed_option, show_progress, steps_option, write_json)
+                                         reuse_options, save_latents, seed_option, show_progress, steps_option,
+                                         write_json)
 
 
 def schedule_summary(schedule) -> str:
     anchors = [r.step for r in schedule if r.selected_keep is not None or r.kind == "anchor"]
     keeps = sorted({r.keep for r in schedule if r.graph in ("pruned", "kv-pruned")})
     total = sum(r.time_s for r in schedule)
+    computed = sum(r.kind != "reuse" for r in schedule)
     pruned = (f"pruned steps keep {keeps} context tokens" if keeps else
               "no step pruned (every anchor kept all context tokens)")
-    return f"{len(schedule)} steps, anchors at {anchors}, {pruned}, {total:.2f} s in the transformer"
+    return (f"{len(schedule)} steps ({computed} computed), anchors at {anchors}, {pruned}, {total:.2f} s in the "
+            f"transformer")
 
 
 def compare_table(report) -> str:
@@ -51,6 +54,7 @@ def compare_table(report) -> str:
 @click.option("--update-interval", type=click.IntRange(1, 1000), default=None,
               help="Anchor every N steps (dT). Default: the calibration's.")
 @click.option("--calibration", type=click.Path(dir_okay=False), default=None, help="Calibration profile JSON.")
+@reuse_options
 @steps_option
 @seed_option
 @click.option("--compare", is_flag=True, help="Also run the dense baseline; print time, speedup, PSNR, rel. L2.")
@@ -60,7 +64,16 @@ def compare_table(report) -> str:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write a JSON report.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write final latents (safetensors).")
 @click.option("--png", type=click.Path(dir_okay=False), default=None,
-              help="With --compare: save a strip of the references with their kept tokens, the baseline and ToPi.")
+              help="With --compare: save a strip of the references with their kept tokens, the baseline and ToPi "
+                   "(and the ground truth when the inputs carry it), titled.")
+@click.option("--vae", type=click.Path(file_okay=False), default=None, metavar="PIPELINE_DIR",
+              help="Decode the --png strip with this pipeline folder's VAE (default: --model's, when it is a pipeline "
+                   "folder; else the first three latent channels are shown).")
+@device_options
+@quiet_option
+@click.option("--lora", multiple=True, metavar="FILE[:SCALE]",
+              help="LoRA fused into the model the PyTorch backend runs (repeatable). Engines hold the adapters they "
+                   "were built or refitted with (`topi-export refit` swaps them).")
 # --- reference K/V cache (docs/design.md, "Reference K/V cache") ---
 @click.option("--ref-kv", "ref_kv", type=click.Choice(["reuse"]), default=None,
               help="Approximate reference K/V reuse (any model): anchors run in full and record the references' keys "
@@ -69,19 +82,18 @@ def compare_table(report) -> str:
 @click.option("--kv-cache/--no-kv-cache", "kv_cache", default=None,
               help="Run --model as a KV-trained model (default: when it is a Flux2KleinKVPipeline folder).")
 # ---
-@device_options
-@quiet_option
-def cmd(model, inputs, engine_dir, backend, ratio, tau, ratio_buckets, policy, update_interval, calibration, steps,
-        seed, compare, repeats, json_path, out, png, ref_kv, kv_cache, device, dtype, quiet):
+def cmd(model, inputs, engine_dir, backend, ratio, tau, ratio_buckets, policy, update_interval, calibration, reuse,
+        reuse_order, steps, seed, compare, repeats, json_path, out, png, vae, device, dtype, quiet, lora, ref_kv,
+        kv_cache):
     """Run a ToPi-pruned in-context generation and report the per-step schedule."""
     from topi_export.errors import TopiError
     from topi_export.runtime.session import open_session
 
     if png and not compare:
         raise TopiError("--png needs --compare (the strip shows the baseline and the ToPi result)")
-    output_files([json_path, out, png], protected=[inputs, calibration, model])
+    output_files([json_path, out, png], protected=[inputs, calibration, model, vae, *lora])
     session = open_session(model=model, engine_dir=engine_dir, backend=backend, calibration=calibration,
-                           update_interval=update_interval, device=device, dtype=dtype, kv_cache=kv_cache)
+                           update_interval=update_interval, device=device, dtype=dtype, loras=lora, kv_cache=kv_cache)
     ref_kv = session.check_ref_kv(ref_kv)
     if session.manifest is not None:  # a new file next to the engines is fine; none of the engine files
         from topi_export.fsutil import refuse_overwrite
@@ -93,6 +105,7 @@ def cmd(model, inputs, engine_dir, backend, ratio, tau, ratio_buckets, policy, u
                 refuse_overwrite(p, [m.root / NAME] + [m.root / rel for rel in m.files], what="the output")
     data = session.load_inputs(inputs, seed)
     selector = session.selector(data, ratio=ratio, tau=tau, ratio_buckets=ratio_buckets, policy=policy, seed=seed)
+    plan = session.reuse_plan(data, steps=steps, reuse=reuse, order=reuse_order, update_interval=update_interval)
     progress = show_progress(quiet)
     session.warmup(data, selector, dense=compare, ref_kv=ref_kv)
     comparison = None
@@ -100,17 +113,23 @@ def cmd(model, inputs, engine_dir, backend, ratio, tau, ratio_buckets, policy, u
         from topi_export.runtime.compare import compare as run_compare
 
         comparison = run_compare(session, data, steps=steps, seed=seed, selector=selector, repeats=repeats,
-                                 progress=progress, ref_kv=ref_kv)
+                                 progress=progress, update_interval=update_interval, reuse=plan, ref_kv=ref_kv)
         topi = comparison.topi
     else:
-        topi = session.denoise(data, steps=steps, seed=seed, selector=selector, progress=progress, ref_kv=ref_kv)
-    report = session.report(data, selector, steps, topi, comparison)
-    click.echo(f"{session.source} ({session.family.name}) on {session.engine.name}: "
-               f"{_selection_text(selector)}, policy {selector.policy}")
+        topi = session.denoise(data, steps=steps, seed=seed, selector=selector, progress=progress,
+                               update_interval=update_interval, reuse=plan, ref_kv=ref_kv)
+    report = session.report(data, selector, steps, topi, comparison, reuse=plan)
+    lora = f", LoRA {session.identity.describe_adapters()}" if session.identity.adapters else ""
+    click.echo(f"{session.source} ({session.family.name}{lora}) on {session.engine.name}: "
+               f"{selection_text(selector)}, policy {selector.policy}")
+    click.echo(f"step reuse: {reuse_text(plan, steps)}")
     click.echo(schedule_summary(topi.schedule))
     if report.ref_kv is not None:
         kv = report.ref_kv
         click.echo(f"reference K/V cache ({kv['label']}): {kv['cache_bytes'] / 2**20:.1f} MiB")
+    note = tau_note(selector, topi.schedule, data.layout.num_ctx)
+    if note:
+        click.echo(f"note: {note}", err=True)
     if comparison is not None:
         if comparison.mode != "dense":
             click.echo(f"note: {engine_dir} has no dense baseline graph; the speedup is against the in-engine "
@@ -121,9 +140,13 @@ def cmd(model, inputs, engine_dir, backend, ratio, tau, ratio_buckets, policy, u
         if png:
             from topi_export.runtime.visualize import save_strip
 
+            from topi_export.runtime.pipeline import latent_decoder
+
+            decode = latent_decoder(vae, required=True) if vae else (latent_decoder(model) if model else None)
             last = max(topi.kept) if topi.kept else None
             save_strip(png, data, comparison.baseline.latents, topi.latents,
-                       topi.kept.get(last) if last is not None else None)
+                       topi.kept.get(last) if last is not None else None, decode=decode,
+                       baseline_name="dense" if comparison.mode == "dense" else "unpruned (in-engine)")
             click.echo(f"strip -> {png}")
         if report.psnr_db_vs_truth is not None:
             click.echo(f"vs ground truth: PSNR baseline {report.psnr_db_vs_truth['baseline']:.2f} dB, "
@@ -136,7 +159,27 @@ def cmd(model, inputs, engine_dir, backend, ratio, tau, ratio_buckets, policy, u
         click.echo(f"report -> {json_path}")
 
 
-def _selection_text(selector) -> str:
+def reuse_text(plan, steps: int) -> str:
+    if not plan.enabled:
+        return plan.why
+    order = "the last velocity" if plan.order == 0 else "extrapolated from the last two"
+    return (f"{len(plan.steps)} of {steps} steps reuse {order} (steps {list(plan.steps)}); {plan.why}")
+
+
+def selection_text(selector) -> str:
     if selector.tau is not None:
         return f"tau {selector.tau:g} over buckets {list(selector.buckets)}"
     return f"ratio {selector.ratio:g}"
+
+
+
+def tau_note(selector, schedule, num_ctx: int) -> str | None:
+    """With --tau: the anchors at which no compiled bucket kept enough influence, so their interval ran unpruned."""
+    if selector.tau is None:
+        return None
+    full = [r.step for r in schedule if r.selected_keep is not None and r.selected_keep >= num_ctx]
+    if not full:
+        return None
+    return (f"tau {selector.tau:g}: at anchor step(s) {full} no compiled bucket keeps that much of the influence, so "
+            f"those intervals ran unpruned (all {num_ctx} context tokens); lower --tau or build a bucket with a "
+            f"smaller ratio")

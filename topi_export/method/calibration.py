@@ -100,7 +100,7 @@ def calibrate(family, samples, timesteps=DEFAULT_TIMESTEPS, top_k: int = DEFAULT
     family: a models.base.Family with weights; samples: ``Inputs``; a sample without ``noise`` draws it from
     seed + its index. Deterministic for fixed samples and seed.
     """
-    from tqdm import tqdm
+    from topi_export.progress import progress_bar
 
     samples = list(samples)
     timesteps = check_timesteps(timesteps)
@@ -115,8 +115,7 @@ def calibrate(family, samples, timesteps=DEFAULT_TIMESTEPS, top_k: int = DEFAULT
     values = torch.zeros(len(samples), len(timesteps), n_layers, dtype=torch.float64)
     total = len(samples) * len(timesteps) * (n_layers + 1)
     start = time.perf_counter()
-    with torch.inference_mode(), tqdm(total=total, desc="calibrate", unit="pass", disable=not progress,
-                                      leave=False) as bar:
+    with torch.inference_mode(), progress_bar(total, "calibrate", progress, unit="pass") as bar:
         for i, s in enumerate(samples):
             cond = positive_branch(family, family.conditioning(s, s.layout))
             x0 = clean_latents(s)

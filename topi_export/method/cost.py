@@ -19,13 +19,14 @@ def predicted_speedup(layout, keep: int, num_layers: int, prune_start: int, dim:
 
 
 def predicted_end_to_end(layout, keep: int, num_layers: int, prune_start: int, dim: int, steps: int,
-                         update_interval: int) -> float:
+                         update_interval: int, reused: int = 0) -> float:
     """Dense loop FLOPs over ToPi loop FLOPs: anchors every update_interval steps run the full sequence (their
-    influence scoring, ~2 Nx Nc d per pivotal layer, is left out: it is small next to a layer), the rest pruned."""
+    influence scoring, ~2 Nx Nc d per pivotal layer, is left out: it is small next to a layer), ``reused`` steps
+    (never anchors) cost nothing, the rest run pruned."""
     anchors = len(range(0, steps, update_interval))
     full = step_flops(layout, layout.num_ctx, num_layers, prune_start, dim)
     pruned = step_flops(layout, keep, num_layers, prune_start, dim)
-    return steps * full / (anchors * full + (steps - anchors) * pruned)
+    return steps * full / (anchors * full + (steps - anchors - reused) * pruned)
 
 
 # --- reference K/V cache (docs/design.md, "Reference K/V cache") ----------------------------------------------
@@ -41,21 +42,22 @@ def kv_step_flops(layout, keep: int, num_layers: int, prune_start: int, dim: int
 
 
 def predicted_kv_end_to_end(layout, keep: int, num_layers: int, prune_start: int, dim: int, steps: int,
-                            update_interval: int, mode: str = "exact") -> dict:
+                            update_interval: int, mode: str = "exact", reused: int = 0) -> dict:
     """Dense loop FLOPs over the cached loops' FLOPs: {"cache": unpruned cached loop, "cache_topi": cached loop with
     ToPi at `keep`, "topi_vs_cache": the two against each other}. Steps that extract (step 0 for "exact", every
     anchor for "reuse") are counted as dense steps (an exact model's reference queries see only reference keys, so
-    its step 0 costs a little less); an exact model's later anchors are cached steps over every cached key."""
+    its step 0 costs a little less); an exact model's later anchors are cached steps over every cached key;
+    ``reused`` steps (never anchors) cost nothing in the ToPi loop."""
     dense = step_flops(layout, layout.num_ctx, num_layers, prune_start, dim)
     cached = kv_step_flops(layout, layout.num_ctx, num_layers, prune_start, dim)
     pruned = kv_step_flops(layout, keep, num_layers, prune_start, dim)
     anchors = list(range(0, steps, update_interval))
     if mode == "exact":
         cache = dense + (steps - 1) * cached
-        topi = dense + (len(anchors) - 1) * cached + (steps - len(anchors)) * pruned
+        topi = dense + (len(anchors) - 1) * cached + (steps - len(anchors) - reused) * pruned
     else:
         cache = len(anchors) * dense + (steps - len(anchors)) * cached
-        topi = len(anchors) * dense + (steps - len(anchors)) * pruned
+        topi = len(anchors) * dense + (steps - len(anchors) - reused) * pruned
     total = steps * dense
     return {"cache": total / cache, "cache_topi": total / topi, "topi_vs_cache": cache / topi}
 

@@ -1,7 +1,8 @@
 """The temporal controller (docs/design.md, "The method" and "Runtime"): the one place that decides, for every denoising
-step, whether it is an anchor (full sequence, re-score influence, choose the kept set) or a pruned step (the latest
-kept set, at its bucket). The denoising loop, the diffusers drop-ins and the Triton loop model all use it; backends
-only execute the steps it plans."""
+step, whether it is an anchor (full sequence, re-score influence, choose the kept set), a pruned step (the latest
+kept set, at its bucket) or a reused step (no transformer call: the velocity of the last computed steps, by the
+run's reuse plan, method/reuse.py). The denoising loop, the diffusers drop-ins and the Triton loop model all use
+it; backends only execute the steps it plans."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ import torch
 
 from topi_export.errors import TopiError
 from topi_export.plan.limits import check_steps, check_update_interval
+from topi_export.plan.reuse import OFF, ReusePlan
 
 
 # --- reference K/V cache (docs/design.md, "Reference K/V cache") ---------------------------------------------
@@ -32,11 +34,13 @@ def check_ref_kv(mode):
 @dataclass(frozen=True)
 class StepPlan:
     step: int
-    kind: str  # "anchor" | "pruned" | "full" (unpruned, through the topi graph) | "dense" (the plain model) | KV_KINDS
+    kind: str  # "anchor" | "pruned" | "full" (unpruned, through the topi graph) | "dense" (the plain model) | "reuse"
+    #            | KV_KINDS
     anchor: int  # the anchor step whose kept set this step uses
     keep_idx: torch.Tensor | None = None  # None: every context token
     ratio: float = 0.0
     keep: int = 0
+    reuses: int | None = None  # reuse: the last computed step, whose velocity (order 0) or trend (order 1) is used
 
 
 def make_plan(num_steps: int, update_interval: int) -> list[StepPlan]:
@@ -56,11 +60,14 @@ class TemporalController:
     may be planned again (the second guidance branch of a diffusers pipeline) without re-scoring."""
 
     def __init__(self, selector, update_interval: int, num_ctx: int, grids=None, baseline: str = "full",
-                 ref_kv: str | None = None):
+                 reuse: ReusePlan = OFF, ref_kv: str | None = None):
         if baseline not in ("full", "dense"):
             raise TopiError(f"unknown baseline {baseline!r}: full or dense")
         self.selector, self.num_ctx, self.baseline = selector, int(num_ctx), baseline
-        # the dense baseline recomputes the references every step: no cache
+        self.reuse = reuse if selector is not None else OFF  # baselines compute every step
+        self.reused = frozenset(self.reuse.steps)
+        # the dense baseline recomputes the references every step: no cache. A reused step calls nothing, so the
+        # cached K/V stays valid across it (reuse never plans an anchor, and step 0 is always one).
         self.ref_kv = check_ref_kv(ref_kv) if baseline != "dense" or selector is not None else None
         self.update_interval = check_update_interval(int(update_interval))
         self.grids = tuple(grids) if grids else ((1, self.num_ctx),)
@@ -70,6 +77,14 @@ class TemporalController:
 
     def plan(self, step: int) -> StepPlan:
         anchor = step - step % self.update_interval
+        if step in self.reused:
+            if step == anchor:
+                raise TopiError(f"step {step} is an anchor and cannot be reused: the reuse plan does not fit the "
+                                f"update interval {self.update_interval}")
+            last = step - 1
+            while last in self.reused:
+                last -= 1
+            return StepPlan(step, "reuse", anchor, None, 0.0, 0, reuses=last)
         if self.ref_kv is not None:
             return self._plan_kv(step, anchor)
         if self.selector is None:

@@ -28,10 +28,14 @@ def validate_ratio(ratio: float, what: str = "ratio") -> float:
 
 
 def check_bucket_keeps(ratios, num_ctx: int) -> None:
-    """Engines are compiled per keep count: two buckets with the same count are one engine twice."""
+    """Engines are compiled per keep count: two buckets with the same count are one engine twice, and a bucket that
+    keeps every context token prunes nothing."""
     seen: dict[int, float] = {}
     for r in ratios:
         k = keep_count(r, num_ctx)
+        if k >= num_ctx:
+            raise TopiError(f"ratio bucket {r:g} keeps all {num_ctx} context tokens: it prunes nothing; drop it or use "
+                            f"a larger ratio")
         if k in seen:
             raise TopiError(f"ratio buckets {seen[k]:g} and {r:g} both keep {k} of {num_ctx} context tokens: "
                             f"drop one or space the buckets further apart")

@@ -49,6 +49,34 @@ def family_for_class(cls_name: str) -> type[Family]:
     raise TopiError(f"unsupported model class {cls_name!r}: supported classes are {', '.join(served)}")
 
 
+def pipeline_index(path) -> dict | None:
+    """A diffusers pipeline folder's model_index.json (None: not a pipeline folder)."""
+    from topi_export.fsutil import read_json_file
+
+    index = Path(str(path)) / "model_index.json"
+    if not os.path.lexists(index):
+        return None
+    data = read_json_file(index, "pipeline index", "re-save the pipeline with save_pretrained", follow_symlinks=True)
+    if not isinstance(data, dict) or not isinstance(data.get("_class_name"), str):
+        raise TopiError(f"{index} names no pipeline class (_class_name): re-save the pipeline with save_pretrained")
+    return data
+
+
+def front_end_for(path):
+    """The family front end (models/frontend.py) that drives the diffusers pipeline in folder `path`."""
+    index = pipeline_index(path)
+    if index is None:
+        raise TopiError(f"{path} is not a diffusers pipeline folder (no model_index.json): pass the folder a "
+                        f"pipeline was saved to with save_pretrained")
+    name = index["_class_name"]
+    for fam in families():
+        if name in fam.pipelines and fam.front_end:
+            return importlib.import_module(fam.front_end).FRONT_END(Path(str(path)), index)
+    served = sorted(p for f in families() if f.front_end for p in f.pipelines)
+    raise TopiError(f"{path} holds a {name}, which topi-export does not drive: pipelines with a front end are "
+                    f"{', '.join(served)}")
+
+
 def builtin_names() -> list[str]:
     names = [n for f in families() for n in f.builtins]
     return names + [n for n, folder in ASSET_MODELS.items() if (ASSETS / folder / "config.json").exists()]
@@ -79,6 +107,8 @@ class LoadedModel:
     weights_hash: str
     model_class: str
     dtype: str = "fp32"
+    adapters: tuple = ()  # lora.Adapter fused into the weights
+    fused_params: frozenset = frozenset()  # the parameters the adapters changed
 
     @property
     def adapter(self) -> Family:
@@ -87,7 +117,7 @@ class LoadedModel:
     def identity(self) -> ModelIdentity:
         f = self.family
         return ModelIdentity(self.source, f.name, self.model_class, self.config_hash, self.weights_hash, f.num_layers,
-                             dict(f.config))
+                             dict(f.config), tuple(a.to_json() for a in self.adapters))
 
 
 def files_hash(folder: Path) -> str:
@@ -179,10 +209,12 @@ def build_builtin(name: str, dtype: torch.dtype = torch.float32):
     raise KeyError(name)
 
 
-def load_model(spec: str | os.PathLike | None = None, dtype: str = "fp32", kv_model: bool | None = None) -> LoadedModel:
+def load_model(spec: str | os.PathLike | None = None, dtype: str = "fp32", adapters=(),
+               kv_model: bool | None = None) -> LoadedModel:
     """A built-in name or a local diffusers folder -> LoadedModel (family adapter around the model, identity).
     dtype: the precision the weights are held in (fp32 for the CPU reference; bf16/fp16 builds never hold an
-    fp32 copy). kv_model: run the model with its family's reference-K/V-cache attention (a KV-trained model);
+    fp32 copy). adapters: lora.Adapter to fuse into the weights (the identity keeps the base weights' hash and
+    records them). kv_model: run the model with its family's reference-K/V-cache attention (a KV-trained model);
     None: when --model is a pipeline folder of one of the family's ``kv_pipelines``."""
     if dtype not in DTYPES:
         raise TopiError(f"precision {dtype!r}: choose one of {', '.join(DTYPES)}")
@@ -204,8 +236,14 @@ def load_model(spec: str | os.PathLike | None = None, dtype: str = "fp32", kv_mo
         w_hash = files_hash(weights_dir)
     cls_name = type(model).__name__
     fam = family_for_class(cls_name)
+    fused = set()
+    if adapters:
+        from topi_export.lora import fuse
+
+        fused = fuse(fam, model, adapters)
     model.requires_grad_(False)
     if kv_model is None:
         kv_model = pipeline_class(spec) in fam.kv_pipelines if fam.kv_pipelines else False
     family = fam(dict(model.config), model, kv_model=kv_model)
-    return LoadedModel(family, spec, config_digest(model.config, type(model)), w_hash, cls_name, dtype)
+    return LoadedModel(family, spec, config_digest(model.config, type(model)), w_hash, cls_name, dtype,
+                       tuple(adapters), frozenset(fused))

@@ -93,6 +93,15 @@ class AttentionHook:
         return q, k, v
 
 
+def call_tensor(kwargs: dict, name: str, pipeline: str) -> torch.Tensor:
+    """One tensor argument of a pipeline's transformer call (the drop-in), as a tensor; a one-line error when the
+    call lacks it."""
+    value = kwargs.get(name)
+    if value is None:
+        raise BadInput(f"the transformer call has no '{name}': the ToPi drop-in serves {pipeline}'s transformer calls")
+    return value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
+
+
 def gather_rows(table: torch.Tensor, cut: int, keep_idx: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """Rows [:cut] of a table (tokens along `dim`) plus its rows cut + keep_idx: the kept context tokens' rows."""
     if dim == 0:
@@ -108,6 +117,8 @@ class Family:
     name: str = ""
     model_classes: tuple[str, ...] = ()  # diffusers transformer classes served
     pipelines: tuple[str, ...] = ()  # diffusers pipelines the drop-in serves
+    front_end: str | None = None  # module whose FRONT_END drives those pipelines from images (models/frontend.py)
+    lora_loader: str | None = None  # diffusers.loaders mixin that reads this family's LoRA files (topi_export/lora.py)
     builtins: dict = {}  # built-in name -> callable returning a seeded diffusers config
     max_references: int | None = 1  # None: any number
     published: Published | None = None  # default method setting (with provenance)

@@ -29,8 +29,8 @@ from diffusers.models.embeddings import apply_rotary_emb
 
 from dataclasses import replace
 
-from topi_export.errors import TopiError
-from topi_export.models.base import Family, gather_rows
+from topi_export.errors import BadInput, TopiError
+from topi_export.models.base import Family, call_tensor, gather_rows
 from topi_export.models.flux_kontext import FluxBlocks, FluxKontext
 from topi_export.models.sampling import compute_empirical_mu, flow_match_scheduler
 from topi_export.plan import Layout
@@ -159,6 +159,8 @@ class Flux2(FluxBlocks, Family):
     model_classes = ("Flux2Transformer2DModel",)
     pipelines = ("Flux2Pipeline", "Flux2KleinPipeline", "Flux2KleinKVPipeline")
     kv_pipelines = ("Flux2KleinKVPipeline",)
+    front_end = "topi_export.models.flux2_pipeline"
+    lora_loader = "Flux2LoraLoaderMixin"
     max_references = None
     published = replace(FluxKontext.published, source="FLUX.1 Kontext published setting, no FLUX.2 setting published")
     pixels_per_token = 16
@@ -325,7 +327,8 @@ class Flux2(FluxBlocks, Family):
                 raise TopiError("the cached call's kv_cache was not made by this transformer's extract call (or was "
                                 "cleared): start the generation again")
             inputs = Inputs(inputs.layout, inputs.reference_latents,
-                            {"prompt_embeds": kwargs["encoder_hidden_states"][:1].float()}, dict(inputs.scalars),
+                            {"prompt_embeds": call_tensor(kwargs, "encoder_hidden_states",
+                                                          "Flux2KleinKVPipeline")[:1].float()}, dict(inputs.scalars),
                             source=inputs.source)
             return kwargs["hidden_states"], kwargs["timestep"], inputs
         hidden, img_ids, txt_ids = kwargs["hidden_states"], kwargs.get("img_ids"), kwargs.get("txt_ids")
@@ -352,14 +355,17 @@ class Flux2(FluxBlocks, Family):
                 raise TopiError(f"img_ids group T={int(t[a])} holds {e - a} tokens, not a {h}x{w} grid")
             grids.append((h, w))
         layout = Layout(int(txt_ids.shape[-2]), grids[0], tuple(grids[1:]))
+        if len(t) != hidden.shape[1]:
+            raise BadInput(f"img_ids hold {len(t)} positions but hidden_states has {hidden.shape[1]} tokens: the "
+                            f"call's ids do not match its latents")
         g = kwargs.get("guidance")
         if g is None and self.guidance == "distilled":  # diffusers would skip the guidance embedding
             raise TopiError("the pipeline passes no guidance but this model embeds one (guidance_embeds): use "
                             "Flux2Pipeline for guidance-distilled FLUX.2 checkpoints")
+        source = "Flux2KleinKVPipeline" if mode else "Flux2Pipeline"
         inputs = Inputs(layout, hidden[:1, layout.num_target:].float(),
-                        {"prompt_embeds": kwargs["encoder_hidden_states"][:1].float()},
-                        {} if g is None else {"guidance": float(g.reshape(-1)[0])},
-                        source="Flux2KleinKVPipeline" if mode else "Flux2Pipeline")
+                        {"prompt_embeds": call_tensor(kwargs, "encoder_hidden_states", source)[:1].float()},
+                        {} if g is None else {"guidance": float(g.reshape(-1)[0])}, source=source)
         return hidden[:, :layout.num_target], kwargs["timestep"], inputs
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.embeddings import apply_rotary_emb
 
-from topi_export.models.base import Family, Published, gather_rows
+from topi_export.models.base import Family, Published, call_tensor, gather_rows
 from topi_export.models.sampling import flow_match_scheduler, shift_from_config
 from topi_export.plan import Layout
 from topi_export.plan.tensors import TensorSpec
@@ -105,6 +105,8 @@ class FluxKontext(FluxBlocks, Family):
     name = "flux-kontext"
     model_classes = ("FluxTransformer2DModel",)
     pipelines = ("FluxKontextPipeline",)
+    front_end = "topi_export.models.flux_kontext_pipeline"
+    lora_loader = "FluxLoraLoaderMixin"
     max_references = 1
     published = Published((13, 18, 31), 10, 10, 57, "published ToPi setting for FLUX.1 Kontext [dev]")
     pixels_per_token = 16
@@ -190,11 +192,15 @@ class FluxKontext(FluxBlocks, Family):
     # --- diffusers drop-in -------------------------------------------------------------------
     def parse_call(self, kwargs):
         """FluxKontextPipeline's transformer call -> (latents, context, timestep, Inputs)."""
-        from topi_export.errors import TopiError
+        from topi_export.errors import BadInput, TopiError
         from topi_export.request import Inputs
 
-        hidden, img_ids, txt_ids = kwargs["hidden_states"], kwargs.get("img_ids"), kwargs.get("txt_ids")
+        hidden, img_ids, txt_ids = (call_tensor(kwargs, n, "FluxKontextPipeline")
+                                    for n in ("hidden_states", "img_ids", "txt_ids"))
         ids = img_ids[0] if img_ids.dim() == 3 else img_ids
+        if ids.dim() != 2 or ids.shape[0] != hidden.shape[1]:
+            raise BadInput(f"img_ids hold {ids.shape[0] if ids.dim() == 2 else '?'} positions but hidden_states has "
+                            f"{hidden.shape[1]} tokens: the call's ids do not match its latents")
         grids = []
         for first in (0, 1):
             part = ids[ids[:, 0] == first]
@@ -203,9 +209,13 @@ class FluxKontext(FluxBlocks, Family):
             grids.append((int(part[:, 1].max()) + 1, int(part[:, 2].max()) + 1))
         layout = Layout(int(txt_ids.shape[-2]), grids[0], (grids[1],))
         g = kwargs.get("guidance")
+        if layout.num_target + layout.num_ctx != hidden.shape[1]:
+            raise BadInput(f"img_ids describe a {grids[0][0]}x{grids[0][1]} target and a {grids[1][0]}x{grids[1][1]} "
+                            f"reference, not the {hidden.shape[1]} tokens of hidden_states: not a Kontext call")
         inputs = Inputs(layout, hidden[:1, layout.num_target:].float(),
-                        {"prompt_embeds": kwargs["encoder_hidden_states"][:1].float(),
-                         "pooled_prompt_embeds": kwargs["pooled_projections"][:1].float()},
+                        {"prompt_embeds": call_tensor(kwargs, "encoder_hidden_states", "FluxKontextPipeline")[:1].float(),
+                         "pooled_prompt_embeds": call_tensor(kwargs, "pooled_projections",
+                                                             "FluxKontextPipeline")[:1].float()},
                         {} if g is None else {"guidance": float(g.reshape(-1)[0])}, source="FluxKontextPipeline")
         return hidden[:, :layout.num_target], kwargs["timestep"], inputs
 

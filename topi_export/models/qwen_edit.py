@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from diffusers.models.embeddings import apply_rotary_emb
 
 from topi_export.errors import BadInput, TopiError
-from topi_export.models.base import Family, Published, gather_rows
+from topi_export.models.base import Family, Published, call_tensor, gather_rows
 from topi_export.models.sampling import flow_match_scheduler, shift_from_config
 from topi_export.plan import Layout
 from topi_export.plan.tensors import TensorSpec
@@ -125,6 +125,8 @@ class QwenImageEdit(Family):
     pads_text = True  # the text mask makes padding exact for the image tokens
     model_classes = ("QwenImageTransformer2DModel",)
     pipelines = ("QwenImageEditPipeline", "QwenImageEditPlusPipeline")
+    front_end = "topi_export.models.qwen_edit_pipeline"
+    lora_loader = "QwenImageLoraLoaderMixin"
     max_references = None  # Edit takes one reference, Plus several: one family
     max_branches = 2  # true CFG: positive and negative prompt, batched
     published = Published((35, 37, 42), 11, 10, 60,
@@ -268,7 +270,7 @@ class QwenImageEdit(Family):
         branch's text as prompt_embeds)."""
         from topi_export.request import Inputs
 
-        hidden, shapes = kwargs["hidden_states"], kwargs.get("img_shapes")
+        hidden, shapes = call_tensor(kwargs, "hidden_states", "QwenImageEdit(Plus)Pipeline"), kwargs.get("img_shapes")
         if kwargs.get("controlnet_block_samples") is not None:
             raise TopiError("QwenImage ControlNet residuals are not supported by the ToPi drop-in: run the pipeline "
                             "without a ControlNet")
@@ -278,7 +280,7 @@ class QwenImageEdit(Family):
         shapes = [tuple(int(v) for v in s) for s in shapes[0]]
         if any(f != 1 for f, _, _ in shapes):
             raise TopiError(f"img_shapes {shapes} has an image with more than one frame: not an edit call")
-        enc = kwargs["encoder_hidden_states"]
+        enc = call_tensor(kwargs, "encoder_hidden_states", "QwenImageEdit(Plus)Pipeline")
         layout = Layout(int(enc.shape[1]), shapes[0][1:], tuple(s[1:] for s in shapes[1:]))
         if hidden.shape[1] != layout.num_target + layout.num_ctx:
             raise TopiError(f"hidden_states has {hidden.shape[1]} tokens but img_shapes {shapes} hold "

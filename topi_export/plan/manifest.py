@@ -73,16 +73,32 @@ class ModelIdentity:
     weights_hash: str
     num_layers: int
     config: dict = field(default_factory=dict, compare=False, hash=False)
+    # LoRA adapters fused into the weights (topi_export/lora.py): ({"file", "sha256", "scale"}, ...) in fusing order;
+    # weights_hash stays the base model's. Written only when there are any, so older manifests keep their digest.
+    adapters: tuple = field(default=(), hash=False)
 
     def to_json(self) -> dict:
-        return {"source": self.source, "family": self.family, "class": self.model_class,
-                "config_hash": self.config_hash, "weights_hash": self.weights_hash, "num_layers": self.num_layers,
-                "config": self.config}
+        out = {"source": self.source, "family": self.family, "class": self.model_class,
+               "config_hash": self.config_hash, "weights_hash": self.weights_hash, "num_layers": self.num_layers,
+               "config": self.config}
+        if self.adapters:
+            out["adapters"] = [dict(a) for a in self.adapters]
+        return out
+
+    def describe_adapters(self) -> str:
+        return ", ".join(f"{a['file']} x{a['scale']:g} (sha256 {a['sha256'][:12]})" for a in self.adapters)
 
     @classmethod
     def from_reader(cls, r: Reader) -> "ModelIdentity":
+        adapters = []
+        for i, entry in enumerate(r.list("adapters", optional=True)):
+            ar = Reader(entry, r.where, r.fix, f"{r._name('adapters')}[{i}]")
+            sha = ar.str("sha256")
+            if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+                raise ar.fail("sha256", "is not a sha256 hex digest")
+            adapters.append({"file": ar.str("file"), "sha256": sha, "scale": ar.float("scale", lo=-100.0, hi=100.0)})
         out = cls(r.str("source"), r.str("family"), r.str("class"), r.str("config_hash"), r.str("weights_hash"),
-                  r.int("num_layers", lo=1, hi=100_000), r.dict("config"))
+                  r.int("num_layers", lo=1, hi=100_000), r.dict("config"), tuple(adapters))
         # the runtime builds the model's conditioning from this config: an edited size (in_channels, heads) would
         # feed engines tensors of the wrong shape
         if out.config:

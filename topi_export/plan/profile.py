@@ -1,5 +1,6 @@
 """Calibration profiles (``topi-export calibrate --out NAME.json``) as a typed, versioned object. Schema 2 adds
-the family and its layer groups; schema 1 files (FLUX.1 Kontext only) are still read."""
+the family and its layer groups; schema 3 the step-reuse criterion (plan/reuse.py); schema 1 and 2 files are still
+read (they have no reuse criterion: step reuse stays off by default for their models)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -7,10 +8,11 @@ from pathlib import Path
 
 from topi_export.errors import TopiError
 from topi_export.plan.schema import Reader
+from topi_export.plan.reuse import ReuseCriterion
 from topi_export.plan.settings import MAX_UPDATE_INTERVAL, MethodSettings
 
-SCHEMA = "topi-calibration/2"
-READS = ("topi-calibration/1", SCHEMA)
+SCHEMA = "topi-calibration/3"
+READS = ("topi-calibration/1", "topi-calibration/2", SCHEMA)
 
 
 @dataclass(frozen=True)
@@ -26,11 +28,12 @@ class CalibrationProfile:
     measured: bool
     path: str = ""
     top_k: int | None = None
+    reuse: ReuseCriterion | None = None
     data: dict = field(default_factory=dict, compare=False, hash=False)  # everything else, as written
 
     def settings(self) -> MethodSettings:
         return MethodSettings(self.pivotal_layers, self.prune_start, self.update_interval, self.path,
-                              "measured" if self.measured else "published")
+                              "measured" if self.measured else "published", self.reuse)
 
     def check_model(self, identity) -> None:
         """Refuse a profile made for another model (config or weights) or another depth."""
@@ -61,7 +64,8 @@ def parse_profile(data, path) -> CalibrationProfile:
         prune_start=r.int("prune_start", lo=0, hi=num_layers - 1),
         update_interval=r.int("update_interval", lo=1, hi=MAX_UPDATE_INTERVAL),
         measured=r.bool("measured", optional=True, default=True), path=str(path),
-        top_k=r.int("top_k", lo=1, hi=num_layers, optional=True), data=data)
+        top_k=r.int("top_k", lo=1, hi=num_layers, optional=True),
+        reuse=ReuseCriterion.from_reader(r.obj("reuse")) if r.has("reuse") else None, data=data)
     if len(set(prof.pivotal_layers)) != len(prof.pivotal_layers):
         raise r.fail("pivotal_layers", "repeats a layer")
     return prof

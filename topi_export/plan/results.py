@@ -24,9 +24,11 @@ class StepRecord:
     """One denoising step as the temporal controller planned and the engine ran it.
 
     kind: ``anchor`` (full sequence, influence scored, kept set chosen), ``pruned`` (the kept set from L0 on),
-    ``full`` (every context token: the unpruned baseline through the topi graph), ``dense`` (the plain model).
-    graph: the graph call that ran (``anchor`` | ``pruned`` | ``full`` | ``dense``; an anchor whose kept set is
-    everything runs its next steps as ``full``). The anchor-only fields are None on other steps.
+    ``full`` (every context token: the unpruned baseline through the topi graph), ``dense`` (the plain model),
+    ``reuse`` (no transformer call: the velocity of the last computed steps, method/reuse.py).
+    graph: the graph call that ran (``anchor`` | ``pruned`` | ``full`` | ``dense`` | ``none``; an anchor whose kept
+    set is everything runs its next steps as ``full``). The kind-only fields are None (and absent in JSON) on other
+    steps.
     Reference K/V cache kinds and graph calls (docs/design.md): ``extract`` (the full sequence, recording the
     references' keys/values; an anchor when it scores), ``kv-anchor`` (a cached step scoring influence over the
     cached keys), ``kv-pruned`` (cached, the kept set from L0 on), ``kv-full`` (cached, every reference)."""
@@ -41,8 +43,9 @@ class StepRecord:
     kept_influence: float | None = None  # anchors: fraction of the influence mass the chosen set keeps
     selected_keep: int | None = None  # anchors: the keep count chosen (tau: rounded up to a bucket)
     selected_per_reference: tuple[int, ...] | None = None
+    reuses: int | None = None  # reuse steps: the last computed step, whose velocity (or trend) this step takes
 
-    ANCHOR_ONLY = ("kept_influence", "selected_keep", "selected_per_reference")
+    ANCHOR_ONLY = ("kept_influence", "selected_keep", "selected_per_reference", "reuses")
 
     def to_json(self) -> dict:
         out = {}
@@ -91,6 +94,8 @@ class RunReport:
     method: dict  # pivotal_layers, prune_start, update_interval, source, provenance
     schedule: tuple[StepRecord, ...]
     time_s: dict  # "topi" and, with --compare, the baseline's mode ("dense" or "full") and "kv-cache"
+    reuse: dict | None = None  # the run's reuse plan (plan/reuse.py ReusePlan): mode, order, steps, source, why
+    computed_steps: int | None = None  # steps that called the transformer
     repeats: int | None = None
     baseline: str | None = None  # "dense" | "in-engine-full"
     speedup: float | None = None  # fastest baseline run / fastest ToPi run
@@ -98,13 +103,14 @@ class RunReport:
     psnr_db: float | None = None
     rel_l2: float | None = None
     psnr_db_vs_truth: dict | None = None
+    adapters: list | None = None  # LoRA adapters fused into the weights ({"file", "sha256", "scale"})
     # --- reference K/V cache (docs/design.md, "Reference K/V cache") ---
     ref_kv: dict | None = None  # mode, exact, label, cache_bytes, cache_bytes_per_reference, layers, heads, head_dim
     speedup_vs_kv_cache: float | None = None  # fastest unpruned cached loop / fastest ToPi run (KV-trained models)
     speedup_vs_kv_cache_spread: tuple[float, float] | None = None
 
-    OPTIONAL = ("repeats", "baseline", "speedup", "speedup_spread", "psnr_db", "rel_l2", "psnr_db_vs_truth",
-                "ref_kv", "speedup_vs_kv_cache", "speedup_vs_kv_cache_spread")
+    OPTIONAL = ("repeats", "baseline", "speedup", "speedup_spread", "psnr_db", "rel_l2", "psnr_db_vs_truth", "reuse",
+                "computed_steps", "adapters", "ref_kv", "speedup_vs_kv_cache", "speedup_vs_kv_cache_spread")
 
     def to_json(self) -> dict:
         out = {}
@@ -138,6 +144,7 @@ class CalibrationResult:
     seed: int
     forward_passes: int
     elapsed_s: float = field(compare=False, default=0.0)
+    reuse: object = None  # plan.reuse.ReuseCriterion measured on full runs, when asked
 
     def to_json(self) -> dict:
         return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}

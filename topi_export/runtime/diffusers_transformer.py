@@ -45,14 +45,16 @@ class ReferenceKVCache:
 class TopiTransformer(torch.nn.Module):
     def __init__(self, engine_dir=None, *, model=None, backend=None, ratio=None, tau=None, ratio_buckets=None,
                  policy=None, update_interval=None, calibration=None, seed: int = 0, device: str = "cpu",
-                 dtype: str = "fp32", kv_cache=None, ref_kv=None):
+                 dtype: str = "fp32", reuse=None, reuse_order: int = 0, steps: int | None = None, loras=(),
+                 kv_cache=None, ref_kv=None):
         super().__init__()
         from diffusers.configuration_utils import FrozenDict
 
         from topi_export.runtime.session import open_session
 
         self.session = open_session(model=model, engine_dir=engine_dir, backend=backend, calibration=calibration,
-                                    update_interval=update_interval, device=device, dtype=dtype, kv_cache=kv_cache)
+                                    update_interval=update_interval, device=device, dtype=dtype, loras=loras,
+                                    kv_cache=kv_cache)
         self.family = self.session.family
         self.ref_kv = self.session.check_ref_kv(ref_kv)  # a KV-trained model's exact cache, or "reuse"
         for name, value in self.family.dropin_attributes().items():
@@ -60,6 +62,13 @@ class TopiTransformer(torch.nn.Module):
         if not hasattr(self.family, "parse_call"):
             raise TopiError(f"{self.family.name} has no diffusers drop-in")
         self._selection = dict(ratio=ratio, tau=tau, ratio_buckets=ratio_buckets, policy=policy, seed=seed)
+        from topi_export.method.reuse import check_order, parse_reuse
+
+        # step reuse needs the schedule up front (which steps, at which sigmas), as diffusers' MagCacheConfig does
+        self._reuse = (parse_reuse(reuse) if reuse is not None else None, check_order(reuse_order))
+        if steps is None and self._reuse[0] not in (None, "off"):
+            raise BadInput("step reuse in the drop-in needs steps= (the pipeline's num_inference_steps)")
+        self._steps = steps
         if self.session.manifest is not None:  # a ratio or tau the engines cannot serve fails here, not mid-pipeline
             self.session.check_selection(**self._selection)
         self.config = FrozenDict(self.family.config)
@@ -88,9 +97,16 @@ class TopiTransformer(torch.nn.Module):
         from topi_export.method.schedule import TemporalController
         from topi_export.runtime.steps import StepRunner
 
+        from topi_export.plan.reuse import OFF
+
         selector = self.session.selector(inputs, **self._selection)
+        spec, order = self._reuse
+        plan = OFF
+        if self._steps is not None and spec != "off":
+            plan = self.session.reuse_plan(inputs, steps=self._steps, reuse=spec, order=order)
+        self.reuse = plan
         controller = TemporalController(selector, self.session.settings.update_interval, inputs.layout.num_ctx,
-                                        inputs.layout.ref_grids, ref_kv=self.ref_kv)
+                                        inputs.layout.ref_grids, reuse=plan, ref_kv=self.ref_kv)
         self.runner = StepRunner(self.session.engine, controller, inputs.layout)
         self.step, self.schedule = 0, []
 
@@ -113,6 +129,9 @@ class TopiTransformer(torch.nn.Module):
             kwargs.setdefault("hidden_states", args[0])
         cache_call = self.family.dropin_cache_call(kwargs)
         latents, timestep, inputs = self.family.parse_call(kwargs)
+        timestep = torch.as_tensor(timestep, dtype=torch.float32).reshape(-1)  # a pipeline may pass a float
+        if timestep.numel() < 1 or not bool(torch.isfinite(timestep).all()):
+            raise BadInput("the transformer call's timestep is empty or not finite")
         inputs = self.session.check_inputs(inputs)
         if latents.shape[0] != 1:
             raise BadInput("TopiTransformer runs one image per call (num_images_per_prompt=1): the pipeline's guidance "
@@ -128,14 +147,18 @@ class TopiTransformer(torch.nn.Module):
         elif self.step < 0:
             raise BadInput("the pipeline's first transformer call of a generation is not its 'cond' branch: the ToPi "
                            "drop-in needs the conditional branch first")
+        if self._steps is not None and self.step >= self._steps:
+            raise BadInput(f"the pipeline runs more steps than steps={self._steps} given to TopiTransformer: pass its "
+                           f"num_inference_steps")
         engine = self.session.engine
-        engine.bind(self.family.conditioning(inputs, inputs.layout), inputs.reference_latents, inputs.layout)
+        if self.runner.controller.plan(self.step).kind != "reuse":  # a reused step makes no engine call at all
+            engine.bind(self.family.conditioning(inputs, inputs.layout), inputs.reference_latents, inputs.layout)
         with torch.inference_mode():
             velocity, record = self.runner.step(self.step, latents.float(), timestep.reshape(-1)[:1].float(),
                                                 branch=branch)
         if branch == 0:
             self.schedule.append(record)
-        velocity = velocity[:1].to(latents.dtype)
+        velocity = velocity[:1].to(device=latents.device, dtype=latents.dtype)
         cache = None
         if cache_call == "extract":
             runner = self.runner

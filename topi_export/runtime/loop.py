@@ -17,6 +17,7 @@ from topi_export.backends.base import state_bytes
 from topi_export.errors import BadInput, TopiError
 from topi_export.method.schedule import TemporalController
 from topi_export.plan.limits import check_mode, check_steps
+from topi_export.plan.reuse import OFF, ReusePlan
 from topi_export.runtime.steps import StepRunner
 
 
@@ -36,9 +37,9 @@ class RunResult:
 
 
 def _progress(total, desc, enabled):
-    from tqdm import tqdm
+    from topi_export.progress import progress_bar
 
-    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, unit="step")
+    return progress_bar(total, desc, enabled)
 
 
 @contextmanager
@@ -55,11 +56,19 @@ def host_threads(engine):
         torch.set_num_threads(before)
 
 
+def schedule_sigmas(family, steps: int, layout, scheduler_config: dict | None = None) -> list[float]:
+    """The noise level (sigma, = timestep / 1000) of every step of the family's schedule."""
+    sched = family.make_scheduler(steps, layout, scheduler_config)
+    return [float(t) / 1000 for t in sched.timesteps]
+
+
 def denoise(engine, family, inputs, *, steps: int, seed: int = 0, selector=None, mode: str = "topi",
             update_interval: int = 10, scheduler_config: dict | None = None, progress: bool = False,
-            desc: str | None = None, ref_kv: str | None = None) -> RunResult:
-    """One generation. The engine is bound to the request's conditioning here. ref_kv None: a KV-trained model's
-    exact cache (the dense mode recomputes the references every step), no cache otherwise."""
+            desc: str | None = None, reuse: ReusePlan = OFF, on_step=None, ref_kv: str | None = None) -> RunResult:
+    """One generation. The engine is bound to the request's conditioning here. ``reuse``: the steps that reuse a
+    velocity instead of calling the engine (method/reuse.py; ignored by the baselines). ``on_step(step, sigma,
+    velocity)``: called with every step's guided velocity (calibration records trajectories with it). ref_kv None:
+    a KV-trained model's exact cache (the dense mode recomputes the references every step), no cache otherwise."""
     check_mode(mode)
     if ref_kv is None and family.kv_model and mode != "dense":
         ref_kv = "exact"
@@ -72,8 +81,9 @@ def denoise(engine, family, inputs, *, steps: int, seed: int = 0, selector=None,
     latents = inputs.initial_noise(seed)
     sched = family.make_scheduler(steps, layout, scheduler_config)
     controller = TemporalController(selector if mode == "topi" else None, update_interval, layout.num_ctx,
-                                    layout.ref_grids, baseline="dense" if mode == "dense" else "full", ref_kv=ref_kv)
-    runner = StepRunner(engine, controller, layout)
+                                    layout.ref_grids, baseline="dense" if mode == "dense" else "full", reuse=reuse,
+                                    ref_kv=ref_kv)
+    runner = StepRunner(engine, controller, layout, guide=lambda v: family.guide(v.float(), inputs))
     records = []
     start = time.perf_counter()
     with torch.inference_mode(), host_threads(engine), _progress(steps, desc or mode, progress) as bar:
@@ -81,9 +91,10 @@ def denoise(engine, family, inputs, *, steps: int, seed: int = 0, selector=None,
             timestep = (t / 1000).reshape(1).to(torch.float32).expand(batch).contiguous()
             x = latents.expand(batch, -1, -1).contiguous()
             velocity, record = runner.step(step, x, timestep)
-            velocity = family.guide(velocity.float(), inputs)
             if not torch.isfinite(velocity).all():
                 raise TopiError(f"step {step} ({record.graph}) produced NaN/Inf: check inputs, weights and precision")
+            if on_step is not None:
+                on_step(step, float(timestep[0]), velocity)
             latents = sched.step(velocity, t, latents, return_dict=False)[0]
             records.append(record)
             bar.update(1)
@@ -126,3 +137,24 @@ def psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 def rel_l2(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float((x.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))
+
+
+def measure_reuse(family, samples, steps: int, *, seed: int = 0, scheduler_config=None, threshold=None,
+                  max_consecutive=None):
+    """The step-reuse criterion of a model (method/reuse.py measure_criterion) from full, unpruned runs of its
+    PyTorch reference on the calibration samples, recording every step's guided velocity."""
+    from topi_export.backends import get_backend, model_backend
+    from topi_export.backends.base import EngineSource
+    from topi_export.method import reuse as R
+
+    settings = family.default_settings()
+    engine = get_backend(model_backend()).open_engine(EngineSource(None, family, settings))
+    per_sample, sigmas = [], None
+    for i, data in enumerate(samples):
+        seen = []
+        denoise(engine, family, data, steps=steps, seed=seed + i, mode="full",
+                on_step=lambda step, sigma, velocity: seen.append((sigma, velocity)))
+        sigmas = [s for s, _ in seen]
+        per_sample.append([v for _, v in seen])
+    kwargs = {k: v for k, v in (("threshold", threshold), ("max_consecutive", max_consecutive)) if v is not None}
+    return R.measure_criterion(per_sample, sigmas, **kwargs)

@@ -129,14 +129,16 @@ class Session:
         warmup(self.engine, self.family, data, keeps, dense=dense, ref_kv=ref_kv or self.ref_kv)
 
     def denoise(self, data, *, steps: int, seed: int = 0, selector=None, mode: str = "topi", update_interval=None,
-                progress: bool = False, desc: str | None = None, ref_kv: str | None = None):
-        """One generation. ref_kv None: the session's mode (a KV-trained model's exact cache); the dense mode
-        recomputes the references every step."""
+                progress: bool = False, desc: str | None = None, reuse=None, ref_kv: str | None = None):
+        """One generation; ``reuse``: a plan.reuse.ReusePlan (see ``reuse_plan``), default none. ref_kv None: the
+        session's mode (a KV-trained model's exact cache); the dense mode recomputes the references every step."""
+        from topi_export.plan.reuse import OFF
         from topi_export.runtime.loop import denoise
 
         return denoise(self.engine, self.family, data, steps=steps, seed=seed, selector=selector, mode=mode,
                        update_interval=update_interval or self.settings.update_interval,
-                       scheduler_config=self.scheduler_config, progress=progress, desc=desc, ref_kv=ref_kv)
+                       scheduler_config=self.scheduler_config, progress=progress, desc=desc, reuse=reuse or OFF,
+                       ref_kv=ref_kv)
 
     def ref_kv_report(self, data, result) -> dict:
         """The reference K/V cache of a run (``run --json`` "ref_kv"): mode, whether it is exact, its bytes."""
@@ -150,12 +152,25 @@ class Session:
                 "cache_bytes_per_reference": [round(per_token * n) for n in layout.ref_sizes],
                 "layers": self.family.num_layers, "heads": self.family.heads, "head_dim": self.family.head_dim}
 
+    def reuse_plan(self, data, *, steps: int, reuse=None, order: int = 0, update_interval=None):
+        """Which steps of this run reuse a velocity (method/reuse.py): ``reuse`` 'off' | 'auto' | N | None (the
+        default: auto when the settings hold a criterion measured on this model)."""
+        from topi_export.method.reuse import plan_reuse
+        from topi_export.plan.limits import check_steps
+        from topi_export.runtime.loop import schedule_sigmas
+
+        check_steps(steps)
+        dt = update_interval or self.settings.update_interval
+        sigmas = schedule_sigmas(self.family, steps, data.layout, self.scheduler_config)
+        return plan_reuse(reuse, order, sigmas, range(0, steps, dt), self.settings.reuse,
+                          measured=self.settings.provenance == "measured", source=self.settings.source)
+
     def baseline_mode(self) -> str:
         """'dense' when the plain model can run (always for torch), else the in-engine unpruned step."""
         return "dense" if self.engine.has_dense else "full"
 
     # --- reporting ------------------------------------------------------------------------------
-    def report(self, data, selector: Selector, steps: int, result, comparison=None):
+    def report(self, data, selector: Selector, steps: int, result, comparison=None, reuse=None):
         """The typed report of one run (``run --json``), with the comparison against the baseline when given."""
         from topi_export.plan.results import RunReport
         from topi_export.runtime.loop import psnr, rel_l2
@@ -187,20 +202,30 @@ class Session:
             layout=data.layout.to_json(),
             selection={"ratio": selector.ratio, "tau": selector.tau, "buckets": list(selector.buckets),
                        "policy": selector.policy},
-            method=self.settings.to_json(), schedule=tuple(result.schedule), time_s=time_s, **extra)
+            method=self.settings.to_json(), schedule=tuple(result.schedule), time_s=time_s,
+            reuse=reuse.to_json() if reuse is not None else None,
+            computed_steps=sum(r.kind != "reuse" for r in result.schedule),
+            adapters=[dict(a) for a in self.identity.adapters] or None, **extra)
 
 
 def open_session(*, model=None, engine_dir=None, backend=None, calibration=None, update_interval=None,
-                 prune_start=None, device="cpu", dtype="fp32", runtime_options=None, kv_cache=None) -> Session:
+                 prune_start=None, device="cpu", dtype="fp32", runtime_options=None, loras=(),
+                 kv_cache=None) -> Session:
     """A session over an engine directory (its own backend, or a backend that runs the model itself as the
-    reference), or over a model (no engine directory: a backend that runs the model itself). kv_cache: run the
-    model as a KV-trained model (None: when --model is such a pipeline folder; an engine directory records it)."""
+    reference), or over a model (no engine directory: a backend that runs the model itself). loras: lora.Adapter
+    (or "FILE[:SCALE]") fused into the model the session runs itself; built engines hold theirs already. kv_cache:
+    run the model as a KV-trained model (None: when --model is such a pipeline folder; an engine directory records
+    it)."""
     from topi_export.artifacts.settings import method_settings
     from topi_export.backends import get_backend, model_backend
     from topi_export.backends.base import EngineSource
     from topi_export.models import load_model, scheduler_config_for
 
     be = get_backend(backend) if backend is not None else None
+    if loras and any(isinstance(a, str) for a in loras):
+        from topi_export.lora import parse_adapters
+
+        loras = parse_adapters([str(a) if isinstance(a, str) else a.flag() for a in loras])
     if engine_dir is not None:
         from topi_export.artifacts.manifest import adapter as manifest_adapter, read_manifest
 
@@ -215,10 +240,15 @@ def open_session(*, model=None, engine_dir=None, backend=None, calibration=None,
         settings = m.settings.with_overrides(update_interval).check(m.model.num_layers)
         be = be or get_backend(m.backend)
         if not be.BACKEND.builds:  # the model itself, as the reference of these engines
-            loaded = load_model(_model_of(m, model), kv_model=family.kv_model)
+            _check_reference_adapters(m, loras)
+            loaded = load_model(_model_of(m, model), adapters=loras, kv_model=family.kv_model)
             _check_same_model(m, loaded.identity())
             engine = be.open_engine(EngineSource(m, loaded.family, settings, device, dtype, runtime_options or {}))
             return Session(engine, loaded.family, settings, m.model, m, m.scheduler or None)
+        if loras:
+            raise BadInput(f"{m.root} holds {m.backend} engines whose weights are fixed at build time: to run them "
+                           f"with other LoRA adapters, write new engines with `topi-export refit --engine-dir "
+                           f"{m.root} --lora FILE[:SCALE] --out DIR`")
         if be.BACKEND.name != m.backend:
             raise BadInput(f"{m.root} holds {m.backend} engines, not {be.BACKEND.name}: run with --backend "
                            f"{m.backend} (or {model_backend()}), or build {be.BACKEND.name} engines")
@@ -226,14 +256,14 @@ def open_session(*, model=None, engine_dir=None, backend=None, calibration=None,
             raise BadInput(f"--device / --dtype place the model of --backend {model_backend()}; {m.backend} engines "
                            f"run where they were built for: drop them")
         if model is not None:
-            _check_same_model(m, load_model(model).identity())
+            _check_same_model(m, load_model(model).identity(), adapters=False)
         engine = be.open_engine(EngineSource(m, options=runtime_options or {}))
         return Session(engine, family, settings, m.model, m, m.scheduler or None)
     be = be or get_backend(model_backend())
     if be.BACKEND.builds:
         raise BadInput(f"--backend {be.BACKEND.name} runs built engines: pass --engine-dir (build one with "
                        f"`topi-export build --backend {be.BACKEND.name}`)")
-    loaded = load_model(model, kv_model=kv_cache)
+    loaded = load_model(model, adapters=loras, kv_model=kv_cache)
     identity = loaded.identity()
     settings = method_settings(identity, loaded.family.default_settings(), calibration, update_interval, prune_start)
     engine = be.open_engine(EngineSource(None, loaded.family, settings, device, dtype, runtime_options or {}))
@@ -254,9 +284,21 @@ def _model_of(m: Manifest, model):
                    f"run the reference (a path recorded in an engine directory is not followed)")
 
 
-def _check_same_model(m: Manifest, identity: ModelIdentity) -> None:
+def _check_same_model(m: Manifest, identity: ModelIdentity, adapters: bool = True) -> None:
     for key in ("config_hash", "weights_hash"):
         want, have = getattr(m.model, key), getattr(identity, key)
         if want != have:
             raise BadInput(f"{m.root} was built for another model ({key} {want} != {have} of {identity.source}): "
                            f"rebuild the engines for this model")
+    if adapters and list(m.model.adapters) != list(identity.adapters):
+        _check_reference_adapters(m, [])
+
+
+def _check_reference_adapters(m: Manifest, loras) -> None:
+    """The PyTorch reference of LoRA-fused engines needs the same adapter files at the same scales."""
+    from topi_export.lora import describe_recorded, same_adapters
+
+    if not same_adapters(loras, m.model.adapters):
+        raise BadInput(f"{m.root} holds weights fused with LoRA {describe_recorded(m.model.adapters)}; the "
+                       f"reference got {describe_recorded([a.to_json() for a in loras])}: pass the same files and "
+                       f"scales with --lora FILE:SCALE")

@@ -8,6 +8,7 @@ import time
 
 import torch
 
+from topi_export.method.reuse import extrapolate
 from topi_export.method.schedule import KV_KINDS
 from topi_export.plan.results import StepRecord
 
@@ -18,22 +19,34 @@ class StepRunner:
     """Runs one request's steps on a bound engine.
 
     ``branch``: the guidance branch a call computes. The loop runs every branch in one batched call (branch 0 is
-    the batch's first row); the diffusers drop-in sees the pipeline's branches as separate calls: only branch 0's
-    anchor scores influence and chooses the kept set, the other branches run the same plan without scoring."""
+    the batch's first row) and passes ``guide`` (the family's combination of branches), so the velocity a reused
+    step takes is the guided one; the diffusers drop-in sees the pipeline's branches as separate calls (no
+    ``guide``: the pipeline combines them): only branch 0's anchor scores influence and chooses the kept set, the
+    other branches run the same plan without scoring, and each branch reuses its own velocities."""
 
-    def __init__(self, engine, controller, layout):
-        self.engine, self.controller, self.layout = engine, controller, layout
+    def __init__(self, engine, controller, layout, guide=None):
+        self.engine, self.controller, self.layout, self.guide = engine, controller, layout, guide
         self.kept = {}  # anchor step -> kept context indices (None = all)
         # the engine's per-request state (the reference K/V cache) of each guidance branch: the drop-in runs the
         # branches as separate calls (each with its own cache); the loop batches them, so only branch 0 exists
         self.states = {}
+        self.history = {}  # branch -> the last two computed (sigma, velocity), for reused steps
 
     def step(self, step: int, x: torch.Tensor, timestep: torch.Tensor, branch: int = 0):
-        """(velocity [B, Nx, C] of the engine, the step's record)."""
+        """(the step's velocity: guided when the runner has ``guide``, the step's record)."""
         plan = self.controller.plan(step)
         engine, info = self.engine, {}
-        engine.state = self.states.setdefault(branch, engine.state)
+        sigma = float(timestep.reshape(-1)[0])
         t0 = time.perf_counter()
+        if plan.kind == "reuse":  # calls nothing: the reference K/V cache, if any, stays as it is
+            history = self.history.get(branch)
+            if not history:
+                raise RuntimeError(f"step {step} reuses a velocity before any step was computed")
+            velocity = extrapolate(history, sigma, self.controller.reuse.order)
+            return velocity, StepRecord(
+                step=step, kind="reuse", graph="none", keep=0, keep_per_reference=(0,) * len(self.layout.ref_grids),
+                bucket=0.0, time_s=time.perf_counter() - t0, reuses=plan.reuses)
+        engine.state = self.states.setdefault(branch, engine.state)
         if plan.kind in KV_KINDS:
             velocity, graph, info = self._kv_step(plan, x, timestep, branch)
         elif plan.kind == "dense":
@@ -47,6 +60,10 @@ class StepRunner:
             velocity, graph = engine.full(x, timestep), "full"
         else:
             velocity, graph = engine.pruned(x, timestep, plan.keep_idx), "pruned"
+        if self.guide is not None:
+            velocity = self.guide(velocity)
+        if self.controller.reuse.enabled:
+            self.history[branch] = (self.history.get(branch, [])[-1:] + [(sigma, velocity)])
         elapsed = time.perf_counter() - t0
         pruned = graph in PRUNED_GRAPHS
         record = StepRecord(

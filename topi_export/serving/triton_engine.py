@@ -46,6 +46,7 @@ OPTIONS = (Wire("steps", "TYPE_INT32", (1,)), Wire("seed", "TYPE_UINT64", (1,)),
            Wire("tau", "TYPE_FP32", (1,)), Wire("update_interval", "TYPE_INT32", (1,)),
            Wire("policy", "TYPE_STRING", (1,)), Wire("mode", "TYPE_STRING", (1,)),
            Wire("target_grid", "TYPE_STRING", (1,)), Wire("reference_grids", "TYPE_STRING", (1,)),
+           Wire("reuse", "TYPE_STRING", (1,)), Wire("reuse_order", "TYPE_INT32", (1,)),
            Wire("ref_kv", "TYPE_STRING", (1,)))  # "reuse": approximate reference K/V reuse (docs/design.md)
 
 
@@ -129,6 +130,8 @@ class RequestOptions:
     update_interval: int | None = None
     policy: str | None = None
     mode: str = "topi"
+    reuse: object = None  # 'off' | 'auto' | N | None (the model's default), as `run --reuse`
+    reuse_order: int = 0
     ref_kv: str | None = None  # None: the engines' own (a KV-trained model's exact cache)
 
 
@@ -199,6 +202,12 @@ def request_options(arrays: dict) -> RequestOptions:
         opts.policy = check_policy(v)
     if (v := _text(arrays, "mode")) is not None:
         opts.mode = check_mode(v, "request input 'mode'")
+    if (v := _text(arrays, "reuse")) is not None:
+        from topi_export.method.reuse import parse_reuse
+
+        opts.reuse = parse_reuse(v)
+    if (v := _int(arrays, "reuse_order", 0, 1)) is not None:
+        opts.reuse_order = v
     if (v := _text(arrays, "ref_kv")) is not None:
         if v != "reuse":
             raise TopiError(f"request input 'ref_kv' is {v!r}: send 'reuse' (a KV-trained model's exact cache is used "
@@ -291,11 +300,14 @@ def run_request(session, arrays: dict) -> tuple[np.ndarray, str]:
         selector = session.selector(data, ratio=opts.ratio, tau=opts.tau, policy=opts.policy, seed=opts.seed)
     update_interval = opts.update_interval or session.settings.update_interval
     ref_kv = session.check_ref_kv(opts.ref_kv)
+    plan = session.reuse_plan(data, steps=opts.steps, reuse=opts.reuse, order=opts.reuse_order,
+                              update_interval=update_interval) if opts.mode == "topi" else None
     result = session.denoise(data, steps=opts.steps, seed=opts.seed, selector=selector, mode=opts.mode,
-                             update_interval=update_interval, ref_kv=ref_kv)
+                             update_interval=update_interval, reuse=plan, ref_kv=ref_kv)
     report = {"mode": opts.mode, "steps": opts.steps, "seed": opts.seed, "update_interval": update_interval,
               "ratio": selector.ratio if selector else None, "tau": selector.tau if selector else None,
               "policy": selector.policy if selector else None, "layout": data.layout.to_json(),
+              "reuse": plan.to_json() if plan is not None else None,
               "schedule": [r.to_json() for r in result.schedule], "time_s": result.time_s}
     if result.ref_kv is not None:
         report["ref_kv"] = session.ref_kv_report(data, result)

@@ -2,7 +2,7 @@
 
     REPO/
       README.md                    how to serve it
-      .topi-export-owner.json      ownership marker, written last (fsutil.py): what --force may replace
+      .topi-export-owner.json      ownership marker, written last (fsutil/ownership.py): what --force may replace
       <name>_topi/config.pbtxt     the topi graph: velocity + influence, every step of the loop
       <name>_topi/1/model.onnx     + 1/weights.data (ONNX Runtime), or 1/model.plan (TensorRT)
       <name>_dense/...             the plain model (the baseline), when the engine directory has one

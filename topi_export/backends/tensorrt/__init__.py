@@ -38,6 +38,12 @@ def build(job, name: str = "tensorrt"):
     return build_engines(job, name)
 
 
+def refit(job, name: str = "tensorrt"):
+    from topi_export.backends.tensorrt.refitting import refit as refit_engines
+
+    return refit_engines(job, name)
+
+
 def open_engine(source):
     from topi_export.backends.tensorrt.runtime import open_engine as open_trt
 

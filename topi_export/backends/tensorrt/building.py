@@ -28,7 +28,7 @@ def strip_supported(trt) -> bool:
 
 
 def config_loader(backend: str, trt, precision: str, caps, *, profiles=(), level=None, workspace=None,
-                  cache_path=None, strip: bool = False):
+                  cache_path=None, strip: bool = False, refit: bool = False):
     """Polygraphy's builder-config loader, a callable (builder, network) -> IBuilderConfig."""
     CreateConfig, Profile, PostprocessConfig, _, _ = polygraphy(backend)
     rtx = backend == "tensorrt-rtx"
@@ -38,7 +38,9 @@ def config_loader(backend: str, trt, precision: str, caps, *, profiles=(), level
         for name, (lo, opt, hi) in prof.items():
             p.add(name, lo, opt, hi)
         shaped.append(p)
-    kwargs = dict(profiles=shaped, builder_optimization_level=level, strip_plan=strip, refittable=strip and rtx,
+    # refit: any weights may be set later (BuilderFlag.REFIT); a stripped plan alone refits with identical weights
+    kwargs = dict(profiles=shaped, builder_optimization_level=level, strip_plan=strip,
+                  refittable=(strip and rtx) or refit,
                   memory_pool_limits={trt.MemoryPoolType.WORKSPACE: workspace} if workspace else None,
                   load_timing_cache=str(cache_path) if cache_path else None)
     if rtx:
@@ -47,7 +49,7 @@ def config_loader(backend: str, trt, precision: str, caps, *, profiles=(), level
         kwargs["tf32"] = False  # fp32 means fp32: matches the PyTorch reference
 
     def finish(builder, network, config):
-        if strip and not rtx:  # TensorRT refits a stripped plan with the same weights
+        if strip and not rtx and not refit:  # TensorRT refits a stripped plan with the same weights
             config.set_flag(trt.BuilderFlag.REFIT_IDENTICAL)
         if rtx and precision == "fp32" and "TF32" in trt.BuilderFlag.__members__:
             config.clear_flag(trt.BuilderFlag.TF32)
@@ -71,27 +73,30 @@ def build_engine_bytes(backend: str, builder, network, loader, cache_path=None):
             return None
 
 
-def _check_strip(trt, builder, log, caps, backend: str, gpu) -> None:
-    """Build a one-MatMul refittable, weight-stripped network for the same targets: some installs have the API but
+def _check_strip(trt, builder, log, caps, backend: str, gpu, strip: bool = True, refit: bool = False) -> None:
+    """Build a one-MatMul refittable (weight-stripped) network for the same targets: some installs have the API but
     cannot build such engines (TensorRT-RTX 1.7.1 without a GPU fails in its compiler). Refuse the flag then."""
     import numpy as np
 
-    stage, log.stage = log.stage, "strip-weights probe"
+    flag = " ".join(f for f, on in (("--strip-weights", strip), ("--refittable", refit)) if on)
+    stage, log.stage = log.stage, f"{flag} probe"
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     x = network.add_input("x", trt.float32, (1, 16))
     w = network.add_constant((16, 16), trt.Weights(np.ones((16, 16), np.float32)))
     y = network.add_matrix_multiply(x, trt.MatrixOperation.NONE, w.get_output(0), trt.MatrixOperation.NONE)
     network.mark_output(y.get_output(0))
-    ok = build_engine_bytes(backend, builder, network, config_loader(backend, trt, "fp32", caps, strip=True)) is not None
+    ok = build_engine_bytes(backend, builder, network,
+                            config_loader(backend, trt, "fp32", caps, strip=strip, refit=refit)) is not None
     errors = log.errors(log.stage)
     log.stage = stage
     if not ok:
         first = (errors or ["no error logged"])[0].split(" (")[0]
         where = " without a GPU" if gpu is None else ""
-        raise TopiError(f"--strip-weights: {trt.__name__} {trt.__version__} cannot build weight-stripped, refittable "
-                        f"engines{where} ({first}): drop --strip-weights (the engine then holds the weights)"
+        raise TopiError(f"{flag}: {trt.__name__} {trt.__version__} cannot build "
+                        f"{'weight-stripped, ' if strip else ''}refittable engines{where} ({first}): drop {flag}"
+                        f"{' (the engine then holds the weights)' if strip else ''}"
                         f"{' or build on the GPU the engines are for' if where else ''}")
-    log.note("weight-stripped engines can be built here (probe passed)")
+    log.note(f"{flag}: such engines can be built here (probe passed)")
 
 
 def _register_plugins(backend: str, trt_name: str, log, echo) -> bool:
@@ -211,8 +216,9 @@ def build(job, backend: str) -> BuildOutput:
     if builder is None:
         raise TopiError(f"{trt_name} could not create a Builder: {(log.errors() or ['see its log'])[0]}")
 
-    if strip:
-        _check_strip(trt, builder, log, caps, backend, gpu)
+    refit = bool(getattr(options, "refittable", False))
+    if strip or refit:
+        _check_strip(trt, builder, log, caps, backend, gpu, strip=strip, refit=refit)
 
     cache_path = Path(options.timing_cache) if options.timing_cache else None
     if cache_path is not None and rtx:
@@ -258,7 +264,7 @@ def build(job, backend: str) -> BuildOutput:
         if cache_path is not None:
             log.note(f"timing cache {'loaded from' if cache_path.is_file() else 'new, saved to'} {cache_path}")
         loader = config_loader(backend, trt, job.precision, caps, profiles=profiles, level=opt_level,
-                               workspace=workspace, cache_path=cache_path, strip=strip)
+                               workspace=workspace, cache_path=cache_path, strip=strip, refit=refit)
         serialized = build_engine_bytes(backend, builder, network, loader, cache_path)
         if serialized is None:
             raise TopiError(f"{trt_name} failed to build the {kind} engine: "
@@ -288,7 +294,7 @@ def build(job, backend: str) -> BuildOutput:
     target = {"module": trt_name, "version": trt.__version__, "compute_capabilities": caps,
               "gpu": gpu[0] if built_for_gpu else None, "ahead_of_time": rtx, "precision": job.precision,
               "strongly_typed": True, "plugins": "topi" if plugins else "inlined",
-              "weights": "stripped" if strip else "engine",
+              "weights": "stripped" if strip else "engine", "refittable": refit or (strip and rtx),
               "optimization_level": None if opt_level is None else int(opt_level), "workspace_bytes": workspace,
               "engines": stats}
     return BuildOutput(built, target, keep_onnx=strip, versions={trt_name: trt.__version__})

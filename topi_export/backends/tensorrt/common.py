@@ -41,6 +41,10 @@ class TensorRTOptions(Options):
         "flag": "--strip-weights", "is_flag": True,
         "help": "TensorRT: weight-stripped engine, refitted from the ONNX weights at load (the directory keeps the "
                 "weights once, in ONNX)."})
+    refittable: bool = field(default=False, metadata={
+        "flag": "--refittable", "is_flag": True,
+        "help": "TensorRT: engines whose weights `topi-export refit` can replace (other LoRA adapters) without "
+                "a rebuild. Step-time cost not measured here (docs/tensorrt.md)."})
 
 
 @dataclass(frozen=True)
