@@ -219,10 +219,14 @@ def test_run_compare_reports_both_baselines_and_the_cache(ort_kv, tmp_path, caps
     assert code == 2 and "cache is exact" in err
 
 
-def test_dropin_in_a_real_flux2_klein_kv_pipeline_equals_run(ort_kv):
+@pytest.mark.parametrize("reuse, graphs", [
+    (None, ["extract", "kv-pruned", "kv-pruned", "kv-anchor", "kv-pruned", "kv-pruned", "kv-anchor"]),
+    (2, ["extract", "kv-pruned", "none", "kv-anchor", "none", "kv-pruned", "kv-anchor"])])
+def test_dropin_in_a_real_flux2_klein_kv_pipeline_equals_run(ort_kv, reuse, graphs):
     """Flux2KleinKVPipeline (tiny VAE, no text encoder, prompt embeddings given) built with the drop-in as its
     transformer: the extract call starts the generation, the cached calls pass back the token; same latents as
-    `run`; clearing the token frees the engine's cache."""
+    `run`; clearing the token frees the engine's cache. With step reuse, the reused steps' cached calls call no
+    engine and the cache stays as the extract call left it."""
     import diffusers
     from PIL import Image
 
@@ -230,7 +234,7 @@ def test_dropin_in_a_real_flux2_klein_kv_pipeline_equals_run(ort_kv):
     from topi_export import Inputs, TopiTransformer, denoise
     from topi_export.models.flux2 import SCHEDULER
 
-    tr = TopiTransformer(ort_kv[0], ratio=0.5, update_interval=3)
+    tr = TopiTransformer(ort_kv[0], ratio=0.5, update_interval=3, reuse=reuse, steps=7 if reuse else None)
     pipe = diffusers.Flux2KleinKVPipeline(scheduler=diffusers.FlowMatchEulerDiscreteScheduler(**SCHEDULER),
                                           vae=_tiny_vae(), text_encoder=None, tokenizer=None, transformer=tr)
     pipe.set_progress_bar_config(disable=True)
@@ -257,15 +261,74 @@ def test_dropin_in_a_real_flux2_klein_kv_pipeline_equals_run(ort_kv):
         warnings.simplefilter("ignore")
         pipe(image=images, prompt_embeds=prompt, height=64, width=64, num_inference_steps=7, latents=noise,
              output_type="latent", callback_on_step_end=on_step)
-    assert [s.graph for s in tr.schedule] == ["extract", "kv-pruned", "kv-pruned", "kv-anchor", "kv-pruned",
-                                              "kv-pruned", "kv-anchor"]
-    assert seen_steps[0][1] > 0 and tr.session.engine.state_bytes() == 0  # held during the loop, freed by clear()
+    assert [s.graph for s in tr.schedule] == graphs
+    held = [b for _, b in seen_steps]
+    assert min(held[:-1]) == held[0] > 0 and tr.session.engine.state_bytes() == 0  # held, then freed by clear()
     refs, _ = seen["refs"]
     data = Inputs(PIPE_LAYOUT, refs[:1].float(), {"prompt_embeds": prompt}, noise=noise.flatten(2).transpose(1, 2))
     session = tr.session
+    plan = session.reuse_plan(data, steps=7, reuse=reuse or "off", update_interval=3)
     want = denoise(session.engine, session.family, data, steps=7, selector=session.selector(data, ratio=0.5),
-                   update_interval=3)
+                   update_interval=3, reuse=plan)
+    assert [r.graph for r in want.schedule] == graphs
     assert _rel(seen_steps[-1][0], want.latents) <= 1e-5
+
+
+def test_step_reuse_leaves_the_cache_valid(kv_session):
+    """Step reuse (a `reuse` step calls nothing) on a KV model: the reused steps take the last velocity, the cache
+    recorded at step 0 stays, and the anchors after reused steps, which attend to every cached key, equal the dense
+    model at the same latents; the cache's size does not change."""
+    from topi_export import denoise
+
+    s = kv_session
+    data = s.family.synthetic_inputs(LAYOUT3, seed=3)
+    plan = s.reuse_plan(data, steps=7, reuse=2, update_interval=3)
+    assert plan.steps == (2, 4)
+    sched = s.family.make_scheduler(7, data.layout)
+    seen, x = [], data.initial_noise(0)
+
+    def on_step(step, sigma, velocity):  # follow the loop's latents with a second scheduler
+        nonlocal x
+        seen.append((x.clone(), sigma, velocity.clone()))
+        x = sched.step(velocity, sched.timesteps[step], x, return_dict=False)[0]
+
+    run = denoise(s.engine, s.family, data, steps=7, selector=s.selector(data, ratio=0.5), update_interval=3,
+                  reuse=plan, on_step=on_step)
+    assert [r.graph for r in run.schedule] == ["extract", "kv-pruned", "none", "kv-anchor", "none", "kv-pruned",
+                                               "kv-anchor"]
+    torch.testing.assert_close(x, run.latents, rtol=0, atol=0)
+    assert torch.equal(seen[2][2], seen[1][2]) and torch.equal(seen[4][2], seen[3][2])  # order 0: the last one
+    s.engine.bind(s.family.conditioning(data, data.layout), data.reference_latents, data.layout)
+    with torch.no_grad():
+        for step in (3, 6):
+            latents, sigma, velocity = seen[step]
+            assert _rel(velocity, s.engine.dense(latents, torch.tensor([sigma]))) <= 1e-5
+    plain = denoise(s.engine, s.family, data, steps=7, selector=s.selector(data, ratio=0.5), update_interval=3)
+    assert run.cache_bytes == plain.cache_bytes > 0
+
+
+def test_run_with_step_reuse_and_the_cache(ort_kv, ort_reuse, tmp_path, capsys):
+    """`run --reuse N` composes with both reference K/V modes: reused steps call nothing, the others are cache
+    steps; the report counts the computed steps and keeps the cache's bytes and both baselines."""
+    code, out, err = run_cli(["run", "--engine-dir", str(ort_kv[0]), "--ratio", "0.5", "--steps", "7",
+                              "--update-interval", "3", "--reuse", "2", "--compare", "--repeats", "1", "-q",
+                              "--json", str(tmp_path / "exact.json")], capsys)
+    assert code == 0, err
+    r = json.loads((tmp_path / "exact.json").read_text())
+    assert [e["kind"] for e in r["schedule"]] == ["extract", "kv-pruned", "reuse", "kv-anchor", "reuse",
+                                                  "kv-pruned", "kv-anchor"]
+    assert r["reuse"]["steps"] == [2, 4] and r["computed_steps"] == 5
+    assert r["ref_kv"]["exact"] is True and r["ref_kv"]["cache_bytes"] == 6 * 2 * 2 * 16 * LAYOUT3.num_ctx * 4
+    assert set(r["time_s"]) == {"topi", "dense", "kv-cache"} and r["speedup_vs_kv_cache"] > 0
+    assert "5 computed" in out
+    code, out, err = run_cli(["run", "--engine-dir", str(ort_reuse), "--ref-kv", "reuse", "--ratio", "0.5",
+                              "--steps", "7", "--update-interval", "3", "--reuse", "2", "-q",
+                              "--json", str(tmp_path / "approx.json")], capsys)
+    assert code == 0, err
+    r = json.loads((tmp_path / "approx.json").read_text())
+    assert [e["kind"] for e in r["schedule"]] == ["extract", "kv-pruned", "reuse", "extract", "reuse",
+                                                  "kv-pruned", "extract"]
+    assert r["ref_kv"]["exact"] is False and r["computed_steps"] == 5
 
 
 def test_triton_loop_model_keeps_the_cache_between_its_engine_calls(ort_kv, kv_session):
