@@ -98,7 +98,8 @@ class ToyFamily(Family):
 
     def embed(self, latents, context, timestep, cond):
         m = self.model
-        x = torch.cat([m.txt_in(cond["text"]), m.x_in(torch.cat([latents, context], 1))], 1)
+        tokens = latents if context is None else torch.cat([latents, context], 1)  # None: a cached step
+        x = torch.cat([m.txt_in(cond["text"]), m.x_in(tokens)], 1)
         x = x + m.t_in(timestep.view(-1, 1, 1)) * cond["strength"].view(-1, 1, 1)
         t = cond["text"].shape[1]
         return SimpleNamespace(x=x, cos=cond["rope_cos"], sin=cond["rope_sin"], n_text=t, n_target=latents.shape[1])

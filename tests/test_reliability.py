@@ -129,7 +129,8 @@ def _copy_graphs(source: Path, calls: list):
 
     m = read_manifest(source)
 
-    def export_graphs(family, settings, inputs, layout, out_dir, *, dense=True, progress=None):
+    def export_graphs(family, settings, inputs, layout, out_dir, *, dense=True, progress=None, ref_kv=None):
+        assert ref_kv is None
         assert (settings.pivotal_layers, settings.prune_start) == (m.settings.pivotal_layers, m.settings.prune_start)
         calls.append(Path(out_dir))
         Path(out_dir).mkdir(parents=True, exist_ok=True)

@@ -66,13 +66,18 @@ class BuildPlan:
     onnx_dir: str | None = None
     force: bool = False
     options: object = None  # the backend's typed build options (backends/base.py Options); None: its defaults
+    # reference K/V cache (docs/design.md, "Reference K/V cache"): kv_cache runs the model as a KV-trained model
+    # (None: when --model is such a pipeline folder); ref_kv "reuse" adds the approximate reuse graphs
+    kv_cache: bool | None = None
+    ref_kv: str | None = None
 
     def to_json(self) -> dict:
         return {"model": self.model, "layouts": [lay.to_json() for lay in self.layouts], "buckets": list(self.buckets),
                 "backend": self.backend, "precision": self.precision, "calibration": self.calibration,
                 "policy": self.policy, "tau": self.tau, "dense": self.dense, "cfg": self.cfg,
                 "loras": [a.to_json() if hasattr(a, "to_json") else str(a) for a in self.loras],
-                "options": self.options.to_json() if self.options is not None else None}
+                "options": self.options.to_json() if self.options is not None else None,
+                "kv_cache": self.kv_cache, "ref_kv": self.ref_kv}
 
 
 def default_engine_dir(source: str, layout: Layout, backend: str) -> Path:
@@ -100,14 +105,21 @@ def _check_plan(plan: BuildPlan) -> None:
         check_policy(plan.policy)
     if plan.tau is not None:
         check_tau(plan.tau)
+    if plan.ref_kv not in (None, "reuse"):
+        raise BadInput(f"--ref-kv {plan.ref_kv!r}: the build option is 'reuse' (approximate reuse graphs); a KV-trained "
+                       f"model's exact cache comes with --kv-cache or its pipeline folder")
+    if plan.ref_kv == "reuse" and plan.kv_cache:
+        raise BadInput("--ref-kv reuse with --kv-cache: a KV-trained model's cache is exact; drop --ref-kv reuse")
 
 
-def _cache_key(identity, settings, precision: str, dense: bool) -> str:
-    blob = json.dumps({"format": CACHE_FORMAT, "family": identity.family, "config_hash": identity.config_hash,
-                       "weights_hash": identity.weights_hash, "adapters": [dict(a) for a in identity.adapters],
-                       "pivotal_layers": list(settings.pivotal_layers),
-                       "prune_start": settings.prune_start, "precision": precision, "dense": dense,
-                       "versions": tool_versions()}, sort_keys=True).encode()
+def _cache_key(identity, settings, precision: str, dense: bool, ref_kv: str | None = None) -> str:
+    doc = {"format": CACHE_FORMAT, "family": identity.family, "config_hash": identity.config_hash,
+           "weights_hash": identity.weights_hash, "adapters": [dict(a) for a in identity.adapters],
+           "pivotal_layers": list(settings.pivotal_layers), "prune_start": settings.prune_start,
+           "precision": precision, "dense": dense, "versions": tool_versions()}
+    if ref_kv is not None:  # other graphs (and, for "exact", another attention): never the same export
+        doc["ref_kv"] = ref_kv
+    blob = json.dumps(doc, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()
 
 
@@ -293,9 +305,13 @@ def build_engines(plan: BuildPlan | None = None, *, echo=print, **kwargs) -> Pat
     stages = Stages(5, echo)
     fused = f" + LoRA {', '.join(a.describe() for a in plan.loras)} (fused)" if plan.loras else ""
     stages(f"load model {plan.model or '(default)'} ({plan.precision}){fused}")
-    loaded = load_model(plan.model, dtype=plan.precision, adapters=plan.loras)
+    loaded = load_model(plan.model, dtype=plan.precision, adapters=plan.loras, kv_model=plan.kv_cache)
     family = loaded.family
     identity = loaded.identity()
+    ref_kv = "exact" if family.kv_model else plan.ref_kv
+    if ref_kv == "reuse" and family.kv_model:
+        raise BadInput(f"--ref-kv reuse: {plan.model} is a KV-trained model, whose reference K/V cache is exact: "
+                       f"drop --ref-kv reuse")
     settings = method_settings(identity, family.default_settings(), plan.calibration)
     layouts = resolve_layouts(plan, loaded)
     for lay in layouts:
@@ -318,7 +334,7 @@ def build_engines(plan: BuildPlan | None = None, *, echo=print, **kwargs) -> Pat
         resolve_model_dir(Path(plan.model))
     with staged_dir(engine_dir, replace=plan.force, is_ours=is_engine_dir, protect=protect, echo=echo) as tmp:
         onnx_dir = tmp / "onnx"
-        key = _cache_key(identity, settings, plan.precision, dense)
+        key = _cache_key(identity, settings, plan.precision, dense, ref_kv)
         if plan.onnx_dir and _cache_valid(Path(plan.onnx_dir), key):
             stages(f"reuse the ONNX graphs in {plan.onnx_dir} (same model, settings and tool versions)")
             onnx_dir.mkdir()
@@ -334,8 +350,10 @@ def build_engines(plan: BuildPlan | None = None, *, echo=print, **kwargs) -> Pat
             graphs = {k: GraphEntry.from_reader(Reader(v, CACHE_FILE, "rebuild", k)) for k, v in meta["graphs"].items()}
             weights = meta["weights"]
         else:
-            stages(f"export {'topi + dense' if dense else 'topi'} ONNX graphs ({family.name}, {plan.precision})")
+            from topi_export.export.graphs import graph_kinds
             from topi_export.progress import ticker
+
+            stages(f"export {' + '.join(graph_kinds(ref_kv, dense))} ONNX graphs ({family.name}, {plan.precision})")
 
             def exporting(step):  # per graph, with a ticker: one torch.onnx.export call can take many minutes
                 echo(f"  {step}")
@@ -343,7 +361,7 @@ def build_engines(plan: BuildPlan | None = None, *, echo=print, **kwargs) -> Pat
 
             with ticker("  exporting", echo) as tick:
                 graphs, weights = export_graphs(family, settings, sample, layouts[0], onnx_dir, dense=dense,
-                                                progress=exporting)
+                                                progress=exporting, ref_kv=ref_kv)
             if plan.onnx_dir:
                 _save_cache(onnx_dir, Path(plan.onnx_dir), key, graphs, weights, protect, echo)
         # where every parameter sits in the graphs, for `topi-export refit` (other LoRA adapters, no re-export)
@@ -374,7 +392,7 @@ def build_engines(plan: BuildPlan | None = None, *, echo=print, **kwargs) -> Pat
             profiles=profiles, settings=settings, policy=policy, backend=plan.backend, precision=plan.precision,
             target=out.target, graphs=entries, files=file_entries(tmp, files), versions=tool_versions(out.versions),
             created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), tau=plan.tau,
-            weights=weights, scheduler=scheduler or {}, root=tmp)
+            weights=weights, scheduler=scheduler or {}, ref_kv=ref_kv, root=tmp)
         write_manifest(tmp, manifest)
         stages(f"move into place: {engine_dir}")
     stages.finish()

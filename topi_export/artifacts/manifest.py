@@ -95,7 +95,7 @@ def adapter(m: Manifest):
     was built for (guidance branches, guidance mode)."""
     from topi_export.models import adapter_for
 
-    family = adapter_for(m.model)
+    family = adapter_for(m.model, kv_model=m.ref_kv == "exact")
     if m.batch > family.max_branches:
         raise RebuildNeeded(f"{m.root / NAME}: 'batch' is {m.batch} but {family.name} runs at most "
                             f"{family.max_branches} guidance branch(es) per step: rebuild the engine directory")

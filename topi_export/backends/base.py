@@ -18,10 +18,18 @@ from pathlib import Path
 
 import torch
 
-from topi_export.errors import BadInput, RebuildNeeded
+from topi_export.errors import BadInput, RebuildNeeded, TopiError
+from topi_export.plan.manifest import STATE
 
-# Graph inputs that change every step; the rest is fixed for one request (bound once).
+# Graph inputs that change every step; the rest is fixed for one request (bound once), except the per-request
+# state (STATE: the reference K/V cache), which one call produces and later calls take back.
 PER_CALL = ("latents", "timestep", "keep_idx", "score_idx")
+
+
+def state_bytes(state: dict) -> int:
+    """Bytes of a StepEngine's per-request state (torch tensors or backend arrays)."""
+    return sum(int(v.numel()) * int(v.element_size()) if hasattr(v, "element_size") else int(v.nbytes)
+               for v in state.values())
 
 
 @dataclass(frozen=True)
@@ -125,7 +133,14 @@ class EngineSource:
 
 class StepEngine:
     """Shared step logic of every backend. ``bind`` fixes one request's conditioning and context latents [1, Nc, C];
-    ``anchor`` / ``full`` / ``pruned`` / ``dense`` run one step. A backend implements ``to_backend`` and ``run``."""
+    ``anchor`` / ``full`` / ``pruned`` / ``dense`` run one step; ``extract`` / ``cached`` run the reference K/V
+    cache's steps. A backend implements ``to_backend`` and ``run``.
+
+    Per-request state (docs/design.md, "Reference K/V cache"): ``state`` holds the graph outputs named in STATE
+    (``ref_kv``) that one call produced, in the backend's own form (device memory for a GPU engine, never copied to
+    the host), and feeds them to the later calls that take an input of that name. ``bind`` starts a request with
+    an empty state; ``state_version`` counts the writes, so a backend that copies inputs into static buffers knows
+    when to copy it again. It is the only place the cache lives: the runtime holds it once."""
 
     name = "engine"
     has_dense = False
@@ -146,6 +161,7 @@ class StepEngine:
         self.all_queries = torch.arange(layout.num_target, dtype=torch.int64)
         self.one_query = torch.zeros(1, dtype=torch.int64)
         self._static = {}  # (graph kind, batch) -> the fixed part of the feed, in the backend's arrays
+        self.state, self.state_version = {}, 0
 
     def static_feed(self, kind: str, batch: int) -> dict:
         """The graph inputs fixed for this request, checked against the graph's entry once per (kind, batch)."""
@@ -156,7 +172,7 @@ class StepEngine:
             sizes = self.layout.sizes(batch=batch)
             feed = {}
             for t in self.graphs[kind].inputs:
-                if t.name in PER_CALL:
+                if t.name in PER_CALL or t.name in STATE:
                     continue
                 v = self.context if t.name == "context" else self.cond.get(t.name)
                 if v is None:
@@ -195,18 +211,52 @@ class StepEngine:
         """The plain model (the dense baseline graph)."""
         return self._call("dense", "dense", latents, timestep, None, None)[0]
 
+    # --- reference K/V cache steps (docs/design.md, "Reference K/V cache") -------------------------------------
+    def extract(self, latents, timestep, score: bool = True):
+        """The full sequence; keeps every layer's context keys and values in ``state``. Velocity [B, Nx, C] and,
+        with ``score``, influence [B, Nc] over every target query (else None: one query is scored and dropped)."""
+        velocity, influence = self._call("extract", "extract", latents, timestep, None,
+                                         self.all_queries if score else self.one_query)
+        return velocity, influence if score else None
+
+    def cached(self, latents, timestep, keep_idx=None, score: bool = False):
+        """Text and target tokens only, against the cached keys/values (from L0 on the kept ones, keep_idx: sorted
+        int64 indices, None: every one). With ``score`` (an anchor; keep_idx None) influence [B, Nc] over the
+        cached keys from every target query, else None."""
+        keep = self.all_idx if keep_idx is None else torch.as_tensor(keep_idx, dtype=torch.int64)
+        step = "kv-anchor" if score else "kv-full" if keep_idx is None else "kv-pruned"
+        velocity, influence = self._call("cached", step, latents, timestep, keep,
+                                         self.all_queries if score else self.one_query)
+        return velocity, influence if score else None
+
+    def state_bytes(self) -> int:
+        """Bytes the per-request state (the reference K/V cache) holds."""
+        return state_bytes(self.state)
+
     def _call(self, kind, step, latents, timestep, keep_idx, score_idx):
         if self.layout is None:
             raise BadInput(f"{self.name}: bind(cond, context, layout) must be called before running a step")
         batch = int(latents.shape[0])
         entry = self.graphs.get(kind)
+        if entry is None:
+            raise RebuildNeeded(f"this engine has no {kind} graph: rebuild with "
+                                f"{'--dense-baseline' if kind == 'dense' else '--kv-cache or --ref-kv reuse'}")
         feed = dict(self.static_feed(kind, batch))
         per_call = {"latents": latents.float(), "timestep": timestep.float().reshape(batch),
                     "keep_idx": keep_idx, "score_idx": score_idx}
         for t in entry.inputs:
             if t.name in PER_CALL:
                 feed[t.name] = self.to_backend(per_call[t.name].contiguous(), t)
+            elif t.name in STATE:
+                if t.name not in self.state:
+                    raise TopiError(f"the {kind} step needs '{t.name}', which no earlier step of this request "
+                                    f"produced: run an extract step first (the temporal controller plans one)")
+                feed[t.name] = self.state[t.name]
         out = self.run(kind, step, feed)
+        for name in STATE:
+            if name in out:
+                self.state[name] = out.pop(name)
+                self.state_version += 1
         return out["velocity"], out.get("influence")
 
     # --- backend --------------------------------------------------------------------------------------------
@@ -215,7 +265,8 @@ class StepEngine:
         raise NotImplementedError
 
     def run(self, kind: str, step: str, feed: dict) -> dict:
-        """One call of graph ``kind`` (``step``: anchor | full | pruned | dense, for backends that use it) ->
-        {output name: float32 CPU torch tensor}."""
+        """One call of graph ``kind`` (``step``: anchor | full | pruned | dense | extract | kv-anchor | kv-pruned |
+        kv-full, for backends that use it) -> {output name: float32 CPU torch tensor}; outputs named in STATE in a
+        form ``to_backend`` passes through and the next call can take back as it is (they stay where they are)."""
         raise NotImplementedError
 

@@ -11,6 +11,7 @@ import torch
 
 from topi_export.backends.base import Backend, BuildOutput, Options, StepEngine
 from topi_export.errors import BackendUnavailable, RebuildNeeded
+from topi_export.plan.manifest import STATE
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,7 @@ class OrtEngine(StepEngine):
         self.manifest, self.prefer_gpu = manifest, prefer_gpu
         self.has_dense = manifest.has_graph("dense")
         self.sessions = {}
-        self.session("topi")
+        self.session("topi" if "topi" in manifest.graphs else "extract")
 
     def session(self, kind):
         if kind not in self.sessions:
@@ -108,7 +109,8 @@ class OrtEngine(StepEngine):
 
     def run(self, kind, step, feed):
         out = self.session(kind).run([t.name for t in self.graphs[kind].outputs], feed)
-        return {t.name: torch.from_numpy(v) for t, v in zip(self.graphs[kind].outputs, out)}
+        # the reference K/V cache (STATE) stays an ONNX Runtime array: the next call takes it back as it is
+        return {t.name: v if t.name in STATE else torch.from_numpy(v) for t, v in zip(self.graphs[kind].outputs, out)}
 
 
 def open_engine(source):

@@ -14,6 +14,13 @@ BACKEND = Backend("torch", builds=False, precisions=("fp32", "fp16", "bf16"), ru
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def dtype_name(dtype: str) -> str:
+    """The graph dtype of the reference K/V cache at this precision (export/graphs.py KV_DTYPES)."""
+    from topi_export.export.graphs import KV_DTYPES
+
+    return KV_DTYPES[DTYPES.get(dtype, torch.float32)]
+
+
 def use_cuda_kernels() -> bool:
     """Register the Triton kernels as the CUDA implementations of the topi torch ops (once)."""
     try:
@@ -44,7 +51,9 @@ class TorchEngine(StepEngine):
         from topi_export.export.graphs import graph_tensors
 
         check_device(device, dtype)
-        super().__init__({kind: graph_tensors(family, kind) for kind in ("topi", "dense")})
+        from topi_export.export.graphs import GRAPH_KINDS
+
+        super().__init__({kind: graph_tensors(family, kind, dtype_name(dtype)) for kind in GRAPH_KINDS})
         self.family = family
         self.pivotal = tuple(settings.pivotal_layers)
         self.prune_start = int(settings.prune_start)
@@ -64,8 +73,21 @@ class TorchEngine(StepEngine):
         return tensor.to(self.device)
 
     def run(self, kind, step, feed):
-        cond = {k: v for k, v in feed.items() if k not in ("latents", "context", "timestep", "keep_idx", "score_idx")}
-        args = (feed["latents"], feed["context"], feed["timestep"].float(), cond)
+        cond = {k: v for k, v in feed.items()
+                if k not in ("latents", "context", "timestep", "keep_idx", "score_idx", "ref_kv")}
+        args = (feed["latents"], feed.get("context"), feed["timestep"].float(), cond)
+        scored = self.pivotal if step in ("anchor", "extract", "kv-anchor") else ()
+        if kind == "extract":  # reference K/V cache (docs/design.md): the cache stays on the device, in its dtype
+            velocity, influence, ref_kv = self.family.forward(
+                *args, score_idx=feed["score_idx"] if scored else None, influence_layers=scored, record_kv=True)
+            out = {"velocity": velocity.float().cpu(), "ref_kv": ref_kv}
+            return out | ({"influence": influence.float().cpu()} if influence is not None else {})
+        if kind == "cached":
+            velocity, influence = self.family.forward(
+                *args, ref_kv=feed["ref_kv"], keep_idx=feed["keep_idx"] if step == "kv-pruned" else None,
+                score_idx=feed["score_idx"] if scored else None, prune_start=self.prune_start, influence_layers=scored)
+            return {"velocity": velocity.float().cpu()} | (
+                {"influence": influence.float().cpu()} if influence is not None else {})
         if kind == "dense":
             velocity, influence = self.family.forward(*args)
         else:  # pruned and unpruned steps skip the influence work entirely; the anchor scores every query

@@ -91,10 +91,18 @@ def layouts_from_flags(inputs, target_grid, ref_grid, ref_grids, text_tokens, re
                    "repeatable. Swap adapters later with `topi-export refit`.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
               help="Precision the weights are loaded and exported in (TensorRT; ONNX Runtime engines are fp32).")
+# --- reference K/V cache (docs/design.md, "Reference K/V cache") ---
+@click.option("--kv-cache/--no-kv-cache", "kv_cache", default=None,
+              help="The model was trained with a reference K/V cache (FLUX.2 [klein] KV): build its extract and "
+                   "cached graphs; the cache is exact. Default: when --model is such a pipeline folder.")
+@click.option("--ref-kv", "ref_kv", type=click.Choice(["reuse"]), default=None,
+              help="Also build the graphs of approximate reference K/V reuse (`run --ref-kv reuse`), for any model.")
+# ---
 @backend_options
 @click.option("--build-dynamic-shape", is_flag=True, hidden=True)  # TensorRT demo users: explained, not ignored
 def cmd(model, ratio_buckets, calibration, inputs, target_grid, ref_grid, ref_grids, text_tokens, resolutions,
         image_sizes, references, backend, engine_dir, onnx_dir, policy, tau, dense, cfg, force, lora, precision,
+        kv_cache, ref_kv,
         build_dynamic_shape, **backend_flags):
     """Export topi (+ dense baseline) graphs with topi custom ops and build engines per shape and ratio bucket."""
     from topi_export.backends import options_for
@@ -128,8 +136,8 @@ def cmd(model, ratio_buckets, calibration, inputs, target_grid, ref_grid, ref_gr
     plan = BuildPlan(model=model, layouts=layouts, buckets=parse_buckets(ratio_buckets), backend=backend,
                      precision=precision, calibration=calibration, policy=policy, tau=tau, dense=dense, cfg=cfg,
                      inputs=inputs, resolutions=resolutions, references=references, text_tokens=text_tokens,
-                     image_sizes=image_sizes,
-                     engine_dir=engine_dir, onnx_dir=onnx_dir, force=force, options=options, loras=adapters)
+                     image_sizes=image_sizes, engine_dir=engine_dir, onnx_dir=onnx_dir, force=force, options=options,
+                     loras=adapters, kv_cache=kv_cache, ref_kv=ref_kv)
     out = build_engines(plan, echo=lambda s: click.echo(s, err=True))
     click.echo(f"engines -> {out}")
     if adapters:

@@ -50,11 +50,11 @@ def cmd(engine_dir, model, inputs, tolerance, verify, seed, json_path, lora):
                                                                                        seed=seed)]
     click.echo(f"{session.engine.name} engines in {engine_dir} vs the {reference.engine.name} reference (tolerance "
                f"rel. L2 {tol:g})")
-    click.echo(f"{'layout':22} {'graph':7} {'bucket':>6} {'keep':>5} {'output':9} {'max |diff|':>11} {'rel. L2':>9}"
+    click.echo(f"{'layout':22} {'graph':9} {'bucket':>6} {'keep':>5} {'output':9} {'max |diff|':>11} {'rel. L2':>9}"
                f"  result")
     for r in rows:
         bucket = "-" if r.bucket is None else f"{r.bucket:g}"
-        click.echo(f"{r.layout:22} {r.graph:7} {bucket:>6} {r.keep:>5} {r.output:9} {r.max_abs:11.2e} "
+        click.echo(f"{r.layout:22} {r.graph:9} {bucket:>6} {r.keep:>5} {r.output:9} {r.max_abs:11.2e} "
                    f"{r.rel_l2:9.2e}  {'PASS' if r.passed else 'FAIL'}")
     if json_path:
         write_json(json_path, {"engine_dir": str(engine_dir), "backend": session.engine.name, "tolerance": tol,

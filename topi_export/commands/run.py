@@ -9,8 +9,8 @@ from topi_export.commands.common import (POLICY_HELP, device_options, model_opti
 
 
 def schedule_summary(schedule) -> str:
-    anchors = [r.step for r in schedule if r.kind == "anchor"]
-    keeps = sorted({r.keep for r in schedule if r.graph == "pruned"})
+    anchors = [r.step for r in schedule if r.selected_keep is not None or r.kind == "anchor"]
+    keeps = sorted({r.keep for r in schedule if r.graph in ("pruned", "kv-pruned")})
     total = sum(r.time_s for r in schedule)
     computed = sum(r.kind != "reuse" for r in schedule)
     pruned = (f"pruned steps keep {keeps} context tokens" if keeps else
@@ -24,9 +24,14 @@ def compare_table(report) -> str:
     base = "dense" if report.baseline == "dense" else "full"
     lo, hi = report.speedup_spread
     rows = [("", "time [s]", "speedup", "PSNR [dB]", "rel. L2"),
-            (f"{base} (baseline)", f"{t[base]:.3f}", "1.00x", "-", "-"),
-            ("ToPi", f"{t['topi']:.3f}", f"{report.speedup:.2f}x ({lo:.2f}-{hi:.2f})", f"{report.psnr_db:.2f}",
-             f"{report.rel_l2:.2e}")]
+            (f"{base} (baseline)", f"{t[base]:.3f}", "1.00x", "-", "-")]
+    if "kv-cache" in t:  # a KV-trained model's unpruned cached loop (docs/design.md, "Reference K/V cache")
+        rows.append(("KV cache, unpruned", f"{t['kv-cache']:.3f}", f"{t[base] / t['kv-cache']:.2f}x", "-", "-"))
+    rows.append(("ToPi", f"{t['topi']:.3f}", f"{report.speedup:.2f}x ({lo:.2f}-{hi:.2f})", f"{report.psnr_db:.2f}",
+                 f"{report.rel_l2:.2e}"))
+    if report.speedup_vs_kv_cache is not None:
+        klo, khi = report.speedup_vs_kv_cache_spread
+        rows.append(("ToPi vs KV cache", "", f"{report.speedup_vs_kv_cache:.2f}x ({klo:.2f}-{khi:.2f})", "", ""))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
                      for r in rows)
@@ -69,8 +74,17 @@ def compare_table(report) -> str:
 @click.option("--lora", multiple=True, metavar="FILE[:SCALE]",
               help="LoRA fused into the model the PyTorch backend runs (repeatable). Engines hold the adapters they "
                    "were built or refitted with (`topi-export refit` swaps them).")
+# --- reference K/V cache (docs/design.md, "Reference K/V cache") ---
+@click.option("--ref-kv", "ref_kv", type=click.Choice(["reuse"]), default=None,
+              help="Approximate reference K/V reuse (any model): anchors run in full and record the references' keys "
+                   "and values, the steps between run text and target tokens against the kept ones. A KV-trained "
+                   "model (FLUX.2 [klein] KV) uses its exact cache without this flag.")
+@click.option("--kv-cache/--no-kv-cache", "kv_cache", default=None,
+              help="Run --model as a KV-trained model (default: when it is a Flux2KleinKVPipeline folder).")
+# ---
 def cmd(model, inputs, engine_dir, backend, ratio, tau, ratio_buckets, policy, update_interval, calibration, reuse,
-        reuse_order, steps, seed, compare, repeats, json_path, out, png, vae, device, dtype, quiet, lora):
+        reuse_order, steps, seed, compare, repeats, json_path, out, png, vae, device, dtype, quiet, lora, ref_kv,
+        kv_cache):
     """Run a ToPi-pruned in-context generation and report the per-step schedule."""
     from topi_export.errors import TopiError
     from topi_export.runtime.session import open_session
@@ -79,7 +93,8 @@ def cmd(model, inputs, engine_dir, backend, ratio, tau, ratio_buckets, policy, u
         raise TopiError("--png needs --compare (the strip shows the baseline and the ToPi result)")
     output_files([json_path, out, png], protected=[inputs, calibration, model, vae, *lora])
     session = open_session(model=model, engine_dir=engine_dir, backend=backend, calibration=calibration,
-                           update_interval=update_interval, device=device, dtype=dtype, loras=lora)
+                           update_interval=update_interval, device=device, dtype=dtype, loras=lora, kv_cache=kv_cache)
+    ref_kv = session.check_ref_kv(ref_kv)
     if session.manifest is not None:  # a new file next to the engines is fine; none of the engine files
         from topi_export.fsutil import refuse_overwrite
         from topi_export.plan import NAME
@@ -92,23 +107,26 @@ def cmd(model, inputs, engine_dir, backend, ratio, tau, ratio_buckets, policy, u
     selector = session.selector(data, ratio=ratio, tau=tau, ratio_buckets=ratio_buckets, policy=policy, seed=seed)
     plan = session.reuse_plan(data, steps=steps, reuse=reuse, order=reuse_order, update_interval=update_interval)
     progress = show_progress(quiet)
-    session.warmup(data, selector, dense=compare)
+    session.warmup(data, selector, dense=compare, ref_kv=ref_kv)
     comparison = None
     if compare:
         from topi_export.runtime.compare import compare as run_compare
 
         comparison = run_compare(session, data, steps=steps, seed=seed, selector=selector, repeats=repeats,
-                                 progress=progress, update_interval=update_interval, reuse=plan)
+                                 progress=progress, update_interval=update_interval, reuse=plan, ref_kv=ref_kv)
         topi = comparison.topi
     else:
         topi = session.denoise(data, steps=steps, seed=seed, selector=selector, progress=progress,
-                               update_interval=update_interval, reuse=plan)
+                               update_interval=update_interval, reuse=plan, ref_kv=ref_kv)
     report = session.report(data, selector, steps, topi, comparison, reuse=plan)
     lora = f", LoRA {session.identity.describe_adapters()}" if session.identity.adapters else ""
     click.echo(f"{session.source} ({session.family.name}{lora}) on {session.engine.name}: "
                f"{selection_text(selector)}, policy {selector.policy}")
     click.echo(f"step reuse: {reuse_text(plan, steps)}")
     click.echo(schedule_summary(topi.schedule))
+    if report.ref_kv is not None:
+        kv = report.ref_kv
+        click.echo(f"reference K/V cache ({kv['label']}): {kv['cache_bytes'] / 2**20:.1f} MiB")
     note = tau_note(selector, topi.schedule, data.layout.num_ctx)
     if note:
         click.echo(f"note: {note}", err=True)
@@ -159,7 +177,7 @@ def tau_note(selector, schedule, num_ctx: int) -> str | None:
     """With --tau: the anchors at which no compiled bucket kept enough influence, so their interval ran unpruned."""
     if selector.tau is None:
         return None
-    full = [r.step for r in schedule if r.kind == "anchor" and (r.selected_keep or r.keep) >= num_ctx]
+    full = [r.step for r in schedule if r.selected_keep is not None and r.selected_keep >= num_ctx]
     if not full:
         return None
     return (f"tau {selector.tau:g}: at anchor step(s) {full} no compiled bucket keeps that much of the influence, so "

@@ -9,6 +9,14 @@ topi:  latents [B,Nx,C], context [B,Nc,C], timestep [B], keep_idx [K], score_idx
        passes every index and one query. So a deployment holds the weights once.
 dense: latents, context, timestep, <family conditioning> -> velocity: the same model with no topi ops, no gather
        (the plain model a user would otherwise deploy; every reported speedup is against it).
+
+Reference K/V cache (docs/design.md, "Reference K/V cache"), exported for ``ref_kv`` builds:
+extract: latents, context, timestep, score_idx, <conditioning> -> velocity, ref_kv [L,2,B,H,Nc,D], influence [B,Nc]
+       The full sequence (a KV model's step 0, or an anchor of approximate reuse) that also returns every layer's
+       context keys and values (after QK-norm and RoPE).
+cached: latents, timestep, ref_kv, keep_idx, score_idx, <conditioning> -> velocity, influence [B,K]
+       Text and target tokens only, attending to the cached context keys/values (from L0 on to the kept ones,
+       gathered inside); influence is scored over the cached keys (every target query at an anchor, one otherwise).
 """
 from __future__ import annotations
 
@@ -20,22 +28,42 @@ import onnx
 import torch
 
 from topi_export.plan import GraphEntry, GraphTensor, Layout, MethodSettings
+from topi_export.plan.manifest import GRAPHS, KEEP_PROFILED, REQUIRED_GRAPHS, STATE  # noqa: F401
 
-GRAPH_KINDS = ("topi", "dense")
+GRAPH_KINDS = GRAPHS  # export order (the first graph's data file becomes the weights file)
+KV_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def ref_kv_tensor(family, dtype: str = "float32") -> GraphTensor:
+    """The reference K/V cache: every layer's context keys and values (after QK-norm and RoPE)."""
+    return GraphTensor("ref_kv", (family.num_layers, 2, "B", family.heads, "Nc", family.head_dim), dtype)
+
+
+def graph_kinds(ref_kv: str | None, dense: bool) -> tuple[str, ...]:
+    """The graphs a build exports: ``topi`` for ToPi over the full sequence; ``extract`` + ``cached`` for a
+    reference K/V cache (an exact KV model needs no ``topi`` graph); ``dense``, the baseline."""
+    return REQUIRED_GRAPHS[ref_kv] + (("dense",) if dense else ())
 WEIGHTS_FILE = "weights.data"
 STATIC_DIMS = set()
 INLINE_BYTES = 1 << 20  # initializers at least this large go to the shared weights file
 
 
-def graph_tensors(family, kind: str) -> GraphEntry:
+def graph_tensors(family, kind: str, kv_dtype: str = "float32") -> GraphEntry:
     """The inputs and outputs of graph ``kind`` of a family (names, symbolic dims, dtypes): what the export
-    produces and every backend feeds."""
+    produces and every backend feeds. kv_dtype: the reference K/V cache's dtype (the build precision's)."""
     c_in, c_out = family.in_channels, family.out_channels
     inputs = [GraphTensor("latents", ("B", "Nx", c_in), "float32"), GraphTensor("context", ("B", "Nc", c_in), "float32"),
               GraphTensor("timestep", ("B",), "float32")]
     outputs = [GraphTensor("velocity", ("B", "Nx", c_out), "float32")]
+    keep, score = GraphTensor("keep_idx", ("K",), "int64"), GraphTensor("score_idx", ("Q",), "int64")
     if kind == "topi":
-        inputs += [GraphTensor("keep_idx", ("K",), "int64"), GraphTensor("score_idx", ("Q",), "int64")]
+        inputs += [keep, score]
+        outputs.append(GraphTensor("influence", ("B", "K"), "float32"))
+    elif kind == "extract":
+        inputs.append(score)
+        outputs += [ref_kv_tensor(family, kv_dtype), GraphTensor("influence", ("B", "Nc"), "float32")]
+    elif kind == "cached":
+        inputs = [inputs[0], inputs[2], ref_kv_tensor(family, kv_dtype), keep, score]
         outputs.append(GraphTensor("influence", ("B", "K"), "float32"))
     return GraphEntry(file=f"{kind}.onnx", inputs=tuple(inputs) + tuple(family.graph_inputs()), outputs=tuple(outputs))
 
@@ -49,11 +77,14 @@ def example_feed(family, inputs, layout: Layout, kind: str, *, keep: int | None 
     feed = {"latents": torch.randn(b, layout.num_target, family.in_channels, generator=gen),
             "context": inputs.reference_latents.float().expand(b, -1, -1).contiguous(),
             "timestep": torch.full((b,), 0.5)}
-    if kind == "topi":
-        nc = layout.num_ctx
-        feed["keep_idx"] = torch.arange(nc) if keep is None else torch.linspace(0, nc - 1, keep).round().long()
-        feed["score_idx"] = torch.arange(layout.num_target if queries is None else queries)
-    tensors = graph_tensors(family, kind).inputs
+    nc = layout.num_ctx
+    feed["keep_idx"] = torch.arange(nc) if keep is None else torch.linspace(0, nc - 1, keep).round().long()
+    feed["score_idx"] = torch.arange(layout.num_target if queries is None else queries)
+    kv_dtype = KV_DTYPES[family.model.dtype] if family.model is not None else "float32"
+    if kind == "cached":  # any keys and values of the right shape: export traces shapes, not values
+        feed["ref_kv"] = torch.randn(family.num_layers, 2, b, family.heads, nc, family.head_dim, generator=gen).to(
+            next(k for k, v in KV_DTYPES.items() if v == kv_dtype))
+    tensors = graph_tensors(family, kind, kv_dtype).inputs
     for t in tensors:
         v = cond.get(t.name)
         if v is not None:  # branches batched: conditioning with a batch dim must match the latents'
@@ -68,10 +99,19 @@ class _Graph(torch.nn.Module):
         self.family, self.kind, self.names = family, kind, list(names)
         self.pivotal, self.prune_start = tuple(settings.pivotal_layers), int(settings.prune_start)
 
-    def run(self, latents, context, timestep, keep_idx=None, score_idx=None, **cond):
+    def run(self, latents, context=None, timestep=None, keep_idx=None, score_idx=None, ref_kv=None, **cond):
         if self.kind == "dense":
             velocity, _ = self.family.forward(latents, context, timestep, cond)
             return velocity.float()
+        if self.kind == "extract":
+            velocity, influence, kv = self.family.forward(latents, context, timestep, cond, score_idx=score_idx,
+                                                          influence_layers=self.pivotal, record_kv=True)
+            return velocity.float(), kv, influence.float()
+        if self.kind == "cached":
+            velocity, influence = self.family.forward(latents, None, timestep, cond, ref_kv=ref_kv, keep_idx=keep_idx,
+                                                      score_idx=score_idx, prune_start=self.prune_start,
+                                                      influence_layers=self.pivotal)
+            return velocity.float(), influence.float()
         velocity, influence = self.family.forward(latents, context, timestep, cond, keep_idx=keep_idx,
                                                   score_idx=score_idx, prune_start=self.prune_start,
                                                   influence_layers=self.pivotal)
@@ -145,11 +185,11 @@ def export_graph(family, settings: MethodSettings, inputs, layout: Layout, kind:
     from topi_export.ops.onnx import attach_functions, register_schemas, translation_table
 
     register_schemas()
-    entry = graph_tensors(family, kind)
+    entry = graph_tensors(family, kind, KV_DTYPES[family.model.dtype])
     in_t, out_t = entry.inputs, entry.outputs
     # non-trivial example sizes so export does not specialise a dimension to 1
-    feed = example_feed(family, inputs, layout, kind, keep=max(2, layout.num_ctx - 1) if kind == "topi" else None,
-                        queries=max(2, layout.num_target - 1), batch=2)
+    keep = max(2, layout.num_ctx - 1) if kind in KEEP_PROFILED else None
+    feed = example_feed(family, inputs, layout, kind, keep=keep, queries=max(2, layout.num_target - 1), batch=2)
     module = graph_module(family, settings, kind, list(feed))
     out_names = [t.name for t in out_t]
     with warnings.catch_warnings(), torch.no_grad():
@@ -258,13 +298,13 @@ def _all_initializers(graph):
 
 
 def export_graphs(family, settings: MethodSettings, inputs, layout: Layout, out_dir, *, dense: bool = True,
-                  progress=None) -> tuple[dict, dict]:
-    """Export the topi (and dense) graphs into out_dir with one shared weights file.
+                  progress=None, ref_kv: str | None = None) -> tuple[dict, dict]:
+    """Export the graphs of ``graph_kinds(ref_kv, dense)`` into out_dir with one shared weights file.
     Returns ({kind: GraphEntry}, weights info)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     graphs = {}
-    for kind in GRAPH_KINDS if dense else ("topi",):
+    for kind in graph_kinds(ref_kv, dense):
         if progress:
             progress(f"export {kind} graph")
         graphs[kind] = export_graph(family, settings, inputs, layout, kind, out_dir / f"{kind}.onnx")

@@ -27,3 +27,42 @@ def predicted_end_to_end(layout, keep: int, num_layers: int, prune_start: int, d
     full = step_flops(layout, layout.num_ctx, num_layers, prune_start, dim)
     pruned = step_flops(layout, keep, num_layers, prune_start, dim)
     return steps * full / (anchors * full + (steps - anchors - reused) * pruned)
+
+
+# --- reference K/V cache (docs/design.md, "Reference K/V cache") ----------------------------------------------
+def kv_step_flops(layout, keep: int, num_layers: int, prune_start: int, dim: int) -> float:
+    """A cached step: only the T + Nx text and target tokens run (linear layers and queries); each layer attends
+    to their keys plus the cached context keys, Nc before prune_start and `keep` from there on."""
+    q = layout.text_tokens + layout.num_target
+    total = 0.0
+    for layer in range(num_layers):
+        keys = q + (layout.num_ctx if layer < prune_start else keep)
+        total += 2 * (12 * dim * dim * q + 2 * q * keys * dim)
+    return total
+
+
+def predicted_kv_end_to_end(layout, keep: int, num_layers: int, prune_start: int, dim: int, steps: int,
+                            update_interval: int, mode: str = "exact", reused: int = 0) -> dict:
+    """Dense loop FLOPs over the cached loops' FLOPs: {"cache": unpruned cached loop, "cache_topi": cached loop with
+    ToPi at `keep`, "topi_vs_cache": the two against each other}. Steps that extract (step 0 for "exact", every
+    anchor for "reuse") are counted as dense steps (an exact model's reference queries see only reference keys, so
+    its step 0 costs a little less); an exact model's later anchors are cached steps over every cached key;
+    ``reused`` steps (never anchors) cost nothing in the ToPi loop."""
+    dense = step_flops(layout, layout.num_ctx, num_layers, prune_start, dim)
+    cached = kv_step_flops(layout, layout.num_ctx, num_layers, prune_start, dim)
+    pruned = kv_step_flops(layout, keep, num_layers, prune_start, dim)
+    anchors = list(range(0, steps, update_interval))
+    if mode == "exact":
+        cache = dense + (steps - 1) * cached
+        topi = dense + (len(anchors) - 1) * cached + (steps - len(anchors) - reused) * pruned
+    else:
+        cache = len(anchors) * dense + (steps - len(anchors)) * cached
+        topi = len(anchors) * dense + (steps - len(anchors) - reused) * pruned
+    total = steps * dense
+    return {"cache": total / cache, "cache_topi": total / topi, "topi_vs_cache": cache / topi}
+
+
+def kv_cache_bytes(num_layers: int, heads: int, head_dim: int, tokens: int, bytes_per_value: int = 2,
+                   batch: int = 1) -> int:
+    """Bytes of the reference K/V cache: keys and values of every layer for `tokens` context tokens."""
+    return num_layers * 2 * batch * heads * head_dim * tokens * bytes_per_value

@@ -14,10 +14,28 @@ from topi_export.plan.limits import check_steps, check_update_interval
 from topi_export.plan.reuse import OFF, ReusePlan
 
 
+# --- reference K/V cache (docs/design.md, "Reference K/V cache") ---------------------------------------------
+# ref_kv modes: "exact" (a KV-trained model: step 0 extracts the references' K/V, every later step is cached) and
+# "reuse" (approximate, any model: every anchor extracts, the steps between reuse what it recorded).
+REF_KV_MODES = ("exact", "reuse")
+# extract: the full sequence, recording the references' K/V (and, with a selector, scoring influence: an anchor);
+# kv-anchor: a cached step scoring influence over the cached keys (an exact model's later anchors);
+# kv-pruned: a cached step attending from L0 on to the kept set's K/V; kv-full: to every cached K/V.
+KV_KINDS = ("extract", "kv-anchor", "kv-pruned", "kv-full")
+
+
+def check_ref_kv(mode):
+    if mode is not None and mode not in REF_KV_MODES:
+        raise TopiError(f"reference K/V mode {mode!r}: choose {' or '.join(REF_KV_MODES)}")
+    return mode
+# ----------------------------------------------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class StepPlan:
     step: int
     kind: str  # "anchor" | "pruned" | "full" (unpruned, through the topi graph) | "dense" (the plain model) | "reuse"
+    #            | KV_KINDS
     anchor: int  # the anchor step whose kept set this step uses
     keep_idx: torch.Tensor | None = None  # None: every context token
     ratio: float = 0.0
@@ -42,12 +60,15 @@ class TemporalController:
     may be planned again (the second guidance branch of a diffusers pipeline) without re-scoring."""
 
     def __init__(self, selector, update_interval: int, num_ctx: int, grids=None, baseline: str = "full",
-                 reuse: ReusePlan = OFF):
+                 reuse: ReusePlan = OFF, ref_kv: str | None = None):
         if baseline not in ("full", "dense"):
             raise TopiError(f"unknown baseline {baseline!r}: full or dense")
         self.selector, self.num_ctx, self.baseline = selector, int(num_ctx), baseline
         self.reuse = reuse if selector is not None else OFF  # baselines compute every step
         self.reused = frozenset(self.reuse.steps)
+        # the dense baseline recomputes the references every step: no cache. A reused step calls nothing, so the
+        # cached K/V stays valid across it (reuse never plans an anchor, and step 0 is always one).
+        self.ref_kv = check_ref_kv(ref_kv) if baseline != "dense" or selector is not None else None
         self.update_interval = check_update_interval(int(update_interval))
         self.grids = tuple(grids) if grids else ((1, self.num_ctx),)
         self.keep_idx, self.ratio, self.keep = None, 0.0, self.num_ctx
@@ -64,6 +85,8 @@ class TemporalController:
             while last in self.reused:
                 last -= 1
             return StepPlan(step, "reuse", anchor, None, 0.0, 0, reuses=last)
+        if self.ref_kv is not None:
+            return self._plan_kv(step, anchor)
         if self.selector is None:
             return StepPlan(step, self.baseline, anchor, None, 0.0, self.num_ctx)
         if step == anchor:
@@ -71,6 +94,20 @@ class TemporalController:
         if anchor not in self.kept:
             raise TopiError(f"step {step} was planned before its anchor step {anchor} observed influence")
         return StepPlan(step, "pruned", anchor, self.keep_idx, self.ratio, self.keep)
+
+    # --- reference K/V cache (docs/design.md, "Reference K/V cache") -------------------------------------------
+    def _plan_kv(self, step: int, anchor: int) -> StepPlan:
+        extract = step == 0 if self.ref_kv == "exact" else step == anchor
+        if extract:
+            return StepPlan(step, "extract", anchor, None, 0.0, self.num_ctx)
+        if self.selector is None:
+            return StepPlan(step, "kv-full", anchor, None, 0.0, self.num_ctx)
+        if step == anchor:
+            return StepPlan(step, "kv-anchor", anchor, None, 0.0, self.num_ctx)
+        if anchor not in self.kept:
+            raise TopiError(f"step {step} was planned before its anchor step {anchor} observed influence")
+        return StepPlan(step, "kv-pruned", anchor, self.keep_idx, self.ratio, self.keep)
+    # -----------------------------------------------------------------------------------------------------------
 
     def observe(self, step: int, influence: torch.Tensor) -> dict:
         """An anchor's influence [Nc] -> the kept set of the next pruned steps. Returns the anchor's record."""

@@ -84,9 +84,21 @@ def builtin_names() -> list[str]:
     return names + [n for n, folder in ASSET_MODELS.items() if (ASSETS / folder / "config.json").exists()]
 
 
-def adapter_for(identity: ModelIdentity) -> Family:
+def adapter_for(identity: ModelIdentity, kv_model: bool = False) -> Family:
     """A weightless adapter from a manifest's identity: enough for conditioning, layouts and schedulers."""
-    return family_named(identity.family)(identity.config)
+    return family_named(identity.family)(identity.config, kv_model=kv_model)
+
+
+def pipeline_class(spec) -> str | None:
+    """The ``_class_name`` of a pipeline folder's model_index.json, when --model is one."""
+    from topi_export.fsutil import read_json_file
+
+    path = Path(str(spec)) / "model_index.json"
+    if not os.path.lexists(path):
+        return None
+    index = read_json_file(path, "pipeline index", "fix or remove the pipeline's model_index.json",
+                           follow_symlinks=True)
+    return index.get("_class_name") if isinstance(index, dict) else None
 
 
 @dataclass
@@ -199,11 +211,13 @@ def build_builtin(name: str, dtype: torch.dtype = torch.float32):
     raise KeyError(name)
 
 
-def load_model(spec: str | os.PathLike | None = None, dtype: str = "fp32", adapters=()) -> LoadedModel:
+def load_model(spec: str | os.PathLike | None = None, dtype: str = "fp32", adapters=(),
+               kv_model: bool | None = None) -> LoadedModel:
     """A built-in name or a local diffusers folder -> LoadedModel (family adapter around the model, identity).
     dtype: the precision the weights are held in (fp32 for the CPU reference; bf16/fp16 builds never hold an
     fp32 copy). adapters: lora.Adapter to fuse into the weights (the identity keeps the base weights' hash and
-    records them)."""
+    records them). kv_model: run the model with its family's reference-K/V-cache attention (a KV-trained model);
+    None: when --model is a pipeline folder of one of the family's ``kv_pipelines``."""
     if dtype not in DTYPES:
         raise TopiError(f"precision {dtype!r}: choose one of {', '.join(DTYPES)}")
     spec = str(spec or DEFAULT_MODEL)
@@ -230,6 +244,8 @@ def load_model(spec: str | os.PathLike | None = None, dtype: str = "fp32", adapt
 
         fused = fuse(fam, model, adapters)
     model.requires_grad_(False)
-    family = fam(dict(model.config), model)
+    if kv_model is None:
+        kv_model = pipeline_class(spec) in fam.kv_pipelines if fam.kv_pipelines else False
+    family = fam(dict(model.config), model, kv_model=kv_model)
     return LoadedModel(family, spec, config_digest(model.config, type(model)), w_hash, cls_name, dtype,
                        tuple(adapters), frozenset(fused))

@@ -59,7 +59,9 @@ class AttentionHook:
     """Called by a family's attention processor with q/k/v [B, H, S, D] ([T | X | C'], after QK-norm and RoPE).
     Armed per layer by ``Family.forward``: ``score`` computes the influence of the context keys present (C') from
     the target queries selected by ``score_idx`` (all target queries when None); ``drop_context`` removes the
-    context keys/values from this layer's attention (the calibration probe)."""
+    context keys/values from this layer's attention (the calibration probe). Reference K/V cache (docs/design.md,
+    "Reference K/V cache"): ``kv`` = (k, v) [B, H, N, D] cached context keys/values spliced after the target's
+    (a cached step runs no context tokens); ``record`` keeps this layer's context keys/values in ``recorded``."""
 
     def __init__(self):
         self.disarm()
@@ -67,13 +69,20 @@ class AttentionHook:
     def disarm(self):
         self.n_text = self.n_target = 0
         self.score, self.score_idx, self.drop_context, self.influence = False, None, False, None
+        self.kv, self.record, self.recorded = None, False, None
 
-    def arm(self, n_text: int, n_target: int, *, score: bool, score_idx=None, drop_context: bool = False):
+    def arm(self, n_text: int, n_target: int, *, score: bool, score_idx=None, drop_context: bool = False, kv=None,
+            record: bool = False):
         self.n_text, self.n_target = n_text, n_target
         self.score, self.score_idx, self.drop_context = score, score_idx, drop_context
+        self.kv, self.record = kv, record
 
     def __call__(self, q, k, v):
         t_end, x_end = self.n_text, self.n_text + self.n_target
+        if self.kv is not None:
+            k, v = torch.cat([k, self.kv[0].to(k.dtype)], dim=2), torch.cat([v, self.kv[1].to(v.dtype)], dim=2)
+        if self.record:
+            self.recorded = (k[:, :, x_end:], v[:, :, x_end:])
         if self.score:
             q_target = q[:, :, t_end:x_end]
             if self.score_idx is not None:
@@ -118,6 +127,10 @@ class Family:
     text_tokens_default: int = 8  # text tokens of synthetic requests
     pads_text: bool = False  # True: a masked family; shorter prompts are padded (mask 0) to a built text length
     max_branches: int = 1  # guidance branches one request may run, batched along B (2: true CFG)
+    # Pipelines whose models were trained with a reference K/V cache (references attend only to themselves, so
+    # their keys/values are computed once per request: docs/design.md, "Reference K/V cache"). Empty: the family
+    # has no such models, and reference K/V reuse is only the approximate, opt-in mode.
+    kv_pipelines: tuple[str, ...] = ()
 
     @classmethod
     def model_class(cls):
@@ -126,9 +139,13 @@ class Family:
 
         return getattr(diffusers, cls.model_classes[0])
 
-    def __init__(self, config: dict, model=None):
+    def __init__(self, config: dict, model=None, kv_model: bool = False):
         self.config = {k: v for k, v in dict(config).items() if not k.startswith("_")}
         self.model = model.eval() if model is not None else None
+        if kv_model and not self.kv_pipelines:
+            raise BadInput(f"{self.name} has no models trained with a reference K/V cache: drop --kv-cache (use "
+                           f"`run --ref-kv reuse`, the approximate reuse, instead)")
+        self.kv_model = bool(kv_model)  # the reference-K/V-cache attention of a KV-trained model
         self.hooks = [AttentionHook() for _ in range(self.num_layers)]
         if model is not None:
             self.install_processors(model)
@@ -329,7 +346,8 @@ class Family:
         raise NotImplementedError
 
     def embed(self, latents, context, timestep, cond):
-        """Inputs -> a mutable state (any object with n_text, n_target) for run_layer."""
+        """Inputs -> a mutable state (any object with n_text, n_target) for run_layer. context None: no context
+        tokens (a cached step; the rotary tables then hold the [T | X] rows only)."""
         raise NotImplementedError
 
     def gather_context(self, state, layer: int, keep_idx) -> None:
@@ -359,33 +377,79 @@ class Family:
         """Combine the branches of a batched velocity [B, Nx, C] into one [1, Nx, C] (true CFG); identity at B=1."""
         return velocity[:1]
 
+    # --- diffusers drop-in (override parse_call(kwargs) -> (latents, timestep, Inputs); the rest when a pipeline
+    # keeps a reference K/V cache between its transformer calls: docs/design.md, "Reference K/V cache") -----------
+    def dropin_cache_call(self, kwargs) -> str | None:
+        """How the pipeline's call uses a reference K/V cache: "extract" (the call that builds it), "cached" (a
+        call that passes it back), None (a plain call)."""
+        return None
+
+    def dropin_output(self, velocity, cache=None, return_dict: bool = True):
+        """What the transformer returns to the pipeline; with ``cache`` (an extract call), also the cache token
+        the pipeline passes back to its later calls."""
+        if not return_dict:
+            return (velocity,) if cache is None else (velocity, cache)
+        from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+        return Transformer2DModelOutput(sample=velocity)
+
+    def dropin_attributes(self) -> dict:
+        """Attributes a pipeline reads from its transformer besides config, dtype and device (name -> value)."""
+        return {}
+
     # --- generic ToPi forward --------------------------------------------------------------------
+    def text_input(self) -> str:
+        """The graph input of the (first) text tensor: its length is T."""
+        return next(s.graph for s in self.tensor_specs() if s.role == "text")
+
     def forward(self, latents, context, timestep, cond: dict, *, keep_idx=None, score_idx=None, prune_start: int = 0,
-                influence_layers=(), drop_context_layer: int | None = None):
-        """The model with ToPi. Returns (velocity [B, Nx, C_out], influence [B, K] or None).
+                influence_layers=(), drop_context_layer: int | None = None, ref_kv=None, record_kv: bool = False):
+        """The model with ToPi. Returns (velocity [B, Nx, C_out], influence [B, K] or None), and with ``record_kv``
+        also the context's keys and values of every layer, ref_kv [L, 2, B, H, Nc, D] (after QK-norm and RoPE).
 
         keep_idx (sorted context indices): layers >= prune_start see only those context tokens. influence_layers:
         the pivotal layers whose influence is summed (over the context tokens present; a pivotal layer before the
         gather is reduced to keep_idx so every term has K entries). score_idx: the target queries averaged (all
-        when None). drop_context_layer: the calibration probe."""
+        when None). drop_context_layer: the calibration probe.
+
+        ref_kv (a cached step, docs/design.md "Reference K/V cache"): ``context`` is None, only text and target
+        tokens run, and each layer attends to the cached context keys/values spliced after the target's; layers
+        >= prune_start to the kept ones (keep_idx) only. Influence is then scored over the cached keys."""
         if self.model is None:
             raise TopiError(f"{self.name}: this adapter was made from a config only; load the model with weights")
         pivotal = set(int(v) for v in influence_layers)
+        kept_kv = None
+        if ref_kv is not None:
+            if context is not None:
+                raise TopiError("a cached step takes the context's keys and values, not its tokens: pass context=None")
+            # the cache holds post-RoPE keys: only the [T | X] rows of the rotary tables are used
+            cut = cond[self.text_input()].shape[1] + latents.shape[1]
+            cond = {**cond, "rope_cos": cond["rope_cos"][:cut], "rope_sin": cond["rope_sin"][:cut]}
+            if keep_idx is not None:  # one gather of the kept keys/values for every layer from L0 on
+                kept_kv = ref_kv[prune_start:].index_select(4, keep_idx)
         state = self.embed(latents, context, timestep, cond)
-        influence = None
+        influence, recorded = None, []
         for layer in range(self.num_layers):
-            if keep_idx is not None and layer == prune_start:
+            if keep_idx is not None and layer == prune_start and ref_kv is None:
                 self.gather_context(state, layer, keep_idx)
+            kv = None
+            if ref_kv is not None:
+                kv = kept_kv[layer - prune_start] if kept_kv is not None and layer >= prune_start else ref_kv[layer]
             hook = self.hooks[layer]
             hook.arm(state.n_text, state.n_target, score=layer in pivotal, score_idx=score_idx,
-                     drop_context=layer == drop_context_layer)
+                     drop_context=layer == drop_context_layer, kv=kv, record=record_kv)
             try:
                 self.run_layer(state, layer)
                 part = hook.influence
+                if record_kv:
+                    recorded.append(torch.stack(hook.recorded))
             finally:
                 hook.disarm()
             if part is not None:
                 if keep_idx is not None and layer < prune_start:
                     part = token_gather(part.unsqueeze(-1), keep_idx)[..., 0]
                 influence = part if influence is None else influence + part
-        return self.head(state), influence
+        velocity = self.head(state)
+        if record_kv:
+            return velocity, influence, torch.stack(recorded)
+        return velocity, influence

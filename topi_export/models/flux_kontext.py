@@ -149,7 +149,7 @@ class FluxKontext(FluxBlocks, Family):
     def embed(self, latents, context, timestep, cond):
         m = self.model
         dtype = m.x_embedder.weight.dtype
-        hs = m.x_embedder(torch.cat([latents, context], dim=1).to(dtype))
+        hs = m.x_embedder((latents if context is None else torch.cat([latents, context], dim=1)).to(dtype))
         t = timestep.to(dtype) * 1000
         pooled = cond["pooled_projections"].to(dtype)
         if "guidance" in cond:

@@ -135,12 +135,12 @@ class QwenImageEdit(Family):
     pixels_per_token = 16  # VAE factor 8 x 2x2 packing
     scheduler_defaults = SCHEDULER
 
-    def __init__(self, config: dict, model=None):
+    def __init__(self, config: dict, model=None, kv_model: bool = False):
         for key, why in UNSUPPORTED.items():
             if config.get(key):
                 raise TopiError(f"QwenImageTransformer2DModel with {key}=True is not served ({why}): use a "
                                 f"Qwen-Image-Edit / Edit-Plus checkpoint")
-        super().__init__(config, model)
+        super().__init__(config, model, kv_model)
 
     # --- description -------------------------------------------------------------------------
     @property
@@ -206,7 +206,7 @@ class QwenImageEdit(Family):
     def embed(self, latents, context, timestep, cond):
         m = self.model
         dtype = m.img_in.weight.dtype
-        hs = m.img_in(torch.cat([latents, context], dim=1).to(dtype))
+        hs = m.img_in((latents if context is None else torch.cat([latents, context], dim=1)).to(dtype))
         t = timestep.to(dtype)
         if self.zero_cond_t:
             t = torch.cat([t, t * 0], dim=0)  # reference tokens are modulated as if clean (t = 0)

@@ -30,6 +30,18 @@ DIMS = ("B", "T", "Nx", "Nc", "K", "Q")
 DIGEST = "manifest_sha256"
 UNBOUND = ("created", DIGEST)  # the only fields the digest does not cover
 MAX_BRANCHES = 8  # guidance branches batched in one call (a family declares its own; 2 for true CFG)
+# Reference K/V cache modes (docs/design.md, "Reference K/V cache") -> the graphs a directory must hold, and the
+# inputs / outputs each graph needs. "exact": a KV-trained model (no topi graph); "reuse": approximate reuse.
+REF_KV_MODES = ("exact", "reuse")
+GRAPHS = ("topi", "extract", "cached", "dense")
+REQUIRED_GRAPHS = {None: ("topi",), "reuse": ("topi", "extract", "cached"), "exact": ("extract", "cached")}
+GRAPH_NEEDS = {"topi": (("keep_idx", "score_idx"), ("velocity", "influence")),
+               "extract": (("context", "score_idx"), ("velocity", "ref_kv", "influence")),
+               "cached": (("ref_kv", "keep_idx", "score_idx"), ("velocity", "influence")),
+               "dense": (("context",), ("velocity",))}
+KEEP_PROFILED = ("topi", "cached")  # graphs taking keep_idx: one optimization profile per (layout, keep)
+# Graph outputs a later call of the same request takes back as an input of the same name (per-request state).
+STATE = ("ref_kv",)
 
 
 def manifest_digest(doc: dict) -> str:
@@ -198,13 +210,14 @@ class Manifest:
     backend: str
     precision: str
     target: dict
-    graphs: dict  # "topi" (anchor + pruned steps) and optionally "dense" (the plain model baseline) -> GraphEntry
+    graphs: dict  # "topi" (anchor + pruned steps), "extract" + "cached" (reference K/V cache), optionally "dense"
     files: dict  # relative path -> FileEntry
     versions: dict
     created: str = ""
     tau: float | None = None
     weights: dict = field(default_factory=dict)  # {"file", "bytes", "dtype"} of the one weights copy
     scheduler: dict = field(default_factory=dict)  # the pipeline folder's scheduler config, when built from one
+    ref_kv: str | None = None  # reference K/V cache: "exact" (a KV-trained model), "reuse" (approximate), None
     root: Path | None = field(default=None, compare=False)
     verified: dict = field(default_factory=dict, compare=False)  # relative path -> file identity when verified
 
@@ -276,6 +289,8 @@ class Manifest:
                 "scheduler": self.scheduler,
                 "files": {k: {"sha256": f.sha256, "bytes": f.bytes} for k, f in sorted(self.files.items())},
                 "versions": self.versions}
+        if self.ref_kv is not None:  # absent otherwise, so directories built before the field keep their digest
+            doc["ref_kv"] = self.ref_kv
         doc[DIGEST] = manifest_digest(doc)
         return doc
 
@@ -309,11 +324,13 @@ class Manifest:
                 raise r.fail("buckets", f"{buckets} collapse to the same keep count for {lay.describe()}")
         graphs_r = r.obj("graphs")
         graphs = {k: GraphEntry.from_reader(graphs_r.obj(k)) for k in graphs_r.data}
-        if "topi" not in graphs:
-            raise r.fail("graphs", "has no 'topi' graph")
-        unknown = set(graphs) - {"topi", "dense"}
+        unknown = set(graphs) - set(GRAPHS)
         if unknown:
             raise r.fail("graphs", f"names unknown graphs {sorted(unknown)}")
+        ref_kv = r.str("ref_kv", choices=REF_KV_MODES, optional=True)
+        for need in REQUIRED_GRAPHS[ref_kv]:
+            if need not in graphs:
+                raise r.fail("graphs", f"has no {need!r} graph" + (f" (reference K/V mode {ref_kv})" if ref_kv else ""))
         files_r = r.obj("files")
         files = {}
         for rel in files_r.data:
@@ -343,7 +360,7 @@ class Manifest:
                 settings=settings, policy=r.str("policy"), backend=r.str("backend"),
                 precision=r.str("precision", choices=PRECISIONS), target=r.dict("target"), graphs=graphs,
                 files=files, versions=r.dict("versions", optional=True), created=str(r.get("created") or ""),
-                tau=tau, weights=weights, scheduler=r.dict("scheduler", optional=True), root=root)
+                tau=tau, weights=weights, scheduler=r.dict("scheduler", optional=True), ref_kv=ref_kv, root=root)
         m._check_graph_shapes(r)
         want = r.str(DIGEST)
         if want != manifest_digest(data) or manifest_digest(m.to_json()) != want:
@@ -365,7 +382,11 @@ class Manifest:
                         t.shape(sizes)
                     except KeyError as exc:
                         raise r.fail(f"graphs.{kind}", f"tensor {t.name!r} uses an unknown dimension {exc}")
-        topi = self.graphs["topi"]
-        for need in ("keep_idx", "score_idx"):
-            if topi.input(need) is None:
-                raise r.fail("graphs.topi.inputs", f"lacks {need!r}")
+        for kind, g in self.graphs.items():
+            inputs, outputs = GRAPH_NEEDS[kind]
+            for need in inputs:
+                if g.input(need) is None:
+                    raise r.fail(f"graphs.{kind}.inputs", f"lacks {need!r}")
+            for need in outputs:
+                if need not in [t.name for t in g.outputs]:
+                    raise r.fail(f"graphs.{kind}.outputs", f"lacks {need!r}")

@@ -28,7 +28,10 @@ class StepRecord:
     ``reuse`` (no transformer call: the velocity of the last computed steps, method/reuse.py).
     graph: the graph call that ran (``anchor`` | ``pruned`` | ``full`` | ``dense`` | ``none``; an anchor whose kept
     set is everything runs its next steps as ``full``). The kind-only fields are None (and absent in JSON) on other
-    steps."""
+    steps.
+    Reference K/V cache kinds and graph calls (docs/design.md): ``extract`` (the full sequence, recording the
+    references' keys/values; an anchor when it scores), ``kv-anchor`` (a cached step scoring influence over the
+    cached keys), ``kv-pruned`` (cached, the kept set from L0 on), ``kv-full`` (cached, every reference)."""
 
     step: int
     kind: str
@@ -59,10 +62,10 @@ class CheckRow:
     """One comparison of ``topi-export check``: an engine output against the PyTorch reference (worst trial)."""
 
     layout: str
-    graph: str  # anchor | full | pruned | dense
+    graph: str  # anchor | full | pruned | dense | extract | kv-anchor | kv-pruned
     bucket: float | None
     keep: int
-    output: str  # velocity | influence
+    output: str  # velocity | influence | ref_kv
     max_abs: float
     rel_l2: float
     finite: bool
@@ -90,7 +93,7 @@ class RunReport:
     selection: dict  # ratio, tau, buckets, policy
     method: dict  # pivotal_layers, prune_start, update_interval, source, provenance
     schedule: tuple[StepRecord, ...]
-    time_s: dict  # "topi" and, with --compare, the baseline's mode ("dense" or "full")
+    time_s: dict  # "topi" and, with --compare, the baseline's mode ("dense" or "full") and "kv-cache"
     reuse: dict | None = None  # the run's reuse plan (plan/reuse.py ReusePlan): mode, order, steps, source, why
     computed_steps: int | None = None  # steps that called the transformer
     repeats: int | None = None
@@ -101,9 +104,13 @@ class RunReport:
     rel_l2: float | None = None
     psnr_db_vs_truth: dict | None = None
     adapters: list | None = None  # LoRA adapters fused into the weights ({"file", "sha256", "scale"})
+    # --- reference K/V cache (docs/design.md, "Reference K/V cache") ---
+    ref_kv: dict | None = None  # mode, exact, label, cache_bytes, cache_bytes_per_reference, layers, heads, head_dim
+    speedup_vs_kv_cache: float | None = None  # fastest unpruned cached loop / fastest ToPi run (KV-trained models)
+    speedup_vs_kv_cache_spread: tuple[float, float] | None = None
 
     OPTIONAL = ("repeats", "baseline", "speedup", "speedup_spread", "psnr_db", "rel_l2", "psnr_db_vs_truth", "reuse",
-                "computed_steps", "adapters")
+                "computed_steps", "adapters", "ref_kv", "speedup_vs_kv_cache", "speedup_vs_kv_cache_spread")
 
     def to_json(self) -> dict:
         out = {}

@@ -1,5 +1,6 @@
 """Per-step comparison of built engines against the PyTorch reference (``topi-export check``): anchor (velocity
-and influence), the unpruned step, every bucket's pruned step at every built layout, and the dense baseline.
+and influence), the unpruned step, every bucket's pruned step at every built layout, the reference K/V cache's
+steps (extract with the cache itself, kv-anchor, every bucket's kv-pruned), and the dense baseline.
 Works for every backend through the StepEngine interface."""
 from __future__ import annotations
 
@@ -27,22 +28,54 @@ def compare_engines(session, reference, data_per_layout, *, seed=0, trials=2):
             for _ in range(trials):
                 x = torch.randn(1, data.layout.num_target, data.channels, generator=gen).expand(b, -1, -1).contiguous()
                 t = (torch.rand(1, generator=gen) * 0.9 + 0.05).expand(b).contiguous()
-                got_v, got_i = session.engine.anchor(x, t)
-                ref_v, ref_i = reference.engine.anchor(x, t)
-                rows.append(_row(name, "anchor", None, nc, "velocity", got_v, ref_v))
-                rows.append(_row(name, "anchor", None, nc, "influence", got_i, ref_i))
-                rows.append(_row(name, "full", None, nc, "velocity", session.engine.full(x, t),
-                                 reference.engine.full(x, t)))
-                for p in m.profiles:
-                    if p.layout != li or p.ratio == 0:
-                        continue
-                    idx = torch.randperm(nc, generator=gen)[:p.keep].sort().values
-                    rows.append(_row(name, "pruned", p.ratio, p.keep, "velocity", session.engine.pruned(x, t, idx),
-                                     reference.engine.pruned(x, t, idx)))
+                if "topi" in m.graphs:
+                    got_v, got_i = session.engine.anchor(x, t)
+                    ref_v, ref_i = reference.engine.anchor(x, t)
+                    rows.append(_row(name, "anchor", None, nc, "velocity", got_v, ref_v))
+                    rows.append(_row(name, "anchor", None, nc, "influence", got_i, ref_i))
+                    rows.append(_row(name, "full", None, nc, "velocity", session.engine.full(x, t),
+                                     reference.engine.full(x, t)))
+                    for p in m.profiles:
+                        if p.layout != li or p.ratio == 0:
+                            continue
+                        idx = torch.randperm(nc, generator=gen)[:p.keep].sort().values
+                        rows.append(_row(name, "pruned", p.ratio, p.keep, "velocity",
+                                         session.engine.pruned(x, t, idx), reference.engine.pruned(x, t, idx)))
+                if "cached" in m.graphs:
+                    rows += _cache_rows(session, reference, m, li, name, nc, x, t, gen)
                 if session.engine.has_dense:
                     rows.append(_row(name, "dense", None, nc, "velocity", session.engine.dense(x, t),
                                      reference.engine.dense(x, t)))
     return _worst(rows)
+
+
+def _cache_rows(session, reference, m, li, name, nc, x, t, gen):
+    """Reference K/V cache (docs/design.md): extract (velocity, influence, the cache itself), then the cached steps
+    of each engine on its own cache: every key with scoring (kv-anchor), every bucket (kv-pruned)."""
+    rows = []
+    got_v, got_i = session.engine.extract(x, t)
+    ref_v, ref_i = reference.engine.extract(x, t)
+    rows += [_row(name, "extract", None, nc, "velocity", got_v, ref_v),
+             _row(name, "extract", None, nc, "influence", got_i, ref_i),
+             _row(name, "extract", None, nc, "ref_kv", _torch(session.engine.state["ref_kv"]),
+                  _torch(reference.engine.state["ref_kv"]))]
+    x2 = x + 0.1 * torch.randn(x.shape, generator=gen)  # a later step: other latents, same cache
+    got_v, got_i = session.engine.cached(x2, t * 0.8, None, score=True)
+    ref_v, ref_i = reference.engine.cached(x2, t * 0.8, None, score=True)
+    rows += [_row(name, "kv-anchor", None, nc, "velocity", got_v, ref_v),
+             _row(name, "kv-anchor", None, nc, "influence", got_i, ref_i)]
+    for p in m.profiles:
+        if p.layout != li or p.ratio == 0:
+            continue
+        idx = torch.randperm(nc, generator=gen)[:p.keep].sort().values
+        rows.append(_row(name, "kv-pruned", p.ratio, p.keep, "velocity", session.engine.cached(x2, t * 0.8, idx)[0],
+                         reference.engine.cached(x2, t * 0.8, idx)[0]))
+    return rows
+
+
+def _torch(value):
+    """A backend's cache (a torch tensor or an array) as a CPU tensor."""
+    return value.detach().float().cpu() if isinstance(value, torch.Tensor) else torch.as_tensor(value).float()
 
 
 def _row(layout, graph, bucket, keep, output, got, ref):

@@ -10,7 +10,12 @@ branches name them through diffusers' ``cache_context("cond")`` / ``cache_contex
 that name (a pipeline that names no branch makes one call per step). The temporal controller (method/schedule.py)
 plans the steps exactly as ``topi-export run`` does, and the one step runner (runtime/steps.py) runs them: the
 "cond" branch's anchor decides the kept set; the "uncond" branch runs the same plan with its own embeddings, never
-re-scoring. A new generation starts when the "cond" branch's timestep goes up (or repeats)."""
+re-scoring. A new generation starts when the "cond" branch's timestep goes up (or repeats).
+
+Pipelines that keep a reference K/V cache between their calls (Flux2KleinKVPipeline: docs/design.md, "Reference
+K/V cache") build it in their first call ("extract", which starts a generation) and pass it back to every later
+one ("cached"). The drop-in hands them a ``ReferenceKVCache`` token, never the keys and values: those stay in the
+engine (StepEngine.state), held once, and are freed when the pipeline clears the token."""
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -23,18 +28,37 @@ from topi_export.errors import BadInput, TopiError
 BRANCHES = {"cond": 0, "uncond": 1}
 
 
+class ReferenceKVCache:
+    """The token a pipeline that keeps a reference K/V cache gets from the drop-in's extract call and passes back:
+    the request it was made for (``inputs``: the family's parse_call reads the layout and references from it) and
+    a way to free the engine's copy (``clear``, which the pipeline calls when it is done)."""
+
+    def __init__(self, inputs, release):
+        self.inputs, self._release = inputs, release
+        self.num_ref_tokens = inputs.layout.num_ctx
+
+    def clear(self):
+        self.inputs = None
+        self._release()
+
+
 class TopiTransformer(torch.nn.Module):
     def __init__(self, engine_dir=None, *, model=None, backend=None, ratio=None, tau=None, ratio_buckets=None,
                  policy=None, update_interval=None, calibration=None, seed: int = 0, device: str = "cpu",
-                 dtype: str = "fp32", reuse=None, reuse_order: int = 0, steps: int | None = None, loras=()):
+                 dtype: str = "fp32", reuse=None, reuse_order: int = 0, steps: int | None = None, loras=(),
+                 kv_cache=None, ref_kv=None):
         super().__init__()
         from diffusers.configuration_utils import FrozenDict
 
         from topi_export.runtime.session import open_session
 
         self.session = open_session(model=model, engine_dir=engine_dir, backend=backend, calibration=calibration,
-                                    update_interval=update_interval, device=device, dtype=dtype, loras=loras)
+                                    update_interval=update_interval, device=device, dtype=dtype, loras=loras,
+                                    kv_cache=kv_cache)
         self.family = self.session.family
+        self.ref_kv = self.session.check_ref_kv(ref_kv)  # a KV-trained model's exact cache, or "reuse"
+        for name, value in self.family.dropin_attributes().items():
+            object.__setattr__(self, name, value)
         if not hasattr(self.family, "parse_call"):
             raise TopiError(f"{self.family.name} has no diffusers drop-in")
         self._selection = dict(ratio=ratio, tau=tau, ratio_buckets=ratio_buckets, policy=policy, seed=seed)
@@ -82,9 +106,15 @@ class TopiTransformer(torch.nn.Module):
             plan = self.session.reuse_plan(inputs, steps=self._steps, reuse=spec, order=order)
         self.reuse = plan
         controller = TemporalController(selector, self.session.settings.update_interval, inputs.layout.num_ctx,
-                                        inputs.layout.ref_grids, reuse=plan)
+                                        inputs.layout.ref_grids, reuse=plan, ref_kv=self.ref_kv)
         self.runner = StepRunner(self.session.engine, controller, inputs.layout)
         self.step, self.schedule = 0, []
+
+    def _release_cache(self, runner):
+        """Free the reference K/V cache the engine holds for ``runner``'s generation (ReferenceKVCache.clear)."""
+        runner.states.clear()
+        if getattr(self, "runner", None) is runner:
+            self.session.engine.state = {}
 
     def _branch(self) -> int:
         if self._branch_name is None:
@@ -97,6 +127,7 @@ class TopiTransformer(torch.nn.Module):
     def forward(self, *args, return_dict: bool = True, **kwargs):
         if args:
             kwargs.setdefault("hidden_states", args[0])
+        cache_call = self.family.dropin_cache_call(kwargs)
         latents, timestep, inputs = self.family.parse_call(kwargs)
         timestep = torch.as_tensor(timestep, dtype=torch.float32).reshape(-1)  # a pipeline may pass a float
         if timestep.numel() < 1 or not bool(torch.isfinite(timestep).all()):
@@ -108,7 +139,7 @@ class TopiTransformer(torch.nn.Module):
         t = float(timestep.reshape(-1)[0])
         branch = self._branch()
         if branch == 0:
-            if self._last_t is None or t >= self._last_t:
+            if cache_call == "extract" or (cache_call is None and (self._last_t is None or t >= self._last_t)):
                 self._start(inputs)
             else:
                 self.step += 1
@@ -128,11 +159,11 @@ class TopiTransformer(torch.nn.Module):
         if branch == 0:
             self.schedule.append(record)
         velocity = velocity[:1].to(device=latents.device, dtype=latents.dtype)
-        if not return_dict:
-            return (velocity,)
-        from diffusers.models.modeling_outputs import Transformer2DModelOutput
-
-        return Transformer2DModelOutput(sample=velocity)
+        cache = None
+        if cache_call == "extract":
+            runner = self.runner
+            cache = ReferenceKVCache(inputs, lambda: self._release_cache(runner))
+        return self.family.dropin_output(velocity, cache, return_dict)
 
 
 TopiKontextTransformer = TopiTransformer  # the first release's name

@@ -1,7 +1,9 @@
 """The denoising loop, generic over families and backends: the family's scheduler and guidance, the temporal
 controller's plan (method/schedule.py), the step runner (runtime/steps.py). ``mode``: "topi" (the ToPi schedule),
 "full" (every step unpruned through the ToPi graph) or "dense" (every step through the plain dense model: the
-baseline)."""
+baseline). ``ref_kv`` (docs/design.md, "Reference K/V cache"): "exact" for a KV-trained model (step 0 extracts the
+references' keys/values, every later step attends to them), "reuse" for the approximate reuse of any model (every
+anchor extracts); with mode "full" that is the unpruned cached loop."""
 from __future__ import annotations
 
 import math
@@ -11,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from topi_export.backends.base import state_bytes
 from topi_export.errors import BadInput, TopiError
 from topi_export.method.schedule import TemporalController
 from topi_export.plan.limits import check_mode, check_steps
@@ -24,6 +27,8 @@ class RunResult:
     schedule: tuple = ()  # plan.results.StepRecord per step
     time_s: float = 0.0
     kept: dict = field(default_factory=dict)  # anchor step -> kept context indices (None = all)
+    ref_kv: str | None = None  # the reference K/V mode the loop ran ("exact" | "reuse")
+    cache_bytes: int = 0  # bytes of the reference K/V cache the engine held (0 without one)
 
     def with_time(self, time_s: float) -> "RunResult":
         from dataclasses import replace
@@ -59,11 +64,14 @@ def schedule_sigmas(family, steps: int, layout, scheduler_config: dict | None = 
 
 def denoise(engine, family, inputs, *, steps: int, seed: int = 0, selector=None, mode: str = "topi",
             update_interval: int = 10, scheduler_config: dict | None = None, progress: bool = False,
-            desc: str | None = None, reuse: ReusePlan = OFF, on_step=None) -> RunResult:
+            desc: str | None = None, reuse: ReusePlan = OFF, on_step=None, ref_kv: str | None = None) -> RunResult:
     """One generation. The engine is bound to the request's conditioning here. ``reuse``: the steps that reuse a
     velocity instead of calling the engine (method/reuse.py; ignored by the baselines). ``on_step(step, sigma,
-    velocity)``: called with every step's guided velocity (calibration records trajectories with it)."""
+    velocity)``: called with every step's guided velocity (calibration records trajectories with it). ref_kv None:
+    a KV-trained model's exact cache (the dense mode recomputes the references every step), no cache otherwise."""
     check_mode(mode)
+    if ref_kv is None and family.kv_model and mode != "dense":
+        ref_kv = "exact"
     if mode == "topi" and selector is None:
         raise BadInput("the ToPi schedule needs a selector (ratio or tau)")
     check_steps(steps)
@@ -73,7 +81,8 @@ def denoise(engine, family, inputs, *, steps: int, seed: int = 0, selector=None,
     latents = inputs.initial_noise(seed)
     sched = family.make_scheduler(steps, layout, scheduler_config)
     controller = TemporalController(selector if mode == "topi" else None, update_interval, layout.num_ctx,
-                                    layout.ref_grids, baseline="dense" if mode == "dense" else "full", reuse=reuse)
+                                    layout.ref_grids, baseline="dense" if mode == "dense" else "full", reuse=reuse,
+                                    ref_kv=ref_kv)
     runner = StepRunner(engine, controller, layout, guide=lambda v: family.guide(v.float(), inputs))
     records = []
     start = time.perf_counter()
@@ -89,21 +98,31 @@ def denoise(engine, family, inputs, *, steps: int, seed: int = 0, selector=None,
             latents = sched.step(velocity, t, latents, return_dict=False)[0]
             records.append(record)
             bar.update(1)
-    return RunResult(latents, tuple(records), time.perf_counter() - start, dict(runner.kept))
+    elapsed = time.perf_counter() - start
+    cache = sum(state_bytes(st) for st in runner.states.values()) if controller.ref_kv else 0
+    return RunResult(latents, tuple(records), elapsed, dict(runner.kept), controller.ref_kv, cache)
 
 
-def warmup(engine, family, inputs, keeps=(), dense: bool = False) -> None:
+def warmup(engine, family, inputs, keeps=(), dense: bool = False, ref_kv: str | None = None) -> None:
     """One call of each step kind so lazy initialisation stays out of the timings."""
     batch = family.branches(inputs)
     engine.bind(family.conditioning(inputs, inputs.layout), inputs.reference_latents, inputs.layout)
     x = inputs.initial_noise(0).expand(batch, -1, -1).contiguous()
     t = torch.full((batch,), 0.5)
     with torch.inference_mode():
-        engine.anchor(x, t)
-        engine.full(x, t)
-        for keep in keeps:
-            if keep < inputs.layout.num_ctx:
-                engine.pruned(x, t, torch.arange(keep))
+        if ref_kv != "exact":  # an exact KV model runs no topi graph
+            engine.anchor(x, t)
+            engine.full(x, t)
+            for keep in keeps:
+                if keep < inputs.layout.num_ctx:
+                    engine.pruned(x, t, torch.arange(keep))
+        if ref_kv is not None:  # reference K/V cache (docs/design.md)
+            engine.extract(x, t)
+            engine.cached(x, t, None, score=True)
+            engine.cached(x, t)
+            for keep in keeps:
+                if keep < inputs.layout.num_ctx:
+                    engine.cached(x, t, torch.arange(keep))
         if dense and engine.has_dense:
             engine.dense(x, t)
 

@@ -10,6 +10,7 @@ from topi_export.method import DEFAULT_POLICY, Selector, parse_buckets, validate
 from topi_export.plan import Manifest, MethodSettings, ModelIdentity
 
 DEFAULT_RATIO = 0.5
+KV_CACHE_BASELINE = "kv-cache"  # compare.py: the unpruned cached loop of a KV-trained model
 
 
 @dataclass
@@ -24,6 +25,26 @@ class Session:
     @property
     def source(self) -> str:
         return self.identity.source
+
+    # --- reference K/V cache (docs/design.md, "Reference K/V cache") ------------------------------------------
+    @property
+    def ref_kv(self) -> str | None:
+        """The session's reference K/V mode when none is asked for: "exact" for a KV-trained model, else None."""
+        return "exact" if self.family.kv_model else None
+
+    def check_ref_kv(self, mode: str | None) -> str | None:
+        """The reference K/V mode of a run (None: the session's), refused where the engines cannot run it."""
+        from topi_export.method.schedule import check_ref_kv
+
+        mode = check_ref_kv(mode) or self.ref_kv
+        if mode == "reuse" and self.family.kv_model:
+            raise BadInput(f"--ref-kv reuse: {self.source} is a KV-trained model whose reference K/V cache is exact "
+                           f"(it is used without the flag): drop --ref-kv reuse")
+        if mode is not None and not all(k in self.engine.graphs for k in ("extract", "cached")):
+            raise RebuildNeeded(f"--ref-kv {mode}: {self.manifest.root if self.manifest else 'this engine'} has no "
+                                f"extract and cached graphs: rebuild with `topi-export build --ref-kv reuse`")
+        return mode
+    # -----------------------------------------------------------------------------------------------------------
 
     # --- inputs ---------------------------------------------------------------------------------
     def load_inputs(self, path=None, seed: int = 0):
@@ -99,23 +120,37 @@ class Session:
                         seed=seed)
 
     # --- running --------------------------------------------------------------------------------
-    def warmup(self, data, selector: Selector | None = None, dense: bool = False) -> None:
+    def warmup(self, data, selector: Selector | None = None, dense: bool = False, ref_kv: str | None = None) -> None:
         from topi_export.runtime.loop import warmup
 
         keeps = []
         if selector is not None:
             keeps = [k for _, k in selector.bucket_keeps()] if selector.tau is not None else [selector.choose(None)[1]]
-        warmup(self.engine, self.family, data, keeps, dense=dense)
+        warmup(self.engine, self.family, data, keeps, dense=dense, ref_kv=ref_kv or self.ref_kv)
 
     def denoise(self, data, *, steps: int, seed: int = 0, selector=None, mode: str = "topi", update_interval=None,
-                progress: bool = False, desc: str | None = None, reuse=None):
-        """One generation; ``reuse``: a plan.reuse.ReusePlan (see ``reuse_plan``), default none."""
+                progress: bool = False, desc: str | None = None, reuse=None, ref_kv: str | None = None):
+        """One generation; ``reuse``: a plan.reuse.ReusePlan (see ``reuse_plan``), default none. ref_kv None: the
+        session's mode (a KV-trained model's exact cache); the dense mode recomputes the references every step."""
         from topi_export.plan.reuse import OFF
         from topi_export.runtime.loop import denoise
 
         return denoise(self.engine, self.family, data, steps=steps, seed=seed, selector=selector, mode=mode,
                        update_interval=update_interval or self.settings.update_interval,
-                       scheduler_config=self.scheduler_config, progress=progress, desc=desc, reuse=reuse or OFF)
+                       scheduler_config=self.scheduler_config, progress=progress, desc=desc, reuse=reuse or OFF,
+                       ref_kv=ref_kv)
+
+    def ref_kv_report(self, data, result) -> dict:
+        """The reference K/V cache of a run (``run --json`` "ref_kv"): mode, whether it is exact, its bytes."""
+        layout = data.layout
+        per_token = result.cache_bytes / layout.num_ctx if layout.num_ctx else 0
+        exact = result.ref_kv == "exact"
+        return {"mode": result.ref_kv, "exact": exact,
+                "label": "exact: the model was trained with reference K/V caching" if exact else
+                         "approximate: reference K/V recorded at each anchor are reused until the next one",
+                "cache_bytes": result.cache_bytes,
+                "cache_bytes_per_reference": [round(per_token * n) for n in layout.ref_sizes],
+                "layers": self.family.num_layers, "heads": self.family.heads, "head_dim": self.family.head_dim}
 
     def reuse_plan(self, data, *, steps: int, reuse=None, order: int = 0, update_interval=None):
         """Which steps of this run reuse a velocity (method/reuse.py): ``reuse`` 'off' | 'auto' | N | None (the
@@ -151,6 +186,15 @@ class Session:
             if data.target_latents is not None:
                 extra["psnr_db_vs_truth"] = {"topi": psnr(result.latents, data.target_latents),
                                              "baseline": psnr(base.latents, data.target_latents)}
+            # --- reference K/V cache: the cached unpruned loop, a KV model's own deployment ---
+            if KV_CACHE_BASELINE in comparison.others:
+                time_s[KV_CACHE_BASELINE] = comparison.others[KV_CACHE_BASELINE][0].time_s
+                extra.update(speedup_vs_kv_cache=comparison.speedup_over(KV_CACHE_BASELINE),
+                             speedup_vs_kv_cache_spread=comparison.spread_over(KV_CACHE_BASELINE))
+            elif result.ref_kv == "exact" and comparison.mode == "full":  # the in-engine baseline is that loop
+                extra.update(speedup_vs_kv_cache=comparison.speedup, speedup_vs_kv_cache_spread=comparison.spread)
+        if result.ref_kv is not None:
+            extra["ref_kv"] = self.ref_kv_report(data, result)
         return RunReport(
             model=self.source, family=self.family.name, backend=self.engine.name,
             engine_dir=str(self.manifest.root) if self.manifest is not None else None, inputs=data.source,
@@ -165,10 +209,13 @@ class Session:
 
 
 def open_session(*, model=None, engine_dir=None, backend=None, calibration=None, update_interval=None,
-                 prune_start=None, device="cpu", dtype="fp32", runtime_options=None, loras=()) -> Session:
+                 prune_start=None, device="cpu", dtype="fp32", runtime_options=None, loras=(),
+                 kv_cache=None) -> Session:
     """A session over an engine directory (its own backend, or a backend that runs the model itself as the
     reference), or over a model (no engine directory: a backend that runs the model itself). loras: lora.Adapter
-    (or "FILE[:SCALE]") fused into the model the session runs itself; built engines hold theirs already."""
+    (or "FILE[:SCALE]") fused into the model the session runs itself; built engines hold theirs already. kv_cache:
+    run the model as a KV-trained model (None: when --model is such a pipeline folder; an engine directory records
+    it)."""
     from topi_export.artifacts.settings import method_settings
     from topi_export.backends import get_backend, model_backend
     from topi_export.backends.base import EngineSource
@@ -184,13 +231,17 @@ def open_session(*, model=None, engine_dir=None, backend=None, calibration=None,
 
         m = read_manifest(engine_dir)
         family = manifest_adapter(m)
+        if kv_cache is not None and kv_cache != family.kv_model:
+            raise BadInput(f"--{'' if kv_cache else 'no-'}kv-cache: {m.root} was built "
+                           f"{'with' if family.kv_model else 'without'} the reference K/V cache of a KV-trained "
+                           f"model; drop the flag or rebuild")
         if calibration is not None or prune_start is not None:
             raise BadInput("--calibration / --prune-start are fixed when the engines are built: rebuild with them")
         settings = m.settings.with_overrides(update_interval).check(m.model.num_layers)
         be = be or get_backend(m.backend)
         if not be.BACKEND.builds:  # the model itself, as the reference of these engines
             _check_reference_adapters(m, loras)
-            loaded = load_model(_model_of(m, model), adapters=loras)
+            loaded = load_model(_model_of(m, model), adapters=loras, kv_model=family.kv_model)
             _check_same_model(m, loaded.identity())
             engine = be.open_engine(EngineSource(m, loaded.family, settings, device, dtype, runtime_options or {}))
             return Session(engine, loaded.family, settings, m.model, m, m.scheduler or None)
@@ -212,7 +263,7 @@ def open_session(*, model=None, engine_dir=None, backend=None, calibration=None,
     if be.BACKEND.builds:
         raise BadInput(f"--backend {be.BACKEND.name} runs built engines: pass --engine-dir (build one with "
                        f"`topi-export build --backend {be.BACKEND.name}`)")
-    loaded = load_model(model, adapters=loras)
+    loaded = load_model(model, adapters=loras, kv_model=kv_cache)
     identity = loaded.identity()
     settings = method_settings(identity, loaded.family.default_settings(), calibration, update_interval, prune_start)
     engine = be.open_engine(EngineSource(None, loaded.family, settings, device, dtype, runtime_options or {}))

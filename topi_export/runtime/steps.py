@@ -9,7 +9,10 @@ import time
 import torch
 
 from topi_export.method.reuse import extrapolate
+from topi_export.method.schedule import KV_KINDS
 from topi_export.plan.results import StepRecord
+
+PRUNED_GRAPHS = ("pruned", "kv-pruned")  # graph calls that ran on the kept set
 
 
 class StepRunner:
@@ -24,6 +27,9 @@ class StepRunner:
     def __init__(self, engine, controller, layout, guide=None):
         self.engine, self.controller, self.layout, self.guide = engine, controller, layout, guide
         self.kept = {}  # anchor step -> kept context indices (None = all)
+        # the engine's per-request state (the reference K/V cache) of each guidance branch: the drop-in runs the
+        # branches as separate calls (each with its own cache); the loop batches them, so only branch 0 exists
+        self.states = {}
         self.history = {}  # branch -> the last two computed (sigma, velocity), for reused steps
 
     def step(self, step: int, x: torch.Tensor, timestep: torch.Tensor, branch: int = 0):
@@ -32,7 +38,7 @@ class StepRunner:
         engine, info = self.engine, {}
         sigma = float(timestep.reshape(-1)[0])
         t0 = time.perf_counter()
-        if plan.kind == "reuse":
+        if plan.kind == "reuse":  # calls nothing: the reference K/V cache, if any, stays as it is
             history = self.history.get(branch)
             if not history:
                 raise RuntimeError(f"step {step} reuses a velocity before any step was computed")
@@ -40,7 +46,10 @@ class StepRunner:
             return velocity, StepRecord(
                 step=step, kind="reuse", graph="none", keep=0, keep_per_reference=(0,) * len(self.layout.ref_grids),
                 bucket=0.0, time_s=time.perf_counter() - t0, reuses=plan.reuses)
-        if plan.kind == "dense":
+        engine.state = self.states.setdefault(branch, engine.state)
+        if plan.kind in KV_KINDS:
+            velocity, graph, info = self._kv_step(plan, x, timestep, branch)
+        elif plan.kind == "dense":
             velocity, graph = engine.dense(x, timestep), "dense"
         elif plan.kind == "anchor" and branch == 0:
             velocity, influence = engine.anchor(x, timestep)
@@ -56,7 +65,7 @@ class StepRunner:
         if self.controller.reuse.enabled:
             self.history[branch] = (self.history.get(branch, [])[-1:] + [(sigma, velocity)])
         elapsed = time.perf_counter() - t0
-        pruned = graph == "pruned"
+        pruned = graph in PRUNED_GRAPHS
         record = StepRecord(
             step=step, kind=plan.kind, graph=graph, keep=plan.keep if pruned else self.layout.num_ctx,
             keep_per_reference=tuple(self.controller.keep_per_reference(plan.keep_idx if pruned else None)),
@@ -64,3 +73,21 @@ class StepRunner:
             selected_keep=info.get("selected_keep"),
             selected_per_reference=tuple(info["selected_per_reference"]) if info else None)
         return velocity, record
+
+    # --- reference K/V cache steps (docs/design.md, "Reference K/V cache") -------------------------------------
+    def _kv_step(self, plan, x, timestep, branch):
+        """(velocity, the graph call that ran, the anchor's record fields) of a KV_KINDS step."""
+        engine = self.engine
+        if plan.kind in ("kv-pruned", "kv-full"):
+            velocity, _ = engine.cached(x, timestep, plan.keep_idx)
+            return velocity, "kv-pruned" if plan.keep_idx is not None else "kv-full", {}
+        scores = self.controller.selector is not None and branch == 0  # the positive branch decides
+        if plan.kind == "extract":
+            velocity, influence = engine.extract(x, timestep, score=scores)
+        else:  # kv-anchor: influence over the cached keys, nothing recomputed
+            velocity, influence = engine.cached(x, timestep, None, score=scores)
+        if not scores:
+            return velocity, plan.kind if plan.kind == "extract" else "kv-full", {}
+        info = self.controller.observe(plan.step, influence[0])
+        self.kept[plan.step] = self.controller.kept[plan.step]
+        return velocity, plan.kind, info

@@ -23,6 +23,7 @@ import torch
 from topi_export.backends.base import StepEngine
 from topi_export.errors import BadInput, RebuildNeeded, TopiError
 from topi_export.plan.limits import MAX_SEED, MAX_STEPS, MAX_UPDATE_INTERVAL, check_mode, check_tau
+from topi_export.plan.manifest import STATE
 
 DEFAULT_STEPS = 28  # the default of `run --steps`
 
@@ -45,7 +46,8 @@ OPTIONS = (Wire("steps", "TYPE_INT32", (1,)), Wire("seed", "TYPE_UINT64", (1,)),
            Wire("tau", "TYPE_FP32", (1,)), Wire("update_interval", "TYPE_INT32", (1,)),
            Wire("policy", "TYPE_STRING", (1,)), Wire("mode", "TYPE_STRING", (1,)),
            Wire("target_grid", "TYPE_STRING", (1,)), Wire("reference_grids", "TYPE_STRING", (1,)),
-           Wire("reuse", "TYPE_STRING", (1,)), Wire("reuse_order", "TYPE_INT32", (1,)))
+           Wire("reuse", "TYPE_STRING", (1,)), Wire("reuse_order", "TYPE_INT32", (1,)),
+           Wire("ref_kv", "TYPE_STRING", (1,)))  # "reuse": approximate reference K/V reuse (docs/design.md)
 
 
 def loop_inputs(family) -> tuple[Wire, ...]:
@@ -88,9 +90,11 @@ class TritonEngine(StepEngine):
     name = "triton"
 
     def __init__(self, infer, manifest, models: dict):
-        if "topi" not in models:
-            raise RebuildNeeded("the loop model needs the name of the topi engine model: regenerate the repository "
-                                "with `topi-export triton`")
+        from topi_export.plan.manifest import REQUIRED_GRAPHS
+
+        if any(kind not in models for kind in REQUIRED_GRAPHS[manifest.ref_kv]):
+            raise RebuildNeeded(f"the loop model needs the names of the {' and '.join(REQUIRED_GRAPHS[manifest.ref_kv])} "
+                                f"engine models: regenerate the repository with `topi-export triton`")
         check_graph_types(manifest.graphs, manifest.root)
         self.models = {k: v for k, v in models.items() if k in manifest.graphs}
         super().__init__({k: g for k, g in manifest.graphs.items() if k in self.models})
@@ -108,7 +112,11 @@ class TritonEngine(StepEngine):
         for name in names:
             if result.get(name) is None:
                 raise TopiError(f"model {model} returned no output '{name}'")
-            out[name] = torch.from_numpy(np.array(result[name], dtype=np.float32, copy=True))
+            if name in STATE:  # the reference K/V cache: kept by this loop model, fed back to later engine calls
+                spec = next(t for t in self.graphs[kind].outputs if t.name == name)
+                out[name] = np.array(result[name], dtype=NUMPY_TYPES[spec.dtype], copy=True)
+            else:
+                out[name] = torch.from_numpy(np.array(result[name], dtype=np.float32, copy=True))
         return out
 
 
@@ -124,6 +132,7 @@ class RequestOptions:
     mode: str = "topi"
     reuse: object = None  # 'off' | 'auto' | N | None (the model's default), as `run --reuse`
     reuse_order: int = 0
+    ref_kv: str | None = None  # None: the engines' own (a KV-trained model's exact cache)
 
 
 def _one(arrays: dict, name: str):
@@ -199,6 +208,11 @@ def request_options(arrays: dict) -> RequestOptions:
         opts.reuse = parse_reuse(v)
     if (v := _int(arrays, "reuse_order", 0, 1)) is not None:
         opts.reuse_order = v
+    if (v := _text(arrays, "ref_kv")) is not None:
+        if v != "reuse":
+            raise TopiError(f"request input 'ref_kv' is {v!r}: send 'reuse' (a KV-trained model's exact cache is used "
+                            f"without it)")
+        opts.ref_kv = v
     return opts
 
 
@@ -297,13 +311,16 @@ def run_request(session, arrays: dict) -> tuple[np.ndarray, str]:
     if opts.mode == "topi":  # exactly what `topi-export run --engine-dir` does
         selector = session.selector(data, ratio=opts.ratio, tau=opts.tau, policy=opts.policy, seed=opts.seed)
     update_interval = opts.update_interval or session.settings.update_interval
+    ref_kv = session.check_ref_kv(opts.ref_kv)
     plan = session.reuse_plan(data, steps=opts.steps, reuse=opts.reuse, order=opts.reuse_order,
                               update_interval=update_interval) if opts.mode == "topi" else None
     result = session.denoise(data, steps=opts.steps, seed=opts.seed, selector=selector, mode=opts.mode,
-                             update_interval=update_interval, reuse=plan)
+                             update_interval=update_interval, reuse=plan, ref_kv=ref_kv)
     report = {"mode": opts.mode, "steps": opts.steps, "seed": opts.seed, "update_interval": update_interval,
               "ratio": selector.ratio if selector else None, "tau": selector.tau if selector else None,
               "policy": selector.policy if selector else None, "layout": data.layout.to_json(),
               "reuse": plan.to_json() if plan is not None else None,
               "schedule": [r.to_json() for r in result.schedule], "time_s": result.time_s}
+    if result.ref_kv is not None:
+        report["ref_kv"] = session.ref_kv_report(data, result)
     return np.ascontiguousarray(result.latents.numpy(), dtype=np.float32), json.dumps(report)

@@ -35,6 +35,7 @@ from topi_export.errors import BadInput, TopiError
 from topi_export.fsutil import (atomic_write_bytes, check_onnx_external_data, check_output_dir, confined_path,
                                 is_triton_repository, read_small_file, staged_dir)
 from topi_export.plan import NAME as MANIFEST_NAME, Manifest
+from topi_export.plan.manifest import GRAPHS, KEEP_PROFILED
 from topi_export.serving import model_config
 from topi_export.serving.python_engine import TEMPLATE as ENGINE_TEMPLATE
 from topi_export.serving.triton_engine import check_graph_types, loop_inputs, loop_outputs, model_names
@@ -140,7 +141,7 @@ def _onnx_io(path: Path, entry, where) -> tuple[list[Tensor], list[Tensor]]:
 
 def engine_models_of(m: Manifest, prefix: str, backend) -> list[EngineModel]:
     """backend: the engine directory's backends.base.Backend (its Triton platform and model file name)."""
-    names = model_names(prefix, [k for k in ("topi", "dense") if k in m.graphs])
+    names = model_names(prefix, [k for k in GRAPHS if k in m.graphs])
     out = []
     for kind, name in names.items():
         g = m.graphs[kind]
@@ -157,8 +158,8 @@ def engine_models_of(m: Manifest, prefix: str, backend) -> list[EngineModel]:
         else:  # an engine plan with one optimization profile per (layout, anchor) and per (layout, bucket)
             files = {backend.triton_model_file: g.file}
             inputs, outputs = _declared(g.inputs, where), _declared(g.outputs, where)
-            # topi: one profile per (layout, anchor) and per (layout, bucket); dense: one per layout
-            count = len(m.profiles) if kind == "topi" else len(m.layouts)
+            # topi, cached: one profile per (layout, anchor) and per (layout, bucket); extract, dense: one per layout
+            count = len(m.profiles) if kind in KEEP_PROFILED else len(m.layouts)
             profiles = [str(i) for i in range(count)]
         for rel in files.values():
             if rel not in m.files:
@@ -319,6 +320,10 @@ def generate_repository(engine_dir, out, *, name: str = "topi", instances: int =
 def _readme(m: Manifest, be, family, engines, loop_name, kind, instances, engine_models="platform") -> str:
     rows = "\n".join(f"| {p.index} | {m.layouts[p.layout].describe()} | {p.ratio} | {p.keep} |" for p in m.profiles)
     what = {"topi": "the topi graph: velocity + influence (every step: anchor, pruned, unpruned)",
+            "extract": "reference K/V cache: the full sequence, returning every layer's reference keys/values "
+                       "(the loop model keeps them for the request's later calls)",
+            "cached": "reference K/V cache: text and target tokens against the cached keys/values (kept set from "
+                      "L0 on); influence over the cached keys at anchors",
             "dense": "the plain model without pruning: the baseline"}
     models = "\n".join(f"| `{g.name}` | {what[g.kind]} |" for g in engines)
     inputs = "\n".join(f"| `{w.name}` | {w.dtype[5:].replace('STRING', 'BYTES')} | {list(w.dims)} | "

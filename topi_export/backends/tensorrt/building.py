@@ -179,7 +179,8 @@ def _read_back_profiles(builder, network, profiles, kind) -> list[dict]:
 
 
 def build(job, backend: str) -> BuildOutput:
-    """topi.engine (one profile per job.profiles entry) and, when exported, dense.engine (one per layout)."""
+    """One engine per exported graph: topi.engine / cached.engine (one profile per job.profiles entry),
+    extract.engine and dense.engine (one per layout)."""
     trt_name = module_name(backend)
     trt = import_trt(backend)
     echo = job.echo
@@ -234,9 +235,7 @@ def build(job, backend: str) -> BuildOutput:
         log.note(msg)
 
     built, stats, t_all = {}, {}, time.perf_counter()
-    for kind in ("topi", "dense"):
-        if kind not in job.graphs:
-            continue
+    for kind in job.graphs:  # topi, or extract + cached (reference K/V cache), then dense
         t0 = time.perf_counter()
         log.stage = kind
         graph = job.graphs[kind]

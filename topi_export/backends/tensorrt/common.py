@@ -21,7 +21,7 @@ INSTALL_HINTS = {
                     "GPU, runs on RTX-class GPUs)",
 }
 DEFAULT_RTX_TARGET = "SM89"
-ENGINE_FILES = {"topi": "topi.engine", "dense": "dense.engine"}
+ENGINE_FILES = {"topi": "topi.engine", "extract": "extract.engine", "cached": "cached.engine", "dense": "dense.engine"}
 BUILD_LOG = "build_log.txt"
 
 
@@ -113,12 +113,18 @@ def compute_capability_tuple(name: str) -> tuple[int, int]:
 def profile_shapes(graph, kind: str, profiles, layouts, batch: int) -> list[dict]:
     """The optimization profiles of one engine: a list of ``{input: (min, opt, max)}``, shapes as int tuples.
 
-    topi: profile i <-> profiles[i] (plan.Profile). The anchor/full profile (ratio 0) keeps every context token
-    and scores 1..Nx target queries (opt Nx: the anchor); a bucket profile keeps `keep` tokens and scores one
-    query. dense: one profile per layout. The batch ranges 1..batch (opt batch); every other dimension is fixed
-    by the layout through the graph's symbolic dims (GraphTensor.shape)."""
+    topi and cached (KEEP_PROFILED): profile i <-> profiles[i] (plan.Profile). The anchor/full profile (ratio 0)
+    keeps every context token and scores 1..Nx target queries (opt Nx: the anchor); a bucket profile keeps `keep`
+    tokens and scores one query; the cached graph's reference K/V input has the layout's full context in every
+    profile (the kept ones are gathered inside). extract: one profile per layout, 1..Nx scored queries (opt Nx:
+    the first step scores them all). dense: one profile per layout. The batch ranges 1..batch (opt batch); every
+    other dimension is fixed by the layout through the graph's symbolic dims (GraphTensor.shape)."""
+    from topi_export.plan.manifest import KEEP_PROFILED
+
     if kind == "dense":
         table = [(lay, lay.num_ctx, (1, 1, 1)) for lay in layouts]
+    elif kind not in KEEP_PROFILED:
+        table = [(lay, lay.num_ctx, (1, lay.num_target, lay.num_target)) for lay in layouts]
     else:
         table = []
         for i, p in enumerate(profiles):

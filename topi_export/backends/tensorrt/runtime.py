@@ -8,12 +8,13 @@ from pathlib import Path
 from topi_export.backends.base import PER_CALL, StepEngine
 from topi_export.backends.tensorrt.common import check_target, import_trt, make_logger, running_target
 from topi_export.errors import TopiError
+from topi_export.plan.manifest import KEEP_PROFILED, STATE
 
 
 def select_profile(manifest, layout_index: int, kind: str, keep: int | None) -> int:
-    """The engine's optimization profile for one call. topi: the layout's anchor/full profile (ratio 0) when every
-    context token is kept, else the bucket's (manifest.profile_for); dense: one profile per layout."""
-    if kind == "dense":
+    """The engine's optimization profile for one call. topi and cached: the layout's anchor/full profile (ratio 0)
+    when every context token is kept, else the bucket's (manifest.profile_for); extract, dense: one per layout."""
+    if kind not in KEEP_PROFILED:
         return layout_index
     if keep == manifest.layouts[layout_index].num_ctx:
         return next(p.index for p in manifest.profiles if p.layout == layout_index and p.ratio == 0)
@@ -26,6 +27,7 @@ class _Slot:
     def __init__(self, key, inputs, outputs):
         self.key, self.inputs, self.outputs = key, inputs, outputs
         self.bound_version = -1  # which bind() the per-request inputs hold
+        self.state_version = -1  # which write of the engine's state (the reference K/V cache) its inputs hold
         self.runs = 0
         self.graph = None
 
@@ -58,7 +60,7 @@ class TensorRTEngine(StepEngine):
         self.runtime_cache = None
         self._runtime_configs = []  # kept alive as long as the contexts
         self.version = 0
-        self._load("topi")
+        self._load("topi" if "topi" in manifest.graphs else "extract")
 
     # --- engines ---------------------------------------------------------------------------------
     def _load(self, kind):
@@ -76,7 +78,7 @@ class TensorRTEngine(StepEngine):
                             f"rebuild the engine directory")
         if (m.target or {}).get("weights") == "stripped":
             self._refit(kind, engine)
-        want = len(m.profiles) if kind == "topi" else len(m.layouts)
+        want = len(m.profiles) if kind in KEEP_PROFILED else len(m.layouts)
         if engine.num_optimization_profiles != want:
             raise TopiError(f"{path} has {engine.num_optimization_profiles} optimization profiles, the manifest "
                             f"needs {want}: rebuild the engine directory")
@@ -223,9 +225,12 @@ class TensorRTEngine(StepEngine):
         s.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(s):
             for name, buf in slot.inputs.items():
-                if name in PER_CALL or slot.bound_version != self.version:
+                if name in STATE:  # device to device, only after an extract step wrote a new cache
+                    if slot.state_version != self.state_version or slot.bound_version != self.version:
+                        buf.copy_(feed[name], non_blocking=True)
+                elif name in PER_CALL or slot.bound_version != self.version:
                     buf.copy_(feed[name], non_blocking=True)
-            slot.bound_version = self.version
+            slot.bound_version, slot.state_version = self.version, self.state_version
             self._bind_slot(kind, profile, slot)
             if slot.graph is not None:
                 slot.graph.replay()
@@ -237,7 +242,9 @@ class TensorRTEngine(StepEngine):
                 if self.cuda_graphs and slot.runs == 1:
                     self._capture(kind, slot)
         s.synchronize()
-        return {t.name: slot.outputs[t.name].float().cpu() for t in self.graphs[kind].outputs}
+        # the reference K/V cache stays on the GPU, in its dtype (a copy: the slot's buffer is reused)
+        return {t.name: slot.outputs[t.name].clone() if t.name in STATE else slot.outputs[t.name].float().cpu()
+                for t in self.graphs[kind].outputs}
 
     def _capture(self, kind, slot):
         """Capture one execute_async_v3 of this slot into a CUDA graph (after its first, eager run): legal because
