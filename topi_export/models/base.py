@@ -71,10 +71,12 @@ class Published:
 
 # --- attention hooks ------------------------------------------------------------------------------------
 class AttentionHook:
-    """Called by a family's attention processor with q/k/v [B, H, S, D] ([T | X | C'], after QK-norm and RoPE).
-    Armed per layer by ``Family.forward``: ``score`` computes the influence of the context keys present (C') from
-    the target queries selected by ``score_idx`` (all target queries when None); ``drop_context`` removes the
-    context keys/values from this layer's attention (the calibration probe)."""
+    """Called by a family's attention processor with q/k/v [B, H, S, D] ([T | X | C'], after QK-norm and RoPE) and,
+    where the model masks keys (Qwen's text padding), its key mask [B, S] (0 = masked). Armed per layer by
+    ``Family.forward``: ``score`` computes the influence [1, C'] of the context keys present from the target
+    queries selected by ``score_idx`` (all target queries when None), of batch row 0 only: the positive branch
+    decides the kept set (docs/design.md, "Model families"), so the negative branch is not scored;
+    ``drop_context`` removes the context keys/values from this layer's attention (the calibration probe)."""
 
     def __init__(self):
         self.disarm()
@@ -87,13 +89,14 @@ class AttentionHook:
         self.n_text, self.n_target = n_text, n_target
         self.score, self.score_idx, self.drop_context = score, score_idx, drop_context
 
-    def __call__(self, q, k, v):
+    def __call__(self, q, k, v, key_mask=None):
         t_end, x_end = self.n_text, self.n_text + self.n_target
         if self.score:
-            q_target = q[:, :, t_end:x_end]
+            q_target = q[:1, :, t_end:x_end]
             if self.score_idx is not None:
                 q_target = q_target.index_select(2, self.score_idx)
-            self.influence = influence_score(q_target, k, v[:, :, x_end:])
+            mask = None if key_mask is None else key_mask[:1].float()
+            self.influence = influence_score(q_target, k[:1], v[:1, :, x_end:], mask)
         if self.drop_context:
             k, v = k[:, :, :x_end], v[:, :, :x_end]
         return q, k, v
@@ -265,7 +268,7 @@ class Family:
     # --- generic ToPi forward --------------------------------------------------------------------
     def forward(self, latents, context, timestep, cond: dict, *, keep_idx=None, score_idx=None, prune_start: int = 0,
                 influence_layers=(), drop_context_layer: int | None = None):
-        """The model with ToPi. Returns (velocity [B, Nx, C_out], influence [B, K] or None).
+        """The model with ToPi. Returns (velocity [B, Nx, C_out], influence [1, K] of batch row 0, or None).
 
         keep_idx (sorted context indices): layers >= prune_start see only those context tokens. influence_layers:
         the pivotal layers whose influence is summed (over the context tokens present; a pivotal layer before the
