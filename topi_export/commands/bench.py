@@ -35,7 +35,8 @@ def parse_ratios(text: str) -> tuple:
               help="Selection policies to compare; the default policy is always added unless --no-default-policy.")
 @click.option("--no-default-policy", is_flag=True, help="Do not add the default policy to --policies.")
 @click.option("--calibration", type=click.Path(dir_okay=False), default=None,
-              help="Calibration profile of the model (a user's own calibrated model).")
+              help="Calibration profile of the model (a user's own calibrated model); 'none': the family's "
+                   "default setting, ignoring a shipped profile (an uncalibrated user).")
 @click.option("--backend", type=click.Choice(["torch", "onnxruntime"]), default="torch", show_default=True)
 @click.option("--engine-dir", type=click.Path(file_okay=False), default=None,
               help="onnxruntime: use/keep the engines here (built if missing).")

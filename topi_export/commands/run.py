@@ -43,7 +43,8 @@ def compare_table(report) -> str:
 @click.option("--policy", default=None, help=POLICY_HELP)
 @click.option("--update-interval", type=click.IntRange(1, 1000), default=None,
               help="Anchor every N steps (dT). Default: the calibration's.")
-@click.option("--calibration", type=click.Path(dir_okay=False), default=None, help="Calibration profile JSON.")
+@click.option("--calibration", type=click.Path(dir_okay=False), default=None,
+              help="Calibration profile JSON; 'none': the family's default setting, ignoring a shipped profile.")
 @steps_option
 @seed_option
 @click.option("--compare", is_flag=True, help="Also run the dense baseline; print time, speedup, PSNR, rel. L2.")

@@ -11,6 +11,8 @@ from topi_export.plan.profile import SCHEMA as PROFILE_SCHEMA, read_profile  # n
 from topi_export.resources import resource
 
 SHIPPED = resource("calibration")
+# --calibration none: the family's default setting even where a shipped profile matches (an uncalibrated user)
+NO_CALIBRATION = "none"
 
 
 def shipped_profile_for(identity):
@@ -40,7 +42,9 @@ def shipped_name(path) -> str:
 def method_settings(identity, default: MethodSettings, calibration=None, update_interval=None,
                     prune_start=None) -> MethodSettings:
     """identity: plan.ModelIdentity; default: the family's setting (Family.default_settings())."""
-    if calibration:
+    if calibration == NO_CALIBRATION:
+        settings = replace(default, source=f"family default (--calibration none): {default.source}")
+    elif calibration:
         profile = read_profile(calibration)
         profile.check_model(identity)
         settings = profile.settings()
