@@ -58,6 +58,7 @@ class Row:
         if self.psnr_gt:
             out["psnr_gt_db"] = mean(self.psnr_gt)
             out["psnr_gt_db_min"] = min(self.psnr_gt)
+            out["psnr_gt_db_per_sample"] = list(self.psnr_gt)
         return out
 
 
@@ -132,6 +133,8 @@ def run_bench(session, inputs_list, cfg: BenchConfig, progress=None) -> dict:
             "full_step_ms": full_ms}
     if baseline["psnr_gt"]:
         base["psnr_gt_db"] = sum(baseline["psnr_gt"]) / len(baseline["psnr_gt"])
+        base["psnr_gt_db_min"] = min(baseline["psnr_gt"])
+        base["psnr_gt_db_per_sample"] = list(baseline["psnr_gt"])
     best = best_policy(results)
     return {"default_policy": DEFAULT_POLICY, "best_policy": best, "baseline": base, "results": results,
             "steps": cfg.steps, "inputs": [d.source for d in inputs_list], "backend": session.engine.name,
@@ -156,21 +159,30 @@ def machine() -> dict:
             "cpus": os.cpu_count(), "python": platform.python_version()}
 
 
+def _mean_min(mean, low) -> str:
+    """'mean (per-sample minimum)' in dB; '-' where not measured."""
+    if mean is None:
+        return "-"
+    return f"{mean:.2f} ({low:.2f})" if low is not None else f"{mean:.2f}"
+
+
 def markdown_table(report) -> str:
+    """One row per (policy, ratio | tau, dT): PSNR vs the unpruned run and, when the inputs carry ground truth, vs the
+    truth, each as the mean over the inputs with the per-sample minimum in brackets."""
     gt = any("psnr_gt_db" in r for r in report["results"])
-    head = "| policy | ratio | dT | keep | PSNR vs unpruned [dB] (min) | rel. L2 | speedup | pruned step [ms] |"
-    head += " PSNR vs truth [dB] |" if gt else ""
+    head = ("| policy | ratio | dT | keep | PSNR vs unpruned [dB]: mean (min) | rel. L2 | speedup | pruned step [ms] |")
+    head += " PSNR vs truth [dB]: mean (min) |" if gt else ""
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     b = report["baseline"]
     lines.append(f"| {b['mode']} (baseline) | 0 | - | all | - | - | 1.00x | {b['full_step_ms']:.1f} |"
-                 + (f" {b.get('psnr_gt_db', float('nan')):.2f} |" if gt else ""))
+                 + (f" {_mean_min(b.get('psnr_gt_db'), b.get('psnr_gt_db_min'))} |" if gt else ""))
     for r in sorted(report["results"], key=lambda r: (r.get("tau") is not None, r["ratio"], r["policy"])):
         name = r["policy"] + (f" tau={r['tau']}" if "tau" in r else "")
         pruned = f"{r['pruned_step_ms']:.1f}" if r["pruned_step_ms"] else "-"
         line = (f"| {name} | {r['ratio'] if 'tau' not in r else '-'} | {r['update_interval']} | {'/'.join(map(str, r['keep']))} | "
-                f"{r['psnr_db']:.2f} ({r['psnr_db_min']:.2f}) | {r['rel_l2']:.2e} | {r['speedup']:.2f}x | {pruned} |")
+                f"{_mean_min(r['psnr_db'], r['psnr_db_min'])} | {r['rel_l2']:.2e} | {r['speedup']:.2f}x | {pruned} |")
         if gt:
-            line += f" {r.get('psnr_gt_db', float('nan')):.2f} |"
+            line += f" {_mean_min(r.get('psnr_gt_db'), r.get('psnr_gt_db_min'))} |"
         lines.append(line)
     return "\n".join(lines)
 
