@@ -323,3 +323,36 @@ def test_mix_on_one_and_several_references_and_odd_grids(grids):
     # no influence at all: the uniform spread
     assert torch.equal(select_tokens(torch.zeros(n), n // 2, MIX, grids), select_tokens(torch.zeros(n), n // 2,
                                                                                      "uniform", grids))
+
+
+def test_cli_default_policy_on_three_odd_references(tmp_path, capsys):
+    """`run` with the default policy on three non-square references: the report names topi-mix, every anchor keeps
+    exactly the bucket's count (split over the references), and --tau keeps at least tau of the influence."""
+    import json
+
+    from conftest import run_cli
+    from topi_export import Layout, load_model, save_inputs
+
+    fam = load_model("tiny-flux2").family
+    grids = ((6, 5), (4, 4), (3, 7))  # 30 + 16 + 21 = 67 context tokens
+    inputs = tmp_path / "in.safetensors"
+    save_inputs(inputs, fam.synthetic_inputs(Layout(4, (4, 6), grids), 3))
+    base = ["run", "--model", "tiny-flux2", "--inputs", str(inputs), "--steps", "5", "--update-interval", "2", "-q"]
+    code, _, err = run_cli(base + ["--ratio", "0.5", "--json", str(tmp_path / "a.json")], capsys)
+    assert code == 0, err
+    rep = json.loads((tmp_path / "a.json").read_text())
+    assert rep["selection"]["policy"] == MIX == DEFAULT_POLICY
+    anchors = [r for r in rep["schedule"] if r["kind"] == "anchor"]
+    assert len(anchors) == 3
+    for r in anchors:
+        assert r["selected_keep"] == keep_count(0.5, 67) == sum(r["selected_per_reference"])
+        assert all(0 <= c <= h * w for c, (h, w) in zip(r["selected_per_reference"], grids))
+    assert all(r["keep"] == 34 for r in rep["schedule"] if r["kind"] == "pruned")
+    code, _, err = run_cli(base + ["--tau", "0.6", "--ratio-buckets", "0.3,0.5", "--json", str(tmp_path / "t.json")],
+                           capsys)
+    assert code == 0, err
+    anchors = [r for r in json.loads((tmp_path / "t.json").read_text())["schedule"] if r["kind"] == "anchor"]
+    for r in anchors:
+        assert r["kept_influence"] >= 0.6 - 1e-9 and r["selected_keep"] in (keep_count(0.3, 67), 34, 67)
+    code, _, err = run_cli(base + ["--policy", "topi-dither"], capsys)
+    assert code == 2 and "renamed to 'dither'" in err and MIX in err
