@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import topi_export.models.base as base  # noqa: E402
-from topi_export.runtime.inputs import load_inputs, sample_files  # noqa: E402
+from topi_export.artifacts.inputs import load_inputs, sample_files  # noqa: E402
 from topi_export.runtime.loop import psnr  # noqa: E402
 from topi_export.runtime.session import open_session  # noqa: E402
 

@@ -37,7 +37,7 @@ OUTS = {"flux.1-kontext-dev": DEFAULT_OUT, "qwen-image-edit": CALIBRATION / "qwe
 def kontext_dev_config_hash() -> str:
     from diffusers import FluxTransformer2DModel
 
-    from topi_export.models import config_hash
+    from topi_export.plan.manifest import config_digest as config_hash
 
     with torch.device("meta"):
         model = FluxTransformer2DModel(**KONTEXT_DEV_CONFIG)
@@ -45,9 +45,9 @@ def kontext_dev_config_hash() -> str:
 
 
 def published_profile() -> dict:
-    from topi_export.method.calibration import versions
+    from topi_export.artifacts.versions import tool_versions
     from topi_export.models.flux_kontext import FluxKontext
-    from topi_export.runtime.settings import PROFILE_SCHEMA
+    from topi_export.artifacts.settings import PROFILE_SCHEMA
 
     pub = FluxKontext.published  # the paper's setting, owned by the family adapter
     PUBLISHED_DEPTH, PUBLISHED_PIVOTAL = pub.depth, pub.pivotal_layers
@@ -71,14 +71,14 @@ def published_profile() -> dict:
         "calibration_set": {"description": "none: values copied from the ToPi paper, not measured by topi-export"},
         "measured": False,
         "command": "python scripts/make_published_profile.py",
-        "versions": versions(),
+        "versions": tool_versions(packages=("topi-export", "torch", "diffusers")),
     }
 
 
 def qwen_image_edit_config_hash() -> str:
     from diffusers import QwenImageTransformer2DModel
 
-    from topi_export.models import config_hash
+    from topi_export.plan.manifest import config_digest as config_hash
 
     with torch.device("meta"):
         model = QwenImageTransformer2DModel(**QWEN_IMAGE_EDIT_CONFIG)
@@ -86,7 +86,7 @@ def qwen_image_edit_config_hash() -> str:
 
 
 def qwen_image_edit_profile() -> dict:
-    from topi_export.method.calibration import versions
+    from topi_export.artifacts.versions import tool_versions
     from topi_export.models.qwen_edit import QwenImageEdit
     from topi_export.plan.profile import SCHEMA
 
@@ -119,7 +119,7 @@ def qwen_image_edit_profile() -> dict:
                                            "stated in rules), not measured by topi-export"},
         "measured": False,
         "command": "python scripts/make_published_profile.py --model qwen-image-edit",
-        "versions": versions(),
+        "versions": tool_versions(packages=("topi-export", "torch", "diffusers")),
     }
 
 

@@ -1,16 +1,33 @@
 import os
+import tempfile
 import warnings
 
 import pytest
 import torch
 
 os.environ.setdefault("TQDM_DISABLE", "1")
+# the verification cache of engine-file hashes (artifacts/hashcache.py) stays out of the user's home
+os.environ.setdefault("TOPI_EXPORT_CACHE_DIR", tempfile.mkdtemp(prefix="topi-cache-"))
 if not torch.cuda.is_available():
     # Triton reads this when it is first imported, which any test module may trigger: set it first
     os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 warnings.filterwarnings("ignore", category=UserWarning)
 warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def owner_key_file(tmp_path_factory):
+    """Ownership markers (topi_export/fsutil/ownership.py) are signed with a per-user key: tests use their own, never
+    the user's ~/.config/topi-export/owner.key. Set first (autouse): session fixtures build marked directories."""
+    path = tmp_path_factory.mktemp("owner-key") / "owner.key"
+    old = os.environ.get("TOPI_EXPORT_KEY_FILE")
+    os.environ["TOPI_EXPORT_KEY_FILE"] = str(path)  # subprocesses of tests inherit it
+    yield path
+    if old is None:
+        os.environ.pop("TOPI_EXPORT_KEY_FILE", None)
+    else:
+        os.environ["TOPI_EXPORT_KEY_FILE"] = old
 
 
 @pytest.fixture(scope="session")
@@ -22,7 +39,7 @@ def tiny():
 
 @pytest.fixture(scope="session")
 def tiny_settings(tiny):
-    from topi_export.runtime.settings import method_settings
+    from topi_export.artifacts.settings import method_settings
 
     return method_settings(tiny.identity(), tiny.family.default_settings())
 

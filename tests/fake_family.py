@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
-from topi_export.models.base import Family, Published, RequestField, gather_rows
+from topi_export.models.base import Family, Published, gather_rows
 from topi_export.models.sampling import flow_match_scheduler
-from topi_export.plan import GraphTensor
+from topi_export.plan.tensors import TensorSpec
 
 
 class ToyBlock(torch.nn.Module):
@@ -84,24 +84,13 @@ class ToyFamily(Family):
     def guidance(self):
         return "none"
 
-    def request_fields(self):
-        return (RequestField("prompt_embeds", 3, int(self.config["text_dim"]), text=True),)
+    def tensor_specs(self):
+        # deliberately not the names of the real families: generic code must never assume them
+        return (TensorSpec("text_embeds", "text", int(self.config["text_dim"]), graph="text"),
+                TensorSpec("strength", "scalar", graph="strength", required=False, default=1.0, bounds=(0.0, 2.0)))
 
-    def conditioning(self, inputs, layout=None):
-        layout = layout or inputs.layout
-        cos, sin = rope(layout.num_tokens, self.head_dim)
-        return {"encoder_hidden_states": inputs.tensors["prompt_embeds"].float(), "rope_cos": cos, "rope_sin": sin}
-
-    def graph_inputs(self, batch=1):
-        return (GraphTensor("encoder_hidden_states", ("B", "T", int(self.config["text_dim"])), "float32"),
-                *self.rope_inputs())
-
-    def synthetic_inputs(self, layout, seed=0):
-        from topi_export.request import Inputs
-
-        g = torch.Generator().manual_seed(seed)
-        return Inputs(layout, torch.randn(1, layout.num_ctx, self.in_channels, generator=g),
-                      {"prompt_embeds": torch.randn(1, layout.text_tokens, int(self.config["text_dim"]), generator=g)})
+    def rope(self, layout):
+        return rope(layout.num_tokens, self.head_dim)
 
     def install_processors(self, model):
         for block, hook in zip(model.blocks, self.hooks):
@@ -109,9 +98,9 @@ class ToyFamily(Family):
 
     def embed(self, latents, context, timestep, cond):
         m = self.model
-        x = torch.cat([m.txt_in(cond["encoder_hidden_states"]), m.x_in(torch.cat([latents, context], 1))], 1)
-        x = x + m.t_in(timestep.view(-1, 1, 1))
-        t = cond["encoder_hidden_states"].shape[1]
+        x = torch.cat([m.txt_in(cond["text"]), m.x_in(torch.cat([latents, context], 1))], 1)
+        x = x + m.t_in(timestep.view(-1, 1, 1)) * cond["strength"].view(-1, 1, 1)
+        t = cond["text"].shape[1]
         return SimpleNamespace(x=x, cos=cond["rope_cos"], sin=cond["rope_sin"], n_text=t, n_target=latents.shape[1])
 
     def gather_context(self, s, layer, keep_idx):
@@ -127,7 +116,8 @@ class ToyFamily(Family):
 
     def pipeline_call(self, model, latents, context, timestep, inputs, branch="positive"):
         cos, sin = rope(inputs.layout.num_tokens, self.head_dim)
-        return model(latents, context, timestep, inputs.tensors["prompt_embeds"], cos, sin)
+        return model(latents, context, timestep * self.scalar(inputs, "strength"), inputs.tensors["text_embeds"], cos,
+                     sin)
 
     def make_scheduler(self, steps, layout, scheduler_config=None):
         return flow_match_scheduler(scheduler_config or self.scheduler_defaults, steps, None)

@@ -68,3 +68,16 @@ def test_markdown_table_has_the_per_sample_minimum_of_every_policy(tmp_path, cap
         assert r["psnr_gt_db_min"] == min(r["psnr_gt_db_per_sample"])
         assert f"{r['psnr_db']:.2f} ({r['psnr_db_min']:.2f})" in row
         assert row.rstrip().endswith(f"{r['psnr_gt_db']:.2f} ({r['psnr_gt_db_min']:.2f}) |")
+
+
+def test_bench_sweeps_step_reuse(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code, stdout, err = run_cli(["bench", "--model", "tiny-kontext", "--ratio-buckets", "0.5", "--policies", "topi",
+                                 "--no-default-policy", "--steps", "8", "--update-interval", "4", "--reuse",
+                                 "off,2,3", "--repeats", "0", "--json", str(out), "-q"], capsys)
+    assert code == 0, err
+    rows = {r["reuse"]: r for r in json.loads(out.read_text())["results"]}
+    assert set(rows) == {"off", 2, 3} and [rows[k]["reused_steps"] for k in ("off", 2, 3)] == [0, 2, 3]
+    assert rows["off"]["psnr_db"] > rows[3]["psnr_db"]  # reusing velocities moves the result away from unpruned
+    assert all(r["speedup"] is None for r in rows.values())  # --repeats 0: fidelity only
+    assert "| reuse (steps) |" in (tmp_path / "bench.md").read_text().splitlines()[0]

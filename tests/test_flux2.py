@@ -30,7 +30,7 @@ def fresh():
 
 def _inputs(family, refs, seed=0, target=(4, 4)):
     data = family.synthetic_inputs(Layout(6, target, GRIDS[refs]), seed)
-    data.guidance = 3.5
+    data.scalars["guidance"] = 3.5
     return data
 
 
@@ -57,7 +57,7 @@ def test_ratio_zero_loop_equals_unmodified_model(session, fresh, refs):
                    update_interval=2)
     torch.testing.assert_close(full.latents, ref, rtol=0, atol=1e-5)
     torch.testing.assert_close(topi.latents, ref, rtol=0, atol=1e-5)
-    assert [r["kind"] for r in topi.schedule][:1] == ["anchor"]
+    assert [r.kind for r in topi.schedule][:1] == ["anchor"]
 
 
 def test_klein_config_without_guidance_equals_unmodified_model():
@@ -110,7 +110,7 @@ def test_gather_at_layer_zero_equals_model_on_kept_tokens(session, fresh):
         pruned, _ = family.forward(x, data.reference_latents, t, family.conditioning(data), keep_idx=keep,
                                    prune_start=0)
         ref = fresh(hidden_states=torch.cat([x, data.reference_latents[:, keep]], dim=1), timestep=t,
-                    guidance=torch.tensor([3.5]), encoder_hidden_states=data.prompt_embeds, txt_ids=txt_ids[None],
+                    guidance=torch.tensor([3.5]), encoder_hidden_states=data.tensors["prompt_embeds"], txt_ids=txt_ids[None],
                     img_ids=kept_ids[None], return_dict=False)[0][:, :nx]
     torch.testing.assert_close(pruned, ref, rtol=0, atol=1e-5)
 
@@ -125,7 +125,7 @@ def _manual_pruned(model, data, x, t, keep, prune_start):
     rope = [torch.cat(p) for p in zip(model.pos_embed(txt_ids), model.pos_embed(img_ids))]
     temb = model.time_guidance_embed(t * 1000, torch.tensor([3.5]) * 1000)
     hs = model.x_embedder(torch.cat([x, data.reference_latents], dim=1))
-    enc = model.context_embedder(data.prompt_embeds)
+    enc = model.context_embedder(data.tensors["prompt_embeds"])
 
     def cut(table, at, dim):
         return torch.cat([table.narrow(dim, 0, at), table.narrow(dim, at, table.shape[dim] - at).index_select(dim, keep)],
@@ -193,7 +193,7 @@ def test_parse_call_reads_layout_from_ids(session):
     kwargs = dict(hidden_states=hidden, timestep=torch.tensor([0.3]), guidance=torch.tensor([2.0]),
                   encoder_hidden_states=torch.randn(1, 6, 32), txt_ids=txt_ids[None], img_ids=img_ids[None])
     latents, timestep, data = family.parse_call(kwargs)
-    assert data.layout == layout and data.guidance == 2.0
+    assert data.layout == layout and data.scalars["guidance"] == 2.0
     assert torch.equal(latents, hidden[:, :12]) and torch.equal(data.reference_latents, hidden[:, 12:])
     no_refs = dict(kwargs, hidden_states=hidden[:, :12], img_ids=img_ids[None, :12])
     with pytest.raises(TopiError, match="reference images"):
@@ -222,8 +222,8 @@ def test_onnxruntime_equals_torch_with_three_references(ort_dir):
     data = _inputs(ort.family, 3, seed=4)
     results = [denoise(s.engine, s.family, data, steps=5, selector=s.selector(data, ratio=0.5), update_interval=2)
                for s in (ort, torch_s)]
-    assert [r["graph"] for r in results[0].schedule] == ["anchor", "pruned", "anchor", "pruned", "anchor"]
-    assert results[0].schedule[1]["keep_per_reference"] == results[1].schedule[1]["keep_per_reference"]
+    assert [r.graph for r in results[0].schedule] == ["anchor", "pruned", "anchor", "pruned", "anchor"]
+    assert results[0].schedule[1].keep_per_reference == results[1].schedule[1].keep_per_reference
     assert rel_l2(results[0].latents, results[1].latents) <= 1e-4
 
 
@@ -266,17 +266,17 @@ def test_dropin_in_real_flux2_pipeline_equals_run_loop(session):
         out = pipe(image=images, prompt_embeds=prompt, height=64, width=64, num_inference_steps=6, guidance_scale=3.0,
                    latents=noise, output_type="latent").images
     refs, _ = seen["refs"]
-    assert [s["kind"] for s in tr.schedule] == ["anchor", "pruned", "pruned"] * 2
+    assert [s.kind for s in tr.schedule] == ["anchor", "pruned", "pruned"] * 2
     layout = Layout(6, (4, 4), ((4, 4), (4, 6)))  # 16 px per token
-    data = Inputs(layout, refs[:1].float(), {"prompt_embeds": prompt}, noise=noise.flatten(2).transpose(1, 2),
-                  guidance=3.0)
+    data = Inputs(layout, refs[:1].float(), {"prompt_embeds": prompt}, {"guidance": 3.0},
+                  noise=noise.flatten(2).transpose(1, 2))
     ref = denoise(session.engine, session.family, data, steps=6, selector=session.selector(data, ratio=0.5),
                   update_interval=3)
     torch.testing.assert_close(out, ref.latents, rtol=0, atol=1e-5)
 
 
 def test_cli_run_with_three_references_reports_keep_per_reference(tmp_path, capsys, session):
-    from topi_export.runtime.inputs import save_inputs
+    from topi_export.artifacts.inputs import save_inputs
 
     data = _inputs(session.family, 3, seed=7)
     data.noise = data.initial_noise(7)
@@ -327,6 +327,6 @@ def test_dropin_in_flux2_klein_pipeline_with_true_cfg(tmp_path):
                                rtol=0, atol=1e-5)
     pruned = TopiTransformer(model=str(tmp_path / "klein"), ratio=0.5, update_interval=3)
     out = generate(pruned)
-    assert [s["kind"] for s in pruned.schedule] == ["anchor", "pruned", "pruned"] * 2  # one record per step
-    assert {s["keep"] for s in pruned.schedule if s["kind"] == "pruned"} == {20}
+    assert [s.kind for s in pruned.schedule] == ["anchor", "pruned", "pruned"] * 2  # one record per step
+    assert {s.keep for s in pruned.schedule if s.kind == "pruned"} == {20}
     assert torch.isfinite(out).all() and not torch.equal(out, reference)

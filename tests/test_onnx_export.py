@@ -78,15 +78,16 @@ def test_influence_graph_has_no_heads_x_target_x_keys_tensor(ort_engine_dir):
 
 
 def test_manifest_contents(ort_engine_dir):
-    from topi_export.runtime.manifest import read_manifest
+    from topi_export.artifacts.manifest import read_manifest
 
     m = read_manifest(ort_engine_dir)
     assert m.backend == "onnxruntime" and m.model.family == "flux-kontext" and m.batch == 1
     assert [(p.ratio, p.keep) for p in m.profiles] == [(0.0, 64), (0.3, 45), (0.5, 32)]
     assert set(m.graphs) == {"topi", "dense"} and m.weights["file"] == "onnx/weights.data"
-    assert set(m.files) == {"onnx/topi.onnx", "onnx/dense.onnx", "onnx/weights.data"}
+    assert set(m.files) == {"onnx/topi.onnx", "onnx/dense.onnx", "onnx/weights.data", "refit_map.json"}
     raw = json.loads((ort_engine_dir / "manifest.json").read_text())
-    assert raw["format"] == "topi-engines/2" and all(len(f["sha256"]) == 64 for f in raw["files"].values())
+    assert raw["format"] == "topi-engines/3" and all(len(f["sha256"]) == 64 for f in raw["files"].values())
+    assert len(raw["manifest_sha256"]) == 64
 
 
 @pytest.mark.parametrize("mode", [dict(ratio=0.5), dict(ratio=0.3), dict(tau=0.6, buckets=(0.3, 0.5))])
@@ -101,7 +102,7 @@ def test_onnxruntime_equals_torch_step_by_step(tiny, ort_engine_dir, mode):
     sel = Selector(64, ratio=mode.get("ratio", 0.0), tau=mode.get("tau"), buckets=mode.get("buckets", ()),
                    grids=((8, 8),))
     got, want = (denoise(s.engine, s.family, data, steps=12, update_interval=5, selector=sel) for s in (ort, ref))
-    assert [(s["kind"], s["keep"]) for s in got.schedule] == [(s["kind"], s["keep"]) for s in want.schedule]
+    assert [(s.kind, s.keep) for s in got.schedule] == [(s.kind, s.keep) for s in want.schedule]
     assert rel_l2(got.latents, want.latents) <= 1e-4
     dense = denoise(ort.engine, ort.family, data, steps=4, mode="dense")
     assert rel_l2(dense.latents, denoise(ref.engine, ref.family, data, steps=4, mode="dense").latents) <= 1e-4
@@ -161,7 +162,7 @@ def test_multi_resolution_engine_dir_serves_listed_shapes_only(tmp_path, capsys)
         s.check_inputs(data)
         sel = s.selector(data, ratio=0.5)
         res = s.denoise(data, steps=3, selector=sel)
-        assert res.schedule[1]["keep"] == grid[0] * grid[1] // 2
+        assert res.schedule[1].keep == grid[0] * grid[1] // 2
     with pytest.raises(TopiError, match="serves only t8-x8x8-c8x8, t8-x6x10-c6x10"):
         s.check_inputs(s.family.synthetic_inputs(Layout(8, (4, 4), ((4, 4),)), 0))
     code, _, err = run_cli(["build", "--model", "tiny-kontext", "--resolutions", "100x100", "--engine-dir",
@@ -221,7 +222,11 @@ def test_build_and_run_from_a_saved_model_directory(tmp_path, capsys):
     assert json.loads((eng / "manifest.json").read_text())["model"]["source"] == str(tmp_path / "model")
     code, out, err = run_cli(["run", "--engine-dir", str(eng), "--steps", "3", "--compare", "-q"], capsys)
     assert code == 0 and "ToPi" in out, err
-    code, out, err = run_cli(["check", "--engine-dir", str(eng)], capsys)  # the reference loads the saved folder
+    # the reference loads the saved folder when the user names it: a path recorded in an engine directory is not
+    # followed on its own
+    code, out, err = run_cli(["check", "--engine-dir", str(eng)], capsys)
+    assert code == 2 and "pass --model" in err
+    code, out, err = run_cli(["check", "--engine-dir", str(eng), "--model", str(tmp_path / "model")], capsys)
     assert code == 0 and "all 6 comparisons pass" in out, err
     # the --onnx-dir cache is reused for the same model and settings (by hash), at another shape
     code, _, err = run_cli(["build", "--model", str(tmp_path / "model"), "--ratio-buckets", "0.5", "--target-grid",
@@ -246,6 +251,6 @@ def test_kontext_preferred_resolutions_from_one_engine_directory(tmp_path, capsy
     smallest = min(grids, key=lambda g: g[0] * g[1])
     data = s.family.synthetic_inputs(Layout(8, smallest, (smallest,)), 0)
     res = s.denoise(s.check_inputs(data), steps=2, selector=s.selector(data, ratio=0.5))
-    assert res.schedule[1]["keep"] == smallest[0] * smallest[1] // 2
+    assert res.schedule[1].keep == smallest[0] * smallest[1] // 2
     with pytest.raises(TopiError, match="serves only"):
         s.check_inputs(s.family.synthetic_inputs(Layout(8, (64, 64), ((32, 32),)), 0))

@@ -41,7 +41,7 @@ def request(family, ref_grids, *, cfg=True, n_pos=6, n_neg=4, pos_padding=0, tar
     if cfg:
         tensors["negative_prompt_embeds"] = torch.randn(1, n_neg, d, generator=g)
     ref = torch.randn(1, layout.num_ctx, family.in_channels, generator=g)
-    return Inputs(layout, ref, tensors, true_cfg_scale=CFG if cfg else None)
+    return Inputs(layout, ref, tensors, {"true_cfg_scale": CFG} if cfg else {})
 
 
 def pipeline_loop(family, model, inputs, steps, seed=0):
@@ -55,7 +55,7 @@ def pipeline_loop(family, model, inputs, steps, seed=0):
             pred = family.pipeline_call(model, latents, inputs.reference_latents, timestep, inputs, "positive")
             if cfg:
                 neg = family.pipeline_call(model, latents, inputs.reference_latents, timestep, inputs, "negative")
-                comb = neg + inputs.true_cfg_scale * (pred - neg)
+                comb = neg + inputs.scalars["true_cfg_scale"] * (pred - neg)
                 pred = comb * (torch.norm(pred, dim=-1, keepdim=True) / torch.norm(comb, dim=-1, keepdim=True))
             latents = sched.step(pred, t, latents, return_dict=False)[0]
     return latents
@@ -73,10 +73,10 @@ def test_ratio0_loop_equals_diffusers_pipeline_calls(sessions, diffusers_models,
 
     s = sessions[name]
     data = request(s.family, ref_grids, cfg=cfg, pos_padding=pos_padding)
-    assert s.family.batch(data) == (2 if cfg else 1)
+    assert s.family.branches(data) == (2 if cfg else 1)
     ref = pipeline_loop(s.family, diffusers_models[name], data, steps=4)
     out = denoise(s.engine, s.family, data, steps=4, selector=s.selector(data, ratio=0.0), update_interval=2)
-    assert [r["graph"] for r in out.schedule][:1] == ["anchor"]
+    assert [r.graph for r in out.schedule][:1] == ["anchor"]
     torch.testing.assert_close(out.latents, ref, rtol=1e-5, atol=1e-5)
 
 
@@ -206,19 +206,19 @@ def test_true_cfg_branches_and_errors(sessions):
 
     fam = sessions[TINY].family
     data = request(fam, [(4, 4)])
-    assert fam.batch(data) == 2 and fam.guidance == "true-cfg"
-    data.true_cfg_scale = None  # negative embeddings without a scale: the pipelines' default 4.0
-    assert fam.batch(data) == 2 and fam.cfg_scale(data) == 4.0
-    data.true_cfg_scale = 1.0  # the pipelines skip the negative branch at scale <= 1
-    assert fam.batch(data) == 1 and fam.conditioning(data)["encoder_hidden_states"].shape[0] == 1
+    assert fam.branches(data) == 2 and fam.guidance == "true-cfg"
+    data.scalars.pop("true_cfg_scale", None)  # negative embeddings without a scale: the pipelines' default 4.0
+    assert fam.branches(data) == 2 and fam.cfg_scale(data) == 4.0
+    data.scalars["true_cfg_scale"] = 1.0  # the pipelines skip the negative branch at scale <= 1
+    assert fam.branches(data) == 1 and fam.conditioning(data)["encoder_hidden_states"].shape[0] == 1
     plain = request(fam, [(4, 4)], cfg=False)
-    plain.true_cfg_scale = 3.0
+    plain.scalars["true_cfg_scale"] = 3.0
     with pytest.raises(TopiError, match="no negative_prompt_embeds"):
-        fam.batch(plain)
+        fam.branches(plain)
     v = torch.randn(2, 16, 16)
     pos, neg = v[:1], v[1:]
     comb = neg + 3.0 * (pos - neg)
-    data.true_cfg_scale = 3.0
+    data.scalars["true_cfg_scale"] = 3.0
     want = comb * pos.norm(dim=-1, keepdim=True) / comb.norm(dim=-1, keepdim=True)
     torch.testing.assert_close(fam.guide(v, data), want)
 
@@ -246,7 +246,7 @@ def _save_request(path, family, *, negative=True, grids=((8, 8),) * 3):
         tensors["negative_prompt_embeds"] = torch.randn(1, 5, family.text_dim, generator=g)
         tensors["negative_prompt_embeds_mask"] = torch.ones(1, 5)
     save_inputs(path, Inputs(layout, torch.randn(1, layout.num_ctx, family.in_channels, generator=g), tensors,
-                             true_cfg_scale=CFG))
+                             {"true_cfg_scale": CFG}))
     return path
 
 
@@ -271,13 +271,13 @@ def test_onnxruntime_equals_torch_with_true_cfg(cfg_engines, sessions):
     assert ort.manifest.batch == 2 and ort.manifest.guidance == "true-cfg"
     torch_s = sessions[TINY]
     data = load_inputs(inputs, ort.family)
-    assert ort.family.batch(data) == 2
+    assert ort.family.branches(data) == 2
     for kw in ({"ratio": 0.5}, {"tau": 0.6}):
         a = ort.denoise(data, steps=6, selector=ort.selector(data, **kw), update_interval=3)
         b = torch_s.denoise(data, steps=6, selector=torch_s.selector(data, ratio_buckets="0.3,0.5", **kw),
                             update_interval=3)
-        assert [r["keep"] for r in a.schedule] == [r["keep"] for r in b.schedule]
-        assert "pruned" in [r["graph"] for r in a.schedule]
+        assert [r.keep for r in a.schedule] == [r.keep for r in b.schedule]
+        assert "pruned" in [r.graph for r in a.schedule]
         assert rel_l2(a.latents, b.latents) <= 1e-4
 
 
@@ -359,15 +359,15 @@ def test_dropin_in_real_edit_pipelines_equals_denoise(plus, monkeypatch):
                        true_cfg_scale=CFG, height=64, width=64, num_inference_steps=4, latents=noise,
                        output_type="latent").images
     assert len(tr.calls) == 8  # positive and negative branch per step
-    assert [s["kind"] for s in tr.schedule] == ["anchor", "pruned"] * 2
+    assert [s.kind for s in tr.schedule] == ["anchor", "pruned"] * 2
     shapes = tr.calls[0]["img_shapes"][0]
     assert len(shapes) == (4 if plus else 2)
     layout = Layout(7, shapes[0][1:], tuple(s[1:] for s in shapes[1:]))
     data = Inputs(layout, tr.calls[0]["hidden_states"][:, 64:], {"prompt_embeds": pos, "negative_prompt_embeds": neg},
-                  noise=noise, true_cfg_scale=CFG)
+                  {"true_cfg_scale": CFG}, noise=noise)
     s = open_session(model=TINY, update_interval=2)
     ref = s.denoise(data, steps=4, selector=s.selector(data, ratio=0.5))
-    assert [r["graph"] for r in ref.schedule] == ["anchor", "pruned"] * 2
+    assert [r.graph for r in ref.schedule] == ["anchor", "pruned"] * 2
     torch.testing.assert_close(latents, ref.latents, rtol=0, atol=1e-5)
 
 
@@ -378,7 +378,7 @@ def test_published_profile_binds_to_the_qwen_image_edit_config():
 
     from topi_export.models.qwen_edit import QwenImageEdit
     from topi_export.plan import ModelIdentity
-    from topi_export.runtime.settings import SHIPPED, read_profile, shipped_profile_for
+    from topi_export.artifacts.settings import SHIPPED, read_profile, shipped_profile_for
 
     root = Path(__file__).resolve().parents[1]
     path = root / "scripts" / "make_published_profile.py"

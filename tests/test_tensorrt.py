@@ -12,6 +12,7 @@ from topi_export.backends import tensorrt as T
 from topi_export.backends.base import BuildJob
 from topi_export.backends.tensorrt.runtime import select_profile
 from topi_export.errors import TopiError
+from topi_export.fsutil import MARKER_FILE
 from topi_export.plan import GraphEntry, GraphTensor, Layout, profile_table
 
 RTX = "tensorrt-rtx not installed (pip install tensorrt-rtx-cu13)"
@@ -35,8 +36,8 @@ def _cli(args):
 def _graph(tiny, kind="topi"):
     from topi_export.export.graphs import graph_tensors
 
-    inputs, outputs = graph_tensors(tiny.family, kind)
-    return GraphEntry(f"{kind}.onnx", inputs, outputs, f"{kind}.onnx")
+    entry = graph_tensors(tiny.family, kind)
+    return GraphEntry(f"{kind}.onnx", entry.inputs, entry.outputs, f"{kind}.onnx")
 
 
 # ------------------------------------------------------------------------------------------------- pure
@@ -188,7 +189,7 @@ def _read_back(log: str, kind: str):
 
 
 def _manifest(engine_dir):
-    from topi_export.runtime.manifest import read_manifest
+    from topi_export.artifacts.manifest import read_manifest
 
     return read_manifest(engine_dir)  # every file's sha256 verified
 
@@ -196,7 +197,8 @@ def _manifest(engine_dir):
 @pytest.mark.tensorrt_rtx
 def test_rtx_build_parses_without_errors_and_drops_onnx(rtx):
     out = rtx["multi"]
-    assert sorted(p.name for p in out.iterdir()) == ["build_log.txt", "dense.engine", "manifest.json", "topi.engine"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(["build_log.txt", "dense.engine", "manifest.json",
+                                                              "topi.engine", MARKER_FILE])
     m = _manifest(out)
     assert m.backend == "tensorrt-rtx" and m.precision == "fp32"
     assert {k: (g.file, g.onnx) for k, g in m.graphs.items()} == {"topi": ("topi.engine", None),
@@ -260,7 +262,8 @@ def test_rtx_bf16_two_compute_capabilities_weights_once(rtx):
     graph = onnx.load(str(cache / "topi.onnx"), load_external_data=False)
     assert any(i.data_type == onnx.TensorProto.BFLOAT16 for i in graph.graph.initializer)
     # weights once: the directory is the engine (no ONNX, no weights file), and no weight's bytes appear twice
-    assert sorted(p.name for p in out.iterdir()) == ["build_log.txt", "manifest.json", "topi.engine"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(["build_log.txt", "manifest.json", "topi.engine",
+                                                              MARKER_FILE])
     weights = (cache / "weights.data").read_bytes()
     blob = (out / "topi.engine").read_bytes()
     assert len(blob) > len(weights)
@@ -317,8 +320,12 @@ def _tiny_graph(tmp_path, op="Relu", domain=""):
 
 
 def _job(tmp_path, graphs_dir, graphs, **options):
+    from topi_export.backends.tensorrt.common import TensorRTRTXOptions
+
+    options = {"compute_capabilities": ("SM89",), **options}
+    options["compute_capabilities"] = tuple(options["compute_capabilities"])
     return BuildJob(graphs_dir, tmp_path, graphs, (LAY,), profile_table((LAY,), (0.5,)), 1, "fp32",
-                    {"compute_capabilities": ["SM89"], **options}, echo=lambda s: None)
+                    TensorRTRTXOptions(**options), echo=lambda s: None)
 
 
 @pytest.mark.tensorrt_rtx
@@ -557,7 +564,7 @@ def test_runtime_plumbing_on_gpu_with_stand_in_module(tmp_path, monkeypatch, ort
     from topi_export.export.graphs import graph_module
     from topi_export.plan import NAME
     from topi_export.runtime.loop import rel_l2
-    from topi_export.runtime.manifest import file_entries, read_manifest
+    from topi_export.artifacts.manifest import file_entries, read_manifest
 
     out = tmp_path / "e"
     shutil.copytree(ort_engine_dir, out)  # an ONNX Runtime directory, turned into a fake TensorRT-RTX one

@@ -68,7 +68,7 @@ def test_ratio_zero_denoising_equals_unmodified_diffusers_loop(tiny, tiny_settin
     with torch.no_grad():
         for t in sched.timesteps:  # written out as FluxKontextPipeline.__call__ does it
             out = ref_model(hidden_states=torch.cat([latents, data.reference_latents], 1),
-                            encoder_hidden_states=data.prompt_embeds, pooled_projections=data.pooled_prompt_embeds,
+                            encoder_hidden_states=data.tensors["prompt_embeds"], pooled_projections=data.tensors["pooled_prompt_embeds"],
                             timestep=(t / 1000).expand(1), img_ids=img, txt_ids=txt, guidance=torch.full([1], 2.5),
                             return_dict=False)[0][:, :16]
             latents = sched.step(out, t, latents, return_dict=False)[0]
@@ -161,10 +161,10 @@ def test_pruned_run_differs_but_stays_close(tiny, tiny_settings):
     eng = TorchEngine(fam, tiny_settings)
     full = denoise(eng, fam, data, steps=8, mode="dense")
     topi = denoise(eng, fam, data, steps=8, selector=Selector(36, ratio=0.5, grids=((6, 6),)), update_interval=4)
-    assert [r["kind"] for r in topi.schedule] == ["anchor"] + ["pruned"] * 3 + ["anchor"] + ["pruned"] * 3
-    assert [r["keep"] for r in topi.schedule] == [36, 18, 18, 18, 36, 18, 18, 18]
-    assert all(r["keep_per_reference"] == [r["keep"]] for r in topi.schedule)
-    assert all(0 < r["kept_influence"] <= 1 for r in topi.schedule if r["kind"] == "anchor")
+    assert [r.kind for r in topi.schedule] == ["anchor"] + ["pruned"] * 3 + ["anchor"] + ["pruned"] * 3
+    assert [r.keep for r in topi.schedule] == [36, 18, 18, 18, 36, 18, 18, 18]
+    assert all(r.keep_per_reference == (r.keep,) for r in topi.schedule)
+    assert all(0 < r.kept_influence <= 1 for r in topi.schedule if r.kind == "anchor")
     assert not torch.equal(full.latents, topi.latents)
     assert psnr(topi.latents, full.latents) > 20
 

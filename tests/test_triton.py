@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import run_cli
+from topi_export.fsutil import MARKER_FILE
 
 pytest.importorskip("tritonclient.grpc.model_config_pb2",
                     reason="needs tritonclient[grpc] (pip install 'topi-export[triton]')")
@@ -57,10 +58,13 @@ def _tree(path: Path) -> dict:
 
 
 def _rehash(engine: Path, data: dict) -> None:
-    from topi_export.runtime.manifest import sha256_file
+    from topi_export.artifacts.manifest import sha256_file
 
     data["files"] = {str(p.relative_to(engine)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
                      for p in sorted(engine.rglob("*")) if p.is_file() and p.name != "manifest.json"}
+    from topi_export.plan.manifest import DIGEST, manifest_digest
+
+    data[DIGEST] = manifest_digest(data)  # the digest is recomputed too: the checks behind it must hold on their own
     (engine / "manifest.json").write_text(json.dumps(data, indent=2))
 
 
@@ -196,7 +200,8 @@ def _load_generated_model(repo: Path, pb, monkeypatch, loop="topi_loop"):
 
 
 def _request(pb, tensors: dict, **options):
-    wire = {"steps": np.int32, "seed": np.uint64, "ratio": np.float32, "tau": np.float32, "update_interval": np.int32}
+    wire = {"steps": np.int32, "seed": np.uint64, "ratio": np.float32, "tau": np.float32, "update_interval": np.int32,
+            "reuse_order": np.int32}
     items = [pb.Tensor(k, v.numpy() if isinstance(v, torch.Tensor) else v) for k, v in tensors.items()]
     for k, v in options.items():
         array = np.array([v.encode()], dtype=np.object_) if isinstance(v, str) else np.array([v], dtype=wire[k])
@@ -219,7 +224,8 @@ def test_onnxruntime_repository_layout_and_schema(engine_dir, tmp_path, capsys):
                                  "--kind", "cpu"], capsys)
     assert code == 0, err
     assert "repository ->" in stdout and "tritonserver --model-repository" in stdout
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "topi_dense", "topi_loop", "topi_topi"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(["README.md", "topi_dense", "topi_loop", "topi_topi",
+                                                              MARKER_FILE])
     assert "topi-export" in (out / "README.md").read_text().splitlines()[0] and made_by_topi_export(out)
     for kind in ("topi", "dense"):
         d = out / f"topi_{kind}"
@@ -247,9 +253,9 @@ def test_onnxruntime_repository_layout_and_schema(engine_dir, tmp_path, capsys):
     inputs = {i.name: (i.optional, list(i.dims)) for i in loop.input}
     assert inputs["reference_latents"] == (False, [1, -1, 16])
     assert inputs["prompt_embeds"] == (False, [1, -1, 32]) and inputs["pooled_prompt_embeds"] == (False, [1, 16])
-    assert all(inputs[n][0] for n in ("noise", "guidance", "true_cfg_scale", "steps", "seed", "ratio", "tau",
+    assert all(inputs[n][0] for n in ("noise", "guidance", "steps", "seed", "ratio", "tau", "reuse", "reuse_order",
                                       "update_interval", "policy", "mode", "target_grid", "reference_grids"))
-    assert len(inputs) == 15 and [o.name for o in loop.output] == ["latents", "schedule"]
+    assert len(inputs) == 16 and [o.name for o in loop.output] == ["latents", "schedule"]
     assert json.loads(loop.parameters["topi_models"].string_value) == {"topi": "topi_topi", "dense": "topi_dense"}
     assert (out / "topi_loop" / "1" / "model.py").read_bytes() == (
         ROOT / "topi_export" / "serving" / "bls_model.py").read_bytes()
@@ -261,7 +267,8 @@ def test_onnxruntime_repository_layout_and_schema(engine_dir, tmp_path, capsys):
     {"ratio": 0.5, "update_interval": 2, "steps": 5, "seed": 3},
     {"tau": 0.5, "update_interval": 2, "steps": 4, "seed": 1},
     {"ratio": 0.0, "steps": 2, "seed": 0},
-], ids=["ratio", "tau", "unpruned"])
+    {"ratio": 0.5, "update_interval": 4, "steps": 8, "seed": 2, "reuse": "3", "reuse_order": 1},
+], ids=["ratio", "tau", "unpruned", "reuse"])
 def test_loop_model_matches_run_with_ort_standing_in_for_triton(engine_dir, repo, tmp_path, capsys, monkeypatch,
                                                                 options):
     """The generated model.py (the real file, a fake pb_utils) drives runtime.loop.denoise through TritonEngine;
@@ -287,7 +294,8 @@ def test_loop_model_matches_run_with_ort_standing_in_for_triton(engine_dir, repo
     assert {name for name, _ in standin.calls} == {"topi_topi"}
     assert all(set(shapes) == declared for _, shapes in standin.calls)
     keeps = [shapes["keep_idx"][0] for _, shapes in standin.calls]
-    assert keeps == [r["keep"] for r in report["schedule"]]
+    assert keeps == [r["keep"] for r in report["schedule"] if r["kind"] != "reuse"]  # a reused step calls nothing
+    assert schedule["reuse"] == report["reuse"]
 
 
 def test_loop_model_serves_every_built_layout(engine_dir, repo, tmp_path, capsys, monkeypatch):
@@ -328,7 +336,7 @@ def test_request_grids_default_to_the_only_fitting_layout(engine_dir):
     from topi_export.errors import TopiError
     from topi_export.models import adapter_for
     from topi_export.plan import Layout
-    from topi_export.runtime.manifest import read_manifest
+    from topi_export.artifacts.manifest import read_manifest
     from topi_export.serving.triton_engine import parse_request
 
     m = read_manifest(engine_dir, verify_files=False)
@@ -441,7 +449,8 @@ def test_force_replaces_only_a_tool_made_repository(engine_dir, tmp_path, capsys
     code, _, err = run_cli(["triton", "--engine-dir", str(engine_dir), "--out", str(out), "--name", "other",
                             "--force"], capsys)
     assert code == 0, err
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "other_dense", "other_loop", "other_topi"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(["README.md", "other_dense", "other_loop", "other_topi",
+                                                              MARKER_FILE])
 
     mine = tmp_path / "mine"
     (mine / "sub").mkdir(parents=True)
@@ -482,6 +491,9 @@ def test_paths_outside_the_engine_directory_are_refused(engine_dir, tmp_path, ca
     data["graphs"]["topi"]["file"] = data["graphs"]["topi"]["onnx"] = "../../outside.onnx"
     _rehash(eng, data)
     data["files"]["../../outside.onnx"] = data["files"]["onnx/topi.onnx"]
+    from topi_export.plan.manifest import DIGEST, manifest_digest
+
+    data[DIGEST] = manifest_digest(data)
     (eng / "manifest.json").write_text(json.dumps(data))
     code, _, err = run_cli(["triton", "--engine-dir", str(eng), "--out", str(tmp_path / "a" / "repo")], capsys)
     assert code == 2 and "leaves the directory" in err
@@ -525,7 +537,8 @@ def test_tensorrt_repository_from_described_manifest(engine_dir, tmp_path, capsy
     out = tmp_path / "repo"
     code, _, err = run_cli(["triton", "--engine-dir", str(eng), "--out", str(out), "--name", "kontext"], capsys)
     assert code == 0, err
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "kontext_dense", "kontext_loop", "kontext_topi"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(["README.md", "kontext_dense", "kontext_loop",
+                                                              "kontext_topi", MARKER_FILE])
     profiles = {"topi": [str(i) for i in range(6)], "dense": ["0", "1"]}
     for kind in ("topi", "dense"):
         d = out / f"kontext_{kind}"

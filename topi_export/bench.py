@@ -24,6 +24,8 @@ class BenchConfig:
     seed: int = 0
     repeats: int = 1
     dim: int | None = None  # model width, for the FLOP-predicted speedups
+    reuses: tuple = (None,)  # step-reuse specs to sweep: None (the model's default), "off", "auto", N
+    reuse_order: int = 0
 
 
 @dataclass
@@ -32,6 +34,9 @@ class Row:
     ratio: float
     update_interval: int
     tau: float | None = None
+    reuse: object = None  # the reuse spec asked for (None: the model's default)
+    reused: list = field(default_factory=list)  # reused steps per sample
+    reuse_mode: str = "off"
     psnr: list = field(default_factory=list)
     rel: list = field(default_factory=list)
     psnr_gt: list = field(default_factory=list)
@@ -41,14 +46,19 @@ class Row:
     pruned_ms: list = field(default_factory=list)
     keeps: list = field(default_factory=list)
     kept_influence: list = field(default_factory=list)
+    spreads: list = field(default_factory=list)  # (lowest, highest) pairwise speedup per sample
 
     def summary(self) -> dict:
         mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
         finite = [p for p in self.psnr if math.isfinite(p)]
+        timed = bool(self.times)
         out = {"policy": self.policy, "ratio": self.ratio, "update_interval": self.update_interval,
+               "reuse": self.reuse if self.reuse is not None else "default", "reuse_mode": self.reuse_mode,
+               "reused_steps": mean(self.reused),
                "psnr_db": mean(finite) if len(finite) == len(self.psnr) else math.inf, "psnr_db_min": min(self.psnr),
-               "rel_l2": mean(self.rel), "speedup": sum(self.full_times) / sum(self.times),
-               "time_s": mean(self.times), "full_time_s": mean(self.full_times),
+               "rel_l2": mean(self.rel), "speedup": sum(self.full_times) / sum(self.times) if timed else None,
+               "speedup_spread": [min(lo for lo, _ in self.spreads), max(hi for _, hi in self.spreads)] if timed
+               else None, "time_s": mean(self.times), "full_time_s": mean(self.full_times),
                "anchor_step_ms": statistics.median(self.anchor_ms) if self.anchor_ms else None,
                "pruned_step_ms": statistics.median(self.pruned_ms) if self.pruned_ms else None,
                "keep": sorted(set(self.keeps)), "psnr_db_per_sample": list(self.psnr),
@@ -62,13 +72,16 @@ class Row:
         return out
 
 
-def _steps_ms(schedule, kind):
-    return [r["time_s"] * 1000 for r in schedule if r["graph"] == kind]
+def _steps_ms(schedule, graph):
+    return [r.time_s * 1000 for r in schedule if r.graph == graph]
 
 
 def run_bench(session, inputs_list, cfg: BenchConfig, progress=None) -> dict:
     """Every (policy, ratio | tau, dT) against the dense baseline (the plain model at the same backend and
-    precision; the in-engine unpruned step where an engine directory has no dense graph)."""
+    precision; the in-engine unpruned step where an engine directory has no dense graph). Speed: each setting and
+    the baseline run interleaved, ``cfg.repeats`` times each (runtime/compare.py); ``repeats`` 0 measures fidelity
+    only (one run of each)."""
+    from topi_export.runtime.compare import compare
     from topi_export.runtime.loop import psnr, rel_l2
 
     rows: dict[tuple, Row] = {}
@@ -80,33 +93,39 @@ def run_bench(session, inputs_list, cfg: BenchConfig, progress=None) -> dict:
             for ratio in cfg.ratios:
                 session.warmup(data, session.selector(data, ratio=ratio, policy="topi", seed=cfg.seed), dense=True)
             warmed = True
-        full = None
-        for _ in range(cfg.repeats):
-            r = session.denoise(data, steps=cfg.steps, seed=cfg.seed, mode=base_mode)
-            full = r if full is None or r.time_s < full.time_s else full
+        full = session.denoise(data, steps=cfg.steps, seed=cfg.seed, mode=base_mode)
         full_steps += _steps_ms(full.schedule, base_mode)
-        baseline["times"].append(full.time_s)
         if data.target_latents is not None:
             baseline["psnr_gt"].append(psnr(full.latents, data.target_latents))
-        modes = [(p, r, None, dt) for dt in cfg.update_intervals for r in cfg.ratios for p in cfg.policies]
-        modes += [(p, 0.0, tau, dt) for dt in cfg.update_intervals for tau in cfg.taus for p in cfg.policies]
-        for policy, ratio, tau, dt in modes:
+        modes = [(p, r, None, dt, ru) for ru in cfg.reuses for dt in cfg.update_intervals for r in cfg.ratios
+                 for p in cfg.policies]
+        modes += [(p, 0.0, tau, dt, ru) for ru in cfg.reuses for dt in cfg.update_intervals for tau in cfg.taus
+                  for p in cfg.policies]
+        for policy, ratio, tau, dt, ru in modes:
             sel = session.selector(data, ratio=None if tau is not None else ratio, tau=tau,
                                    ratio_buckets=",".join(str(r) for r in cfg.ratios if r > 0) if tau is not None else None,
                                    policy=policy, seed=cfg.seed)
-            best = None
-            for _ in range(cfg.repeats):
-                res = session.denoise(data, steps=cfg.steps, seed=cfg.seed, selector=sel, update_interval=dt)
-                best = res if best is None or res.time_s < best.time_s else best
-            row = rows.setdefault((policy, ratio, tau, dt), Row(policy, ratio, dt, tau))
+            row = rows.setdefault((policy, ratio, tau, dt, ru), Row(policy, ratio, dt, tau, ru))
+            plan = session.reuse_plan(data, steps=cfg.steps, reuse=ru, order=cfg.reuse_order, update_interval=dt)
+            row.reused.append(len(plan.steps))
+            row.reuse_mode = plan.mode
+            if cfg.repeats > 0:
+                c = compare(session, data, steps=cfg.steps, seed=cfg.seed, selector=sel, update_interval=dt,
+                            repeats=cfg.repeats, reuse=plan)
+                best = c.topi
+                row.times.append(min(c.topi_times))
+                row.full_times.append(min(c.baseline_times))
+                row.spreads.append(c.spread)
+                baseline["times"].append(min(c.baseline_times))
+            else:
+                best = session.denoise(data, steps=cfg.steps, seed=cfg.seed, selector=sel, update_interval=dt,
+                                       reuse=plan)
             row.psnr.append(psnr(best.latents, full.latents))
             row.rel.append(rel_l2(best.latents, full.latents))
-            row.times.append(best.time_s)
-            row.full_times.append(full.time_s)
             row.anchor_ms += _steps_ms(best.schedule, "anchor")
             row.pruned_ms += _steps_ms(best.schedule, "pruned")
-            row.keeps += [r["keep"] for r in best.schedule if r["kind"] == "pruned"]
-            row.kept_influence += [r["kept_influence"] for r in best.schedule if "kept_influence" in r]
+            row.keeps += [r.keep for r in best.schedule if r.kind == "pruned"]
+            row.kept_influence += [r.kept_influence for r in best.schedule if r.kept_influence is not None]
             if data.target_latents is not None:
                 row.psnr_gt.append(psnr(best.latents, data.target_latents))
             if progress:
@@ -123,24 +142,24 @@ def run_bench(session, inputs_list, cfg: BenchConfig, progress=None) -> dict:
                                                       session.settings.prune_start, cfg.dim)
                 r["flop_e2e_speedup"] = predicted_end_to_end(layout, r["keep"][0], session.identity.num_layers,
                                                              session.settings.prune_start, cfg.dim, cfg.steps,
-                                                             r["update_interval"])
+                                                             r["update_interval"], round(r.get("reused_steps") or 0))
                 r["step_speedup"] = full_ms / r["pruned_step_ms"]
                 r["step_efficiency"] = r["step_speedup"] / r["flop_speedup"]
             if r["anchor_step_ms"]:
                 r["influence_overhead"] = r["anchor_step_ms"] / full_ms - 1
-    base = {"policy": "none", "mode": base_mode, "ratio": 0.0, "psnr_db": math.inf, "psnr_db_min": math.inf, "rel_l2": 0.0,
-            "speedup": 1.0, "time_s": sum(baseline["times"]) / len(baseline["times"]),
-            "full_step_ms": full_ms}
+    base = {"policy": "none", "mode": base_mode, "ratio": 0.0, "psnr_db": math.inf, "psnr_db_min": math.inf,
+            "rel_l2": 0.0, "speedup": 1.0, "full_step_ms": full_ms,
+            "time_s": sum(baseline["times"]) / len(baseline["times"]) if baseline["times"] else None}
     if baseline["psnr_gt"]:
         base["psnr_gt_db"] = sum(baseline["psnr_gt"]) / len(baseline["psnr_gt"])
         base["psnr_gt_db_min"] = min(baseline["psnr_gt"])
         base["psnr_gt_db_per_sample"] = list(baseline["psnr_gt"])
     best = best_policy(results)
     return {"default_policy": DEFAULT_POLICY, "best_policy": best, "baseline": base, "results": results,
-            "steps": cfg.steps, "inputs": [d.source for d in inputs_list], "backend": session.engine.name,
-            "model": session.source, "family": session.family.name, "layout": inputs_list[0].layout.to_json(),
-            "method": session.settings.to_json(), "policies_use_influence":
-                {p: POLICIES[p].uses_influence for p in cfg.policies}, "machine": machine()}
+            "steps": cfg.steps, "repeats": cfg.repeats, "inputs": [d.source for d in inputs_list],
+            "backend": session.engine.name, "model": session.source, "family": session.family.name,
+            "layout": inputs_list[0].layout.to_json(), "method": session.settings.to_json(),
+            "policies_use_influence": {p: POLICIES[p].uses_influence for p in cfg.policies}, "machine": machine()}
 
 
 def best_policy(results) -> str | None:
@@ -170,17 +189,23 @@ def markdown_table(report) -> str:
     """One row per (policy, ratio | tau, dT): PSNR vs the unpruned run and, when the inputs carry ground truth, vs the
     truth, each as the mean over the inputs with the per-sample minimum in brackets."""
     gt = any("psnr_gt_db" in r for r in report["results"])
-    head = ("| policy | ratio | dT | keep | PSNR vs unpruned [dB]: mean (min) | rel. L2 | speedup | pruned step [ms] |")
+    head = ("| policy | ratio | dT | reuse (steps) | keep | PSNR vs unpruned [dB]: mean (min) | rel. L2 | speedup "
+            "(pairwise range) | pruned step [ms] |")
     head += " PSNR vs truth [dB]: mean (min) |" if gt else ""
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     b = report["baseline"]
-    lines.append(f"| {b['mode']} (baseline) | 0 | - | all | - | - | 1.00x | {b['full_step_ms']:.1f} |"
+    lines.append(f"| {b['mode']} (baseline) | 0 | - | off | all | - | - | 1.00x | {b['full_step_ms']:.1f} |"
                  + (f" {_mean_min(b.get('psnr_gt_db'), b.get('psnr_gt_db_min'))} |" if gt else ""))
-    for r in sorted(report["results"], key=lambda r: (r.get("tau") is not None, r["ratio"], r["policy"])):
+    for r in sorted(report["results"], key=lambda r: (r.get("tau") is not None, r["ratio"], r["policy"],
+                                                      str(r.get("reuse")))):
         name = r["policy"] + (f" tau={r['tau']}" if "tau" in r else "")
         pruned = f"{r['pruned_step_ms']:.1f}" if r["pruned_step_ms"] else "-"
-        line = (f"| {name} | {r['ratio'] if 'tau' not in r else '-'} | {r['update_interval']} | {'/'.join(map(str, r['keep']))} | "
-                f"{_mean_min(r['psnr_db'], r['psnr_db_min'])} | {r['rel_l2']:.2e} | {r['speedup']:.2f}x | {pruned} |")
+        speed = (f"{r['speedup']:.2f}x ({r['speedup_spread'][0]:.2f}-{r['speedup_spread'][1]:.2f})"
+                 if r.get("speedup") is not None else "-")
+        reuse = f"{r.get('reuse', 'default')} ({r.get('reused_steps') or 0:g})"
+        line = (f"| {name} | {r['ratio'] if 'tau' not in r else '-'} | {r['update_interval']} | {reuse} | "
+                f"{'/'.join(map(str, r['keep']))} | "
+                f"{_mean_min(r['psnr_db'], r['psnr_db_min'])} | {r['rel_l2']:.2e} | {speed} | {pruned} |")
         if gt:
             line += f" {_mean_min(r.get('psnr_gt_db'), r.get('psnr_gt_db_min'))} |"
         lines.append(line)
@@ -194,11 +219,12 @@ def plot(report, path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    policies = sorted({r["policy"] for r in report["results"] if "tau" not in r})
-    for policy in policies:
-        pts = sorted((r["speedup"], r["psnr_db"], r["ratio"]) for r in report["results"]
-                     if r["policy"] == policy and "tau" not in r)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=policy)
+    series = sorted({(r["policy"], str(r.get("reuse", "default"))) for r in report["results"] if "tau" not in r})
+    for policy, reuse in series:
+        pts = sorted((r["speedup"] or 1.0, r["psnr_db"], r["ratio"]) for r in report["results"]
+                     if r["policy"] == policy and str(r.get("reuse", "default")) == reuse and "tau" not in r)
+        label = policy if len({s for _, s in series}) == 1 else f"{policy}, reuse {reuse}"
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
         for s, q, r in pts:
             ax.annotate(f"{r:g}", (s, q), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_xlabel(f"end-to-end speedup vs {report['baseline']['mode']}")

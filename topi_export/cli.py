@@ -14,6 +14,9 @@ COMMANDS = {
     "check": "Compare built engines against the PyTorch reference, per graph and bucket.",
     "bench": "Benchmark speed and fidelity per ratio bucket and selection policy.",
     "triton": "Write a Triton Inference Server model repository from an engine directory.",
+    "edit": "Edit reference image(s) with a prompt: the family's diffusers pipeline with the ToPi transformer.",
+    "encode": "Write an inputs file (latents, prompt embeddings) from images and a prompt, through the pipeline.",
+    "refit": "Write an engine directory with other LoRA adapters fused in, without re-exporting.",
 }
 
 

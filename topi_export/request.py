@@ -1,6 +1,7 @@
 """One generation request in latent space, model-agnostic: the layout, the reference latents (every reference's
-packed tokens concatenated in order), the family's conditioning tensors by name, and the scalars. Families turn it
-into graph inputs (models/base.py ``Family.conditioning``); runtime/inputs.py reads it from files."""
+packed tokens concatenated in order), the family's tensors and scalars by name (declared by the family's
+``tensor_specs``, plan/tensors.py). Families turn it into graph inputs (models/base.py ``Family.conditioning``);
+artifacts/inputs.py reads it from files."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
@@ -14,19 +15,12 @@ from topi_export.plan.layout import Layout
 class Inputs:
     layout: Layout
     reference_latents: torch.Tensor  # [1, Nc, C]
-    tensors: dict = field(default_factory=dict)  # family fields: prompt_embeds, pooled_prompt_embeds, masks, ...
+    tensors: dict = field(default_factory=dict)  # the family's text / mask / pooled tensors by name
+    scalars: dict = field(default_factory=dict)  # the family's scalars by name (e.g. a guidance scale)
     noise: torch.Tensor | None = None  # [1, Nx, C] initial latents
     target_latents: torch.Tensor | None = None  # [1, Nx, C] ground truth (benchmarks)
-    guidance: float | None = None  # distilled guidance scale (embedded by the model)
-    true_cfg_scale: float | None = None  # classifier-free guidance scale (two branches)
     source: str = "synthetic"
     meta: dict = field(default_factory=dict)
-
-    def __getattr__(self, name):  # prompt_embeds etc. read like attributes
-        tensors = self.__dict__.get("tensors")
-        if tensors is not None and name in tensors:
-            return tensors[name]
-        raise AttributeError(name)
 
     @property
     def channels(self) -> int:

@@ -4,21 +4,32 @@ it opens it, and an offline-optimized copy would be a second copy of the weights
 session is opened only when asked for, so a deployment holds the weights once in memory."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
-from topi_export.backends.base import Backend, BuildOutput, StepEngine
-from topi_export.errors import TopiError
+from topi_export.backends.base import Backend, BuildOutput, Options, StepEngine
+from topi_export.errors import BackendUnavailable, RebuildNeeded
+
+
+@dataclass(frozen=True)
+class OrtOptions(Options):
+    """ONNX Runtime builds take no options (graphs are optimized when a session opens them)."""
+
 
 BACKEND = Backend("onnxruntime", builds=True, precisions=("fp32",), runs_on="CPU (CUDA with onnxruntime-gpu)",
-                  description="ONNX Runtime, portable graphs with topi function bodies")
+                  description="ONNX Runtime, portable graphs with topi function bodies",
+                  dense_by_default=True,  # the dense graph reads the same weights file: free on disk
+                  triton_platform="onnxruntime_onnx", triton_model_file="model.onnx", options=OrtOptions)
+NUMPY = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "bool": np.bool_}
 
 
 def _ort():
     try:
         import onnxruntime as ort
     except ImportError:
-        raise TopiError("onnxruntime is not installed: pip install onnxruntime (or onnxruntime-gpu)")
+        raise BackendUnavailable("onnxruntime is not installed: pip install onnxruntime (or onnxruntime-gpu)")
     return ort
 
 
@@ -38,62 +49,66 @@ def session_options():
     return so
 
 
-def _session(path, prefer_gpu=True):
+def load_session(path, prefer_gpu=True):
     ort = _ort()
     try:
         return ort.InferenceSession(str(path), session_options(), providers=providers(prefer_gpu))
     except Exception as exc:  # noqa: BLE001 - any load failure means a broken directory
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TopiError(f"ONNX Runtime cannot load {path} ({first}): rebuild the engine directory")
+        raise RebuildNeeded(f"ONNX Runtime cannot load {path} ({first}): rebuild the engine directory")
 
 
 def build(job) -> BuildOutput:
     ort = _ort()
     for kind, graph in job.graphs.items():
         job.echo(f"  check that ONNX Runtime loads the {kind} graph")
-        _session(job.onnx_dir / graph.file, prefer_gpu=False)
+        load_session(job.onnx_dir / graph.file, prefer_gpu=False)
     target = {"execution_provider": "CPUExecutionProvider", "onnxruntime": ort.__version__,
               "optimization": "ORT_ENABLE_EXTENDED at session load"}
     return BuildOutput({kind: f"onnx/{g.file}" for kind, g in job.graphs.items()}, target,
                        versions={"onnxruntime": ort.__version__})
 
 
+def refit(job) -> list[str]:
+    """New weights beside the same graphs: the graph files stay byte for byte; their weights file is rewritten
+    where the new parameters differ (export/weights_map.py)."""
+    return refit_onnx_weights(job)
+
+
+def refit_onnx_weights(job) -> list[str]:
+    from topi_export.export.weights_map import new_values, write_weights
+
+    m = job.manifest
+    graph_files = [g.onnx or g.file for g in m.graphs.values()]
+    values = new_values(job.slots, job.changed, job.new, m.precision, graph_files)
+    written = write_weights(m.root, job.out_dir, values)
+    job.echo(f"  {len(values)} initializer(s) rewritten in {', '.join(written) or 'no file'}; graphs unchanged")
+    return written
+
+
 class OrtEngine(StepEngine):
     name = "onnxruntime"
 
     def __init__(self, manifest, prefer_gpu: bool = True):
+        super().__init__(manifest.graphs)
         self.manifest, self.prefer_gpu = manifest, prefer_gpu
         self.has_dense = manifest.has_graph("dense")
-        self.sessions = {"topi": _session(manifest.file(manifest.graphs["topi"].file), prefer_gpu)}
+        self.sessions = {}
+        self.session("topi")
 
     def session(self, kind):
         if kind not in self.sessions:
-            if kind not in self.manifest.graphs:
-                raise TopiError(f"{self.manifest.root} has no {kind} graph: rebuild with --dense-baseline")
-            self.sessions[kind] = _session(self.manifest.file(self.manifest.graphs[kind].file), self.prefer_gpu)
+            self.sessions[kind] = load_session(self.manifest.file(self.manifest.graphs[kind].file), self.prefer_gpu)
+            self.manifest.check_unchanged()  # what ONNX Runtime read is what was verified
         return self.sessions[kind]
 
-    def bind(self, cond, context, layout):
-        super().bind(cond, context, layout)
-        self.np_cond = {k: v.numpy() for k, v in cond.items()}
-        self.np_context = self.context.numpy()
+    def to_backend(self, tensor, spec):
+        return np.ascontiguousarray(tensor.detach().cpu().numpy(), dtype=NUMPY.get(spec.dtype, np.float32))
 
-    def _call(self, kind, latents, timestep, keep_idx, score_idx):
-        sess = self.session(kind)
-        b = latents.shape[0]
-        feed = {"latents": latents.float().numpy(), "context": np.ascontiguousarray(
-                    np.broadcast_to(self.np_context, (b,) + self.np_context.shape[1:])),
-                "timestep": timestep.float().numpy(), **self.np_cond}
-        if keep_idx is not None:
-            feed["keep_idx"], feed["score_idx"] = keep_idx.numpy(), score_idx.numpy()
-        names = [i.name for i in sess.get_inputs()]
-        missing = [n for n in names if n not in feed]
-        if missing:
-            raise TopiError(f"the {kind} graph needs inputs {missing} this request does not provide: the engine "
-                            f"directory was built for another model family")
-        out = sess.run(None, {n: feed[n] for n in names})
-        return torch.from_numpy(out[0]), (torch.from_numpy(out[1]) if len(out) > 1 else None)
+    def run(self, kind, step, feed):
+        out = self.session(kind).run([t.name for t in self.graphs[kind].outputs], feed)
+        return {t.name: torch.from_numpy(v) for t, v in zip(self.graphs[kind].outputs, out)}
 
 
-def open_engine(manifest, *, prefer_gpu=True, **_):
-    return OrtEngine(manifest, prefer_gpu)
+def open_engine(source):
+    return OrtEngine(source.manifest, source.options.get("prefer_gpu", True))

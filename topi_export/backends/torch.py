@@ -1,12 +1,13 @@
 """The PyTorch backend: runs the family's ToPi forward eagerly, on the CPU or a CUDA GPU (the reference every
-other backend is checked against). On CUDA the ``topi`` ops run the fused Triton kernels of ``topi_export/kernels/`` when
-OpenAI Triton is installed. Its dense step is the same model with no pruning and no scoring."""
+other backend is checked against). It opens the model itself, not an engine directory. On CUDA the ``topi`` ops
+run the fused Triton kernels of ``topi_export/kernels/`` when OpenAI Triton is installed. Its dense step is the
+same model with no pruning and no scoring."""
 from __future__ import annotations
 
 import torch
 
 from topi_export.backends.base import Backend, StepEngine
-from topi_export.errors import TopiError
+from topi_export.errors import BackendUnavailable, BadInput
 
 BACKEND = Backend("torch", builds=False, precisions=("fp32", "fp16", "bf16"), runs_on="CPU, or a CUDA GPU",
                   description="PyTorch eager reference (no build step)")
@@ -25,13 +26,13 @@ def use_cuda_kernels() -> bool:
 
 def check_device(device: str, dtype: str) -> None:
     if dtype not in DTYPES:
-        raise TopiError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+        raise BadInput(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     if not (device == "cpu" or device.startswith("cuda")):
-        raise TopiError(f"--device {device!r}: use cpu or cuda[:N]")
+        raise BadInput(f"--device {device!r}: use cpu or cuda[:N]")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise TopiError(f"--device {device}: no CUDA GPU is visible to PyTorch; use --device cpu")
+        raise BackendUnavailable(f"--device {device}: no CUDA GPU is visible to PyTorch; use --device cpu")
     if device == "cpu" and dtype != "fp32":
-        raise TopiError("the CPU reference runs fp32: drop --dtype or use --device cuda")
+        raise BadInput("the CPU reference runs fp32: drop --dtype or use --device cuda")
 
 
 class TorchEngine(StepEngine):
@@ -40,7 +41,10 @@ class TorchEngine(StepEngine):
     host_threads = None  # the model runs on torch's threads
 
     def __init__(self, family, settings, device: str = "cpu", dtype: str = "fp32"):
+        from topi_export.export.graphs import graph_tensors
+
         check_device(device, dtype)
+        super().__init__({kind: graph_tensors(family, kind) for kind in ("topi", "dense")})
         self.family = family
         self.pivotal = tuple(settings.pivotal_layers)
         self.prune_start = int(settings.prune_start)
@@ -53,28 +57,28 @@ class TorchEngine(StepEngine):
                 torch.nn.Module.to(model, self.device, self.dtype)
             self.kernels = use_cuda_kernels()
 
-    def bind(self, cond, context, layout):
-        super().bind(cond, context, layout)
-        # rotary tables and masks stay float32 (the model upcasts for RoPE); embeddings go to the model dtype
-        self.dev_cond = {k: v.to(self.device) for k, v in cond.items()}
-        self.dev_context = self.context.to(self.device, self.dtype)
+    def to_backend(self, tensor, spec):
+        # latents and context in the model's dtype; rotary tables, masks, indices as they are (the model upcasts)
+        if spec.name in ("latents", "context"):
+            return tensor.to(self.device, self.dtype)
+        return tensor.to(self.device)
 
-    def _call(self, kind, latents, timestep, keep_idx, score_idx):
-        b = latents.shape[0]
-        args = (latents.to(self.device, self.dtype), self.dev_context.expand(b, -1, -1),
-                timestep.to(self.device, torch.float32), self.dev_cond)
+    def run(self, kind, step, feed):
+        cond = {k: v for k, v in feed.items() if k not in ("latents", "context", "timestep", "keep_idx", "score_idx")}
+        args = (feed["latents"], feed["context"], feed["timestep"].float(), cond)
         if kind == "dense":
             velocity, influence = self.family.forward(*args)
-        else:
-            scoring = score_idx is not None and score_idx is not self.one_query
-            everything = keep_idx is self.all_idx
+        else:  # pruned and unpruned steps skip the influence work entirely; the anchor scores every query
             velocity, influence = self.family.forward(
-                *args, keep_idx=None if everything else keep_idx.to(self.device),
-                score_idx=score_idx.to(self.device) if scoring else None, prune_start=self.prune_start,
-                influence_layers=self.pivotal if scoring else ())
+                *args, keep_idx=feed["keep_idx"] if step == "pruned" else None,
+                score_idx=feed["score_idx"] if step == "anchor" else None, prune_start=self.prune_start,
+                influence_layers=self.pivotal if step == "anchor" else ())
         # the scheduler and the selection run on the CPU in float32, as for every other backend
-        return velocity.float().cpu(), None if influence is None else influence.float().cpu()
+        out = {"velocity": velocity.float().cpu()}
+        if influence is not None:
+            out["influence"] = influence.float().cpu()
+        return out
 
 
-def open_engine(manifest=None, *, family, settings, device="cpu", dtype="fp32", **_):
-    return TorchEngine(family, settings, device, dtype)
+def open_engine(source):
+    return TorchEngine(source.family, source.settings, source.device, source.dtype)

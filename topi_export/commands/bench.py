@@ -37,20 +37,27 @@ def parse_ratios(text: str) -> tuple:
 @click.option("--calibration", type=click.Path(dir_okay=False), default=None,
               help="Calibration profile of the model (a user's own calibrated model); 'none': the family's "
                    "default setting, ignoring a shipped profile (an uncalibrated user).")
-@click.option("--backend", type=click.Choice(["torch", "onnxruntime"]), default="torch", show_default=True)
+@click.option("--backend", default=None,
+              help="Backend to measure (default: the PyTorch reference, which needs no build); a backend that builds "
+                   "uses --engine-dir, built there first when missing.")
 @click.option("--engine-dir", type=click.Path(file_okay=False), default=None,
               help="onnxruntime: use/keep the engines here (built if missing).")
 @steps_option
 @click.option("--update-interval", "update_intervals", default="10", show_default=True,
               help="dT; several (e.g. 5,10) sweep it.")
 @click.option("--tau", "taus", default="", help="Also sweep adaptive tau values, e.g. 0.5,0.7 (buckets = ratios).")
+@click.option("--reuse", "reuses", default=None,
+              help="Step-reuse settings to sweep, e.g. off,auto,4,8,12 (default: the model's default only).")
+@click.option("--reuse-order", type=click.IntRange(0, 1), default=0, show_default=True,
+              help="Reused steps take the last velocity (0) or extrapolate from the last two (1).")
 @click.option("--target-grid", default=None, help="Synthetic input grid HxW when no --inputs (e.g. 32x32).")
 @click.option("--ref-grids", default=None, help="Synthetic input reference grids HxW,HxW (default: the target grid).")
 @click.option("--text-tokens", type=click.IntRange(1, 4096), default=8, show_default=True,
               help="Synthetic input text tokens.")
 @click.option("--samples", type=click.IntRange(1, 10_000), default=None, help="Use at most N inputs.")
-@click.option("--repeats", type=click.IntRange(1, 100), default=1, show_default=True,
-              help="Runs per setting (fastest kept).")
+@click.option("--repeats", type=click.IntRange(0, 100), default=3, show_default=True,
+              help="Timed runs of each setting and of the baseline, interleaved; the fastest of each is reported with "
+                   "the range of the pairwise speedups. 0: fidelity only (no speed columns).")
 @seed_option
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), required=True, help="Report JSON.")
 @click.option("--md", "md_path", type=click.Path(dir_okay=False), default=None, help="Markdown table (default: next to JSON).")
@@ -58,16 +65,16 @@ def parse_ratios(text: str) -> tuple:
 @device_options
 @quiet_option
 def cmd(model, inputs, ratio_buckets, policies, no_default_policy, calibration, backend, engine_dir, steps,
-        update_intervals, taus, target_grid, ref_grids, text_tokens, samples, repeats, seed, json_path, md_path,
+        update_intervals, taus, reuses, reuse_order, target_grid, ref_grids, text_tokens, samples, repeats, seed, json_path, md_path,
         png_path, device, dtype, quiet):
     """Benchmark speed and fidelity of every ratio and policy against the unpruned run."""
-    from tqdm import tqdm
+    from topi_export.progress import progress_bar
 
     from topi_export.bench import BenchConfig, markdown_table, plot, run_bench, timestamp
     from topi_export.errors import TopiError
     from topi_export.method.selection import DEFAULT_POLICY, check_policy
     from topi_export.plan import Layout, parse_grid, parse_grids
-    from topi_export.runtime import inputs as I
+    from topi_export.artifacts import inputs as I
     from topi_export.runtime.session import open_session
 
     ratios = parse_ratios(ratio_buckets)
@@ -85,8 +92,13 @@ def cmd(model, inputs, ratio_buckets, policies, no_default_policy, calibration, 
         raise TopiError(f"--update-interval {update_intervals!r}: give values in 1..1000")
     if any(not 0 < t <= 1 for t in tau_list):
         raise TopiError(f"--tau {taus!r}: each value must be in (0, 1]")
-    if backend != "torch" and (device != "cpu" or dtype != "fp32"):
-        raise TopiError("--device/--dtype apply to --backend torch (ONNX Runtime engines are fp32 on the CPU here)")
+    from topi_export.backends import get_backend, model_backend
+
+    backend = backend or model_backend()
+    builds = get_backend(backend).BACKEND.builds
+    if builds and (device != "cpu" or dtype != "fp32"):
+        raise TopiError(f"--device/--dtype apply to --backend {model_backend()} ({backend} engines run where they were "
+                        f"built for)")
     md_path = md_path or str(Path(json_path).with_suffix(".md"))
     png_path = png_path or str(Path(json_path).with_suffix(".png"))
     output_files([json_path, md_path, png_path], protected=list(inputs) + [model, calibration, engine_dir])
@@ -107,17 +119,26 @@ def cmd(model, inputs, ratio_buckets, policies, no_default_policy, calibration, 
     if len({d.layout for d in data}) != 1:
         raise TopiError("bench inputs have different shapes: give files of one layout")
     session = torch_session
-    if backend == "onnxruntime":
+    if builds:
         from topi_export.builder import build_engines
 
-        out = Path(engine_dir) if engine_dir else Path("engines") / f"bench-{Path(torch_session.source).name}-{data[0].layout.describe()}"
+        out = Path(engine_dir) if engine_dir else (Path("engines") / f"bench-{Path(torch_session.source).name}-"
+                                                  f"{data[0].layout.describe()}-{backend}")
+        if out.exists() and not (out / "manifest.json").exists():
+            raise TopiError(f"--engine-dir {out} exists but is not an engine directory: remove it or name another "
+                            f"(bench builds the engines there when the directory is missing)")
         if not (out / "manifest.json").exists():
             build_engines(model=model, layouts=(data[0].layout,), ratio_buckets=[r for r in ratios if r > 0] or "0.5",
-                          calibration=calibration, engine_dir=str(out), echo=lambda s: click.echo(s, err=True))
+                          calibration=calibration, engine_dir=str(out), backend=backend,
+                          echo=lambda s: click.echo(s, err=True))
         session = open_session(engine_dir=out, model=model)
-    cfg = BenchConfig(ratios, tuple(pols), steps, dts, tau_list, seed, repeats, dim=family.width)
-    total = len(data) * len(dts) * len(pols) * (len(ratios) + len(tau_list))
-    with tqdm(total=total, disable=not show_progress(quiet), desc="bench", unit="run") as bar:
+    from topi_export.method.reuse import parse_reuse
+
+    reuse_specs = tuple(dict.fromkeys(parse_reuse(v) for v in reuses.split(",") if v.strip())) if reuses else (None,)
+    cfg = BenchConfig(ratios, tuple(pols), steps, dts, tau_list, seed, repeats, dim=family.width, reuses=reuse_specs,
+                      reuse_order=reuse_order)
+    total = len(data) * len(dts) * len(pols) * (len(ratios) + len(tau_list)) * len(reuse_specs)
+    with progress_bar(total, "bench", show_progress(quiet), unit="run") as bar:
         report = run_bench(session, data, cfg, progress=lambda: bar.update(1))
     report["created"] = timestamp()
     report["command"] = "topi-export " + " ".join(sys.argv[1:]) if sys.argv and "topi-export" in sys.argv[0] else None
@@ -126,6 +147,16 @@ def cmd(model, inputs, ratio_buckets, policies, no_default_policy, calibration, 
     atomic_write_bytes(md_path, (table + "\n").encode())
     plot(report, png_path)
     click.echo(table)
+    from topi_export.runtime.compare import NOISY_SPREAD
+
+    if repeats == 1:
+        click.echo("note: speed from one run of each setting and of the baseline: use --repeats 3 or more for "
+                   "numbers to trust", err=True)
+    noisy = [r for r in report["results"] if r.get("speedup_spread") and
+             r["speedup_spread"][1] > NOISY_SPREAD * r["speedup_spread"][0]]
+    if repeats > 1 and noisy:
+        click.echo(f"note: {len(noisy)} setting(s) have pairwise speedups more than {NOISY_SPREAD:.1f}x apart (the "
+                   f"machine was busy): rerun, or raise --repeats", err=True)
     click.echo(f"default policy: {report['default_policy']}; best measured at ratio {max(ratios):g}: "
                f"{report['best_policy']}")
     click.echo(f"report -> {json_path}, {md_path}, {png_path}")

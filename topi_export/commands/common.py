@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
 
 from topi_export.errors import TopiError
-from topi_export.fsutil import atomic_write_bytes, check_writable, refuse_overwrite  # noqa: F401
+from topi_export.fsutil import (atomic_write_bytes, check_distinct_outputs, check_writable,  # noqa: F401
+                                refuse_overwrite)
 
 MAX_SEED = (1 << 64) - 1
 
@@ -63,12 +63,24 @@ def device_options(f):
                         help="PyTorch backend device: cpu or cuda[:N] (fused Triton kernels on CUDA).")(f)
 
 
+def reuse_options(f):
+    f = click.option("--reuse-order", type=click.IntRange(0, 1), default=0, show_default=True,
+                     help="Reused steps take the last computed velocity (0) or extrapolate it in sigma from the last "
+                          "two (1).")(f)
+    return click.option("--reuse", default=None, metavar="off|auto|N",
+                        help="Step reuse: steps that skip the transformer and reuse a velocity. auto: the criterion "
+                             "the model's calibration measured; N: that many steps (lowest measured error, or spread "
+                             "evenly without a criterion). Never anchors, the first two or the last two steps. "
+                             "Default: auto when this model's profile measured a criterion, else off.")(f)
+
+
 def quiet_option(f):
     return click.option("--quiet", "-q", is_flag=True, help="No progress bars.")(f)
 
 
 def show_progress(quiet: bool) -> bool:
-    return not quiet and sys.stderr.isatty()
+    """Progress is shown unless --quiet: a bar on a terminal, log lines otherwise (topi_export/progress.py)."""
+    return not quiet
 
 
 POLICY_HELP = ("Token selection policy (default: the engine directory's, else the package default); an unknown "
@@ -76,7 +88,9 @@ POLICY_HELP = ("Token selection policy (default: the engine directory's, else th
 
 
 def output_files(paths, protected=()) -> None:
-    """Before any work: every output file can be written and overwrites nothing the run reads."""
+    """Before any work: every output file can be written, is not another output's file, and overwrites nothing
+    the run reads."""
+    check_distinct_outputs(paths)
     for p in paths:
         if p:
             check_writable(p)

@@ -27,7 +27,9 @@ STATIC_DIMS = set()
 INLINE_BYTES = 1 << 20  # initializers at least this large go to the shared weights file
 
 
-def graph_tensors(family, kind: str) -> tuple[tuple[GraphTensor, ...], tuple[GraphTensor, ...]]:
+def graph_tensors(family, kind: str) -> GraphEntry:
+    """The inputs and outputs of graph ``kind`` of a family (names, symbolic dims, dtypes): what the export
+    produces and every backend feeds."""
     c_in, c_out = family.in_channels, family.out_channels
     inputs = [GraphTensor("latents", ("B", "Nx", c_in), "float32"), GraphTensor("context", ("B", "Nc", c_in), "float32"),
               GraphTensor("timestep", ("B",), "float32")]
@@ -35,14 +37,14 @@ def graph_tensors(family, kind: str) -> tuple[tuple[GraphTensor, ...], tuple[Gra
     if kind == "topi":
         inputs += [GraphTensor("keep_idx", ("K",), "int64"), GraphTensor("score_idx", ("Q",), "int64")]
         outputs.append(GraphTensor("influence", (1, "K"), "float32"))
-    return tuple(inputs) + tuple(family.graph_inputs()), tuple(outputs)
+    return GraphEntry(file=f"{kind}.onnx", inputs=tuple(inputs) + tuple(family.graph_inputs()), outputs=tuple(outputs))
 
 
 def example_feed(family, inputs, layout: Layout, kind: str, *, keep: int | None = None, queries: int | None = None,
                  batch: int | None = None) -> dict:
     """Graph inputs (name -> tensor) for a request: latents from its noise, every context index unless `keep`."""
     cond = family.conditioning(inputs, layout)
-    b = batch or family.batch(inputs)
+    b = batch or family.branches(inputs)
     gen = torch.Generator().manual_seed(0)
     feed = {"latents": torch.randn(b, layout.num_target, family.in_channels, generator=gen),
             "context": inputs.reference_latents.float().expand(b, -1, -1).contiguous(),
@@ -51,7 +53,7 @@ def example_feed(family, inputs, layout: Layout, kind: str, *, keep: int | None 
         nc = layout.num_ctx
         feed["keep_idx"] = torch.arange(nc) if keep is None else torch.linspace(0, nc - 1, keep).round().long()
         feed["score_idx"] = torch.arange(layout.num_target if queries is None else queries)
-    tensors = graph_tensors(family, kind)[0]
+    tensors = graph_tensors(family, kind).inputs
     for t in tensors:
         v = cond.get(t.name)
         if v is not None:  # branches batched: conditioning with a batch dim must match the latents'
@@ -143,7 +145,8 @@ def export_graph(family, settings: MethodSettings, inputs, layout: Layout, kind:
     from topi_export.ops.onnx import attach_functions, register_schemas, translation_table
 
     register_schemas()
-    in_t, out_t = graph_tensors(family, kind)
+    entry = graph_tensors(family, kind)
+    in_t, out_t = entry.inputs, entry.outputs
     # non-trivial example sizes so export does not specialise a dimension to 1
     feed = example_feed(family, inputs, layout, kind, keep=max(2, layout.num_ctx - 1) if kind == "topi" else None,
                         queries=max(2, layout.num_target - 1), batch=2)

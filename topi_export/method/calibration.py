@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from topi_export.errors import TopiError
+from topi_export.plan.results import CalibrationResult
 
 # The FLUX.1 Kontext published setting the rules are anchored to (ToPi paper): L0 = 10 of 57 layers, dT = 10.
 PUBLISHED_DEPTH, PUBLISHED_PRUNE_START, PUBLISHED_UPDATE_INTERVAL = 57, 10, 10
@@ -93,13 +94,13 @@ def positive_branch(family, cond: dict) -> dict:
 
 
 def calibrate(family, samples, timesteps=DEFAULT_TIMESTEPS, top_k: int = DEFAULT_TOP_K, progress: bool = False, *,
-              seed: int = 0, update_interval: int = PUBLISHED_UPDATE_INTERVAL) -> dict:
+              seed: int = 0, update_interval: int = PUBLISHED_UPDATE_INTERVAL) -> CalibrationResult:
     """Measure every layer's context sensitivity over samples x timesteps; pick pivotal layers, L0, dT.
 
     family: a models.base.Family with weights; samples: ``Inputs``; a sample without ``noise`` draws it from
     seed + its index. Deterministic for fixed samples and seed.
     """
-    from tqdm import tqdm
+    from topi_export.progress import progress_bar
 
     samples = list(samples)
     timesteps = check_timesteps(timesteps)
@@ -114,8 +115,7 @@ def calibrate(family, samples, timesteps=DEFAULT_TIMESTEPS, top_k: int = DEFAULT
     values = torch.zeros(len(samples), len(timesteps), n_layers, dtype=torch.float64)
     total = len(samples) * len(timesteps) * (n_layers + 1)
     start = time.perf_counter()
-    with torch.inference_mode(), tqdm(total=total, desc="calibrate", unit="pass", disable=not progress,
-                                      leave=False) as bar:
+    with torch.inference_mode(), progress_bar(total, "calibrate", progress, unit="pass") as bar:
         for i, s in enumerate(samples):
             cond = positive_branch(family, family.conditioning(s, s.layout))
             x0 = clean_latents(s)
@@ -144,132 +144,12 @@ def calibrate(family, samples, timesteps=DEFAULT_TIMESTEPS, top_k: int = DEFAULT
     ranking = sorted(range(n_layers), key=lambda layer: (-float(mean[layer]), layer))
     pivotal = sorted(ranking[:top_k])
     mean_l, std_l = [float(v) for v in mean], [float(v) for v in std]
-    return {
-        "num_layers": n_layers,
-        "layer_groups": [list(g) for g in family.layer_groups()],
-        "layer_names": [family.layer_name(layer) for layer in range(n_layers)],
-        "timesteps": timesteps,
-        "num_samples": len(samples),
-        "mean": mean_l,
-        "std": std_l,
-        "by_timestep": [{"timestep": t, "mean": [float(v) for v in values[:, j].mean(0)]}
-                        for j, t in enumerate(timesteps)],
-        "values": values.tolist(),
-        "ranking": ranking,
-        "top_k": top_k,
-        "pivotal_layers": pivotal,
-        "prune_start": prune_start_rule(mean_l, pivotal),
-        "update_interval": int(update_interval),
-        "rules": dict(RULES),
-        "seed": seed,
-        "forward_passes": total,
-        "elapsed_s": time.perf_counter() - start,
-    }
-
-
-def versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in ("topi-export", "torch", "diffusers"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = "unknown"
-    return out
-
-
-def describe_set(samples, timesteps, *, files=None, seed=0) -> dict:
-    """The calibration_set block of a profile."""
-    samples = list(samples)
-    if files:
-        description = f"{len(files)} inputs file(s): {', '.join(str(f) for f in files)}"
-    else:
-        description = f"synthetic seeded set, seed {seed}, {len(samples)} samples"
-    return {"description": description, "files": [str(f) for f in files] if files else None, "seed": seed,
-            "num_samples": len(samples),
-            "samples": [{"source": s.source, **s.layout.to_json(),
-                         "x0": "target_latents" if s.target_latents is not None else "reference_latents"}
-                        for s in samples],
-            "timesteps": [float(t) for t in timesteps]}
-
-
-def build_profile(result: dict, identity, calibration_set: dict, *, command: str | None = None) -> dict:
-    """The profile JSON (plan/profile.py schema) of a calibration result; identity: plan.ModelIdentity."""
-    from topi_export.plan.profile import SCHEMA
-
-    return {
-        "schema": SCHEMA,
-        "model": {"class": identity.model_class, "family": identity.family, "config_hash": identity.config_hash,
-                  "weights_hash": identity.weights_hash, "num_layers": identity.num_layers,
-                  "layer_groups": result["layer_groups"], "source": str(identity.source)},
-        "pivotal_layers": [int(v) for v in result["pivotal_layers"]],
-        "prune_start": int(result["prune_start"]),
-        "update_interval": int(result["update_interval"]),
-        "top_k": int(result["top_k"]),
-        "sensitivity": {"mean": result["mean"], "std": result["std"], "layer_names": result["layer_names"],
-                        "ranking": result["ranking"], "by_timestep": result["by_timestep"]},
-        "rules": result["rules"],
-        "calibration_set": calibration_set,
-        "measured": True,
-        "command": command,
-        "versions": versions(),
-    }
-
-
-def write_profile(path, result: dict, identity, calibration_set: dict, *, command: str | None = None) -> dict:
-    """Write the versioned profile JSON atomically; returns the profile."""
-    import json
-
-    from topi_export.fsutil import atomic_write_bytes
-
-    profile = build_profile(result, identity, calibration_set, command=command)
-    atomic_write_bytes(path, (json.dumps(profile, indent=2) + "\n").encode())
-    return profile
-
-
-def plot_profile(path_png, result: dict, title: str | None = None) -> None:
-    """Bar per layer (mean sensitivity, std error bars), pivotal layers highlighted, L0 marked."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    from topi_export.fsutil import atomic_write_bytes
-
-    mean, std = result["mean"], result["std"]
-    n = len(mean)
-    pivotal = set(result["pivotal_layers"])
-    l0 = result["prune_start"]
-    groups = result.get("layer_groups") or [["layer", 0, n]]
-    fig = Figure(figsize=(max(6.0, 0.18 * n + 2), 3.6), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    from matplotlib.patches import Patch
-
-    palette = ["tab:blue", "tab:cyan", "tab:green", "tab:olive"]
-    colors = [palette[next(gi for gi, g in enumerate(groups) if g[1] <= layer < g[2]) % len(palette)]
-              for layer in range(n)]
-    bars = ax.bar(range(n), mean, yerr=std, color=colors, capsize=2 if n <= 60 else 0, error_kw={"elinewidth": 0.8})
-    for layer, bar in enumerate(bars):
-        if layer in pivotal:  # highlighted, stream colour kept
-            bar.set_edgecolor("tab:red")
-            bar.set_linewidth(2)
-            bar.set_hatch("//")
-    l0_line = ax.axvline(l0 - 0.5, color="black", linestyle="--", linewidth=1,
-                         label=f"prune start L0 = {l0} (layers < L0 see all context)")
-    for g in groups[1:]:
-        ax.axvline(g[1] - 0.5, color="grey", linestyle=":", linewidth=0.8)
-    ymax = max((m + s for m, s in zip(mean, std)), default=0.0)
-    ax.set_ylim(0, 1.45 * ymax if ymax > 0 else 1.0)  # headroom for the legend
-    ax.legend(handles=[Patch(color=palette[gi % len(palette)], label=g[0]) for gi, g in enumerate(groups)] + [
-                       Patch(facecolor="white", edgecolor="tab:red", hatch="//", linewidth=2,
-                             label=f"pivotal {sorted(pivotal)}"), l0_line], fontsize=7, loc="upper right", ncol=2)
-    ax.set_xlabel("layer")
-    ax.set_ylabel("context sensitivity (rel. L2)")
-    ax.set_xlim(-0.6, n - 0.4)
-    ax.set_title(title or f"context sensitivity, {result.get('num_samples', '?')} samples x "
-                          f"{len(result.get('timesteps', []))} timesteps; dT = {result['update_interval']}",
-                 fontsize=9)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    atomic_write_bytes(path_png, buf.getvalue())
+    return CalibrationResult(
+        num_layers=n_layers, layer_groups=tuple(tuple(g) for g in family.layer_groups()),
+        layer_names=tuple(family.layer_name(layer) for layer in range(n_layers)), timesteps=tuple(timesteps),
+        num_samples=len(samples), mean=tuple(mean_l), std=tuple(std_l),
+        by_timestep=tuple({"timestep": t, "mean": [float(v) for v in values[:, j].mean(0)]}
+                          for j, t in enumerate(timesteps)),
+        values=values.tolist(), ranking=tuple(ranking), top_k=top_k, pivotal_layers=tuple(pivotal),
+        prune_start=prune_start_rule(mean_l, pivotal), update_interval=int(update_interval), rules=dict(RULES),
+        seed=seed, forward_passes=total, elapsed_s=time.perf_counter() - start)

@@ -1,7 +1,8 @@
 """The temporal controller (docs/design.md, "The method" and "Runtime"): the one place that decides, for every denoising
-step, whether it is an anchor (full sequence, re-score influence, choose the kept set) or a pruned step (the latest
-kept set, at its bucket). The denoising loop, the diffusers drop-ins and the Triton loop model all use it; backends
-only execute the steps it plans."""
+step, whether it is an anchor (full sequence, re-score influence, choose the kept set), a pruned step (the latest
+kept set, at its bucket) or a reused step (no transformer call: the velocity of the last computed steps, by the
+run's reuse plan, method/reuse.py). The denoising loop, the diffusers drop-ins and the Triton loop model all use
+it; backends only execute the steps it plans."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,31 +10,19 @@ from dataclasses import dataclass
 import torch
 
 from topi_export.errors import TopiError
-
-MAX_STEPS = 1000  # documented limit of --steps (README): more is a typo, and each step is a full model call
+from topi_export.plan.limits import check_steps, check_update_interval
+from topi_export.plan.reuse import OFF, ReusePlan
 
 
 @dataclass(frozen=True)
 class StepPlan:
     step: int
-    kind: str  # "anchor" | "pruned" | "full" (the unpruned baseline)
+    kind: str  # "anchor" | "pruned" | "full" (unpruned, through the topi graph) | "dense" (the plain model) | "reuse"
     anchor: int  # the anchor step whose kept set this step uses
     keep_idx: torch.Tensor | None = None  # None: every context token
     ratio: float = 0.0
     keep: int = 0
-
-
-def check_steps(num_steps: int) -> int:
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 1 <= num_steps <= MAX_STEPS:
-        raise TopiError(f"--steps {num_steps} is outside 1..{MAX_STEPS}")
-    return num_steps
-
-
-def check_update_interval(update_interval: int) -> int:
-    if isinstance(update_interval, bool) or not isinstance(update_interval, int) or not 1 <= update_interval <= MAX_STEPS:
-        raise TopiError(f"--update-interval {update_interval} is outside 1..{MAX_STEPS} (steps between anchor "
-                        f"re-scorings)")
-    return update_interval
+    reuses: int | None = None  # reuse: the last computed step, whose velocity (order 0) or trend (order 1) is used
 
 
 def make_plan(num_steps: int, update_interval: int) -> list[StepPlan]:
@@ -45,14 +34,20 @@ def make_plan(num_steps: int, update_interval: int) -> list[StepPlan]:
 
 
 class TemporalController:
-    """Plans step after step. ``selector`` None plans the unpruned baseline (every step "full").
+    """Plans step after step. ``selector`` None plans a baseline: every step ``baseline`` ("full": unpruned through
+    the topi graph, or "dense": the plain model).
 
     Usage: ``plan = c.plan(step)``; run it; for an anchor call ``c.observe(step, influence)`` with the positive
     branch's influence over every context token [Nc]; that fixes the kept set of the following pruned steps. A step
     may be planned again (the second guidance branch of a diffusers pipeline) without re-scoring."""
 
-    def __init__(self, selector, update_interval: int, num_ctx: int, grids=None):
-        self.selector, self.num_ctx = selector, int(num_ctx)
+    def __init__(self, selector, update_interval: int, num_ctx: int, grids=None, baseline: str = "full",
+                 reuse: ReusePlan = OFF):
+        if baseline not in ("full", "dense"):
+            raise TopiError(f"unknown baseline {baseline!r}: full or dense")
+        self.selector, self.num_ctx, self.baseline = selector, int(num_ctx), baseline
+        self.reuse = reuse if selector is not None else OFF  # baselines compute every step
+        self.reused = frozenset(self.reuse.steps)
         self.update_interval = check_update_interval(int(update_interval))
         self.grids = tuple(grids) if grids else ((1, self.num_ctx),)
         self.keep_idx, self.ratio, self.keep = None, 0.0, self.num_ctx
@@ -61,8 +56,16 @@ class TemporalController:
 
     def plan(self, step: int) -> StepPlan:
         anchor = step - step % self.update_interval
+        if step in self.reused:
+            if step == anchor:
+                raise TopiError(f"step {step} is an anchor and cannot be reused: the reuse plan does not fit the "
+                                f"update interval {self.update_interval}")
+            last = step - 1
+            while last in self.reused:
+                last -= 1
+            return StepPlan(step, "reuse", anchor, None, 0.0, 0, reuses=last)
         if self.selector is None:
-            return StepPlan(step, "full", anchor, None, 0.0, self.num_ctx)
+            return StepPlan(step, self.baseline, anchor, None, 0.0, self.num_ctx)
         if step == anchor:
             return StepPlan(step, "anchor", anchor, None, 0.0, self.num_ctx)
         if anchor not in self.kept:

@@ -13,6 +13,8 @@ from typing import Callable
 import torch
 
 from topi_export.errors import TopiError
+from topi_export.plan.layout import keep_count
+from topi_export.plan.limits import check_tau
 
 Grids = tuple[tuple[int, int], ...]
 
@@ -25,16 +27,15 @@ def validate_ratio(ratio: float, what: str = "ratio") -> float:
     return ratio
 
 
-def keep_count(ratio: float, num_ctx: int) -> int:
-    # round() guards float noise such as (1-0.3)*10 = 6.999999999999999 -> 7 -> ceil stays 7
-    return max(1, math.ceil(round((1.0 - ratio) * num_ctx, 9)))
-
-
 def check_bucket_keeps(ratios, num_ctx: int) -> None:
-    """Engines are compiled per keep count: two buckets with the same count are one engine twice."""
+    """Engines are compiled per keep count: two buckets with the same count are one engine twice, and a bucket that
+    keeps every context token prunes nothing."""
     seen: dict[int, float] = {}
     for r in ratios:
         k = keep_count(r, num_ctx)
+        if k >= num_ctx:
+            raise TopiError(f"ratio bucket {r:g} keeps all {num_ctx} context tokens: it prunes nothing; drop it or use "
+                            f"a larger ratio")
         if k in seen:
             raise TopiError(f"ratio buckets {seen[k]:g} and {r:g} both keep {k} of {num_ctx} context tokens: "
                             f"drop one or space the buckets further apart")
@@ -465,8 +466,7 @@ class Selector:
         object.__setattr__(self, "grids", normalize_grids(self.grids, self.num_ctx))
         object.__setattr__(self, "buckets", tuple(float(b) for b in self.buckets))
         if self.tau is not None:
-            if not 0.0 < self.tau <= 1.0:
-                raise TopiError(f"--tau {self.tau} is outside (0, 1]: it is the fraction of total influence kept")
+            check_tau(self.tau)
             if not self.buckets:
                 raise TopiError("--tau needs --ratio-buckets: the kept count is rounded up to a compiled bucket")
             check_bucket_keeps(self.buckets, self.num_ctx)

@@ -15,6 +15,7 @@ import torch
 from topi_export.errors import TopiError
 from topi_export.models.base import Family
 from topi_export.plan import ModelIdentity
+from topi_export.plan.manifest import config_digest
 from topi_export.resources import resource
 
 FAMILY_MODULES = [
@@ -48,6 +49,34 @@ def family_for_class(cls_name: str) -> type[Family]:
     raise TopiError(f"unsupported model class {cls_name!r}: supported classes are {', '.join(served)}")
 
 
+def pipeline_index(path) -> dict | None:
+    """A diffusers pipeline folder's model_index.json (None: not a pipeline folder)."""
+    from topi_export.fsutil import read_json_file
+
+    index = Path(str(path)) / "model_index.json"
+    if not os.path.lexists(index):
+        return None
+    data = read_json_file(index, "pipeline index", "re-save the pipeline with save_pretrained", follow_symlinks=True)
+    if not isinstance(data, dict) or not isinstance(data.get("_class_name"), str):
+        raise TopiError(f"{index} names no pipeline class (_class_name): re-save the pipeline with save_pretrained")
+    return data
+
+
+def front_end_for(path):
+    """The family front end (models/frontend.py) that drives the diffusers pipeline in folder `path`."""
+    index = pipeline_index(path)
+    if index is None:
+        raise TopiError(f"{path} is not a diffusers pipeline folder (no model_index.json): pass the folder a "
+                        f"pipeline was saved to with save_pretrained")
+    name = index["_class_name"]
+    for fam in families():
+        if name in fam.pipelines and fam.front_end:
+            return importlib.import_module(fam.front_end).FRONT_END(Path(str(path)), index)
+    served = sorted(p for f in families() if f.front_end for p in f.pipelines)
+    raise TopiError(f"{path} holds a {name}, which topi-export does not drive: pipelines with a front end are "
+                    f"{', '.join(served)}")
+
+
 def builtin_names() -> list[str]:
     names = [n for f in families() for n in f.builtins]
     return names + [n for n, folder in ASSET_MODELS.items() if (ASSETS / folder / "config.json").exists()]
@@ -66,6 +95,8 @@ class LoadedModel:
     weights_hash: str
     model_class: str
     dtype: str = "fp32"
+    adapters: tuple = ()  # lora.Adapter fused into the weights
+    fused_params: frozenset = frozenset()  # the parameters the adapters changed
 
     @property
     def adapter(self) -> Family:
@@ -74,21 +105,7 @@ class LoadedModel:
     def identity(self) -> ModelIdentity:
         f = self.family
         return ModelIdentity(self.source, f.name, self.model_class, self.config_hash, self.weights_hash, f.num_layers,
-                             dict(f.config))
-
-
-def config_hash(config, cls=None) -> str:
-    """Identity of a model config: its fields (those the class's __init__ takes, when the class is known: a
-    config.json may carry keys diffusers ignores)."""
-    keep = {k: v for k, v in dict(config).items() if not k.startswith("_")}
-    if cls is not None:
-        import inspect
-
-        params = inspect.signature(cls.__init__).parameters
-        if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
-            keep = {k: v for k, v in keep.items() if k in params}
-    blob = json.dumps(keep, sort_keys=True, default=list).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+                             dict(f.config), tuple(a.to_json() for a in self.adapters))
 
 
 def files_hash(folder: Path) -> str:
@@ -122,23 +139,23 @@ def resolve_model_dir(path: Path) -> Path:
 
 def scheduler_config_for(spec) -> dict | None:
     """A pipeline folder's scheduler/scheduler_config.json, when --model is one."""
+    from topi_export.fsutil import read_json_file
+
     path = Path(str(spec)) / "scheduler" / "scheduler_config.json"
-    if not path.is_file():
+    if not os.path.lexists(path):
         return None
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise TopiError(f"cannot read {path} ({exc}): fix or remove the pipeline's scheduler config")
+    config = read_json_file(path, "scheduler config", "fix or remove the pipeline's scheduler config",
+                            follow_symlinks=True)  # Hugging Face snapshots link to their blobs
     if not isinstance(config, dict):
         raise TopiError(f"{path} is not a JSON object: fix or remove the pipeline's scheduler config")
     return {k: v for k, v in config.items() if not k.startswith("_")}
 
 
 def _read_config(folder: Path) -> dict:
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise TopiError(f"cannot read {folder / 'config.json'} ({exc}): re-save the model with save_pretrained")
+    from topi_export.fsutil import read_json_file
+
+    config = read_json_file(folder / "config.json", "model config", "re-save the model with save_pretrained",
+                            follow_symlinks=True)  # Hugging Face snapshots link to their blobs
     if not isinstance(config, dict):
         raise TopiError(f"{folder / 'config.json'} is not a JSON object: re-save the model with save_pretrained")
     return config
@@ -180,10 +197,11 @@ def build_builtin(name: str, dtype: torch.dtype = torch.float32):
     raise KeyError(name)
 
 
-def load_model(spec: str | os.PathLike | None = None, dtype: str = "fp32") -> LoadedModel:
+def load_model(spec: str | os.PathLike | None = None, dtype: str = "fp32", adapters=()) -> LoadedModel:
     """A built-in name or a local diffusers folder -> LoadedModel (family adapter around the model, identity).
     dtype: the precision the weights are held in (fp32 for the CPU reference; bf16/fp16 builds never hold an
-    fp32 copy)."""
+    fp32 copy). adapters: lora.Adapter to fuse into the weights (the identity keeps the base weights' hash and
+    records them)."""
     if dtype not in DTYPES:
         raise TopiError(f"precision {dtype!r}: choose one of {', '.join(DTYPES)}")
     spec = str(spec or DEFAULT_MODEL)
@@ -204,6 +222,12 @@ def load_model(spec: str | os.PathLike | None = None, dtype: str = "fp32") -> Lo
         w_hash = files_hash(weights_dir)
     cls_name = type(model).__name__
     fam = family_for_class(cls_name)
+    fused = set()
+    if adapters:
+        from topi_export.lora import fuse
+
+        fused = fuse(fam, model, adapters)
     model.requires_grad_(False)
     family = fam(dict(model.config), model)
-    return LoadedModel(family, spec, config_hash(model.config, type(model)), w_hash, cls_name, dtype)
+    return LoadedModel(family, spec, config_digest(model.config, type(model)), w_hash, cls_name, dtype,
+                       tuple(adapters), frozenset(fused))

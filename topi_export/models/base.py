@@ -15,31 +15,16 @@ K kept context tokens, Q scored target queries.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
-from topi_export.errors import TopiError
+from topi_export.errors import BadInput, TopiError
 from topi_export.ops import influence_score, token_gather
 from topi_export.plan import GraphTensor, Layout, MethodSettings
-
-GUIDANCE_MODES = ("distilled", "none", "true-cfg")
-
-# Inputs every ToPi graph has, before the family's conditioning inputs.
-CORE_INPUTS = (GraphTensor("latents", ("B", "Nx", "C_in"), "float32"),)
-
-
-@dataclass(frozen=True)
-class RequestField:
-    """One family tensor of an inputs file / request: name, rank, the size of its last dim (None: any),
-    whether dim 1 is the text length T, and whether it is required."""
-
-    name: str
-    rank: int
-    last_dim: int | None
-    text: bool = False
-    required: bool = True
-    dtype: str = "float"  # "float" | "mask" (0/1 values)
+from topi_export.plan.tensors import TensorSpec
 
 
 @dataclass(frozen=True)
@@ -102,6 +87,15 @@ class AttentionHook:
         return q, k, v
 
 
+def call_tensor(kwargs: dict, name: str, pipeline: str) -> torch.Tensor:
+    """One tensor argument of a pipeline's transformer call (the drop-in), as a tensor; a one-line error when the
+    call lacks it."""
+    value = kwargs.get(name)
+    if value is None:
+        raise BadInput(f"the transformer call has no '{name}': the ToPi drop-in serves {pipeline}'s transformer calls")
+    return value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
+
+
 def gather_rows(table: torch.Tensor, cut: int, keep_idx: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """Rows [:cut] of a table (tokens along `dim`) plus its rows cut + keep_idx: the kept context tokens' rows."""
     if dim == 0:
@@ -117,6 +111,8 @@ class Family:
     name: str = ""
     model_classes: tuple[str, ...] = ()  # diffusers transformer classes served
     pipelines: tuple[str, ...] = ()  # diffusers pipelines the drop-in serves
+    front_end: str | None = None  # module whose FRONT_END drives those pipelines from images (models/frontend.py)
+    lora_loader: str | None = None  # diffusers.loaders mixin that reads this family's LoRA files (topi_export/lora.py)
     builtins: dict = {}  # built-in name -> callable returning a seeded diffusers config
     max_references: int | None = 1  # None: any number
     published: Published | None = None  # default method setting (with provenance)
@@ -124,6 +120,7 @@ class Family:
     pixels_per_token: int = 16  # pixel side of one packed latent token (VAE factor x 2x2 packing)
     text_tokens_default: int = 8  # text tokens of synthetic requests
     pads_text: bool = False  # True: a masked family; shorter prompts are padded (mask 0) to a built text length
+    max_branches: int = 1  # guidance branches one request may run, batched along B (2: true CFG)
 
     @classmethod
     def model_class(cls):
@@ -170,7 +167,8 @@ class Family:
 
     @property
     def guidance(self) -> str:
-        """'distilled' (a guidance scale is embedded), 'none', or 'true-cfg' (two branches per step)."""
+        """The family's name for its guidance mode, as reports show it (e.g. 'distilled': a scale is embedded;
+        'none'; 'true-cfg': ``max_branches`` branches per step, combined by ``guide``)."""
         raise NotImplementedError
 
     def layer_name(self, layer: int) -> str:
@@ -182,42 +180,126 @@ class Family:
     def default_settings(self) -> MethodSettings:
         return self.published.for_depth(self.num_layers)
 
-    # --- requests (override) -------------------------------------------------------------------
-    def request_fields(self) -> tuple[RequestField, ...]:
+    # --- requests: derived from tensor_specs (override tensor_specs; branches for guidance) ------------
+    def tensor_specs(self) -> tuple[TensorSpec, ...]:
+        """Every tensor and scalar of a request besides the reference latents (plan/tensors.py): declared once,
+        from which inputs files, graph inputs, synthetic inputs and Triton requests derive."""
         raise NotImplementedError
 
+    def spec(self, name: str) -> TensorSpec:
+        for s in self.tensor_specs():
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    def branches(self, inputs) -> int:
+        """Guidance branches this request runs (batched along B): 1, up to ``max_branches`` (e.g. true CFG)."""
+        return 1
+
+    def scalar(self, inputs, name: str) -> float:
+        """A scalar of the request, or its declared default."""
+        value = inputs.scalars.get(name)
+        return float(self.spec(name).default if value is None else value)
+
     def text_tokens(self, inputs) -> int:
-        """T of a request (the longest text of its branches)."""
-        return int(inputs.tensors["prompt_embeds"].shape[1])
+        """T of a request: the longest text tensor of its branches."""
+        return max((int(inputs.tensors[s.name].shape[1]) for s in self.tensor_specs()
+                    if s.role == "text" and s.name in inputs.tensors), default=1)
 
     def check_layout(self, layout: Layout) -> None:
         if self.max_references is not None and layout.num_refs > self.max_references:
-            raise TopiError(f"{self.name} takes at most {self.max_references} reference image(s), the request has "
-                            f"{layout.num_refs}: use a multi-reference family (e.g. FLUX.2) or fewer references")
+            raise BadInput(f"{self.name} takes at most {self.max_references} reference image(s), the request has "
+                           f"{layout.num_refs}: use a multi-reference family (e.g. FLUX.2) or fewer references")
 
     def check_inputs(self, inputs) -> None:
-        """Channel/feature checks of a request against this model; one-line errors."""
+        """A request against this model: channels, every declared tensor's shape and values; one-line errors."""
         self.check_layout(inputs.layout)
         if inputs.channels != self.in_channels:
-            raise TopiError(f"'reference_latents' has {inputs.channels} channels but the model expects "
-                            f"{self.in_channels}: the inputs were made for another model")
-        for f in self.request_fields():
-            t = inputs.tensors.get(f.name)
-            if t is not None and f.last_dim is not None and t.shape[-1] != f.last_dim:
-                raise TopiError(f"'{f.name}' has {t.shape[-1]} features but the model expects {f.last_dim}: the "
-                                f"inputs were made for another model")
-
-    def batch(self, inputs) -> int:
-        """1, or 2 when the request runs two guidance branches (true CFG) batched."""
-        return 1
+            raise BadInput(f"'reference_latents' has {inputs.channels} channels but the model expects "
+                           f"{self.in_channels}: the inputs were made for another model")
+        t = inputs.tensors
+        for s in self.tensor_specs():
+            if s.role == "scalar":
+                v = inputs.scalars.get(s.name)
+                if v is not None and not (math.isfinite(v) and s.bounds[0] <= v <= s.bounds[1]):
+                    raise BadInput(f"'{s.name}' is {v}, outside {s.bounds[0]:g}..{s.bounds[1]:g}")
+                continue
+            x = t.get(s.name)
+            if x is None:
+                if s.required:
+                    raise BadInput(f"the request has no '{s.name}': {self.name} needs "
+                                   f"{', '.join(['reference_latents'] + [r.name for r in self.tensor_specs() if r.required])}")
+                continue
+            if x.dim() != s.rank or x.shape[0] != 1:
+                raise BadInput(f"'{s.name}' has shape {list(x.shape)}, expected {list(s.request_dims)}")
+            if s.features is not None and x.shape[-1] != s.features:
+                raise BadInput(f"'{s.name}' has {x.shape[-1]} features but the model expects {s.features}: the "
+                               f"inputs were made for another model")
+            if s.role == "mask":
+                text = t.get(s.mask_of)
+                if text is None:
+                    raise BadInput(f"the request has '{s.name}' but no '{s.mask_of}': add the embeddings or drop "
+                                   f"the mask")
+                if tuple(x.shape) != tuple(text.shape[:2]):
+                    raise BadInput(f"'{s.name}' has shape {list(x.shape)} but '{s.mask_of}' has {text.shape[1]} "
+                                   f"tokens: the mask needs shape [1, {text.shape[1]}]")
+                if not bool(((x == 0) | (x == 1)).all()):
+                    raise BadInput(f"'{s.name}' holds values other than 0 and 1: save the text encoder's attention "
+                                   f"mask (1 = token, 0 = padding)")
+        longest = self.text_tokens(inputs)
+        if inputs.layout.text_tokens < longest:
+            raise BadInput(f"the request's layout has {inputs.layout.text_tokens} text tokens but its embeddings "
+                           f"have {longest}: the layout must hold the longest branch's text")
 
     def conditioning(self, inputs, layout: Layout | None = None) -> dict:
-        """Every graph input that stays fixed during one generation (name -> float32/int64 tensor, batch
-        ``self.batch(inputs)``): text embeddings, rotary tables of the layout, masks, guidance."""
-        raise NotImplementedError
+        """Every graph input that stays fixed during one generation (name -> float32 tensor, batch
+        ``self.branches(inputs)``, branch 0 first): the declared tensors padded to the layout's text length
+        (a masked text is padded with mask 0; an unmasked one must fit exactly), scalars as [B] tensors, and
+        the rotary tables of the layout."""
+        layout = layout or inputs.layout
+        n, T = self.branches(inputs), layout.text_tokens
+        specs = self.tensor_specs()
+        masked = {s.mask_of for s in specs if s.role == "mask"}
+        rows: dict[str, dict[int, torch.Tensor]] = {}
+        for s in specs:
+            if s.graph is None or s.branch >= n:
+                continue
+            if s.role == "scalar":
+                value = torch.tensor([self.scalar(inputs, s.name)], dtype=torch.float32)
+            elif s.role == "mask":
+                text, mask = inputs.tensors.get(s.mask_of), inputs.tensors.get(s.name)
+                if text is None:
+                    continue
+                value = F.pad(torch.ones(text.shape[:2]) if mask is None else mask.float(), (0, T - text.shape[1]))
+            else:
+                value = inputs.tensors.get(s.name)
+                if value is None:
+                    continue
+                value = value.float()
+                if s.role == "text" and value.shape[1] != T:
+                    if s.name not in masked or value.shape[1] > T:
+                        raise BadInput(f"'{s.name}' has {value.shape[1]} tokens but the layout holds {T}: build for "
+                                       f"{value.shape[1]} text tokens")
+                    value = F.pad(value, (0, 0, 0, T - value.shape[1]))
+            rows.setdefault(s.graph, {})[s.branch] = value
+        cond = {}
+        for graph, by_branch in rows.items():
+            first = by_branch[min(by_branch)]
+            cond[graph] = torch.cat([by_branch.get(b, first) for b in range(n)]).contiguous()
+        cos, sin = self.rope(layout)
+        cond.update(rope_cos=cos, rope_sin=sin)
+        return cond
 
-    def graph_inputs(self, batch: int = 1) -> tuple[GraphTensor, ...]:
+    def graph_inputs(self) -> tuple[GraphTensor, ...]:
         """The conditioning inputs of the graphs, in order (names, symbolic dims, dtypes)."""
+        out = {}
+        for s in self.tensor_specs():
+            if s.graph is not None and s.graph not in out:
+                out[s.graph] = GraphTensor(s.graph, s.graph_dims, "float32")
+        return tuple(out.values()) + self.rope_inputs()
+
+    def rope(self, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotary tables (cos, sin) [T + Nx + Nc, head_dim] of the layout, rows in joint order."""
         raise NotImplementedError
 
     def rope_inputs(self) -> tuple[GraphTensor, ...]:
@@ -226,8 +308,23 @@ class Family:
                 GraphTensor("rope_sin", ("T+Nx+Nc", self.head_dim), "float32"))
 
     def synthetic_inputs(self, layout: Layout, seed: int = 0):
-        """Seeded random conditioning for this layout (smoke tests, benchmarks, calibration)."""
-        raise NotImplementedError
+        """A seeded random request for this layout (smoke tests, benchmarks, calibration): every declared text and
+        pooled tensor (a second branch's text half as long, as a negative prompt is shorter than an edit), masks
+        of ones, scalars at their defaults."""
+        from topi_export.request import Inputs
+
+        gen = torch.Generator().manual_seed(int(seed) % (1 << 63))
+        ref = torch.randn(1, layout.num_ctx, self.in_channels, generator=gen)
+        tensors = {}
+        for s in self.tensor_specs():
+            if s.role == "text":
+                n_text = layout.text_tokens if s.branch == 0 else max(1, layout.text_tokens // 2)
+                tensors[s.name] = torch.randn(1, n_text, s.features, generator=gen)
+            elif s.role == "pooled":
+                tensors[s.name] = torch.randn(1, s.features, generator=gen)
+            elif s.role == "mask" and s.mask_of in tensors:
+                tensors[s.name] = torch.ones(tensors[s.mask_of].shape[:2])
+        return Inputs(layout, ref, tensors, source=f"synthetic(seed={seed})")
 
     # --- model (override) ----------------------------------------------------------------------
     def install_processors(self, model) -> None:

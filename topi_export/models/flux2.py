@@ -19,13 +19,14 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.embeddings import apply_rotary_emb
 
-from topi_export.errors import TopiError
 from dataclasses import replace
 
-from topi_export.models.base import Family, RequestField, gather_rows
+from topi_export.errors import BadInput, TopiError
+from topi_export.models.base import Family, call_tensor, gather_rows
 from topi_export.models.flux_kontext import FluxBlocks, FluxKontext
 from topi_export.models.sampling import compute_empirical_mu, flow_match_scheduler
-from topi_export.plan import GraphTensor, Layout
+from topi_export.plan import Layout
+from topi_export.plan.tensors import TensorSpec
 
 DEFAULT_GUIDANCE = 4.0  # Flux2Pipeline's default guidance_scale
 REF_T_SCALE = 10  # Flux2Pipeline._prepare_image_ids: reference i has T = scale + scale * i
@@ -119,6 +120,8 @@ class Flux2(FluxBlocks, Family):
     name = "flux2"
     model_classes = ("Flux2Transformer2DModel",)
     pipelines = ("Flux2Pipeline", "Flux2KleinPipeline")
+    front_end = "topi_export.models.flux2_pipeline"
+    lora_loader = "Flux2LoraLoaderMixin"
     max_references = None
     published = replace(FluxKontext.published, source="FLUX.1 Kontext published setting, no FLUX.2 setting published")
     pixels_per_token = 16
@@ -134,40 +137,16 @@ class Flux2(FluxBlocks, Family):
         return int(self.config["joint_attention_dim"])
 
     # --- requests ----------------------------------------------------------------------------
-    def request_fields(self):
-        return (RequestField("prompt_embeds", 3, self.text_dim, text=True),)
-
-    def guidance_value(self, inputs) -> float:
-        return DEFAULT_GUIDANCE if inputs.guidance is None else float(inputs.guidance)
+    def tensor_specs(self):
+        specs = (TensorSpec("prompt_embeds", "text", self.text_dim, graph="encoder_hidden_states"),)
+        if self.guidance == "distilled":
+            specs += (TensorSpec("guidance", "scalar", graph="guidance", required=False, default=DEFAULT_GUIDANCE),)
+        return specs
 
     def rope(self, layout: Layout):
         txt_ids, img_ids = flux2_ids(layout)
         return rope_tables(self.config.get("axes_dims_rope", (32, 32, 32, 32)), torch.cat([txt_ids, img_ids], dim=0),
                            int(self.config.get("rope_theta", 2000)))
-
-    def conditioning(self, inputs, layout=None):
-        layout = layout or inputs.layout
-        cos, sin = self.rope(layout)
-        cond = {"encoder_hidden_states": inputs.tensors["prompt_embeds"].float()}
-        if self.guidance == "distilled":
-            cond["guidance"] = torch.tensor([self.guidance_value(inputs)])
-        cond.update(rope_cos=cos, rope_sin=sin)
-        return cond
-
-    def graph_inputs(self, batch: int = 1):
-        out = [GraphTensor("encoder_hidden_states", ("B", "T", self.text_dim), "float32")]
-        if self.guidance == "distilled":
-            out.append(GraphTensor("guidance", ("B",), "float32"))
-        out += self.rope_inputs()
-        return tuple(out)
-
-    def synthetic_inputs(self, layout: Layout, seed: int = 0):
-        from topi_export.request import Inputs
-
-        gen = torch.Generator().manual_seed(int(seed) % (1 << 63))
-        ref = torch.randn(1, layout.num_ctx, self.in_channels, generator=gen)
-        prompt = torch.randn(1, layout.text_tokens, self.text_dim, generator=gen)
-        return Inputs(layout, ref, {"prompt_embeds": prompt}, source=f"synthetic(seed={seed})")
 
     # --- model -------------------------------------------------------------------------------
     def install_processors(self, model):
@@ -215,8 +194,9 @@ class Flux2(FluxBlocks, Family):
         b = latents.shape[0]
         txt_ids, img_ids = flux2_ids(inputs.layout)
         prompt = inputs.tensors["prompt_embeds"]
+        guidance = torch.full([b], self.scalar(inputs, "guidance")) if self.guidance == "distilled" else None
         out = model(hidden_states=torch.cat([latents, context.expand(b, -1, -1)], dim=1).to(model.dtype),
-                    timestep=timestep, guidance=torch.full([b], self.guidance_value(inputs)),
+                    timestep=timestep, guidance=guidance,
                     encoder_hidden_states=prompt.expand(b, -1, -1), txt_ids=txt_ids.expand(b, -1, -1),
                     img_ids=img_ids.expand(b, -1, -1), return_dict=False)[0]
         return out[:, :latents.shape[1]]
@@ -255,13 +235,16 @@ class Flux2(FluxBlocks, Family):
                 raise TopiError(f"img_ids group T={int(t[a])} holds {e - a} tokens, not a {h}x{w} grid")
             grids.append((h, w))
         layout = Layout(int(txt_ids.shape[-2]), grids[0], tuple(grids[1:]))
+        if len(t) != hidden.shape[1]:
+            raise BadInput(f"img_ids hold {len(t)} positions but hidden_states has {hidden.shape[1]} tokens: the "
+                            f"call's ids do not match its latents")
         g = kwargs.get("guidance")
         if g is None and self.guidance == "distilled":  # diffusers would skip the guidance embedding
             raise TopiError("the pipeline passes no guidance but this model embeds one (guidance_embeds): use "
                             "Flux2Pipeline for guidance-distilled FLUX.2 checkpoints")
         inputs = Inputs(layout, hidden[:1, layout.num_target:].float(),
-                        {"prompt_embeds": kwargs["encoder_hidden_states"][:1].float()},
-                        guidance=None if g is None else float(g.reshape(-1)[0]), source="Flux2Pipeline")
+                        {"prompt_embeds": call_tensor(kwargs, "encoder_hidden_states", "Flux2Pipeline")[:1].float()},
+                        {} if g is None else {"guidance": float(g.reshape(-1)[0])}, source="Flux2Pipeline")
         return hidden[:, :layout.num_target], kwargs["timestep"], inputs
 
 

@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.embeddings import apply_rotary_emb
 
-from topi_export.models.base import Family, Published, RequestField, gather_rows
+from topi_export.models.base import Family, Published, call_tensor, gather_rows
 from topi_export.models.sampling import flow_match_scheduler, shift_from_config
-from topi_export.plan import GraphTensor, Layout
+from topi_export.plan import Layout
+from topi_export.plan.tensors import TensorSpec
 
 DEFAULT_GUIDANCE = 2.5  # FluxKontextPipeline's default guidance_scale
 # FluxKontextPipeline's scheduler (FLUX.1 Kontext [dev] scheduler_config.json).
@@ -104,6 +105,8 @@ class FluxKontext(FluxBlocks, Family):
     name = "flux-kontext"
     model_classes = ("FluxTransformer2DModel",)
     pipelines = ("FluxKontextPipeline",)
+    front_end = "topi_export.models.flux_kontext_pipeline"
+    lora_loader = "FluxLoraLoaderMixin"
     max_references = 1
     published = Published((13, 18, 31), 10, 10, 57, "published ToPi setting for FLUX.1 Kontext [dev]")
     pixels_per_token = 16
@@ -125,41 +128,16 @@ class FluxKontext(FluxBlocks, Family):
         return int(self.config["pooled_projection_dim"])
 
     # --- requests ----------------------------------------------------------------------------
-    def request_fields(self):
-        return (RequestField("prompt_embeds", 3, self.text_dim, text=True),
-                RequestField("pooled_prompt_embeds", 2, self.pooled_dim))
+    def tensor_specs(self):
+        specs = (TensorSpec("prompt_embeds", "text", self.text_dim, graph="encoder_hidden_states"),
+                 TensorSpec("pooled_prompt_embeds", "pooled", self.pooled_dim, graph="pooled_projections"))
+        if self.guidance == "distilled":
+            specs += (TensorSpec("guidance", "scalar", graph="guidance", required=False, default=DEFAULT_GUIDANCE),)
+        return specs
 
     def rope(self, layout: Layout):
         txt_ids, img_ids = kontext_ids(layout)
         return rope_tables(self.config.get("axes_dims_rope", (16, 56, 56)), torch.cat([txt_ids, img_ids], dim=0))
-
-    def conditioning(self, inputs, layout=None):
-        layout = layout or inputs.layout
-        cos, sin = self.rope(layout)
-        cond = {"encoder_hidden_states": inputs.tensors["prompt_embeds"].float(),
-                "pooled_projections": inputs.tensors["pooled_prompt_embeds"].float()}
-        if self.guidance == "distilled":
-            cond["guidance"] = torch.tensor([DEFAULT_GUIDANCE if inputs.guidance is None else float(inputs.guidance)])
-        cond.update(rope_cos=cos, rope_sin=sin)
-        return cond
-
-    def graph_inputs(self, batch: int = 1):
-        out = [GraphTensor("encoder_hidden_states", ("B", "T", self.text_dim), "float32"),
-               GraphTensor("pooled_projections", ("B", self.pooled_dim), "float32")]
-        if self.guidance == "distilled":
-            out.append(GraphTensor("guidance", ("B",), "float32"))
-        out += self.rope_inputs()
-        return tuple(out)
-
-    def synthetic_inputs(self, layout: Layout, seed: int = 0):
-        from topi_export.request import Inputs
-
-        gen = torch.Generator().manual_seed(int(seed) % (1 << 63))
-        ref = torch.randn(1, layout.num_ctx, self.in_channels, generator=gen)
-        prompt = torch.randn(1, layout.text_tokens, self.text_dim, generator=gen)
-        pooled = torch.randn(1, self.pooled_dim, generator=gen)
-        return Inputs(layout, ref, {"prompt_embeds": prompt, "pooled_prompt_embeds": pooled},
-                      source=f"synthetic(seed={seed})")
 
     # --- model -------------------------------------------------------------------------------
     def install_processors(self, model):
@@ -199,8 +177,7 @@ class FluxKontext(FluxBlocks, Family):
         txt_ids, img_ids = kontext_ids(inputs.layout)
         guidance = None
         if model.config.guidance_embeds:
-            g = DEFAULT_GUIDANCE if inputs.guidance is None else float(inputs.guidance)
-            guidance = torch.full([latents.shape[0]], g)
+            guidance = torch.full([latents.shape[0]], self.scalar(inputs, "guidance"))
         out = model(hidden_states=torch.cat([latents, context], dim=1), timestep=timestep, guidance=guidance,
                     pooled_projections=inputs.tensors["pooled_prompt_embeds"],
                     encoder_hidden_states=inputs.tensors["prompt_embeds"], txt_ids=txt_ids, img_ids=img_ids,
@@ -215,11 +192,15 @@ class FluxKontext(FluxBlocks, Family):
     # --- diffusers drop-in -------------------------------------------------------------------
     def parse_call(self, kwargs):
         """FluxKontextPipeline's transformer call -> (latents, context, timestep, Inputs)."""
-        from topi_export.errors import TopiError
+        from topi_export.errors import BadInput, TopiError
         from topi_export.request import Inputs
 
-        hidden, img_ids, txt_ids = kwargs["hidden_states"], kwargs.get("img_ids"), kwargs.get("txt_ids")
+        hidden, img_ids, txt_ids = (call_tensor(kwargs, n, "FluxKontextPipeline")
+                                    for n in ("hidden_states", "img_ids", "txt_ids"))
         ids = img_ids[0] if img_ids.dim() == 3 else img_ids
+        if ids.dim() != 2 or ids.shape[0] != hidden.shape[1]:
+            raise BadInput(f"img_ids hold {ids.shape[0] if ids.dim() == 2 else '?'} positions but hidden_states has "
+                            f"{hidden.shape[1]} tokens: the call's ids do not match its latents")
         grids = []
         for first in (0, 1):
             part = ids[ids[:, 0] == first]
@@ -228,10 +209,14 @@ class FluxKontext(FluxBlocks, Family):
             grids.append((int(part[:, 1].max()) + 1, int(part[:, 2].max()) + 1))
         layout = Layout(int(txt_ids.shape[-2]), grids[0], (grids[1],))
         g = kwargs.get("guidance")
+        if layout.num_target + layout.num_ctx != hidden.shape[1]:
+            raise BadInput(f"img_ids describe a {grids[0][0]}x{grids[0][1]} target and a {grids[1][0]}x{grids[1][1]} "
+                            f"reference, not the {hidden.shape[1]} tokens of hidden_states: not a Kontext call")
         inputs = Inputs(layout, hidden[:1, layout.num_target:].float(),
-                        {"prompt_embeds": kwargs["encoder_hidden_states"][:1].float(),
-                         "pooled_prompt_embeds": kwargs["pooled_projections"][:1].float()},
-                        guidance=None if g is None else float(g.reshape(-1)[0]), source="FluxKontextPipeline")
+                        {"prompt_embeds": call_tensor(kwargs, "encoder_hidden_states", "FluxKontextPipeline")[:1].float(),
+                         "pooled_prompt_embeds": call_tensor(kwargs, "pooled_projections",
+                                                             "FluxKontextPipeline")[:1].float()},
+                        {} if g is None else {"guidance": float(g.reshape(-1)[0])}, source="FluxKontextPipeline")
         return hidden[:, :layout.num_target], kwargs["timestep"], inputs
 
 

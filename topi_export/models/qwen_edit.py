@@ -28,10 +28,11 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.embeddings import apply_rotary_emb
 
-from topi_export.errors import TopiError
-from topi_export.models.base import Family, Published, RequestField, gather_rows
+from topi_export.errors import BadInput, TopiError
+from topi_export.models.base import Family, Published, call_tensor, gather_rows
 from topi_export.models.sampling import flow_match_scheduler, shift_from_config
-from topi_export.plan import GraphTensor, Layout
+from topi_export.plan import Layout
+from topi_export.plan.tensors import TensorSpec
 
 DEFAULT_TRUE_CFG = 4.0  # QwenImageEdit(Plus)Pipeline's default true_cfg_scale
 # Qwen-Image's scheduler/scheduler_config.json (as ported by independent projects; a pipeline folder's own
@@ -127,7 +128,10 @@ class QwenImageEdit(Family):
     pads_text = True  # the text mask makes padding exact for the image tokens
     model_classes = ("QwenImageTransformer2DModel",)
     pipelines = ("QwenImageEditPipeline", "QwenImageEditPlusPipeline")
+    front_end = "topi_export.models.qwen_edit_pipeline"
+    lora_loader = "QwenImageLoraLoaderMixin"
     max_references = None  # Edit takes one reference, Plus several: one family
+    max_branches = 2  # true CFG: positive and negative prompt, batched
     published = Published((35, 37, 42), 11, 10, 60,
                           "ToPi paper: pivotal layers {35, 37, 42} of 60 and dT 10 for Qwen-Image-Edit; prune start "
                           "11 = FLUX.1 Kontext's published 10 of 57 at the same relative depth (not published)")
@@ -167,102 +171,34 @@ class QwenImageEdit(Family):
         return bool(self.config.get("zero_cond_t"))
 
     # --- requests ----------------------------------------------------------------------------
-    def request_fields(self):
+    def tensor_specs(self):
         d = self.text_dim
-        return (RequestField("prompt_embeds", 3, d, text=True),
-                RequestField("prompt_embeds_mask", 2, None, text=True, required=False, dtype="mask"),
-                RequestField("negative_prompt_embeds", 3, d, text=True, required=False),
-                RequestField("negative_prompt_embeds_mask", 2, None, text=True, required=False, dtype="mask"))
+        return (TensorSpec("prompt_embeds", "text", d, graph="encoder_hidden_states"),
+                TensorSpec("prompt_embeds_mask", "mask", graph="encoder_hidden_states_mask", required=False,
+                           mask_of="prompt_embeds"),
+                TensorSpec("negative_prompt_embeds", "text", d, graph="encoder_hidden_states", branch=1,
+                           required=False),
+                TensorSpec("negative_prompt_embeds_mask", "mask", graph="encoder_hidden_states_mask", branch=1,
+                           required=False, mask_of="negative_prompt_embeds"),
+                TensorSpec("true_cfg_scale", "scalar", required=False, default=DEFAULT_TRUE_CFG))
 
-    @staticmethod
-    def cfg_scale(inputs) -> float:
+    def cfg_scale(self, inputs) -> float:
         """The request's true_cfg_scale; the pipelines' default 4.0 when it has negative embeddings but no scale."""
-        if inputs.true_cfg_scale is not None:
-            return float(inputs.true_cfg_scale)
+        if inputs.scalars.get("true_cfg_scale") is not None:
+            return float(inputs.scalars["true_cfg_scale"])
         return DEFAULT_TRUE_CFG if "negative_prompt_embeds" in inputs.tensors else 1.0
 
-    def batch(self, inputs) -> int:
+    def branches(self, inputs) -> int:
         scale = self.cfg_scale(inputs)
         if "negative_prompt_embeds" not in inputs.tensors:
             if scale > 1:
-                raise TopiError(f"true_cfg_scale is {scale:g} but the inputs have no negative_prompt_embeds: add "
-                                f"negative_prompt_embeds (e.g. of the prompt ' ') or set true_cfg_scale to 1")
+                raise BadInput(f"true_cfg_scale is {scale:g} but the inputs have no negative_prompt_embeds: add "
+                               f"negative_prompt_embeds (e.g. of the prompt ' ') or set true_cfg_scale to 1")
             return 1
         return 2 if scale > 1 else 1  # the pipelines skip the negative branch at scale <= 1
 
-    def branches(self, inputs) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(embeddings [1, T_i, D], mask [1, T_i] float 0/1) of each guidance branch, positive first."""
-        names = [("prompt_embeds", "prompt_embeds_mask")]
-        if self.batch(inputs) == 2:
-            names.append(("negative_prompt_embeds", "negative_prompt_embeds_mask"))
-        out = []
-        for emb_name, mask_name in names:
-            emb = inputs.tensors[emb_name].float()
-            mask = inputs.tensors.get(mask_name)
-            out.append((emb, torch.ones(emb.shape[:2]) if mask is None else mask.float()))
-        return out
-
-    def text_tokens(self, inputs) -> int:
-        return max(int(e.shape[1]) for e, _ in self.branches(inputs))
-
-    def check_inputs(self, inputs) -> None:
-        super().check_inputs(inputs)
-        t = inputs.tensors
-        if "negative_prompt_embeds_mask" in t and "negative_prompt_embeds" not in t:
-            raise TopiError("the inputs have negative_prompt_embeds_mask but no negative_prompt_embeds: add the "
-                            "negative embeddings or drop the mask")
-        for emb_name, mask_name in (("prompt_embeds", "prompt_embeds_mask"),
-                                    ("negative_prompt_embeds", "negative_prompt_embeds_mask")):
-            emb, mask = t.get(emb_name), t.get(mask_name)
-            if emb is None or mask is None:
-                continue
-            if tuple(mask.shape) != tuple(emb.shape[:2]):
-                raise TopiError(f"'{mask_name}' has shape {list(mask.shape)} but '{emb_name}' has {emb.shape[1]} "
-                                f"tokens: the mask needs shape [1, {emb.shape[1]}]")
-            if not bool(((mask == 0) | (mask == 1)).all()):
-                raise TopiError(f"'{mask_name}' holds values other than 0 and 1: save the text encoder's attention "
-                                f"mask (1 = token, 0 = padding) as float32")
-        longest = self.text_tokens(inputs)
-        if inputs.layout.text_tokens < longest:
-            raise TopiError(f"the request's layout has {inputs.layout.text_tokens} text tokens but its embeddings "
-                            f"have {longest}: the layout must hold the longest branch's text")
-
     def rope(self, layout: Layout):
         return rope_tables(self.config.get("axes_dims_rope", (16, 56, 56)), layout)
-
-    def conditioning(self, inputs, layout=None):
-        layout = layout or inputs.layout
-        n_text = layout.text_tokens
-        embs, masks = [], []
-        for emb, mask in self.branches(inputs):  # pad every branch to the layout's text length, mask 0
-            pad = n_text - emb.shape[1]
-            if pad < 0:
-                raise TopiError(f"the text embeddings have {emb.shape[1]} tokens but the layout holds {n_text}: "
-                                f"build for at least {emb.shape[1]} text tokens")
-            embs.append(F.pad(emb, (0, 0, 0, pad)))
-            masks.append(F.pad(mask, (0, pad)))
-        cos, sin = self.rope(layout)
-        return {"encoder_hidden_states": torch.cat(embs).contiguous(),
-                "encoder_hidden_states_mask": torch.cat(masks).contiguous(), "rope_cos": cos, "rope_sin": sin}
-
-    def graph_inputs(self, batch: int = 1):
-        return (GraphTensor("encoder_hidden_states", ("B", "T", self.text_dim), "float32"),
-                GraphTensor("encoder_hidden_states_mask", ("B", "T"), "float32"),
-                *self.rope_inputs())
-
-    def synthetic_inputs(self, layout: Layout, seed: int = 0):
-        """A seeded request with a negative prompt at the pipelines' default true_cfg_scale (4.0): the prompt has
-        the layout's text tokens, the negative prompt about half as many (as ' ' is shorter than an edit)."""
-        from topi_export.request import Inputs
-
-        gen = torch.Generator().manual_seed(int(seed) % (1 << 63))
-        n_text, n_neg = layout.text_tokens, max(1, layout.text_tokens // 2)
-        ref = torch.randn(1, layout.num_ctx, self.in_channels, generator=gen)
-        prompt = torch.randn(1, n_text, self.text_dim, generator=gen)
-        negative = torch.randn(1, n_neg, self.text_dim, generator=gen)
-        tensors = {"prompt_embeds": prompt, "prompt_embeds_mask": torch.ones(1, n_text),
-                   "negative_prompt_embeds": negative, "negative_prompt_embeds_mask": torch.ones(1, n_neg)}
-        return Inputs(layout, ref, tensors, true_cfg_scale=DEFAULT_TRUE_CFG, source=f"synthetic(seed={seed})")
 
     # --- model -------------------------------------------------------------------------------
     def install_processors(self, model):
@@ -337,7 +273,7 @@ class QwenImageEdit(Family):
         branch's text as prompt_embeds)."""
         from topi_export.request import Inputs
 
-        hidden, shapes = kwargs["hidden_states"], kwargs.get("img_shapes")
+        hidden, shapes = call_tensor(kwargs, "hidden_states", "QwenImageEdit(Plus)Pipeline"), kwargs.get("img_shapes")
         if kwargs.get("controlnet_block_samples") is not None:
             raise TopiError("QwenImage ControlNet residuals are not supported by the ToPi drop-in: run the pipeline "
                             "without a ControlNet")
@@ -347,7 +283,7 @@ class QwenImageEdit(Family):
         shapes = [tuple(int(v) for v in s) for s in shapes[0]]
         if any(f != 1 for f, _, _ in shapes):
             raise TopiError(f"img_shapes {shapes} has an image with more than one frame: not an edit call")
-        enc = kwargs["encoder_hidden_states"]
+        enc = call_tensor(kwargs, "encoder_hidden_states", "QwenImageEdit(Plus)Pipeline")
         layout = Layout(int(enc.shape[1]), shapes[0][1:], tuple(s[1:] for s in shapes[1:]))
         if hidden.shape[1] != layout.num_target + layout.num_ctx:
             raise TopiError(f"hidden_states has {hidden.shape[1]} tokens but img_shapes {shapes} hold "

@@ -2,6 +2,7 @@
 H x W, raster order). The context C is the concatenation of every reference's tokens, in order."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from topi_export.errors import TopiError
@@ -11,6 +12,12 @@ from topi_export.plan.schema import check_int
 # larger requests are typos, and they would allocate far more than any GPU holds.
 MAX_TOKENS = 131072
 MAX_SIDE = 1024  # tokens along one grid side
+
+
+def keep_count(ratio: float, num_ctx: int) -> int:
+    """Context tokens kept at prune ratio r: ceil((1 - r) * Nc), at least 1."""
+    # round() guards float noise such as (1-0.3)*10 = 6.999999999999999 -> 7
+    return max(1, math.ceil(round((1.0 - ratio) * num_ctx, 9)))
 
 
 def parse_grid(text, what: str = "grid") -> tuple[int, int]:

@@ -2,12 +2,12 @@
 
 Parsing checks every field's type and range and the cross-field rules (buckets vs keep counts, profiles vs
 layouts, graph files vs the file table, the model config vs its hash), so an edited or truncated manifest is one
-clear error, never a traceback. Reading files and checking hashes is the runtime's job (runtime/manifest.py).
+clear error, never a traceback. Reading files and checking hashes is artifacts/manifest.py's job.
 
-What the build fixed and the engine files embody but no file hash covers (the model, the layouts, the batch, the
-guidance mode, the buckets and profiles, the method settings) is hashed into ``plan_sha256``: an edited layout of
-the same token count (8x8 -> 4x16) or an edited pivotal layer would otherwise run engines that were built for
-something else. Manifests written before that field existed are read without the check."""
+The manifest is bound whole: ``manifest_sha256`` is the sha256 of every other field (``created`` aside) in
+canonical JSON, the file table included, so an edit of anything that changes the result or what is loaded (the
+model, a layout, the buckets, the method settings, the scheduler, policy, tau, backend, precision, the graphs, a
+file's hash) is refused, however type-valid it is, and a manifest without its digest is refused too."""
 from __future__ import annotations
 
 import hashlib
@@ -16,37 +16,40 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from topi_export.errors import TopiError
-from topi_export.plan.layout import MAX_TOKENS, Layout
+from topi_export.errors import RebuildNeeded, TopiError
+from topi_export.plan.layout import MAX_TOKENS, Layout, keep_count
 from topi_export.plan.schema import Reader
 from topi_export.plan.settings import MethodSettings
 
-FORMAT = "topi-engines/2"
+FORMAT = "topi-engines/3"
 NAME = "manifest.json"
 FIX = "the manifest was edited or truncated; rebuild the engine directory with `topi-export build`"
-GUIDANCE_MODES = ("distilled", "none", "true-cfg")
 PRECISIONS = ("fp32", "fp16", "bf16")
 DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "bool")
 DIMS = ("B", "T", "Nx", "Nc", "K", "Q")
-PLAN_KEYS = ("model", "layouts", "batch", "guidance", "buckets", "profiles", "calibration")
+DIGEST = "manifest_sha256"
+UNBOUND = ("created", DIGEST)  # the only fields the digest does not cover
+MAX_BRANCHES = 8  # guidance branches batched in one call (a family declares its own; 2 for true CFG)
 
 
-def plan_digest(doc: dict) -> str:
-    """sha256 of the manifest's build-plan fields (PLAN_KEYS) in canonical JSON."""
-    blob = json.dumps({k: doc.get(k) for k in PLAN_KEYS}, sort_keys=True, separators=(",", ":"), default=list)
+def manifest_digest(doc: dict) -> str:
+    """sha256 of every manifest field but ``created`` and the digest itself, in canonical JSON."""
+    blob = json.dumps({k: v for k, v in doc.items() if k not in UNBOUND}, sort_keys=True, separators=(",", ":"),
+                      default=list)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def config_digest(config: dict) -> str:
-    """The model identity's config hash (models.config_hash): its public keys, canonical JSON, 16 hex digits."""
+def config_digest(config: dict, cls=None) -> str:
+    """A model config's identity: its public keys (those ``cls.__init__`` takes, when the class is known: a
+    config.json may carry keys diffusers ignores), canonical JSON, 16 hex digits."""
     keep = {k: v for k, v in dict(config).items() if not str(k).startswith("_")}
+    if cls is not None:
+        import inspect
+
+        params = inspect.signature(cls.__init__).parameters
+        if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+            keep = {k: v for k, v in keep.items() if k in params}
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=list).encode()).hexdigest()[:16]
-
-
-def keep_count(ratio: float, num_ctx: int) -> int:
-    """Context tokens kept at prune ratio r: ceil((1 - r) * Nc), at least 1."""
-    # round() guards float noise such as (1-0.3)*10 = 6.999999999999999 -> 7
-    return max(1, math.ceil(round((1.0 - ratio) * num_ctx, 9)))
 
 
 @dataclass(frozen=True)
@@ -58,16 +61,32 @@ class ModelIdentity:
     weights_hash: str
     num_layers: int
     config: dict = field(default_factory=dict, compare=False, hash=False)
+    # LoRA adapters fused into the weights (topi_export/lora.py): ({"file", "sha256", "scale"}, ...) in fusing order;
+    # weights_hash stays the base model's. Written only when there are any, so older manifests keep their digest.
+    adapters: tuple = field(default=(), hash=False)
 
     def to_json(self) -> dict:
-        return {"source": self.source, "family": self.family, "class": self.model_class,
-                "config_hash": self.config_hash, "weights_hash": self.weights_hash, "num_layers": self.num_layers,
-                "config": self.config}
+        out = {"source": self.source, "family": self.family, "class": self.model_class,
+               "config_hash": self.config_hash, "weights_hash": self.weights_hash, "num_layers": self.num_layers,
+               "config": self.config}
+        if self.adapters:
+            out["adapters"] = [dict(a) for a in self.adapters]
+        return out
+
+    def describe_adapters(self) -> str:
+        return ", ".join(f"{a['file']} x{a['scale']:g} (sha256 {a['sha256'][:12]})" for a in self.adapters)
 
     @classmethod
     def from_reader(cls, r: Reader) -> "ModelIdentity":
+        adapters = []
+        for i, entry in enumerate(r.list("adapters", optional=True)):
+            ar = Reader(entry, r.where, r.fix, f"{r._name('adapters')}[{i}]")
+            sha = ar.str("sha256")
+            if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+                raise ar.fail("sha256", "is not a sha256 hex digest")
+            adapters.append({"file": ar.str("file"), "sha256": sha, "scale": ar.float("scale", lo=-100.0, hi=100.0)})
         out = cls(r.str("source"), r.str("family"), r.str("class"), r.str("config_hash"), r.str("weights_hash"),
-                  r.int("num_layers", lo=1, hi=100_000), r.dict("config"))
+                  r.int("num_layers", lo=1, hi=100_000), r.dict("config"), tuple(adapters))
         # the runtime builds the model's conditioning from this config: an edited size (in_channels, heads) would
         # feed engines tensors of the wrong shape
         if out.config:
@@ -170,8 +189,8 @@ class FileEntry:
 class Manifest:
     model: ModelIdentity
     layouts: tuple[Layout, ...]
-    batch: int  # 2 when true-CFG branches run batched in one call
-    guidance: str
+    batch: int  # guidance branches batched in one call (2 for true CFG)
+    guidance: str  # the family's name for its guidance mode
     buckets: tuple[float, ...]
     profiles: tuple[Profile, ...]
     settings: MethodSettings
@@ -187,6 +206,7 @@ class Manifest:
     weights: dict = field(default_factory=dict)  # {"file", "bytes", "dtype"} of the one weights copy
     scheduler: dict = field(default_factory=dict)  # the pipeline folder's scheduler config, when built from one
     root: Path | None = field(default=None, compare=False)
+    verified: dict = field(default_factory=dict, compare=False)  # relative path -> file identity when verified
 
     # --- queries ---------------------------------------------------------------------------------
     @property
@@ -227,6 +247,24 @@ class Manifest:
     def has_graph(self, kind: str) -> bool:
         return kind in self.graphs
 
+    def check_unchanged(self) -> None:
+        """Called by a backend after it loaded the directory's files by name: every verified file still has the
+        identity it had when its sha256 was checked, so what was loaded is what was verified (a concurrent writer
+        changes mtime / ctime / inode)."""
+        import os
+
+        from topi_export.errors import RebuildNeeded
+        from topi_export.fsutil import file_identity
+
+        for rel, ident in self.verified.items():
+            try:
+                now = file_identity(os.stat(self.root / rel, follow_symlinks=False))
+            except OSError:
+                now = None
+            if now != ident:
+                raise RebuildNeeded(f"engine file {rel} in {self.root} changed while it was being loaded: rerun when "
+                                    f"nothing writes to the engine directory")
+
     # --- JSON ------------------------------------------------------------------------------------
     def to_json(self) -> dict:
         doc = {"format": FORMAT, "created": self.created, "model": self.model.to_json(),
@@ -238,7 +276,7 @@ class Manifest:
                 "scheduler": self.scheduler,
                 "files": {k: {"sha256": f.sha256, "bytes": f.bytes} for k, f in sorted(self.files.items())},
                 "versions": self.versions}
-        doc["plan_sha256"] = plan_digest(doc)
+        doc[DIGEST] = manifest_digest(doc)
         return doc
 
     @classmethod
@@ -297,21 +335,21 @@ class Manifest:
                 raise r.fail("weights.file", "is not in the file table")
             wr.int("bytes", lo=0, optional=True)
             wr.str("dtype", choices=PRECISIONS, optional=True)
-        m = cls(model=model, layouts=layouts, batch=r.int("batch", lo=1, hi=2),
-                guidance=r.str("guidance", choices=GUIDANCE_MODES), buckets=tuple(buckets), profiles=profiles,
+        guidance = r.str("guidance")
+        if not guidance or len(guidance) > 64:
+            raise r.fail("guidance", "must be the family's name for its guidance mode")
+        m = cls(model=model, layouts=layouts, batch=r.int("batch", lo=1, hi=MAX_BRANCHES),
+                guidance=guidance, buckets=tuple(buckets), profiles=profiles,
                 settings=settings, policy=r.str("policy"), backend=r.str("backend"),
                 precision=r.str("precision", choices=PRECISIONS), target=r.dict("target"), graphs=graphs,
                 files=files, versions=r.dict("versions", optional=True), created=str(r.get("created") or ""),
                 tau=tau, weights=weights, scheduler=r.dict("scheduler", optional=True), root=root)
-        if m.batch == 2 and m.guidance != "true-cfg":
-            raise r.fail("batch", f"is 2 but guidance is {m.guidance!r}: only true-CFG engines run two branches")
         m._check_graph_shapes(r)
-        want = r.str("plan_sha256", optional=True)
-        if want is not None and want != plan_digest(m.to_json()):
-            raise TopiError(f"{where}: the build plan (model, layouts, batch, guidance, buckets, profiles, "
-                            f"calibration) does not match its plan_sha256: the manifest was edited after the build "
-                            f"and no longer describes the engines; rebuild the engine directory with "
-                            f"`topi-export build`")
+        want = r.str(DIGEST)
+        if want != manifest_digest(data) or manifest_digest(m.to_json()) != want:
+            raise RebuildNeeded(f"{where}: the manifest does not match its {DIGEST}: it was edited after the build "
+                                f"and no longer describes the engines; rebuild the engine directory with "
+                                f"`topi-export build`")
         return m
 
     def _check_graph_shapes(self, r: Reader) -> None:

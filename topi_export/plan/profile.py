@@ -1,18 +1,18 @@
 """Calibration profiles (``topi-export calibrate --out NAME.json``) as a typed, versioned object. Schema 2 adds
-the family and its layer groups; schema 1 files (FLUX.1 Kontext only) are still read."""
+the family and its layer groups; schema 3 the step-reuse criterion (plan/reuse.py); schema 1 and 2 files are still
+read (they have no reuse criterion: step reuse stays off by default for their models)."""
 from __future__ import annotations
 
-import json
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from topi_export.errors import TopiError
 from topi_export.plan.schema import Reader
+from topi_export.plan.reuse import ReuseCriterion
 from topi_export.plan.settings import MAX_UPDATE_INTERVAL, MethodSettings
 
-SCHEMA = "topi-calibration/2"
-READS = ("topi-calibration/1", SCHEMA)
+SCHEMA = "topi-calibration/3"
+READS = ("topi-calibration/1", "topi-calibration/2", SCHEMA)
 
 
 @dataclass(frozen=True)
@@ -28,11 +28,12 @@ class CalibrationProfile:
     measured: bool
     path: str = ""
     top_k: int | None = None
+    reuse: ReuseCriterion | None = None
     data: dict = field(default_factory=dict, compare=False, hash=False)  # everything else, as written
 
     def settings(self) -> MethodSettings:
         return MethodSettings(self.pivotal_layers, self.prune_start, self.update_interval, self.path,
-                              "measured" if self.measured else "published")
+                              "measured" if self.measured else "published", self.reuse)
 
     def check_model(self, identity) -> None:
         """Refuse a profile made for another model (config or weights) or another depth."""
@@ -63,7 +64,8 @@ def parse_profile(data, path) -> CalibrationProfile:
         prune_start=r.int("prune_start", lo=0, hi=num_layers - 1),
         update_interval=r.int("update_interval", lo=1, hi=MAX_UPDATE_INTERVAL),
         measured=r.bool("measured", optional=True, default=True), path=str(path),
-        top_k=r.int("top_k", lo=1, hi=num_layers, optional=True), data=data)
+        top_k=r.int("top_k", lo=1, hi=num_layers, optional=True),
+        reuse=ReuseCriterion.from_reader(r.obj("reuse")) if r.has("reuse") else None, data=data)
     if len(set(prof.pivotal_layers)) != len(prof.pivotal_layers):
         raise r.fail("pivotal_layers", "repeats a layer")
     return prof
@@ -73,17 +75,11 @@ MAX_PROFILE_BYTES = 16 << 20  # profiles are a few kB; a larger file (or a devic
 
 
 def read_profile(path) -> CalibrationProfile:
+    from topi_export.fsutil import read_json_file
+
     path = Path(path)
-    try:
-        st = path.stat()
-        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_PROFILE_BYTES:
-            raise TopiError(f"calibration profile {path} is not a regular JSON file of at most "
-                            f"{MAX_PROFILE_BYTES >> 20} MB: pass the file `topi-export calibrate --out` wrote")
-        with open(path, "rb") as f:
-            data = json.loads(f.read(MAX_PROFILE_BYTES + 1).decode("utf-8"))
-    except FileNotFoundError:
-        raise TopiError(f"calibration profile {path} not found: run `topi-export calibrate --out {path}` first")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise TopiError(f"calibration profile {path} is not valid JSON ({exc.__class__.__name__}): re-run "
-                        f"`topi-export calibrate`")
+    data = read_json_file(path, "calibration profile", "pass the file `topi-export calibrate --out` wrote",
+                          max_bytes=MAX_PROFILE_BYTES, follow_symlinks=True,
+                          missing=f"calibration profile {path} not found: run `topi-export calibrate --out {path}` "
+                                  f"first")
     return parse_profile(data, path)

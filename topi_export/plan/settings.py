@@ -1,10 +1,12 @@
 """The method settings of a deployment: pivotal layers P, prune-start layer L0, update interval dT, where they
-come from (a measured calibration profile, the published setting, or a published setting scaled to depth)."""
+come from (a measured calibration profile, the published setting, or a published setting scaled to depth), and
+the step-reuse criterion when a calibration measured one on the model (plan/reuse.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
 from topi_export.errors import TopiError
+from topi_export.plan.reuse import ReuseCriterion
 
 PROVENANCES = ("measured", "published", "published-scaled", "given")
 MAX_UPDATE_INTERVAL = 1000
@@ -17,6 +19,7 @@ class MethodSettings:
     update_interval: int
     source: str  # a profile path, or what the default is
     provenance: str = "given"
+    reuse: ReuseCriterion | None = None  # measured on this model by `topi-export calibrate`, when it was
 
     def check(self, num_layers: int, where: str = "method settings") -> "MethodSettings":
         if not self.pivotal_layers:
@@ -45,10 +48,12 @@ class MethodSettings:
 
     def to_json(self) -> dict:
         return {"pivotal_layers": list(self.pivotal_layers), "prune_start": self.prune_start,
-                "update_interval": self.update_interval, "source": self.source, "provenance": self.provenance}
+                "update_interval": self.update_interval, "source": self.source, "provenance": self.provenance,
+                "reuse": self.reuse.to_json() if self.reuse is not None else None}
 
     @classmethod
     def from_reader(cls, r) -> "MethodSettings":
         return cls(r.ints("pivotal_layers", lo=0, nonempty=True), r.int("prune_start", lo=0),
                    r.int("update_interval", lo=1, hi=MAX_UPDATE_INTERVAL), r.str("source"),
-                   r.str("provenance", choices=PROVENANCES))
+                   r.str("provenance", choices=PROVENANCES),
+                   ReuseCriterion.from_reader(r.obj("reuse")) if r.has("reuse") else None)

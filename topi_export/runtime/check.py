@@ -5,20 +5,21 @@ from __future__ import annotations
 
 import torch
 
+from topi_export.plan.results import CheckRow
 from topi_export.runtime.loop import rel_l2
 
 TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 5e-2}
 
 
 def compare_engines(session, reference, data_per_layout, *, seed=0, trials=2):
-    """Rows of {layout, graph, bucket, keep, output, max_abs, rel_l2, finite}, the worst trial of each."""
+    """CheckRows (plan/results.py), the worst trial of each (layout, graph, bucket, output)."""
     gen = torch.Generator().manual_seed(seed)
     m = session.manifest
     rows = []
     for li, data in enumerate(data_per_layout):
         family = session.family
         cond = family.conditioning(data, data.layout)
-        b = family.batch(data)
+        b = family.branches(data)
         for engine in (session.engine, reference.engine):
             engine.bind(cond, data.reference_latents, data.layout)
         nc, name = data.layout.num_ctx, data.layout.describe()
@@ -46,15 +47,14 @@ def compare_engines(session, reference, data_per_layout, *, seed=0, trials=2):
 
 def _row(layout, graph, bucket, keep, output, got, ref):
     got, ref = got.detach().float().cpu(), ref.detach().float().cpu()
-    return {"layout": layout, "graph": graph, "bucket": bucket, "keep": keep, "output": output,
-            "max_abs": float((got - ref).abs().max()), "rel_l2": rel_l2(got, ref),
-            "finite": bool(torch.isfinite(got).all())}
+    return CheckRow(layout, graph, bucket, keep, output, float((got - ref).abs().max()), rel_l2(got, ref),
+                    bool(torch.isfinite(got).all()))
 
 
 def _worst(rows):
     out = {}
     for r in rows:
-        key = (r["layout"], r["graph"], r["bucket"], r["output"])
-        if key not in out or r["rel_l2"] > out[key]["rel_l2"] or not r["finite"]:
+        key = (r.layout, r.graph, r.bucket, r.output)
+        if key not in out or r.rel_l2 > out[key].rel_l2 or not r.finite:
             out[key] = r
     return list(out.values())

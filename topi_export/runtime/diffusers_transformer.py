@@ -5,39 +5,53 @@ pipeline, swap the transformer. Generic over families: the family parses its pip
     pipe.transformer = TopiTransformer("engines/my-engines", ratio=0.5)
     image = pipe(image=ref, prompt=..., num_inference_steps=28).images[0]
 
-The pipeline calls the transformer once per denoising step, or twice with true CFG (positive, then negative
-branch at the same timestep). The temporal controller (method/schedule.py) plans the steps exactly as
-``topi-export run`` does: the positive branch's anchor decides the kept set; the negative branch runs the same plan
-with its own embeddings, never re-scoring. A new generation starts when the timestep goes up (or repeats with
-the same embeddings)."""
+The pipeline calls the transformer once per denoising step, or once per guidance branch. Pipelines with several
+branches name them through diffusers' ``cache_context("cond")`` / ``cache_context("uncond")``; the drop-in reads
+that name (a pipeline that names no branch makes one call per step). The temporal controller (method/schedule.py)
+plans the steps exactly as ``topi-export run`` does, and the one step runner (runtime/steps.py) runs them: the
+"cond" branch's anchor decides the kept set; the "uncond" branch runs the same plan with its own embeddings, never
+re-scoring. A new generation starts when the "cond" branch's timestep goes up (or repeats)."""
 from __future__ import annotations
 
 from contextlib import contextmanager
 
 import torch
 
-from topi_export.errors import TopiError
+from topi_export.errors import BadInput, TopiError
+
+# diffusers' cache_context names of the guidance branches -> branch index (0 decides the kept set)
+BRANCHES = {"cond": 0, "uncond": 1}
 
 
 class TopiTransformer(torch.nn.Module):
     def __init__(self, engine_dir=None, *, model=None, backend=None, ratio=None, tau=None, ratio_buckets=None,
                  policy=None, update_interval=None, calibration=None, seed: int = 0, device: str = "cpu",
-                 dtype: str = "fp32"):
+                 dtype: str = "fp32", reuse=None, reuse_order: int = 0, steps: int | None = None, loras=()):
         super().__init__()
         from diffusers.configuration_utils import FrozenDict
 
         from topi_export.runtime.session import open_session
 
         self.session = open_session(model=model, engine_dir=engine_dir, backend=backend, calibration=calibration,
-                                    update_interval=update_interval, device=device, dtype=dtype)
+                                    update_interval=update_interval, device=device, dtype=dtype, loras=loras)
         self.family = self.session.family
         if not hasattr(self.family, "parse_call"):
             raise TopiError(f"{self.family.name} has no diffusers drop-in")
         self._selection = dict(ratio=ratio, tau=tau, ratio_buckets=ratio_buckets, policy=policy, seed=seed)
+        from topi_export.method.reuse import check_order, parse_reuse
+
+        # step reuse needs the schedule up front (which steps, at which sigmas), as diffusers' MagCacheConfig does
+        self._reuse = (parse_reuse(reuse) if reuse is not None else None, check_order(reuse_order))
+        if steps is None and self._reuse[0] not in (None, "off"):
+            raise BadInput("step reuse in the drop-in needs steps= (the pipeline's num_inference_steps)")
+        self._steps = steps
+        if self.session.manifest is not None:  # a ratio or tau the engines cannot serve fails here, not mid-pipeline
+            self.session.check_selection(**self._selection)
         self.config = FrozenDict(self.family.config)
-        self.schedule = []  # per-step records of the current generation
-        self._last = None  # (timestep, positive Inputs) of the last positive call
-        self._branch = None
+        self.schedule = []  # StepRecords of the current generation
+        self._branch_name = None  # set by cache_context
+        self._last_t = None  # timestep of the last branch-0 call
+        self.step = -1
 
     @property
     def dtype(self):
@@ -48,66 +62,77 @@ class TopiTransformer(torch.nn.Module):
         return torch.device("cpu")
 
     @contextmanager
-    def cache_context(self, name):  # diffusers' CacheMixin API, used by some pipelines around each branch
-        yield
+    def cache_context(self, name, **kwargs):  # diffusers' CacheMixin API: the pipelines name each branch's call
+        before, self._branch_name = self._branch_name, name
+        try:
+            yield
+        finally:
+            self._branch_name = before
 
     def _start(self, inputs):
         from topi_export.method.schedule import TemporalController
+        from topi_export.runtime.steps import StepRunner
 
-        self.selector = self.session.selector(inputs, **self._selection)
-        self.controller = TemporalController(self.selector, self.session.settings.update_interval,
-                                             inputs.layout.num_ctx, inputs.layout.ref_grids)
+        from topi_export.plan.reuse import OFF
+
+        selector = self.session.selector(inputs, **self._selection)
+        spec, order = self._reuse
+        plan = OFF
+        if self._steps is not None and spec != "off":
+            plan = self.session.reuse_plan(inputs, steps=self._steps, reuse=spec, order=order)
+        self.reuse = plan
+        controller = TemporalController(selector, self.session.settings.update_interval, inputs.layout.num_ctx,
+                                        inputs.layout.ref_grids, reuse=plan)
+        self.runner = StepRunner(self.session.engine, controller, inputs.layout)
         self.step, self.schedule = 0, []
 
-    def _which_branch(self, t: float, inputs) -> str:
-        last = self._last
-        if last is not None and t == last[0] and self._branch == "positive" and not _same_text(inputs, last[1]):
-            return "negative"
-        if last is None or t >= last[0]:
-            self._start(inputs)
-        else:
-            self.step += 1
-        self._last = (t, inputs)
-        return "positive"
+    def _branch(self) -> int:
+        if self._branch_name is None:
+            return 0
+        if self._branch_name not in BRANCHES:
+            raise BadInput(f"the pipeline names its transformer call {self._branch_name!r}; the ToPi drop-in knows the "
+                           f"guidance branches {', '.join(BRANCHES)}")
+        return BRANCHES[self._branch_name]
 
     def forward(self, *args, return_dict: bool = True, **kwargs):
         if args:
             kwargs.setdefault("hidden_states", args[0])
         latents, timestep, inputs = self.family.parse_call(kwargs)
+        timestep = torch.as_tensor(timestep, dtype=torch.float32).reshape(-1)  # a pipeline may pass a float
+        if timestep.numel() < 1 or not bool(torch.isfinite(timestep).all()):
+            raise BadInput("the transformer call's timestep is empty or not finite")
         inputs = self.session.check_inputs(inputs)
         if latents.shape[0] != 1:
-            raise TopiError("TopiTransformer runs one image per call (num_images_per_prompt=1): the pipeline's true "
-                            "CFG branches come as separate calls")
+            raise BadInput("TopiTransformer runs one image per call (num_images_per_prompt=1): the pipeline's guidance "
+                           "branches come as separate calls")
         t = float(timestep.reshape(-1)[0])
-        self._branch = branch = self._which_branch(t, inputs)
-        plan = self.controller.plan(self.step)
-        engine = self.session.engine
-        engine.bind(self.family.conditioning(inputs, inputs.layout), inputs.reference_latents, inputs.layout)
-        x, ts = latents.float(), timestep.reshape(-1)[:1].float()
-        with torch.inference_mode():
-            if plan.kind == "anchor" and branch == "positive":
-                velocity, influence = engine.anchor(x, ts)
-                record = self.controller.observe(self.step, influence[0])
-            elif plan.kind == "anchor" or plan.keep_idx is None:
-                velocity, record = engine.full(x, ts), {}
+        branch = self._branch()
+        if branch == 0:
+            if self._last_t is None or t >= self._last_t:
+                self._start(inputs)
             else:
-                velocity, record = engine.pruned(x, ts, plan.keep_idx), {}
-        if branch == "positive":
-            pruned = plan.kind == "pruned" and plan.keep_idx is not None
-            self.schedule.append({"step": self.step, "kind": plan.kind, **record,
-                                  "keep": plan.keep if pruned else inputs.layout.num_ctx,
-                                  "bucket": plan.ratio if pruned else 0.0})
-        velocity = velocity[:1].to(latents.dtype)
+                self.step += 1
+            self._last_t = t
+        elif self.step < 0:
+            raise BadInput("the pipeline's first transformer call of a generation is not its 'cond' branch: the ToPi "
+                           "drop-in needs the conditional branch first")
+        if self._steps is not None and self.step >= self._steps:
+            raise BadInput(f"the pipeline runs more steps than steps={self._steps} given to TopiTransformer: pass its "
+                           f"num_inference_steps")
+        engine = self.session.engine
+        if self.runner.controller.plan(self.step).kind != "reuse":  # a reused step makes no engine call at all
+            engine.bind(self.family.conditioning(inputs, inputs.layout), inputs.reference_latents, inputs.layout)
+        with torch.inference_mode():
+            velocity, record = self.runner.step(self.step, latents.float(), timestep.reshape(-1)[:1].float(),
+                                                branch=branch)
+        if branch == 0:
+            self.schedule.append(record)
+        velocity = velocity[:1].to(device=latents.device, dtype=latents.dtype)
         if not return_dict:
             return (velocity,)
         from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
         return Transformer2DModelOutput(sample=velocity)
-
-
-def _same_text(a, b) -> bool:
-    x, y = a.tensors.get("prompt_embeds"), b.tensors.get("prompt_embeds")
-    return x is not None and y is not None and x.shape == y.shape and bool(torch.equal(x, y))
 
 
 TopiKontextTransformer = TopiTransformer  # the first release's name

@@ -1,6 +1,7 @@
 """The denoising loop, generic over families and backends: the family's scheduler and guidance, the temporal
-controller's plan (method/schedule.py), the engine's steps. ``mode``: "topi" (the ToPi schedule), "full" (every
-step unpruned through the ToPi graph) or "dense" (every step through the plain dense model: the baseline)."""
+controller's plan (method/schedule.py), the step runner (runtime/steps.py). ``mode``: "topi" (the ToPi schedule),
+"full" (every step unpruned through the ToPi graph) or "dense" (every step through the plain dense model: the
+baseline)."""
 from __future__ import annotations
 
 import math
@@ -10,24 +11,30 @@ from dataclasses import dataclass, field
 
 import torch
 
-from topi_export.errors import TopiError
-from topi_export.method.schedule import TemporalController, check_steps
+from topi_export.errors import BadInput, TopiError
+from topi_export.method.schedule import TemporalController
+from topi_export.plan.limits import check_mode, check_steps
+from topi_export.plan.reuse import OFF, ReusePlan
+from topi_export.runtime.steps import StepRunner
 
-MODES = ("topi", "full", "dense")
 
-
-@dataclass
+@dataclass(frozen=True)
 class RunResult:
     latents: torch.Tensor
-    schedule: list = field(default_factory=list)
+    schedule: tuple = ()  # plan.results.StepRecord per step
     time_s: float = 0.0
     kept: dict = field(default_factory=dict)  # anchor step -> kept context indices (None = all)
 
+    def with_time(self, time_s: float) -> "RunResult":
+        from dataclasses import replace
+
+        return replace(self, time_s=time_s)
+
 
 def _progress(total, desc, enabled):
-    from tqdm import tqdm
+    from topi_export.progress import progress_bar
 
-    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, unit="step")
+    return progress_bar(total, desc, enabled)
 
 
 @contextmanager
@@ -44,62 +51,51 @@ def host_threads(engine):
         torch.set_num_threads(before)
 
 
+def schedule_sigmas(family, steps: int, layout, scheduler_config: dict | None = None) -> list[float]:
+    """The noise level (sigma, = timestep / 1000) of every step of the family's schedule."""
+    sched = family.make_scheduler(steps, layout, scheduler_config)
+    return [float(t) / 1000 for t in sched.timesteps]
+
+
 def denoise(engine, family, inputs, *, steps: int, seed: int = 0, selector=None, mode: str = "topi",
             update_interval: int = 10, scheduler_config: dict | None = None, progress: bool = False,
-            desc: str | None = None) -> RunResult:
-    """One generation. The engine is bound to the request's conditioning here."""
-    if mode not in MODES:
-        raise TopiError(f"unknown mode {mode!r}: one of {', '.join(MODES)}")
+            desc: str | None = None, reuse: ReusePlan = OFF, on_step=None) -> RunResult:
+    """One generation. The engine is bound to the request's conditioning here. ``reuse``: the steps that reuse a
+    velocity instead of calling the engine (method/reuse.py; ignored by the baselines). ``on_step(step, sigma,
+    velocity)``: called with every step's guided velocity (calibration records trajectories with it)."""
+    check_mode(mode)
     if mode == "topi" and selector is None:
-        raise TopiError("the ToPi schedule needs a selector (ratio or tau)")
+        raise BadInput("the ToPi schedule needs a selector (ratio or tau)")
     check_steps(steps)
     layout = inputs.layout
-    cond = family.conditioning(inputs, layout)
-    batch = family.batch(inputs)
-    engine.bind(cond, inputs.reference_latents, layout)
+    batch = family.branches(inputs)
+    engine.bind(family.conditioning(inputs, layout), inputs.reference_latents, layout)
     latents = inputs.initial_noise(seed)
     sched = family.make_scheduler(steps, layout, scheduler_config)
     controller = TemporalController(selector if mode == "topi" else None, update_interval, layout.num_ctx,
-                                    layout.ref_grids)
-    records, kept = [], {}
+                                    layout.ref_grids, baseline="dense" if mode == "dense" else "full", reuse=reuse)
+    runner = StepRunner(engine, controller, layout, guide=lambda v: family.guide(v.float(), inputs))
+    records = []
     start = time.perf_counter()
     with torch.inference_mode(), host_threads(engine), _progress(steps, desc or mode, progress) as bar:
         for step, t in enumerate(sched.timesteps):
-            plan = controller.plan(step)
             timestep = (t / 1000).reshape(1).to(torch.float32).expand(batch).contiguous()
             x = latents.expand(batch, -1, -1).contiguous()
-            t0 = time.perf_counter()
-            rec = {"step": step, "kind": plan.kind}
-            if mode == "dense":
-                velocity, graph = engine.dense(x, timestep), "dense"
-                rec["kind"] = "dense"
-            elif plan.kind == "anchor":
-                velocity, influence = engine.anchor(x, timestep)
-                rec.update(controller.observe(step, influence[0]))  # the positive branch decides (true CFG)
-                kept[step] = controller.kept[step]
-                graph = "anchor"
-            elif plan.kind == "full" or plan.keep_idx is None:
-                velocity, graph = engine.full(x, timestep), "full"
-            else:
-                velocity, graph = engine.pruned(x, timestep, plan.keep_idx), "pruned"
-            velocity = family.guide(velocity.float(), inputs)
+            velocity, record = runner.step(step, x, timestep)
             if not torch.isfinite(velocity).all():
-                raise TopiError(f"step {step} ({graph}) produced NaN/Inf: check inputs, weights and precision")
+                raise TopiError(f"step {step} ({record.graph}) produced NaN/Inf: check inputs, weights and precision")
+            if on_step is not None:
+                on_step(step, float(timestep[0]), velocity)
             latents = sched.step(velocity, t, latents, return_dict=False)[0]
-            pruned = graph == "pruned"
-            rec.update(graph=graph, keep=plan.keep if pruned else layout.num_ctx, bucket=plan.ratio if pruned else 0.0,
-                       keep_per_reference=controller.keep_per_reference(plan.keep_idx if pruned else None),
-                       time_s=time.perf_counter() - t0)
-            records.append(rec)
+            records.append(record)
             bar.update(1)
-    return RunResult(latents, records, time.perf_counter() - start, kept)
+    return RunResult(latents, tuple(records), time.perf_counter() - start, dict(runner.kept))
 
 
-def warmup(engine, family, inputs, keeps=()) -> None:
+def warmup(engine, family, inputs, keeps=(), dense: bool = False) -> None:
     """One call of each step kind so lazy initialisation stays out of the timings."""
-    cond = family.conditioning(inputs, inputs.layout)
-    batch = family.batch(inputs)
-    engine.bind(cond, inputs.reference_latents, inputs.layout)
+    batch = family.branches(inputs)
+    engine.bind(family.conditioning(inputs, inputs.layout), inputs.reference_latents, inputs.layout)
     x = inputs.initial_noise(0).expand(batch, -1, -1).contiguous()
     t = torch.full((batch,), 0.5)
     with torch.inference_mode():
@@ -108,6 +104,8 @@ def warmup(engine, family, inputs, keeps=()) -> None:
         for keep in keeps:
             if keep < inputs.layout.num_ctx:
                 engine.pruned(x, t, torch.arange(keep))
+        if dense and engine.has_dense:
+            engine.dense(x, t)
 
 
 def psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -120,3 +118,24 @@ def psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 def rel_l2(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float((x.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))
+
+
+def measure_reuse(family, samples, steps: int, *, seed: int = 0, scheduler_config=None, threshold=None,
+                  max_consecutive=None):
+    """The step-reuse criterion of a model (method/reuse.py measure_criterion) from full, unpruned runs of its
+    PyTorch reference on the calibration samples, recording every step's guided velocity."""
+    from topi_export.backends import get_backend, model_backend
+    from topi_export.backends.base import EngineSource
+    from topi_export.method import reuse as R
+
+    settings = family.default_settings()
+    engine = get_backend(model_backend()).open_engine(EngineSource(None, family, settings))
+    per_sample, sigmas = [], None
+    for i, data in enumerate(samples):
+        seen = []
+        denoise(engine, family, data, steps=steps, seed=seed + i, mode="full",
+                on_step=lambda step, sigma, velocity: seen.append((sigma, velocity)))
+        sigmas = [s for s, _ in seen]
+        per_sample.append([v for _, v in seen])
+    kwargs = {k: v for k, v in (("threshold", threshold), ("max_consecutive", max_consecutive)) if v is not None}
+    return R.measure_criterion(per_sample, sigmas, **kwargs)

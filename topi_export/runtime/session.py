@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from topi_export.errors import TopiError
+from topi_export.errors import BadInput, RebuildNeeded, TopiError
 from topi_export.method import DEFAULT_POLICY, Selector, parse_buckets, validate_ratio
 from topi_export.plan import Manifest, MethodSettings, ModelIdentity
 
@@ -27,7 +27,7 @@ class Session:
 
     # --- inputs ---------------------------------------------------------------------------------
     def load_inputs(self, path=None, seed: int = 0):
-        from topi_export.runtime import inputs as I
+        from topi_export.artifacts import inputs as I
 
         if path:
             data = I.load_inputs(path, self.family)
@@ -44,9 +44,9 @@ class Session:
             layout = self.served_layout(data.layout)
             if layout != data.layout:
                 data = data.with_layout(layout)
-            if self.family.batch(data) > self.manifest.batch:
-                raise TopiError(f"the request runs {self.family.batch(data)} guidance branches but {self.manifest.root} "
-                                f"was built for batch {self.manifest.batch}: rebuild with true CFG (--cfg)")
+            if self.family.branches(data) > self.manifest.batch:
+                raise BadInput(f"the request runs {self.family.branches(data)} guidance branches but "
+                               f"{self.manifest.root} was built for {self.manifest.batch}: rebuild with --cfg")
         return data
 
     def served_layout(self, layout):
@@ -66,8 +66,18 @@ class Session:
         return tuple(self.manifest.buckets) if self.manifest is not None else None
 
     def selector(self, data, *, ratio=None, tau=None, ratio_buckets=None, policy=None, seed=0) -> Selector:
+        """The selector of one request (its layout's context size and reference grids)."""
+        return self.selector_for(data.layout, ratio=ratio, tau=tau, ratio_buckets=ratio_buckets, policy=policy,
+                                 seed=seed)
+
+    def check_selection(self, **selection) -> None:
+        """Refuse, before any request, a ratio / tau / buckets / policy the engines cannot serve."""
+        for layout in (self.manifest.layouts if self.manifest is not None else ()):
+            self.selector_for(layout, **selection)
+
+    def selector_for(self, layout, *, ratio=None, tau=None, ratio_buckets=None, policy=None, seed=0) -> Selector:
         compiled = self.compiled_buckets()
-        nc = data.layout.num_ctx
+        nc = layout.num_ctx
         buckets = parse_buckets(ratio_buckets, nc) if ratio_buckets else compiled or ()
         if compiled is not None and ratio_buckets and set(buckets) - set(compiled):
             raise TopiError(f"buckets {sorted(set(buckets) - set(compiled))} are not compiled in "
@@ -75,7 +85,7 @@ class Session:
         if policy is None:
             policy = self.manifest.policy if self.manifest is not None else DEFAULT_POLICY
         if tau is not None and ratio is not None:
-            raise TopiError("give either --ratio or --tau, not both")
+            raise BadInput("give either --ratio or --tau, not both")
         if tau is None and ratio is None and self.manifest is not None and self.manifest.tau is not None:
             tau = self.manifest.tau  # the build's --tau is the default of its engines
         if tau is None:
@@ -85,7 +95,7 @@ class Session:
             if compiled is not None and ratio != 0 and ratio not in compiled:
                 raise TopiError(f"ratio {ratio} is not a compiled bucket of {self.manifest.root} "
                                 f"(buckets: {', '.join(map(str, compiled))}): pick one or rebuild with --ratio-buckets")
-        return Selector(nc, ratio=ratio or 0.0, tau=tau, buckets=buckets, policy=policy, grids=data.layout.ref_grids,
+        return Selector(nc, ratio=ratio or 0.0, tau=tau, buckets=buckets, policy=policy, grids=layout.ref_grids,
                         seed=seed)
 
     # --- running --------------------------------------------------------------------------------
@@ -95,81 +105,149 @@ class Session:
         keeps = []
         if selector is not None:
             keeps = [k for _, k in selector.bucket_keeps()] if selector.tau is not None else [selector.choose(None)[1]]
-        warmup(self.engine, self.family, data, keeps)
-        if dense and self.engine.has_dense:
-            import torch
-
-            b = self.family.batch(data)
-            with torch.inference_mode():
-                self.engine.dense(data.initial_noise(0).expand(b, -1, -1).contiguous(), torch.full((b,), 0.5))
+        warmup(self.engine, self.family, data, keeps, dense=dense)
 
     def denoise(self, data, *, steps: int, seed: int = 0, selector=None, mode: str = "topi", update_interval=None,
-                progress: bool = False, desc: str | None = None):
+                progress: bool = False, desc: str | None = None, reuse=None):
+        """One generation; ``reuse``: a plan.reuse.ReusePlan (see ``reuse_plan``), default none."""
+        from topi_export.plan.reuse import OFF
         from topi_export.runtime.loop import denoise
 
         return denoise(self.engine, self.family, data, steps=steps, seed=seed, selector=selector, mode=mode,
                        update_interval=update_interval or self.settings.update_interval,
-                       scheduler_config=self.scheduler_config, progress=progress, desc=desc)
+                       scheduler_config=self.scheduler_config, progress=progress, desc=desc, reuse=reuse or OFF)
+
+    def reuse_plan(self, data, *, steps: int, reuse=None, order: int = 0, update_interval=None):
+        """Which steps of this run reuse a velocity (method/reuse.py): ``reuse`` 'off' | 'auto' | N | None (the
+        default: auto when the settings hold a criterion measured on this model)."""
+        from topi_export.method.reuse import plan_reuse
+        from topi_export.plan.limits import check_steps
+        from topi_export.runtime.loop import schedule_sigmas
+
+        check_steps(steps)
+        dt = update_interval or self.settings.update_interval
+        sigmas = schedule_sigmas(self.family, steps, data.layout, self.scheduler_config)
+        return plan_reuse(reuse, order, sigmas, range(0, steps, dt), self.settings.reuse,
+                          measured=self.settings.provenance == "measured", source=self.settings.source)
 
     def baseline_mode(self) -> str:
         """'dense' when the plain model can run (always for torch), else the in-engine unpruned step."""
         return "dense" if self.engine.has_dense else "full"
 
     # --- reporting ------------------------------------------------------------------------------
-    def describe(self, data, selector: Selector, steps: int) -> dict:
-        return {"model": self.source, "family": self.family.name, "backend": self.engine.name,
-                "engine_dir": str(self.manifest.root) if self.manifest is not None else None,
-                "inputs": data.source, "steps": steps, "guidance": self.family.guidance,
-                "true_cfg": self.family.batch(data) > 1,
-                "layout": data.layout.to_json(),
-                "selection": {"ratio": selector.ratio, "tau": selector.tau, "buckets": list(selector.buckets),
-                              "policy": selector.policy},
-                "method": self.settings.to_json()}
+    def report(self, data, selector: Selector, steps: int, result, comparison=None, reuse=None):
+        """The typed report of one run (``run --json``), with the comparison against the baseline when given."""
+        from topi_export.plan.results import RunReport
+        from topi_export.runtime.loop import psnr, rel_l2
+
+        extra = {}
+        time_s = {"topi": result.time_s}
+        if comparison is not None:
+            base = comparison.baseline
+            time_s[comparison.mode] = base.time_s
+            extra = dict(repeats=comparison.repeats, baseline="dense" if comparison.mode == "dense" else
+                         "in-engine-full", speedup=comparison.speedup, speedup_spread=comparison.spread,
+                         psnr_db=psnr(result.latents, base.latents), rel_l2=rel_l2(result.latents, base.latents))
+            if data.target_latents is not None:
+                extra["psnr_db_vs_truth"] = {"topi": psnr(result.latents, data.target_latents),
+                                             "baseline": psnr(base.latents, data.target_latents)}
+        return RunReport(
+            model=self.source, family=self.family.name, backend=self.engine.name,
+            engine_dir=str(self.manifest.root) if self.manifest is not None else None, inputs=data.source,
+            steps=steps, guidance=self.family.guidance, true_cfg=self.family.branches(data) > 1,
+            layout=data.layout.to_json(),
+            selection={"ratio": selector.ratio, "tau": selector.tau, "buckets": list(selector.buckets),
+                       "policy": selector.policy},
+            method=self.settings.to_json(), schedule=tuple(result.schedule), time_s=time_s,
+            reuse=reuse.to_json() if reuse is not None else None,
+            computed_steps=sum(r.kind != "reuse" for r in result.schedule),
+            adapters=[dict(a) for a in self.identity.adapters] or None, **extra)
 
 
 def open_session(*, model=None, engine_dir=None, backend=None, calibration=None, update_interval=None,
-                 prune_start=None, device="cpu", dtype="fp32") -> Session:
-    from topi_export.backends import BACKENDS, get_backend
-    from topi_export.models import adapter_for, load_model, scheduler_config_for
-    from topi_export.runtime.settings import method_settings
+                 prune_start=None, device="cpu", dtype="fp32", runtime_options=None, loras=()) -> Session:
+    """A session over an engine directory (its own backend, or a backend that runs the model itself as the
+    reference), or over a model (no engine directory: a backend that runs the model itself). loras: lora.Adapter
+    (or "FILE[:SCALE]") fused into the model the session runs itself; built engines hold theirs already."""
+    from topi_export.artifacts.settings import method_settings
+    from topi_export.backends import get_backend, model_backend
+    from topi_export.backends.base import EngineSource
+    from topi_export.models import load_model, scheduler_config_for
 
-    if backend is not None and backend not in BACKENDS:
-        raise TopiError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    be = get_backend(backend) if backend is not None else None
+    if loras and any(isinstance(a, str) for a in loras):
+        from topi_export.lora import parse_adapters
+
+        loras = parse_adapters([str(a) if isinstance(a, str) else a.flag() for a in loras])
     if engine_dir is not None:
-        from topi_export.runtime.manifest import read_manifest
+        from topi_export.artifacts.manifest import adapter as manifest_adapter, read_manifest
 
         m = read_manifest(engine_dir)
+        family = manifest_adapter(m)
         if calibration is not None or prune_start is not None:
-            raise TopiError("--calibration / --prune-start are fixed when the engines are built: rebuild with them")
+            raise BadInput("--calibration / --prune-start are fixed when the engines are built: rebuild with them")
         settings = m.settings.with_overrides(update_interval).check(m.model.num_layers)
-        backend = backend or m.backend
-        if backend == "torch":
-            loaded = load_model(model or m.model.source)
+        be = be or get_backend(m.backend)
+        if not be.BACKEND.builds:  # the model itself, as the reference of these engines
+            _check_reference_adapters(m, loras)
+            loaded = load_model(_model_of(m, model), adapters=loras)
             _check_same_model(m, loaded.identity())
-            engine = get_backend("torch").open_engine(family=loaded.family, settings=settings, device=device,
-                                                      dtype=dtype)
+            engine = be.open_engine(EngineSource(m, loaded.family, settings, device, dtype, runtime_options or {}))
             return Session(engine, loaded.family, settings, m.model, m, m.scheduler or None)
+        if loras:
+            raise BadInput(f"{m.root} holds {m.backend} engines whose weights are fixed at build time: to run them "
+                           f"with other LoRA adapters, write new engines with `topi-export refit --engine-dir "
+                           f"{m.root} --lora FILE[:SCALE] --out DIR`")
+        if be.BACKEND.name != m.backend:
+            raise BadInput(f"{m.root} holds {m.backend} engines, not {be.BACKEND.name}: run with --backend "
+                           f"{m.backend} (or {model_backend()}), or build {be.BACKEND.name} engines")
+        if (device, dtype) != ("cpu", "fp32"):
+            raise BadInput(f"--device / --dtype place the model of --backend {model_backend()}; {m.backend} engines "
+                           f"run where they were built for: drop them")
         if model is not None:
-            _check_same_model(m, load_model(model).identity())
-        if backend != m.backend:
-            raise TopiError(f"{m.root} holds {m.backend} engines, not {backend}: run with --backend {m.backend} "
-                            f"(or torch), or build {backend} engines")
-        engine = get_backend(backend).open_engine(m)
-        return Session(engine, adapter_for(m.model), settings, m.model, m, m.scheduler or None)
-    if backend not in (None, "torch"):
-        raise TopiError(f"--backend {backend} runs built engines: pass --engine-dir (build one with "
-                        f"`topi-export build --backend {backend}`)")
-    loaded = load_model(model)
+            _check_same_model(m, load_model(model).identity(), adapters=False)
+        engine = be.open_engine(EngineSource(m, options=runtime_options or {}))
+        return Session(engine, family, settings, m.model, m, m.scheduler or None)
+    be = be or get_backend(model_backend())
+    if be.BACKEND.builds:
+        raise BadInput(f"--backend {be.BACKEND.name} runs built engines: pass --engine-dir (build one with "
+                       f"`topi-export build --backend {be.BACKEND.name}`)")
+    loaded = load_model(model, adapters=loras)
     identity = loaded.identity()
     settings = method_settings(identity, loaded.family.default_settings(), calibration, update_interval, prune_start)
-    engine = get_backend("torch").open_engine(family=loaded.family, settings=settings, device=device, dtype=dtype)
+    engine = be.open_engine(EngineSource(None, loaded.family, settings, device, dtype, runtime_options or {}))
     return Session(engine, loaded.family, settings, identity, None, scheduler_config_for(model) if model else None)
 
 
-def _check_same_model(m: Manifest, identity: ModelIdentity) -> None:
+def _model_of(m: Manifest, model):
+    """The model to load as the reference of an engine directory: --model when given; else the built-in the
+    engines were built from. A path recorded in the manifest is never followed (an engine directory is data, and
+    it may come from elsewhere): the user names the model folder."""
+    from topi_export.models import builtin_names
+
+    if model is not None:
+        return model
+    if m.model.source in builtin_names():
+        return m.model.source
+    raise BadInput(f"{m.root} was built from the model folder {m.model.source!r}: pass --model with that folder to "
+                   f"run the reference (a path recorded in an engine directory is not followed)")
+
+
+def _check_same_model(m: Manifest, identity: ModelIdentity, adapters: bool = True) -> None:
     for key in ("config_hash", "weights_hash"):
         want, have = getattr(m.model, key), getattr(identity, key)
         if want != have:
-            raise TopiError(f"{m.root} was built for another model ({key} {want} != {have} of {identity.source}): "
-                            f"rebuild the engines for this model")
+            raise BadInput(f"{m.root} was built for another model ({key} {want} != {have} of {identity.source}): "
+                           f"rebuild the engines for this model")
+    if adapters and list(m.model.adapters) != list(identity.adapters):
+        _check_reference_adapters(m, [])
 
+
+def _check_reference_adapters(m: Manifest, loras) -> None:
+    """The PyTorch reference of LoRA-fused engines needs the same adapter files at the same scales."""
+    from topi_export.lora import describe_recorded, same_adapters
+
+    if not same_adapters(loras, m.model.adapters):
+        raise BadInput(f"{m.root} holds weights fused with LoRA {describe_recorded(m.model.adapters)}; the "
+                       f"reference got {describe_recorded([a.to_json() for a in loras])}: pass the same files and "
+                       f"scales with --lora FILE:SCALE")

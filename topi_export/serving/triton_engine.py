@@ -6,7 +6,7 @@ outputs: list[str]) -> dict[str, np.ndarray]``: inside Triton that callable wrap
 ``pb_utils.InferenceRequest(...).exec()`` (bls_model.py); in tests ONNX Runtime stands in for it. Nothing here
 imports Triton.
 
-The loop model's request is the inputs file of ``run`` (runtime/inputs.py: reference latents, the family's request
+The loop model's request is the inputs file of ``run`` (artifacts/inputs.py: reference latents, the family's request
 fields, optional noise and guidance scales, grids as strings) plus ``run``'s options as scalars; it is parsed by
 ``inputs_from_tensors``, so a request is validated exactly like an inputs file.
 """
@@ -21,17 +21,13 @@ import numpy as np
 import torch
 
 from topi_export.backends.base import StepEngine
-from topi_export.errors import TopiError
+from topi_export.errors import BadInput, RebuildNeeded, TopiError
+from topi_export.plan.limits import MAX_SEED, MAX_STEPS, MAX_UPDATE_INTERVAL, check_mode, check_tau
 
 DEFAULT_STEPS = 28  # the default of `run --steps`
-MAX_STEPS = 1000
-MAX_UPDATE_INTERVAL = 1000
-MAX_SEED = (1 << 64) - 1
-MODES = ("topi", "full", "dense")
 
 # Triton data types of the graph tensors the loop model feeds (numpy cannot hold bfloat16).
 NUMPY_TYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "bool": np.bool_}
-OUTPUTS = {"topi": ["velocity", "influence"], "dense": ["velocity"]}
 
 
 @dataclass(frozen=True)
@@ -48,19 +44,19 @@ class Wire:
 OPTIONS = (Wire("steps", "TYPE_INT32", (1,)), Wire("seed", "TYPE_UINT64", (1,)), Wire("ratio", "TYPE_FP32", (1,)),
            Wire("tau", "TYPE_FP32", (1,)), Wire("update_interval", "TYPE_INT32", (1,)),
            Wire("policy", "TYPE_STRING", (1,)), Wire("mode", "TYPE_STRING", (1,)),
-           Wire("target_grid", "TYPE_STRING", (1,)), Wire("reference_grids", "TYPE_STRING", (1,)))
-SCALARS = ("guidance", "true_cfg_scale")
+           Wire("target_grid", "TYPE_STRING", (1,)), Wire("reference_grids", "TYPE_STRING", (1,)),
+           Wire("reuse", "TYPE_STRING", (1,)), Wire("reuse_order", "TYPE_INT32", (1,)))
 
 
 def loop_inputs(family) -> tuple[Wire, ...]:
-    """The loop model's inputs: the tensors of an inputs file (without target_latents) and the options."""
+    """The loop model's inputs: the tensors of an inputs file (without target_latents: the family's declared
+    tensors and scalars, plan/tensors.py) and the options of `run`."""
     c = family.in_channels
     out = [Wire("reference_latents", "TYPE_FP32", (1, -1, c), optional=False)]
-    for f in family.request_fields():
-        dims = (1,) + (-1,) * (f.rank - 2) + (f.last_dim or -1,) if f.rank >= 2 else (f.last_dim or -1,)
-        out.append(Wire(f.name, "TYPE_FP32", dims, optional=not f.required))
+    for spec in family.tensor_specs():
+        dims = tuple(-1 if d == "T" else d for d in spec.request_dims)
+        out.append(Wire(spec.name, "TYPE_FP32", dims, optional=not spec.required))
     out.append(Wire("noise", "TYPE_FP32", (1, -1, c)))
-    out += [Wire(name, "TYPE_FP32", (1,)) for name in SCALARS]
     return tuple(out) + OPTIONS
 
 
@@ -93,42 +89,27 @@ class TritonEngine(StepEngine):
 
     def __init__(self, infer, manifest, models: dict):
         if "topi" not in models:
-            raise TopiError("the loop model needs the name of the topi engine model: regenerate the repository with "
-                            "`topi-export triton`")
+            raise RebuildNeeded("the loop model needs the name of the topi engine model: regenerate the repository "
+                                "with `topi-export triton`")
         check_graph_types(manifest.graphs, manifest.root)
-        self.infer, self.graphs = infer, manifest.graphs
         self.models = {k: v for k, v in models.items() if k in manifest.graphs}
+        super().__init__({k: g for k, g in manifest.graphs.items() if k in self.models})
+        self.infer = infer
         self.has_dense = "dense" in self.models
 
-    def bind(self, cond, context, layout):
-        super().bind(cond, context, layout)
-        self.np_cond = {k: v.detach().cpu().numpy() for k, v in cond.items()}
-        self.np_context = self.context.numpy()
+    def to_backend(self, tensor, spec):
+        return np.ascontiguousarray(tensor.detach().cpu().numpy(), dtype=NUMPY_TYPES[spec.dtype])
 
-    def _call(self, kind, latents, timestep, keep_idx, score_idx):
-        if kind not in self.models:
-            raise TopiError(f"this repository has no {kind} engine model: build the engine directory with "
-                            f"--dense-baseline and regenerate it with `topi-export triton`")
+    def run(self, kind, step, feed):
         model = self.models[kind]
-        b = latents.shape[0]
-        feed = {"latents": latents.float().numpy(), "timestep": timestep.float().numpy(),
-                "context": np.broadcast_to(self.np_context, (b,) + self.np_context.shape[1:]), **self.np_cond}
-        if keep_idx is not None:
-            feed["keep_idx"], feed["score_idx"] = keep_idx.numpy(), score_idx.numpy()
-        declared = self.graphs[kind].inputs
-        missing = [t.name for t in declared if t.name not in feed]
-        if missing:
-            raise TopiError(f"model {model} declares inputs {missing} that this request does not provide: the "
-                            f"engines were built for another model family")
-        inputs = {t.name: np.ascontiguousarray(feed[t.name], dtype=NUMPY_TYPES[t.dtype]) for t in declared}
-        outputs = OUTPUTS[kind]
-        result = self.infer(model, inputs, list(outputs))
-        out = []
-        for name in outputs:
+        names = [t.name for t in self.graphs[kind].outputs]
+        result = self.infer(model, feed, names)
+        out = {}
+        for name in names:
             if result.get(name) is None:
                 raise TopiError(f"model {model} returned no output '{name}'")
-            out.append(torch.from_numpy(np.array(result[name], dtype=np.float32, copy=True)))
-        return out[0], (out[1] if len(out) > 1 else None)
+            out[name] = torch.from_numpy(np.array(result[name], dtype=np.float32, copy=True))
+        return out
 
 
 # --- request parsing (loop model) ----------------------------------------------------------------------------
@@ -141,6 +122,8 @@ class RequestOptions:
     update_interval: int | None = None
     policy: str | None = None
     mode: str = "topi"
+    reuse: object = None  # 'off' | 'auto' | N | None (the model's default), as `run --reuse`
+    reuse_order: int = 0
 
 
 def _one(arrays: dict, name: str):
@@ -191,8 +174,6 @@ def _text(arrays, name):
 
 def request_options(arrays: dict) -> RequestOptions:
     """steps / seed / ratio / tau / update_interval / policy / mode, all optional as in `run`, range-checked."""
-    import math
-
     from topi_export.method import check_policy, validate_ratio
 
     opts = RequestOptions()
@@ -206,19 +187,23 @@ def request_options(arrays: dict) -> RequestOptions:
         raise TopiError("send either 'ratio' or 'tau', not both")
     if opts.ratio is not None:
         validate_ratio(opts.ratio, "request input 'ratio'")
-    if opts.tau is not None and not (math.isfinite(opts.tau) and 0.0 < opts.tau <= 1.0):
-        raise TopiError(f"request input 'tau' is {opts.tau}, outside (0, 1]: the fraction of the influence kept")
+    if opts.tau is not None:
+        check_tau(opts.tau, "request input 'tau'")
     if (v := _text(arrays, "policy")) is not None:
         opts.policy = check_policy(v)
     if (v := _text(arrays, "mode")) is not None:
-        if v not in MODES:
-            raise TopiError(f"request input 'mode' is {v!r}: one of {', '.join(MODES)}")
-        opts.mode = v
+        opts.mode = check_mode(v, "request input 'mode'")
+    if (v := _text(arrays, "reuse")) is not None:
+        from topi_export.method.reuse import parse_reuse
+
+        opts.reuse = parse_reuse(v)
+    if (v := _int(arrays, "reuse_order", 0, 1)) is not None:
+        opts.reuse_order = v
     return opts
 
 
 def _tensor_names(family) -> list[str]:
-    return ["reference_latents", "noise", *(f.name for f in family.request_fields()), *SCALARS]
+    return ["reference_latents", "noise", *(s.name for s in family.tensor_specs())]
 
 
 def request_input_names(family) -> list[str]:
@@ -253,7 +238,7 @@ def default_grids(manifest, tensors: dict, meta: dict) -> dict:
 
 def parse_request(arrays: dict, manifest, family, source: str = "the request"):
     """Request tensors (numpy) -> (Inputs, RequestOptions), with the checks of an inputs file."""
-    from topi_export.runtime.inputs import inputs_from_tensors
+    from topi_export.artifacts.inputs import inputs_from_tensors
 
     tensors = {}
     for name in _tensor_names(family):
@@ -273,9 +258,8 @@ def parse_request(arrays: dict, manifest, family, source: str = "the request"):
 # --- the loop model's work, without Triton ---------------------------------------------------------------------
 def open_loop_session(model_dir, infer, models: dict, manifest_sha256: str | None = None):
     """The Session of a loop model: the manifest copied next to its config.pbtxt, a TritonEngine over ``infer``."""
-    from topi_export.models import adapter_for
+    from topi_export.artifacts.manifest import adapter, read_manifest
     from topi_export.plan import NAME
-    from topi_export.runtime.manifest import read_manifest
     from topi_export.runtime.session import Session
 
     model_dir = Path(model_dir)
@@ -287,7 +271,7 @@ def open_loop_session(model_dir, infer, models: dict, manifest_sha256: str | Non
     # The engine files stay with the engine models; their hashes were checked when the repository was written.
     m = read_manifest(model_dir, verify_files=False)
     engine = TritonEngine(infer, m, models)
-    return Session(engine, adapter_for(m.model), m.settings, m.model, m, m.scheduler or None)
+    return Session(engine, adapter(m), m.settings, m.model, m, m.scheduler or None)
 
 
 def run_request(session, arrays: dict) -> tuple[np.ndarray, str]:
@@ -301,10 +285,13 @@ def run_request(session, arrays: dict) -> tuple[np.ndarray, str]:
     if opts.mode == "topi":  # exactly what `topi-export run --engine-dir` does
         selector = session.selector(data, ratio=opts.ratio, tau=opts.tau, policy=opts.policy, seed=opts.seed)
     update_interval = opts.update_interval or session.settings.update_interval
+    plan = session.reuse_plan(data, steps=opts.steps, reuse=opts.reuse, order=opts.reuse_order,
+                              update_interval=update_interval) if opts.mode == "topi" else None
     result = session.denoise(data, steps=opts.steps, seed=opts.seed, selector=selector, mode=opts.mode,
-                             update_interval=update_interval)
+                             update_interval=update_interval, reuse=plan)
     report = {"mode": opts.mode, "steps": opts.steps, "seed": opts.seed, "update_interval": update_interval,
               "ratio": selector.ratio if selector else None, "tau": selector.tau if selector else None,
               "policy": selector.policy if selector else None, "layout": data.layout.to_json(),
-              "schedule": result.schedule, "time_s": result.time_s}
+              "reuse": plan.to_json() if plan is not None else None,
+              "schedule": [r.to_json() for r in result.schedule], "time_s": result.time_s}
     return np.ascontiguousarray(result.latents.numpy(), dtype=np.float32), json.dumps(report)

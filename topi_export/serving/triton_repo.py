@@ -1,7 +1,8 @@
 """``topi-export triton``: a Triton Inference Server model repository from an engine directory.
 
     REPO/
-      README.md                    first line names topi-export (what --force may replace); how to serve it
+      README.md                    how to serve it
+      .topi-export-owner.json      ownership marker, written last (fsutil/ownership.py): what --force may replace
       <name>_topi/config.pbtxt     the topi graph: velocity + influence, every step of the loop
       <name>_topi/1/model.onnx     + 1/weights.data (ONNX Runtime), or 1/model.plan (TensorRT)
       <name>_dense/...             the plain model (the baseline), when the engine directory has one
@@ -32,13 +33,11 @@ from pathlib import Path, PurePosixPath
 
 from topi_export.errors import TopiError
 from topi_export.fsutil import (atomic_write_bytes, check_onnx_external_data, check_output_dir, confined_path,
-                                is_triton_repository, staged_dir)
+                                is_triton_repository, read_small_file, staged_dir)
 from topi_export.plan import NAME as MANIFEST_NAME, Manifest
 from topi_export.serving.triton_engine import check_graph_types, loop_inputs, loop_outputs, model_names
 
 TEMPLATE = Path(__file__).resolve().parent / "bls_model.py"
-PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}
-MODEL_FILE = {"onnxruntime": "model.onnx", "tensorrt": "model.plan"}
 KINDS = {"gpu": "KIND_GPU", "cpu": "KIND_CPU"}
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 MAX_INSTANCES = 1024
@@ -187,23 +186,24 @@ def _onnx_io(path: Path, entry, where) -> tuple[list[Tensor], list[Tensor]]:
             tensors(model.graph.output, entry.outputs))
 
 
-def engine_models(m: Manifest, prefix: str) -> list[EngineModel]:
+def engine_models(m: Manifest, prefix: str, backend) -> list[EngineModel]:
+    """backend: the engine directory's backends.base.Backend (its Triton platform and model file name)."""
     names = model_names(prefix, [k for k in ("topi", "dense") if k in m.graphs])
     out = []
     for kind, name in names.items():
         g = m.graphs[kind]
         where = f"the {kind} graph of {m.root}"
-        if m.backend == "onnxruntime":
-            src = g.onnx or g.file  # the portable graph: Triton's backend optimizes it for its own provider
+        if g.file.endswith(".onnx"):  # a portable graph: Triton's backend optimizes it for its own provider
+            src = g.onnx or g.file
             path = confined_path(m.root, src, what="engine file")
-            files = {MODEL_FILE[m.backend]: src}
+            files = {backend.triton_model_file: src}
             graph_dir = PurePosixPath(src).parent
             for rel in sorted(check_onnx_external_data(path, m.root)):
                 files[PurePosixPath(rel).relative_to(graph_dir).as_posix()] = rel
             inputs, outputs = _onnx_io(path, g, where)
             profiles = []
-        else:
-            files = {MODEL_FILE[m.backend]: g.file}
+        else:  # an engine plan with one optimization profile per (layout, anchor) and per (layout, bucket)
+            files = {backend.triton_model_file: g.file}
             inputs, outputs = _declared(g.inputs, where), _declared(g.outputs, where)
             # topi: one profile per (layout, anchor) and per (layout, bucket); dense: one per layout
             count = len(m.profiles) if kind == "topi" else len(m.layouts)
@@ -273,29 +273,30 @@ def check_options(*, name: str, instances: int, kind: str) -> None:
         raise TopiError(f"--instances {instances} is outside 1..{MAX_INSTANCES} (model instances per model)")
 
 
-def _read_engine_dir(engine_dir: Path) -> tuple[Manifest, bytes]:
-    from topi_export.runtime.manifest import read_manifest
+def _read_engine_dir(engine_dir: Path):
+    """(verified manifest, its raw bytes, its backend) of an engine directory Triton can serve."""
+    from topi_export.artifacts.manifest import read_manifest
+    from topi_export.backends import BACKENDS, get_backend
 
     m = read_manifest(engine_dir, verify_files=False)  # the files placed are hashed once, when placed
-    if m.backend == "tensorrt-rtx":
-        raise TopiError(f"{engine_dir} holds TensorRT-RTX engines: Triton's TensorRT backend loads data-center "
-                        f"TensorRT plans, not TensorRT-RTX engines; build with `topi-export build --backend tensorrt` "
-                        f"(or onnxruntime) for Triton")
-    if m.backend not in PLATFORMS:
-        raise TopiError(f"{engine_dir} holds {m.backend} engines; Triton repositories are written from "
-                        f"{' or '.join(PLATFORMS)} engine directories: build one with `topi-export build --backend`")
-    if m.target.get("strip_weights"):
+    backend = get_backend(m.backend).BACKEND
+    if backend.triton_platform is None:
+        servable = " or ".join(f"`--backend {n}`" for n in BACKENDS if get_backend(n).BACKEND.triton_platform)
+        raise TopiError(f"{engine_dir} holds {m.backend} engines ({backend.description}), which Triton has no backend "
+                        f"for: build with `topi-export build` {servable} for Triton")
+    if m.target.get("weights") == "stripped":
         raise TopiError(f"{engine_dir} holds weight-stripped TensorRT plans, which Triton cannot refit: build without "
                         f"--strip-weights for Triton")
     check_graph_types(m.graphs, engine_dir)
-    raw = confined_path(m.root, MANIFEST_NAME, what="manifest").read_bytes()
+    raw = read_small_file(confined_path(m.root, MANIFEST_NAME, what="manifest"), "manifest",
+                          "rebuild the engine directory", max_bytes=16 << 20)  # bounded: it may have changed
     try:
         same = Manifest.from_json(json.loads(raw), str(engine_dir / MANIFEST_NAME), m.root) == m
     except (ValueError, TopiError):
         same = False
     if not same:
         raise TopiError(f"{engine_dir / MANIFEST_NAME} changed while it was read: rerun when the build has finished")
-    return m, raw
+    return m, raw, backend
 
 
 def generate_repository(engine_dir, out, *, name: str = "topi", instances: int = 1, kind: str = "gpu",
@@ -307,18 +308,18 @@ def generate_repository(engine_dir, out, *, name: str = "topi", instances: int =
     protect = {engine_dir: "the engine directory"}
     out = check_output_dir(out, replace=force, is_ours=is_triton_repository, protect=protect)
     _model_config_cls()  # fail before any work when tritonclient is missing
-    m, raw_manifest = _read_engine_dir(engine_dir)
-    if m.backend == "tensorrt" and kind == "cpu":
-        raise TopiError("--kind cpu: TensorRT plans run on NVIDIA GPUs only; use --kind gpu, or an onnxruntime "
-                        "engine directory for CPU serving")
-    from topi_export.models import adapter_for
+    m, raw_manifest, backend = _read_engine_dir(engine_dir)
+    if kind == "cpu" and "CPU" not in backend.runs_on:
+        raise TopiError(f"--kind cpu: {m.backend} engines run on {backend.runs_on} only; use --kind gpu, or an engine "
+                        f"directory of a backend that runs on the CPU for CPU serving")
+    from topi_export.artifacts.manifest import adapter
 
-    family = adapter_for(m.model)
-    engines = engine_models(m, name)
+    family = adapter(m)
+    engines = engine_models(m, name, backend)
     loop_name = f"{name}_loop"
     header = (f"# Generated by topi-export triton ({m.backend} engines of {m.model.source}, "
               f"{len(m.layouts)} layout(s), buckets {list(m.buckets)}).")
-    configs = {g.name: engine_config(g, PLATFORMS[m.backend], KINDS[kind], instances, header) for g in engines}
+    configs = {g.name: engine_config(g, backend.triton_platform, KINDS[kind], instances, header) for g in engines}
     configs[loop_name] = loop_config(loop_name, family, {g.kind: g.name for g in engines},
                                      hashlib.sha256(raw_manifest).hexdigest(), instances, header)
     for model_name, text in configs.items():  # every config parses against Triton's schema before anything is written
@@ -328,8 +329,8 @@ def generate_repository(engine_dir, out, *, name: str = "topi", instances: int =
 
     placed = {}
     with staged_dir(out, replace=force, is_ours=is_triton_repository, protect=protect, echo=echo) as tmp:
-        # the README first: its first line marks the repository as made by topi-export
-        atomic_write_bytes(tmp / "README.md", _readme(m, family, engines, loop_name, kind, instances).encode())
+        atomic_write_bytes(tmp / "README.md", _readme(m, backend, family, engines, loop_name, kind,
+                                                      instances).encode())
         for g in engines:
             for dst, rel in g.files.items():
                 placed[f"{g.name}/1/{dst}"] = _place_verified(m, rel, tmp / g.name / "1" / dst)
@@ -346,23 +347,24 @@ def generate_repository(engine_dir, out, *, name: str = "topi", instances: int =
     return {"out": out, "models": [g.name for g in engines] + [loop_name], "files": placed, "backend": m.backend}
 
 
-def _readme(m: Manifest, family, engines, loop_name, kind, instances) -> str:
+def _readme(m: Manifest, be, family, engines, loop_name, kind, instances) -> str:
     rows = "\n".join(f"| {p.index} | {m.layouts[p.layout].describe()} | {p.ratio} | {p.keep} |" for p in m.profiles)
     what = {"topi": "the topi graph: velocity + influence (every step: anchor, pruned, unpruned)",
             "dense": "the plain model without pruning: the baseline"}
     models = "\n".join(f"| `{g.name}` | {what[g.kind]} |" for g in engines)
     inputs = "\n".join(f"| `{w.name}` | {w.dtype[5:].replace('STRING', 'BYTES')} | {list(w.dims)} | "
                        f"{'optional' if w.optional else 'required'} |" for w in loop_inputs(family))
-    if m.backend == "onnxruntime":
-        backend = (f"The engine models are the portable ONNX graphs on Triton's onnxruntime backend ({kind.upper()} "
-                   f"instances); their weights file is placed next to each `model.onnx` (hard-linked when the "
-                   f"repository is on the engine directory's file system).")
+    if not any(g.profiles for g in engines):
+        backend = (f"The engine models are the portable ONNX graphs on Triton's `{be.triton_platform}` platform "
+                   f"({kind.upper()} instances); their weights file is placed next to each `{be.triton_model_file}` "
+                   f"(hard-linked when the repository is on the engine directory's file system).")
     else:
-        backend = (f"The engine models are TensorRT plans (precision {m.precision}, versions "
-                   f"{json.dumps(m.versions, sort_keys=True)}). A plan runs only with the TensorRT version and GPU "
-                   f"architecture it was built for: serve it with the Triton release that ships that TensorRT, on "
-                   f"the same GPU type (target {json.dumps(m.target, sort_keys=True)}). Every optimization profile "
-                   f"is listed in the instance group, so Triton picks the profile from the request's shapes.")
+        backend = (f"The engine models are `{be.triton_platform}` engines ({m.backend}, precision {m.precision}, "
+                   f"versions {json.dumps(m.versions, sort_keys=True)}). An engine plan runs only with the version "
+                   f"and GPU architecture it was built for: serve it with the Triton release that ships that "
+                   f"version, on the same GPU type (target {json.dumps(m.target, sort_keys=True)}). Every "
+                   f"optimization profile is listed in the instance group, so Triton picks the profile from the "
+                   f"request's shapes.")
     return f"""# Triton model repository (generated by topi-export triton)
 
 Engines: {m.backend}, model `{m.model.source}` ({m.model.family}), {instances} instance(s) per model.

@@ -16,17 +16,20 @@ from __future__ import annotations
 
 from topi_export.backends.base import Backend
 from topi_export.backends.tensorrt.common import (  # noqa: F401  (the package's API)
-    PRECISIONS, check_target, import_trt, normalize_compute_capability, parse_workspace, profile_shapes,
-    running_target, sm_name)
+    PRECISIONS, TensorRTOptions, check_target, import_trt, normalize_compute_capability, parse_workspace,
+    polygraphy, profile_shapes, running_target, sm_name)
 
 BACKEND = Backend("tensorrt", builds=True, precisions=PRECISIONS, runs_on="data-center / Jetson NVIDIA GPU "
                   "(the GPU it was built on)", description="TensorRT engine: one engine, a profile per shape and "
-                  "bucket, built on the target GPU")
+                  "bucket, built on the target GPU", triton_platform="tensorrt_plan", triton_model_file="model.plan",
+                  options=TensorRTOptions)
 
 
-def check(precision: str, options: dict, name: str = "tensorrt") -> None:
-    """Before the export (minutes on a real model): the TensorRT module is installed."""
+def check(options, name: str = "tensorrt") -> None:
+    """Before the export (minutes on a real model): the TensorRT module is installed; the workspace parses."""
+    parse_workspace(options.workspace if options is not None else None)
     import_trt(name)
+    polygraphy(name)
 
 
 def build(job, name: str = "tensorrt"):
@@ -35,7 +38,13 @@ def build(job, name: str = "tensorrt"):
     return build_engines(job, name)
 
 
-def open_engine(manifest, **options):
+def refit(job, name: str = "tensorrt"):
+    from topi_export.backends.tensorrt.refitting import refit as refit_engines
+
+    return refit_engines(job, name)
+
+
+def open_engine(source):
     from topi_export.backends.tensorrt.runtime import open_engine as open_trt
 
-    return open_trt(manifest, **options)
+    return open_trt(source)

@@ -1,5 +1,11 @@
 """Engine builder for both TensorRT flavours (docs/design.md, "Backends"): parse the exported graphs, one
-optimization profile per (layout, anchor) and (layout, bucket), strongly typed, AOT targets for TensorRT-RTX."""
+optimization profile per (layout, anchor) and (layout, bucket), strongly typed, AOT targets for TensorRT-RTX.
+
+The builder config (profiles, optimization level, workspace, timing cache, weight stripping, TensorRT-RTX's
+compute capabilities, no TF32 for fp32) comes from Polygraphy's ``CreateConfig`` / ``CreateConfigRTX`` and the
+engine from its ``EngineBytesFromNetwork``. Kept by hand, because Polygraphy does not do it: the parse (a builder
+with our logger, so every TensorRT message lands in build_log.txt, and each parser error with its node), the
+read-back of every profile from TensorRT, and the strip-weights probe's verdict."""
 from __future__ import annotations
 
 import json
@@ -9,8 +15,9 @@ from pathlib import Path
 
 from topi_export.backends.base import BuildOutput
 from topi_export.backends.tensorrt.common import (
-    BUILD_LOG, DEFAULT_RTX_TARGET, ENGINE_FILES, PRECISIONS, gpu_info, import_trt, make_logger, module_name,
-    normalize_compute_capability, parse_workspace, profile_shapes, sm_name)
+    BUILD_LOG, DEFAULT_RTX_TARGET, ENGINE_FILES, PRECISIONS, TensorRTOptions, TensorRTRTXOptions,
+    compute_capability_tuple, gpu_info, import_trt, make_logger, module_name, normalize_compute_capability,
+    parse_workspace, polygraphy, profile_shapes, sm_name)
 from topi_export.errors import TopiError
 
 
@@ -20,45 +27,76 @@ def strip_supported(trt) -> bool:
             and hasattr(trt, "OnnxParserRefitter"))
 
 
-def _strip_flags(trt, rtx: bool):
-    # TensorRT-RTX documents STRIP_PLAN + REFIT; TensorRT STRIP_PLAN + REFIT_IDENTICAL (refitted with the same weights)
-    return trt.BuilderFlag.STRIP_PLAN, trt.BuilderFlag.REFIT if rtx else trt.BuilderFlag.REFIT_IDENTICAL
-
-
-def _set_targets(trt, config, caps, rtx: bool, strip: bool) -> None:
-    """Weight stripping (when asked) and, for TensorRT-RTX, the ahead-of-time compute capabilities."""
-    if strip:
-        for flag in _strip_flags(trt, rtx):
-            config.set_flag(flag)
+def config_loader(backend: str, trt, precision: str, caps, *, profiles=(), level=None, workspace=None,
+                  cache_path=None, strip: bool = False, refit: bool = False):
+    """Polygraphy's builder-config loader, a callable (builder, network) -> IBuilderConfig."""
+    CreateConfig, Profile, PostprocessConfig, _, _ = polygraphy(backend)
+    rtx = backend == "tensorrt-rtx"
+    shaped = []
+    for prof in profiles:
+        p = Profile()
+        for name, (lo, opt, hi) in prof.items():
+            p.add(name, lo, opt, hi)
+        shaped.append(p)
+    # refit: any weights may be set later (BuilderFlag.REFIT); a stripped plan alone refits with identical weights
+    kwargs = dict(profiles=shaped, builder_optimization_level=level, strip_plan=strip,
+                  refittable=(strip and rtx) or refit,
+                  memory_pool_limits={trt.MemoryPoolType.WORKSPACE: workspace} if workspace else None,
+                  load_timing_cache=str(cache_path) if cache_path else None)
     if rtx:
-        config.num_compute_capabilities = len(caps)
-        for i, c in enumerate(caps):
-            config.set_compute_capability(getattr(trt.ComputeCapability, c), i)
+        kwargs["compute_capabilities"] = [compute_capability_tuple(c) for c in caps]
+    else:
+        kwargs["tf32"] = False  # fp32 means fp32: matches the PyTorch reference
+
+    def finish(builder, network, config):
+        if strip and not rtx and not refit:  # TensorRT refits a stripped plan with the same weights
+            config.set_flag(trt.BuilderFlag.REFIT_IDENTICAL)
+        if rtx and precision == "fp32" and "TF32" in trt.BuilderFlag.__members__:
+            config.clear_flag(trt.BuilderFlag.TF32)
+        if config.num_optimization_profiles != len(shaped):
+            raise TopiError(f"TensorRT took {config.num_optimization_profiles} of {len(shaped)} optimization profiles: "
+                            f"the graph's static dims do not match the layouts; re-export the graphs")
+
+    return PostprocessConfig(CreateConfig(**kwargs), finish)
 
 
-def _check_strip(trt, builder, log, caps, rtx: bool, gpu) -> None:
-    """Build a one-MatMul refittable, weight-stripped network for the same targets: some installs have the API but
+def build_engine_bytes(backend: str, builder, network, loader, cache_path=None):
+    """Polygraphy's EngineBytesFromNetwork (it also saves the timing cache); None when TensorRT builds nothing."""
+    from polygraphy.exception import PolygraphyException
+
+    _, _, _, EngineBytesFromNetwork, logger = polygraphy(backend)
+    with logger.verbosity(logger.CRITICAL):  # TensorRT's own messages go to our log; Polygraphy's chatter nowhere
+        try:
+            return EngineBytesFromNetwork((builder, network), config=loader,
+                                          save_timing_cache=str(cache_path) if cache_path else None)()
+        except PolygraphyException:
+            return None
+
+
+def _check_strip(trt, builder, log, caps, backend: str, gpu, strip: bool = True, refit: bool = False) -> None:
+    """Build a one-MatMul refittable (weight-stripped) network for the same targets: some installs have the API but
     cannot build such engines (TensorRT-RTX 1.7.1 without a GPU fails in its compiler). Refuse the flag then."""
     import numpy as np
 
-    stage, log.stage = log.stage, "strip-weights probe"
+    flag = " ".join(f for f, on in (("--strip-weights", strip), ("--refittable", refit)) if on)
+    stage, log.stage = log.stage, f"{flag} probe"
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     x = network.add_input("x", trt.float32, (1, 16))
     w = network.add_constant((16, 16), trt.Weights(np.ones((16, 16), np.float32)))
     y = network.add_matrix_multiply(x, trt.MatrixOperation.NONE, w.get_output(0), trt.MatrixOperation.NONE)
     network.mark_output(y.get_output(0))
-    config = builder.create_builder_config()
-    _set_targets(trt, config, caps, rtx, strip=True)
-    ok = builder.build_serialized_network(network, config) is not None
+    ok = build_engine_bytes(backend, builder, network,
+                            config_loader(backend, trt, "fp32", caps, strip=strip, refit=refit)) is not None
     errors = log.errors(log.stage)
     log.stage = stage
     if not ok:
         first = (errors or ["no error logged"])[0].split(" (")[0]
         where = " without a GPU" if gpu is None else ""
-        raise TopiError(f"--strip-weights: {trt.__name__} {trt.__version__} cannot build weight-stripped, refittable "
-                        f"engines{where} ({first}): drop --strip-weights (the engine then holds the weights)"
+        raise TopiError(f"{flag}: {trt.__name__} {trt.__version__} cannot build "
+                        f"{'weight-stripped, ' if strip else ''}refittable engines{where} ({first}): drop {flag}"
+                        f"{' (the engine then holds the weights)' if strip else ''}"
                         f"{' or build on the GPU the engines are for' if where else ''}")
-    log.note("weight-stripped engines can be built here (probe passed)")
+    log.note(f"{flag}: such engines can be built here (probe passed)")
 
 
 def _register_plugins(backend: str, trt_name: str, log, echo, masked: bool = False) -> bool:
@@ -98,7 +136,7 @@ def _parser_errors(parser) -> list[str]:
 
 
 def _rtx_targets(trt, options, echo, log):
-    caps = [normalize_compute_capability(c) for c in options.get("compute_capabilities") or []]
+    caps = [normalize_compute_capability(c) for c in options.compute_capabilities]
     gpu = gpu_info()
     if not caps:
         if gpu is not None:
@@ -122,8 +160,9 @@ def _count_plugin_layers(trt, network) -> int:
     return sum(1 for i in range(network.num_layers) if network.get_layer(i).type in kinds)
 
 
-def _add_profiles(builder, config, network, profiles, kind, log) -> list[dict]:
-    """Add the profiles to config; returns their shapes as read back from TensorRT's profile objects."""
+def _read_back_profiles(builder, network, profiles, kind) -> list[dict]:
+    """The profiles' shapes as TensorRT's own profile objects hold them (written to the build log, checked by the
+    tests against the manifest): the inputs must be exactly the network's."""
     names = [network.get_input(i).name for i in range(network.num_inputs)]
     missing = sorted(set(names) - set(profiles[0]))
     extra = sorted(set(profiles[0]) - set(names))
@@ -131,15 +170,10 @@ def _add_profiles(builder, config, network, profiles, kind, log) -> list[dict]:
         raise TopiError(f"the {kind} network's inputs {names} do not match the graph entry "
                         f"(missing {missing}, unused {extra}): re-export the graphs")
     out = []
-    for index, prof in enumerate(profiles):
+    for prof in profiles:
         p = builder.create_optimization_profile()
         for name in names:
             p.set_shape(name, *prof[name])
-        idx = config.add_optimization_profile(p)
-        if idx != index:
-            raise TopiError(f"TensorRT rejected optimization profile {index} of the {kind} engine: the graph's "
-                            f"static dims do not match the layout ({(log.errors() or ['see the build log'])[-1]}); "
-                            f"re-export the graphs")
         out.append({n: [list(s) for s in p.get_shape(n)] for n in names})
     return out
 
@@ -148,13 +182,14 @@ def build(job, backend: str) -> BuildOutput:
     """topi.engine (one profile per job.profiles entry) and, when exported, dense.engine (one per layout)."""
     trt_name = module_name(backend)
     trt = import_trt(backend)
-    options, echo = dict(job.options or {}), job.echo
+    echo = job.echo
     rtx = backend == "tensorrt-rtx"
+    options = job.options or (TensorRTRTXOptions() if rtx else TensorRTOptions())
     if job.precision not in PRECISIONS:
         raise TopiError(f"--precision {job.precision!r}: choose one of {', '.join(PRECISIONS)}")
-    workspace = parse_workspace(options.get("workspace"))
-    opt_level = options.get("optimization_level")
-    strip = bool(options.get("strip_weights"))
+    workspace = parse_workspace(options.workspace)
+    opt_level = options.optimization_level
+    strip = bool(options.strip_weights)
     if strip and not strip_supported(trt):
         raise TopiError(f"--strip-weights needs weight-stripped engines (BuilderFlag.STRIP_PLAN) and "
                         f"OnnxParserRefitter, which {trt_name} {trt.__version__} lacks: drop --strip-weights (the "
@@ -164,9 +199,6 @@ def build(job, backend: str) -> BuildOutput:
     if rtx:
         caps, gpu = _rtx_targets(trt, options, echo, log)
     else:
-        if options.get("compute_capabilities"):
-            raise TopiError("--compute-capability is a TensorRT-RTX option: data-center TensorRT builds for the "
-                            "GPU it runs on (use --backend tensorrt-rtx for ahead-of-time targets)")
         gpu = gpu_info()
         if gpu is None:
             raise TopiError("--backend tensorrt builds on the GPU the engines are for, and no CUDA GPU is visible "
@@ -181,7 +213,7 @@ def build(job, backend: str) -> BuildOutput:
     # a graph whose influence nodes take a key mask (Qwen) needs the masked plugins (kernels/trt_plugins.py)
     masked = "topi" in job.graphs and graph_has_key_mask(
         onnx.load(str(Path(job.onnx_dir) / job.graphs["topi"].file), load_external_data=False))
-    plugins = options.get("plugins", True) is not False and _register_plugins(backend, trt_name, log, echo, masked)
+    plugins = not options.no_plugins and _register_plugins(backend, trt_name, log, echo, masked)
     try:
         builder = trt.Builder(log)
     except Exception as exc:  # noqa: BLE001
@@ -190,10 +222,11 @@ def build(job, backend: str) -> BuildOutput:
     if builder is None:
         raise TopiError(f"{trt_name} could not create a Builder: {(log.errors() or ['see its log'])[0]}")
 
-    if strip:
-        _check_strip(trt, builder, log, caps, rtx, gpu)
+    refit = bool(getattr(options, "refittable", False))
+    if strip or refit:
+        _check_strip(trt, builder, log, caps, backend, gpu, strip=strip, refit=refit)
 
-    cache_path = Path(options["timing_cache"]) if options.get("timing_cache") else None
+    cache_path = Path(options.timing_cache) if options.timing_cache else None
     if cache_path is not None and rtx:
         # TensorRT-RTX deprecated timing caches in 1.2 (no-ops: kernels are compiled for the GPU at run time and
         # kept in its runtime cache, TOPI_TRT_RUNTIME_CACHE)
@@ -207,7 +240,7 @@ def build(job, backend: str) -> BuildOutput:
         echo(f"  note: {msg}")
         log.note(msg)
 
-    timing_cache, built, stats, t_all = None, {}, {}, time.perf_counter()
+    built, stats, t_all = {}, {}, time.perf_counter()
     for kind in ("topi", "dense"):
         if kind not in job.graphs:
             continue
@@ -234,26 +267,13 @@ def build(job, backend: str) -> BuildOutput:
             echo(f"  note: {kind}: {msg}")
             log.note(msg)
 
-        config = builder.create_builder_config()
-        if job.precision == "fp32" and "TF32" in trt.BuilderFlag.__members__:
-            config.clear_flag(trt.BuilderFlag.TF32)  # fp32 means fp32: matches the PyTorch reference
-        if opt_level is not None:
-            config.builder_optimization_level = int(opt_level)
-        if workspace is not None:
-            config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
-        _set_targets(trt, config, caps, rtx, strip)
-        if cache_path is not None:
-            if timing_cache is None:
-                data = cache_path.read_bytes() if cache_path.is_file() else b""
-                timing_cache = config.create_timing_cache(data)
-                log.note(f"timing cache {'loaded from' if data else 'new, saved to'} {cache_path}")
-            if not config.set_timing_cache(timing_cache, False):
-                raise TopiError(f"timing cache {cache_path} does not match this {trt_name} / GPU: delete it or "
-                                f"pass another --timing-cache")
-        read_back = _add_profiles(builder, config, network, profiles, kind, log)
         # one line per engine, read back from TensorRT: [{input: [min, opt, max]}] (checked by the tests)
-        log.note(f"profiles {json.dumps(read_back, separators=(',', ':'))}")
-        serialized = builder.build_serialized_network(network, config)
+        log.note(f"profiles {json.dumps(_read_back_profiles(builder, network, profiles, kind), separators=(',', ':'))}")
+        if cache_path is not None:
+            log.note(f"timing cache {'loaded from' if cache_path.is_file() else 'new, saved to'} {cache_path}")
+        loader = config_loader(backend, trt, job.precision, caps, profiles=profiles, level=opt_level,
+                               workspace=workspace, cache_path=cache_path, strip=strip, refit=refit)
+        serialized = build_engine_bytes(backend, builder, network, loader, cache_path)
         if serialized is None:
             raise TopiError(f"{trt_name} failed to build the {kind} engine: "
                             f"{(log.errors(kind) or ['no error logged; rerun with TOPI_TRT_VERBOSE=1'])[0]}")
@@ -266,15 +286,11 @@ def build(job, backend: str) -> BuildOutput:
              f"{', ' + str(plugin_layers) + ' topi plugin layer(s)' if plugin_layers else ''}, "
              f"{size / 1e6:.2f} MB in {seconds:.1f} s")
         built[kind] = engine_file.name
-        stats[kind] = {"profiles": config.num_optimization_profiles, "layers": network.num_layers,
-                       "plugin_layers": plugin_layers, "bytes": size}
-        del parser, network, config, serialized
+        stats[kind] = {"profiles": len(profiles), "layers": network.num_layers, "plugin_layers": plugin_layers,
+                       "bytes": size}
+        del parser, network, serialized
 
-    if timing_cache is not None:
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_path.with_name(cache_path.name + f".tmp-{os.getpid()}")
-        tmp.write_bytes(bytes(timing_cache.serialize()))
-        os.replace(tmp, cache_path)
+    if cache_path is not None:
         log.note(f"timing cache saved to {cache_path}")
     log.stage = "done"
     log.note(f"total {time.perf_counter() - t_all:.1f} s; warnings {sum(1 for x in log.lines if x[1] == 'WARNING')}, "
@@ -282,11 +298,11 @@ def build(job, backend: str) -> BuildOutput:
     (Path(job.out_dir) / BUILD_LOG).write_text(log.text())
 
     # the GPU name is recorded only when the engines target the GPU they were built on
-    built_for_gpu = gpu is not None and not (rtx and options.get("compute_capabilities"))
+    built_for_gpu = gpu is not None and not (rtx and options.compute_capabilities)
     target = {"module": trt_name, "version": trt.__version__, "compute_capabilities": caps,
               "gpu": gpu[0] if built_for_gpu else None, "ahead_of_time": rtx, "precision": job.precision,
               "strongly_typed": True, "plugins": "topi" if plugins else "inlined",
-              "weights": "stripped" if strip else "engine",
+              "weights": "stripped" if strip else "engine", "refittable": refit or (strip and rtx),
               "optimization_level": None if opt_level is None else int(opt_level), "workspace_bytes": workspace,
               "engines": stats}
     return BuildOutput(built, target, keep_onnx=strip, versions={trt_name: trt.__version__})

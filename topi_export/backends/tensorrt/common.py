@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import importlib
 import re
+from dataclasses import dataclass, field
 
-from topi_export.errors import TopiError
+import click
+
+from topi_export.backends.base import Options
+from topi_export.errors import BackendUnavailable, TopiError
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 MODULES = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}
@@ -19,6 +23,35 @@ INSTALL_HINTS = {
 DEFAULT_RTX_TARGET = "SM89"
 ENGINE_FILES = {"topi": "topi.engine", "dense": "dense.engine"}
 BUILD_LOG = "build_log.txt"
+
+
+# --- build options (the flags of `topi-export build` these backends own) ----------------------------------
+@dataclass(frozen=True)
+class TensorRTOptions(Options):
+    timing_cache: str | None = field(default=None, metadata={
+        "flag": "--timing-cache", "type": click.Path(dir_okay=False), "help": "TensorRT timing cache file."})
+    optimization_level: int = field(default=3, metadata={
+        "flag": "--optimization-level", "type": click.IntRange(0, 5), "show_default": True,
+        "help": "TensorRT builder optimization level."})
+    workspace: str | None = field(default=None, metadata={
+        "flag": "--workspace", "help": "TensorRT workspace limit, e.g. 4G."})
+    no_plugins: bool = field(default=False, metadata={
+        "flag": "--no-plugins", "is_flag": True, "help": "TensorRT: let the parser inline the topi function bodies."})
+    strip_weights: bool = field(default=False, metadata={
+        "flag": "--strip-weights", "is_flag": True,
+        "help": "TensorRT: weight-stripped engine, refitted from the ONNX weights at load (the directory keeps the "
+                "weights once, in ONNX)."})
+    refittable: bool = field(default=False, metadata={
+        "flag": "--refittable", "is_flag": True,
+        "help": "TensorRT: engines whose weights `topi-export refit` can replace (other LoRA adapters) without "
+                "a rebuild. Step-time cost not measured here (docs/tensorrt.md)."})
+
+
+@dataclass(frozen=True)
+class TensorRTRTXOptions(TensorRTOptions):
+    compute_capabilities: tuple = field(default=(), metadata={
+        "flag": "--compute-capability", "multiple": True,
+        "help": "TensorRT-RTX ahead-of-time target, e.g. SM89 (repeatable)."})
 
 
 # --- module import -------------------------------------------------------------------------------
@@ -35,12 +68,45 @@ def import_trt(backend: str):
     try:
         return importlib.import_module(name)
     except ImportError as exc:
-        raise TopiError(f"--backend {backend} needs the Python module '{name}', which cannot be imported "
+        raise BackendUnavailable(f"--backend {backend} needs the Python module '{name}', which cannot be imported "
                         f"({exc}): {INSTALL_HINTS[backend]}") from None
     except Exception as exc:  # a broken install (e.g. missing shared libraries) raises OSError & co.
         first = str(exc).splitlines()[0] if str(exc) else ""
-        raise TopiError(f"the Python module '{name}' for --backend {backend} is installed but fails to load "
+        raise BackendUnavailable(f"the Python module '{name}' for --backend {backend} is installed but fails to load "
                         f"({exc.__class__.__name__}: {first}): reinstall it: {INSTALL_HINTS[backend]}") from None
+
+
+# --- Polygraphy (NVIDIA's TensorRT toolkit: builder configs, profiles, engine building) -------------------------
+def polygraphy(backend: str):
+    """(config loader class, Profile, PostprocessConfig, EngineBytesFromNetwork, logger) of Polygraphy for this
+    flavour: ``CreateConfig`` for TensorRT, ``CreateConfigRTX`` for TensorRT-RTX. Polygraphy picks the TensorRT
+    module once per process (``polygraphy.config.USE_TENSORRT_RTX``, read when its TensorRT modules are imported),
+    so one process builds one flavour."""
+    import sys
+
+    rtx = backend == "tensorrt-rtx"
+    try:
+        import polygraphy.config as pconfig
+    except ImportError as exc:
+        raise BackendUnavailable(f"--backend {backend} builds through Polygraphy, which cannot be imported ({exc}): "
+                                 f"pip install 'topi-export[{backend}]'") from None
+    if "polygraphy.backend.trt" not in sys.modules:
+        pconfig.USE_TENSORRT_RTX = rtx
+    elif bool(pconfig.USE_TENSORRT_RTX) != rtx:
+        raise BackendUnavailable(f"Polygraphy is set up for {'tensorrt-rtx' if pconfig.USE_TENSORRT_RTX else 'tensorrt'} "
+                                 f"in this process: build --backend {backend} in a new process")
+    from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, PostprocessConfig, Profile
+    from polygraphy.logger import G_LOGGER
+
+    if rtx:
+        from polygraphy.backend.tensorrt_rtx import CreateConfigRTX as CreateConfig  # noqa: F811
+    return CreateConfig, Profile, PostprocessConfig, EngineBytesFromNetwork, G_LOGGER
+
+
+def compute_capability_tuple(name: str) -> tuple[int, int]:
+    """'SM89' -> (8, 9); 'SM120' -> (12, 0)."""
+    digits = normalize_compute_capability(name)[2:]
+    return int(digits[:-1]), int(digits[-1])
 
 
 # --- optimization profiles (docs/design.md, "Backends") -------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from topi_export.backends.base import StepEngine
+from topi_export.backends.base import PER_CALL, StepEngine
 from topi_export.backends.tensorrt.common import check_target, import_trt, make_logger, running_target
 from topi_export.errors import TopiError
 
@@ -33,11 +33,10 @@ class _Slot:
 class TensorRTEngine(StepEngine):
     """StepEngine over topi.engine (+ dense.engine, deserialised on the first dense step)."""
 
-    PER_CALL = ("latents", "timestep", "keep_idx", "score_idx")  # copied every step; the rest once per bind()
-
     def __init__(self, manifest, cuda_graphs: bool | None = None):
         import torch
 
+        super().__init__(manifest.graphs)
         self.manifest, self.name = manifest, manifest.backend
         self.has_dense = manifest.has_graph("dense")
         self.trt = trt = import_trt(manifest.backend)
@@ -59,7 +58,6 @@ class TensorRTEngine(StepEngine):
         self.runtime_cache = None
         self._runtime_configs = []  # kept alive as long as the contexts
         self.version = 0
-        self.layout = None
         self._load("topi")
 
     # --- engines ---------------------------------------------------------------------------------
@@ -72,6 +70,7 @@ class TensorRTEngine(StepEngine):
         self.log.stage = kind
         path = m.file(m.graphs[kind].file)
         engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
+        m.check_unchanged()  # what was deserialised is what was verified
         if engine is None:
             raise TopiError(f"{m.backend} could not load {path} ({(self.log.errors(kind) or ['no message'])[0]}): "
                             f"rebuild the engine directory")
@@ -207,42 +206,24 @@ class TensorRTEngine(StepEngine):
     def bind(self, cond, context, layout) -> None:
         super().bind(cond, context, layout)
         self.layout_index = self.manifest.layout_index(layout)
-        self.dev_static = {"context": self.context.to(self.device)}
-        self.dev_static.update({k: v.to(self.device) for k, v in cond.items()})
         self.version += 1
 
-    def _inputs(self, kind, latents, timestep, keep_idx, score_idx) -> dict:
-        """Graph input name -> tensor for this call (per-bind tensors expanded to the call's batch)."""
-        b = latents.shape[0]
-        feed = {"latents": latents, "timestep": timestep.reshape(b) if timestep.numel() == b else timestep}
-        if kind == "topi":
-            feed["keep_idx"], feed["score_idx"] = keep_idx.reshape(-1), score_idx.reshape(-1)
-        for t in self.manifest.graphs[kind].inputs:
-            v = self.dev_static.get(t.name)
-            if v is not None:
-                feed[t.name] = v.expand(b, *v.shape[1:]) if t.dims[:1] == ("B",) and v.shape[0] != b else v
-        missing = [n for n in self.io[kind]["inputs"] if n not in feed]
-        if missing:
-            raise TopiError(f"the {kind} engine needs inputs {missing} this request does not provide: the engine "
-                            f"directory was built for another model family")
-        return feed
+    def to_backend(self, tensor, spec):
+        return tensor.to(self.device)
 
-    def _call(self, kind, latents, timestep, keep_idx, score_idx):
+    def run(self, kind, step, feed):
         import torch
 
-        if self.layout is None:
-            raise TopiError(f"{self.name}: bind(cond, context, layout) must be called before running a step")
         if kind not in self.engines:
             self._load(kind)
-        profile = select_profile(self.manifest, self.layout_index, kind,
-                                 None if keep_idx is None else int(keep_idx.numel()))
-        feed = self._inputs(kind, latents, timestep, keep_idx, score_idx)
+        keep = feed.get("keep_idx")
+        profile = select_profile(self.manifest, self.layout_index, kind, None if keep is None else int(keep.numel()))
         slot = self._slot(kind, profile, {n: tuple(feed[n].shape) for n in self.io[kind]["inputs"]})
         s = self.stream
         s.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(s):
             for name, buf in slot.inputs.items():
-                if name in self.PER_CALL or slot.bound_version != self.version:
+                if name in PER_CALL or slot.bound_version != self.version:
                     buf.copy_(feed[name], non_blocking=True)
             slot.bound_version = self.version
             self._bind_slot(kind, profile, slot)
@@ -256,8 +237,7 @@ class TensorRTEngine(StepEngine):
                 if self.cuda_graphs and slot.runs == 1:
                     self._capture(kind, slot)
         s.synchronize()
-        out = [slot.outputs[t.name].float().to(latents.device, copy=True) for t in self.manifest.graphs[kind].outputs]
-        return out[0], (out[1] if len(out) > 1 else None)
+        return {t.name: slot.outputs[t.name].float().cpu() for t in self.graphs[kind].outputs}
 
     def _capture(self, kind, slot):
         """Capture one execute_async_v3 of this slot into a CUDA graph (after its first, eager run): legal because
@@ -278,5 +258,5 @@ class TensorRTEngine(StepEngine):
         slot.graph = graph
 
 
-def open_engine(manifest, *, cuda_graphs=None, **_):
-    return TensorRTEngine(manifest, cuda_graphs)
+def open_engine(source):
+    return TensorRTEngine(source.manifest, source.options.get("cuda_graphs"))

@@ -1,44 +1,46 @@
 """Reading and verifying an engine directory: parse ``manifest.json`` into the typed plan.Manifest (every field
-checked), confine every file it names to the directory, and check every file's sha256. The runtime refuses a
-directory whose manifest does not match its files or what it is asked to run."""
+checked), confine every file it names to the directory, and check every file's sha256 (re-hashing only files
+whose identity changed since they were last hashed: artifacts/hashcache.py). The runtime refuses a directory whose
+manifest does not match its files or what it is asked to run; after its backend has loaded the files it checks
+that none of them changed since they were verified (``check_unchanged``)."""
 from __future__ import annotations
 
-import hashlib
 import json
+import os
 from pathlib import Path
 
-from topi_export.errors import TopiError
-from topi_export.fsutil import atomic_write_bytes, check_onnx_external_data, confined_path
+from topi_export.artifacts.hashcache import HashCache, identity, sha256_file  # noqa: F401  (sha256_file: API)
+from topi_export.errors import RebuildNeeded, TopiError
+from topi_export.fsutil import (atomic_write_bytes, check_onnx_external_data, confined_path, is_engine_directory,
+                                read_json_file)
 from topi_export.plan import NAME, FileEntry, Manifest
 
 MAX_MANIFEST_BYTES = 16 << 20
 
 
-def sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def file_entries(root: Path, rel_paths) -> dict:
-    return {str(p): FileEntry(sha256_file(root / p), (root / p).stat().st_size) for p in sorted(map(str, rel_paths))}
+    """The file table of a new engine directory; the digests also go to the verification cache, so the first run
+    of a fresh build does not hash its weights again."""
+    cache, out = HashCache(), {}
+    for p in sorted(map(str, rel_paths)):
+        digest = sha256_file(root / p)
+        cache.record(root / p, digest)
+        out[p] = FileEntry(digest, (root / p).stat().st_size)
+    cache.save()
+    return out
 
 
 def write_manifest(root: Path, manifest: Manifest) -> None:
     atomic_write_bytes(Path(root) / NAME, (json.dumps(manifest.to_json(), indent=2) + "\n").encode())
 
 
-def is_engine_dir(path) -> bool:
-    """A directory topi-export made (it holds a topi manifest): what --force may replace."""
-    try:
-        return json.loads((Path(path) / NAME).read_text()).get("format", "").startswith("topi-engines/")
-    except (OSError, ValueError, AttributeError, RecursionError):
-        return False
+# What build --force may replace: this user's marked engine directory holding nothing unlisted, proven by the
+# ownership marker (fsutil/ownership.py), never by a manifest.json anyone can write or link; staged_dir stamps it.
+is_engine_dir = is_engine_directory
 
 
-def read_manifest(engine_dir, verify_files: bool = True) -> Manifest:
+def read_manifest(engine_dir, verify_files: bool = True, rehash: bool = False) -> Manifest:
+    """The verified manifest of an engine directory. ``rehash``: hash every file, whatever the cache says."""
     root = Path(engine_dir)
     if not root.is_dir():
         raise TopiError(f"engine directory {root} not found: build it with `topi-export build --engine-dir {root}`")
@@ -46,29 +48,31 @@ def read_manifest(engine_dir, verify_files: bool = True) -> Manifest:
     if not path.is_file():
         raise TopiError(f"{root} has no {NAME}: it is not a topi-export engine directory; build one with "
                         f"`topi-export build --engine-dir {root}`")
-    if path.stat().st_size > MAX_MANIFEST_BYTES:
-        raise TopiError(f"{path} is larger than {MAX_MANIFEST_BYTES >> 20} MB: not a topi-export manifest; rebuild")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise TopiError(f"{path} is not valid JSON ({exc.__class__.__name__}): rebuild the engine directory")
+    data = read_json_file(path, "manifest", "rebuild the engine directory", max_bytes=MAX_MANIFEST_BYTES)
     m = Manifest.from_json(data, str(path), root)
     for rel in m.files:
         confined_path(root, rel, what="engine file")
     if verify_files:
-        verify(m)
+        verify(m, rehash=rehash)
     return m
 
 
-def verify(m: Manifest) -> None:
+def verify(m: Manifest, rehash: bool = False) -> None:
+    cache = HashCache()
     for rel, entry in m.files.items():
         p = confined_path(m.root, rel, what="engine file")
-        if not p.is_file():
-            raise TopiError(f"engine file {rel} is missing from {m.root}: rebuild with "
-                            f"`topi-export build --engine-dir {m.root} --force`")
-        if p.stat().st_size != entry.bytes or sha256_file(p) != entry.sha256:
-            raise TopiError(f"engine file {rel} in {m.root} does not match its sha256 in {NAME} (modified after the "
-                            f"build): rebuild with `topi-export build --engine-dir {m.root} --force`")
+        try:
+            st = os.stat(p, follow_symlinks=False)
+        except OSError:
+            st = None
+        if st is None or not _regular(st):
+            raise RebuildNeeded(f"engine file {rel} is missing from {m.root}: rebuild with "
+                                f"`topi-export build --engine-dir {m.root} --force`")
+        if st.st_size != entry.bytes or cache.sha256(p, st, rehash=rehash)[0] != entry.sha256:
+            raise RebuildNeeded(f"engine file {rel} in {m.root} does not match its sha256 in {NAME} (modified after "
+                                f"the build): rebuild with `topi-export build --engine-dir {m.root} --force`")
+        m.verified[rel] = identity(st)
+    cache.save()
     graph_of = {}  # ONNX file -> the graph entries built from it
     for kind, g in m.graphs.items():
         rel = g.onnx or (g.file if g.file.endswith(".onnx") else None)
@@ -84,6 +88,27 @@ def verify(m: Manifest) -> None:
                                 f"rebuild the engine directory")
             for kind in graph_of.get(rel, ()):
                 check_graph_io(model, m.graphs[kind], f"the {kind} graph entry of {m.root / NAME} ({rel})")
+
+
+def adapter(m: Manifest):
+    """The weightless family adapter of an engine directory's model, checked against what the manifest says it
+    was built for (guidance branches, guidance mode)."""
+    from topi_export.models import adapter_for
+
+    family = adapter_for(m.model)
+    if m.batch > family.max_branches:
+        raise RebuildNeeded(f"{m.root / NAME}: 'batch' is {m.batch} but {family.name} runs at most "
+                            f"{family.max_branches} guidance branch(es) per step: rebuild the engine directory")
+    if m.guidance != family.guidance:
+        raise RebuildNeeded(f"{m.root / NAME} records the guidance mode {m.guidance!r} but {family.name} with this "
+                            f"config guides {family.guidance!r}: rebuild the engine directory")
+    return family
+
+
+def _regular(st) -> bool:
+    import stat
+
+    return stat.S_ISREG(st.st_mode)
 
 
 ONNX_DTYPES = {"FLOAT": "float32", "FLOAT16": "float16", "BFLOAT16": "bfloat16", "INT64": "int64", "INT32": "int32",

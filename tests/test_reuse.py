@@ -1,0 +1,197 @@
+"""Step reuse in the temporal plan (method/reuse.py, runtime/steps.py): the rule, the calibrated criterion, no engine
+call on a reused step, reuse off unchanged, the CLI, the profile schema, and the drop-in in a real pipeline."""
+import json
+
+import pytest
+import torch
+
+from conftest import run_cli
+from topi_export.errors import BadInput
+from topi_export.method.reuse import (extrapolate, measure_criterion, parse_reuse, plan_reuse, predicted_errors)
+from topi_export.plan import Layout
+
+
+def _sigmas(n):
+    return [1 - i / n for i in range(n)]
+
+
+def test_parse_and_validate():
+    assert parse_reuse("off") == "off" and parse_reuse("AUTO") == "auto" and parse_reuse("8") == 8
+    assert parse_reuse("0") == "off"
+    for bad in ("-1", "x", "1.5"):
+        with pytest.raises(BadInput):
+            parse_reuse(bad)
+    with pytest.raises(BadInput, match="only 22 of the 28 steps can be reused"):
+        plan_reuse(23, 0, _sigmas(28), range(0, 28, 10), None)
+    with pytest.raises(BadInput, match="--reuse-order"):
+        plan_reuse(2, 2, _sigmas(28), (), None)
+    with pytest.raises(BadInput, match="needs a step-reuse criterion"):
+        plan_reuse("auto", 0, _sigmas(28), (), None)
+
+
+def test_count_without_a_criterion_spreads_over_the_middle_never_anchors_or_ends():
+    for n in (0, 1, 5, 12, 20):
+        plan = plan_reuse(n, 0, _sigmas(28), range(0, 28, 10), None)
+        assert len(plan.steps) == n == len(set(plan.steps))
+        assert not set(plan.steps) & {0, 1, 10, 20, 26, 27}
+        if n > 1:
+            gaps = [b - a for a, b in zip(plan.steps, plan.steps[1:])]
+            assert max(gaps) - min(gaps) <= 3  # spread, not bunched
+    assert plan_reuse(None, 0, _sigmas(28), (), None).steps == ()  # no criterion: default off
+    assert "default off" in plan_reuse(None, 0, _sigmas(28), (), None).why
+
+
+def _trajectories(curvature, n=28, samples=2):
+    """Velocities along a schedule: a fixed direction plus `curvature` times a direction rotating with sigma."""
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(samples):
+        a, b, c = (torch.randn(1, 16, 4, generator=g) for _ in range(3))
+        s = _sigmas(n)
+        out.append([a + curvature * (torch.cos(torch.tensor(6.0 * si)) * b + torch.sin(torch.tensor(6.0 * si)) * c)
+                    for si in s])
+    return out
+
+
+def test_criterion_reuses_fewer_steps_on_curved_trajectories():
+    sig = _sigmas(28)
+    straight = measure_criterion(_trajectories(0.05), sig, threshold=0.3)
+    curved = measure_criterion(_trajectories(1.0), sig, threshold=0.3)
+    assert max(straight.density) < min(d for d in curved.density[1:])
+    anchors = range(0, 28, 10)
+    a_straight = plan_reuse("auto", 0, sig, anchors, straight, measured=True, source="s")
+    a_curved = plan_reuse("auto", 0, sig, anchors, curved, measured=True, source="c")
+    assert len(a_curved.steps) < len(a_straight.steps)
+    # runs of reused steps respect the criterion's limit, never anchors or the protected ends
+    for plan in (a_straight, a_curved):
+        assert not set(plan.steps) & {0, 1, 10, 20, 26, 27}
+        run = longest = 0
+        for s in range(28):
+            run = run + 1 if s in plan.steps else 0
+            longest = max(longest, run)
+        assert longest <= 2
+    # N picks the lowest predicted errors
+    errs = predicted_errors(curved, sig, 0)
+    pick = plan_reuse(3, 0, sig, anchors, curved, measured=True, source="c")
+    others = [e for s, e in enumerate(errs) if s not in pick.steps and s not in {0, 1, 10, 20, 26, 27}]
+    assert max(errs[s] for s in pick.steps) <= min(others)
+
+
+def test_first_order_reuse_is_exact_on_a_linear_trajectory():
+    sig = _sigmas(10)
+    a, b = torch.randn(1, 4, 4), torch.randn(1, 4, 4)
+    v = [a + s * b for s in sig]
+    assert torch.allclose(extrapolate([(sig[3], v[3]), (sig[4], v[4])], sig[5], 1), v[5], atol=1e-6)
+    assert torch.equal(extrapolate([(sig[3], v[3]), (sig[4], v[4])], sig[5], 0), v[4])
+    crit = measure_criterion([v], sig)
+    assert max(crit.density_order1[2:]) < 1e-5 < min(crit.density[1:])
+
+
+def _count_calls(engine):
+    calls = {"anchor": 0, "full": 0, "pruned": 0, "dense": 0}
+    for name in calls:
+        method = getattr(engine, name)
+
+        def counted(*a, _m=method, _n=name, **k):
+            calls[_n] += 1
+            return _m(*a, **k)
+        setattr(engine, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("model, layout", [
+    ("tiny-kontext", Layout(8, (4, 4), ((4, 4),))),
+    ("tiny-flux2", Layout(6, (4, 4), ((4, 4), (2, 4)))),
+    ("tiny-qwen-edit", Layout(6, (4, 4), ((4, 4), (4, 4)))),
+])
+def test_reused_steps_call_no_engine_and_off_is_unchanged(model, layout):
+    from topi_export import open_session
+
+    s = open_session(model=model, update_interval=4)
+    data = s.family.synthetic_inputs(layout, 1)
+    sel = s.selector(data, ratio=0.5)
+    base = s.denoise(data, steps=10, selector=sel)
+    off = s.denoise(data, steps=10, selector=sel, reuse=s.reuse_plan(data, steps=10, reuse="off"))
+    assert torch.equal(base.latents, off.latents)  # reuse off: the same computation
+    plan = s.reuse_plan(data, steps=10, reuse=3)
+    calls = _count_calls(s.engine)
+    out = s.denoise(data, steps=10, selector=sel, reuse=plan)
+    assert sum(calls.values()) == 10 - 3 and calls["anchor"] == 3  # anchors 0, 4, 8 are never reused
+    kinds = [r.kind for r in out.schedule]
+    assert [i for i, k in enumerate(kinds) if k == "reuse"] == list(plan.steps)
+    for r in out.schedule:
+        if r.kind == "reuse":
+            assert r.reuses == max(i for i in range(r.step) if i not in plan.steps) and r.graph == "none"
+            assert r.to_json()["reuses"] == r.reuses and r.keep == 0
+    assert not torch.equal(out.latents, base.latents) and torch.isfinite(out.latents).all()
+
+
+def test_run_cli_reports_reuse_and_refuses_bad_values(tmp_path, capsys):
+    code, out, err = run_cli(["run", "--model", "tiny-kontext", "--steps", "10", "--update-interval", "5",
+                              "--reuse", "3", "--reuse-order", "1", "-q", "--json", str(tmp_path / "r.json")], capsys)
+    assert code == 0, err
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["reuse"]["mode"] == "count" and rep["reuse"]["order"] == 1 and len(rep["reuse"]["steps"]) == 3
+    assert rep["computed_steps"] == 7 == sum(r["kind"] != "reuse" for r in rep["schedule"])
+    assert "3 of 10 steps reuse" in out and "7 computed" in out
+    for args, needle in ((["--reuse", "9"], "can be reused"), (["--reuse", "-2"], "cannot be negative"),
+                         (["--reuse", "lots"], "give off, auto or a number"), (["--reuse", "auto"],
+                                                                                 "needs a step-reuse criterion")):
+        code, _, err = run_cli(["run", "--model", "tiny-kontext", "--steps", "10", "--update-interval", "5", "-q",
+                                *args], capsys)
+        assert code == 2 and needle in err and err.count("error:") == 1, err
+    code, _, err = run_cli(["run", "--model", "tiny-kontext", "--reuse-order", "2", "-q"], capsys)
+    assert code == 2 and "--reuse-order" in err
+
+
+def test_profile_round_trip_old_profiles_read_and_default_auto(tmp_path):
+    from topi_export import open_session
+    from topi_export.artifacts.settings import describe_set, write_profile
+    from topi_export.method.calibration import calibrate
+    from topi_export.models import load_model
+    from topi_export.plan.profile import read_profile
+    from topi_export.resources import resource
+    from topi_export.runtime.loop import measure_reuse
+
+    loaded = load_model("tiny-kontext")
+    samples = [loaded.family.synthetic_inputs(Layout(4, (4, 4), ((4, 4),)), i) for i in range(2)]
+    result = calibrate(loaded.family, samples, (0.5,), top_k=1)
+    from dataclasses import replace
+
+    crit = measure_reuse(loaded.family, samples, 12)
+    assert len(crit.sigmas) == 12 and crit.samples == 2 and crit.sigmas[0] == pytest.approx(1.0)
+    write_profile(tmp_path / "p.json", replace(result, reuse=crit), loaded.identity(), describe_set(samples, (0.5,)))
+    raw = json.loads((tmp_path / "p.json").read_text())
+    assert raw["schema"] == "topi-calibration/3" and "reuse" in raw["rules"]
+    back = read_profile(tmp_path / "p.json")
+    assert back.reuse == crit and back.settings().reuse == crit
+    old = read_profile(resource("calibration", "tiny-kontext.json"))  # schema 1: no criterion
+    assert old.reuse is None
+    # measured on this model: reuse is on by default (auto), and the report says why
+    s = open_session(model="tiny-kontext", calibration=str(tmp_path / "p.json"), update_interval=4)
+    data = s.family.synthetic_inputs(Layout(4, (4, 4), ((4, 4),)), 0)
+    plan = s.reuse_plan(data, steps=12)
+    assert plan.mode == "auto" and "measured this model" in plan.why and str(tmp_path / "p.json") in plan.why
+    # the engines carry the criterion: a build from this profile runs auto from its engine directory
+    assert json.loads(json.dumps(s.settings.to_json()))["reuse"]["threshold"] == crit.threshold
+
+
+def test_dropin_with_reuse_in_the_real_kontext_pipeline_equals_run():
+    pytest.importorskip("transformers", reason="FluxKontextPipeline needs transformers")
+    from test_diffusers_dropin import _pipeline_latents
+
+    from topi_export import Layout as L
+    from topi_export import TopiTransformer, open_session
+
+    for order in (0, 1):
+        tr = TopiTransformer(model="tiny-kontext", ratio=0.5, update_interval=4, reuse=2, reuse_order=order, steps=8)
+        data = tr.family.synthetic_inputs(L(8, (4, 4), ((4, 4),)), 0)
+        calls = _count_calls(tr.session.engine)
+        latents = _pipeline_latents(tr, data, 8)
+        assert [s.kind for s in tr.schedule].count("reuse") == 2 and sum(calls.values()) == 6
+        s = open_session(model="tiny-kontext", update_interval=4)
+        ref = s.denoise(data, steps=8, selector=s.selector(data, ratio=0.5),
+                        reuse=s.reuse_plan(data, steps=8, reuse=2, order=order, update_interval=4))
+        torch.testing.assert_close(latents, ref.latents, rtol=0, atol=1e-6)
+    with pytest.raises(BadInput, match="needs steps="):
+        TopiTransformer(model="tiny-kontext", reuse=2)

@@ -1,0 +1,178 @@
+"""Step reuse (docs/design.md, "Step reuse"): which steps of a denoising schedule skip the transformer and reuse the
+last computed velocity (order 0) or extrapolate it in sigma from the last two (order 1). Composed with ToPi in the
+one temporal plan: a reused step costs nothing, the computed ones are pruned.
+
+Which steps, by rule:
+- never an anchor (it chooses the kept set), never the first ``protect_first`` or last ``protect_last`` steps
+  (default 2 and 2: the largest and the finishing velocity changes);
+- ``auto``: walk the schedule; the predicted error of reusing step i is the criterion's measured error density at
+  step i's sigma times the step's sigma width; reuse it while the error accumulated since the last computed step
+  stays within the criterion's threshold and fewer than ``max_consecutive`` steps in a row are reused (MagCache's
+  accumulated-error rule, with an error measured on the model by `topi-export calibrate`);
+- ``N``: the N eligible steps with the lowest predicted error (or, without a criterion, N steps spread evenly over
+  the eligible ones).
+
+Default: ``auto`` when the model's calibration profile was measured on it and holds a criterion, else off."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from topi_export.errors import BadInput
+from topi_export.plan.reuse import OFF, ReuseCriterion, ReusePlan
+
+ORDERS = (0, 1)
+PROTECT_FIRST = PROTECT_LAST = 2
+# Accumulated relative velocity error a run of reused steps may reach, and the longest run (docs/design.md, "Step
+# reuse": chosen on the shipped models flux2-pick and kontext-digits, docs/benchmarks.md section 8).
+DEFAULT_THRESHOLD = 0.1
+DEFAULT_MAX_CONSECUTIVE = 2
+
+
+def parse_reuse(text) -> str | int:
+    """'off' | 'auto' | N (a count of steps) from the command line or a request."""
+    value = str(text).strip().lower()
+    if value in ("off", "auto"):
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        raise BadInput(f"--reuse {text!r}: give off, auto or a number of steps to reuse, e.g. 8") from None
+    if n < 0:
+        raise BadInput(f"--reuse {n}: the number of reused steps cannot be negative")
+    return "off" if n == 0 else n
+
+
+def check_order(order) -> int:
+    if isinstance(order, bool) or order not in ORDERS:
+        raise BadInput(f"--reuse-order {order!r}: 0 (the last velocity) or 1 (extrapolated from the last two)")
+    return int(order)
+
+
+def eligible_steps(num_steps: int, anchors, protect_first: int = PROTECT_FIRST,
+                   protect_last: int = PROTECT_LAST) -> list[int]:
+    anchors = set(anchors)
+    return [s for s in range(protect_first, num_steps - protect_last) if s not in anchors]
+
+
+def predicted_errors(criterion: ReuseCriterion, sigmas, order: int) -> list[float]:
+    """Predicted error of reusing each step of a schedule (sigma of every step): the measured density at the
+    step's sigma (interpolated) times the step's width in sigma."""
+    ref_s = torch.tensor(criterion.sigmas, dtype=torch.float64)
+    dens = torch.tensor(criterion.density_order1 if order else criterion.density, dtype=torch.float64)
+    order_idx = torch.argsort(ref_s)
+    ref_s, dens = ref_s[order_idx], dens[order_idx]
+    out = []
+    for i, s in enumerate(sigmas):
+        width = abs(float(sigmas[i - 1]) - float(s)) if i > 0 else math.inf
+        d = float(_interp(float(s), ref_s, dens))
+        out.append(d * width)
+    return out
+
+
+def _interp(x: float, xs: torch.Tensor, ys: torch.Tensor) -> float:
+    if x <= xs[0]:
+        return float(ys[0])
+    if x >= xs[-1]:
+        return float(ys[-1])
+    j = int(torch.searchsorted(xs, torch.tensor(x, dtype=torch.float64)))
+    x0, x1, y0, y1 = float(xs[j - 1]), float(xs[j]), float(ys[j - 1]), float(ys[j])
+    return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+
+
+def plan_reuse(spec, order: int, sigmas, anchors, criterion: ReuseCriterion | None, *,
+               measured: bool = False, source: str = "") -> ReusePlan:
+    """The reuse plan of one run. spec: 'off' | 'auto' | N | None (the default: auto when a criterion was measured
+    on this model, else off); sigmas: the noise level of every step; anchors: the anchor steps."""
+    order = check_order(order)
+    n = len(sigmas)
+    if spec is None:
+        if criterion is not None and measured:
+            spec, why = "auto", f"default: the calibration profile {source} measured this model's step-reuse errors"
+        else:
+            return ReusePlan("off", order, (), "none", "default off: no step-reuse criterion was measured on this "
+                             "model (run `topi-export calibrate` on it to measure one)")
+    else:
+        why = None
+    spec = parse_reuse(spec) if isinstance(spec, str) else spec
+    if spec == "off":
+        return ReusePlan("off", order, (), "none", "step reuse off (asked)")
+    first = criterion.protect_first if criterion is not None else PROTECT_FIRST
+    last = criterion.protect_last if criterion is not None else PROTECT_LAST
+    eligible = eligible_steps(n, anchors, first, last)
+    if spec == "auto":
+        if criterion is None:
+            raise BadInput("--reuse auto needs a step-reuse criterion measured on this model: calibrate it with "
+                           "`topi-export calibrate`, or give --reuse N")
+        errors = predicted_errors(criterion, sigmas, order)
+        chosen, acc, run = [], 0.0, 0
+        for s in range(n):
+            if s in eligible and acc + errors[s] <= criterion.threshold and run < criterion.max_consecutive:
+                chosen.append(s)
+                acc, run = acc + errors[s], run + 1
+            else:
+                acc, run = 0.0, 0
+        return ReusePlan("auto", order, tuple(chosen), source,
+                         why or f"auto: accumulated predicted error <= {criterion.threshold:g}, at most "
+                                f"{criterion.max_consecutive} in a row ({source})")
+    if not isinstance(spec, int) or isinstance(spec, bool):
+        raise BadInput(f"--reuse {spec!r}: give off, auto or a number of steps")
+    if spec > len(eligible):
+        raise BadInput(f"--reuse {spec}: only {len(eligible)} of the {n} steps can be reused (never an anchor, the "
+                       f"first {first} or the last {last}): ask for at most {len(eligible)}")
+    if criterion is not None:
+        errors = predicted_errors(criterion, sigmas, order)
+        chosen = sorted(sorted(eligible, key=lambda s: (errors[s], s))[:spec])
+        return ReusePlan("count", order, tuple(chosen), source,
+                         f"{spec} steps with the lowest predicted error ({source})")
+    picks = sorted({eligible[round(i * (len(eligible) - 1) / max(spec - 1, 1))] for i in range(spec)}) if spec else []
+    k = 0
+    while len(picks) < spec:  # rounding collided: fill with the nearest free eligible steps
+        if eligible[k] not in picks:
+            picks.append(eligible[k])
+        k += 1
+    return ReusePlan("count", order, tuple(sorted(picks)), "even spread",
+                     f"{spec} steps spread evenly over the middle of the schedule (no criterion measured on this "
+                     f"model)")
+
+
+def extrapolate(history, sigma: float, order: int) -> torch.Tensor:
+    """The reused velocity at ``sigma`` from the computed history [(sigma, velocity), ...] (latest last)."""
+    if order == 0 or len(history) < 2:
+        return history[-1][1]
+    (s0, v0), (s1, v1) = history[-2], history[-1]
+    if s1 == s0:
+        return v1
+    return v1 + (v1 - v0) * ((sigma - s1) / (s1 - s0))
+
+
+def measure_criterion(velocities_per_sample, sigmas, *, threshold: float = DEFAULT_THRESHOLD,
+                      max_consecutive: int = DEFAULT_MAX_CONSECUTIVE) -> ReuseCriterion:
+    """The criterion from full (unpruned) runs: velocities_per_sample[i][step] [1, Nx, C] at sigmas[step]. The error
+    of reusing step i is the relative L2 distance between its velocity and the reused one; divided by the step's
+    width in sigma it is a density that maps onto other schedules (method/reuse.py predicted_errors)."""
+    n = len(sigmas)
+    d0 = torch.zeros(n, dtype=torch.float64)
+    d1 = torch.zeros(n, dtype=torch.float64)
+    for vs in velocities_per_sample:
+        for i in range(1, n):
+            width = abs(float(sigmas[i - 1]) - float(sigmas[i]))
+            v = vs[i].double()
+            norm = v.norm().clamp_min(1e-30)
+            d0[i] += float((v - vs[i - 1].double()).norm() / norm) / width
+            if i >= 2:
+                guess = extrapolate([(float(sigmas[i - 2]), vs[i - 2].double()),
+                                     (float(sigmas[i - 1]), vs[i - 1].double())], float(sigmas[i]), 1)
+                d1[i] += float((v - guess).norm() / norm) / width
+            else:
+                d1[i] += float((v - vs[i - 1].double()).norm() / norm) / width
+    k = max(len(velocities_per_sample), 1)
+    d0, d1 = d0 / k, d1 / k
+    d0[0], d1[0] = d0[1], d1[1]  # step 0 is never reused; keep the curve defined there
+    return ReuseCriterion(tuple(float(s) for s in sigmas), tuple(d0.tolist()), tuple(d1.tolist()), float(threshold),
+                          int(max_consecutive), PROTECT_FIRST, PROTECT_LAST, len(velocities_per_sample))
+
+
+__all__ = ["OFF", "ORDERS", "parse_reuse", "check_order", "plan_reuse", "extrapolate", "measure_criterion",
+           "predicted_errors", "eligible_steps"]

@@ -1,0 +1,81 @@
+"""Step reuse as typed plan objects (docs/design.md, "Step reuse"): the reuse criterion a calibration measured on a
+model (``ReuseCriterion``, stored in calibration profiles and manifests) and the reuse plan of one run
+(``ReusePlan``, in run reports). The rule that turns one into the other is method/reuse.py."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from topi_export.plan.schema import Reader
+
+MAX_THRESHOLD = 10.0
+
+
+@dataclass(frozen=True)
+class ReuseCriterion:
+    """What calibration measured: for each step of a reference schedule (``sigmas``, the noise level of each
+    step), the error that reusing the previous velocity would make, as a density per unit of sigma (so it maps onto
+    schedules of other lengths: a step of size d sigma costs density * d sigma), for zero-order reuse (the last
+    velocity) and first-order reuse (extrapolated from the last two). The rule: reuse while the accumulated
+    predicted error stays within ``threshold`` and at most ``max_consecutive`` steps in a row; the first
+    ``protect_first`` and last ``protect_last`` steps and every anchor are always computed."""
+
+    sigmas: tuple[float, ...]
+    density: tuple[float, ...]  # order 0
+    density_order1: tuple[float, ...]
+    threshold: float
+    max_consecutive: int
+    protect_first: int = 2
+    protect_last: int = 2
+    samples: int = 0
+
+    def to_json(self) -> dict:
+        return {"sigmas": list(self.sigmas), "density": list(self.density),
+                "density_order1": list(self.density_order1), "threshold": self.threshold,
+                "max_consecutive": self.max_consecutive, "protect_first": self.protect_first,
+                "protect_last": self.protect_last, "samples": self.samples}
+
+    @classmethod
+    def from_reader(cls, r: Reader) -> "ReuseCriterion":
+        sigmas = tuple(_floats(r, "sigmas"))
+        density, density1 = tuple(_floats(r, "density")), tuple(_floats(r, "density_order1"))
+        if not (len(sigmas) == len(density) == len(density1) >= 2):
+            raise r.fail("sigmas", "density and density_order1 must be lists of the same length (>= 2)")
+        return cls(sigmas, density, density1, r.float("threshold", lo=0.0, hi=MAX_THRESHOLD),
+                   r.int("max_consecutive", lo=1, hi=1000), r.int("protect_first", lo=0, hi=1000),
+                   r.int("protect_last", lo=0, hi=1000), r.int("samples", lo=0, hi=1_000_000))
+
+
+def _floats(r: Reader, key: str):
+    import math
+
+    out = []
+    for i, v in enumerate(r.list(key)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise r.fail(f"{key}[{i}]", f"is {v!r}, expected a finite number >= 0")
+        out.append(float(v))
+    return out
+
+
+@dataclass(frozen=True)
+class ReusePlan:
+    """Which steps of one run reuse a velocity instead of calling the transformer, and why.
+
+    mode: ``off``, ``auto`` (the criterion measured on this model), or ``count`` (a number of steps asked for).
+    order: 0 (the last computed velocity) or 1 (extrapolated in sigma from the last two)."""
+
+    mode: str
+    order: int
+    steps: tuple[int, ...]
+    source: str
+    why: str
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.steps)
+
+    def to_json(self) -> dict:
+        return {"mode": self.mode, "order": self.order, "steps": list(self.steps), "source": self.source,
+                "why": self.why}
+
+
+OFF = ReusePlan("off", 0, (), "none", "step reuse off")
