@@ -120,6 +120,28 @@ def test_masked_bodies_equal_the_op_and_the_oracle(shape):
     assert _rel(ones["influence"], influence_score_materialized(q, k, v)) < 1e-5
 
 
+@pytest.mark.parametrize("chunk", [CHUNK, 1024], ids=["chunked", "one-chunk"])
+def test_padding_the_prompt_leaves_the_bodies_influence_unchanged(chunk):
+    """A prompt of 6 text keys padded to 16 (the padding masked, as Qwen's processor masks it): the masked bodies
+    give the influence of the unpadded sequence through the unmasked bodies, and so does the torch op."""
+    g = torch.Generator().manual_seed(7)
+    b, h, nx, nc, d, n_text, n_pad = 2, 3, 19, 13, 16, 6, 10
+    q = torch.randn(b, h, nx, d, generator=g) * 1.5
+    text, pad, target, ctx = (torch.randn(b, h, n, d, generator=g) * 1.5 for n in (n_text, n_pad, nx, nc))
+    v = torch.randn(b, h, nc, d, generator=g)
+    k6, k16 = torch.cat([text, target, ctx], 2), torch.cat([text, pad, target, ctx], 2)
+    mask = torch.ones(b, k16.shape[2])
+    mask[:, n_text:n_text + n_pad] = 0
+    x, keep = torch.randn(b, nc + 3, 5, generator=g), torch.arange(nc)
+    plain = _run(_session(_model(chunk)), q, k6, v, x, keep)["influence"]
+    padded = _run(_session(_model(chunk, masked=True)), q, k16, v, x, keep, mask=mask)["influence"]
+    assert _rel(padded, plain) <= 1e-5
+    assert _rel(influence_score(q, k16, v, mask), influence_score(q, k6, v)) <= 1e-5
+    # the padding scored as attended keys takes probability from the context: the comparison above can fail
+    leaky = _run(_session(_model(chunk)), q, k16, v, x, keep)["influence"]
+    assert _rel(leaky, plain) > 1e-3
+
+
 def test_a_graph_mixing_masked_and_unmasked_influence_is_refused():
     model = _model(masked=True)
     del model.functions[:]

@@ -166,7 +166,7 @@ def _padded(data, n_text):
     t["prompt_embeds_mask"] = torch.nn.functional.pad(t["prompt_embeds_mask"], (0, pad))
     layout = data.layout.__class__(max(n_text, data.layout.text_tokens), data.layout.target_grid,
                                    data.layout.ref_grids)
-    return Inputs(layout, data.reference_latents, t, true_cfg_scale=data.true_cfg_scale)
+    return Inputs(layout, data.reference_latents, t, dict(data.scalars))
 
 
 @pytest.mark.parametrize("cfg", [False, True], ids=["positive", "true-cfg"])
@@ -177,7 +177,7 @@ def test_padding_the_prompt_leaves_the_influence_unchanged(sessions, cfg, monkey
     fam = sessions[TINY].family
     data = request(fam, [(4, 4), (3, 5)], cfg=cfg, n_pos=6, n_neg=4)
     padded = _padded(data, 16)
-    x = torch.randn(fam.batch(data), data.layout.num_target, 16, generator=torch.Generator().manual_seed(8))
+    x = torch.randn(fam.branches(data), data.layout.num_target, 16, generator=torch.Generator().manual_seed(8))
     ctx, t = data.reference_latents.expand(x.shape[0], -1, -1), torch.full((x.shape[0],), 0.7)
     layers = tuple(range(fam.num_layers))
     with torch.no_grad():
@@ -199,6 +199,35 @@ def test_padding_the_prompt_leaves_the_influence_unchanged(sessions, cfg, monkey
         with torch.no_grad():
             _, i_pos = fam.forward(x[:1], ctx[:1], t[:1], fam.conditioning(alone), influence_layers=layers)
         torch.testing.assert_close(i6, i_pos, rtol=1e-5, atol=1e-7)
+
+
+def test_anchors_score_only_the_positive_branch(sessions, monkeypatch):
+    """With true CFG an anchor returns the positive branch's influence alone ([1, Nc]) and chooses the kept set from
+    it: another negative prompt changes the generation but not the first anchor's influence nor its kept set."""
+    from topi_export.method.schedule import TemporalController
+
+    session = sessions[TINY]
+    seen = []
+    observe = TemporalController.observe
+    monkeypatch.setattr(TemporalController, "observe",
+                        lambda self, step, infl: seen.append(infl.detach().clone()) or observe(self, step, infl))
+
+    def run(seed):
+        data = request(session.family, [(4, 4), (3, 5)], n_pos=6, n_neg=4)
+        data.tensors["negative_prompt_embeds"] = torch.randn(1, 4, session.family.text_dim,
+                                                             generator=torch.Generator().manual_seed(seed))
+        seen.clear()
+        out = session.denoise(data, steps=5, selector=session.selector(data, ratio=0.5), update_interval=2)
+        return out, list(seen)
+
+    a, seen_a = run(1)
+    b, seen_b = run(2)
+    assert len(seen_a) == len(seen_b) == 3 and all(i.numel() == 31 for i in seen_a + seen_b)
+    assert (a.latents - b.latents).abs().max() > 1e-4  # the negative branch does change the result
+    # the first anchor sees the same noise in both runs: the same influence, whatever the negative prompt
+    torch.testing.assert_close(seen_a[0], seen_b[0], rtol=1e-6, atol=1e-8)
+    first = [[r.selected_per_reference for r in out.schedule if r.kind == "anchor"][0] for out in (a, b)]
+    assert first[0] == first[1]
 
 
 def test_true_cfg_branches_and_errors(sessions):
