@@ -5,6 +5,10 @@ truth), then the default policy's targets: mean >= the best influence-free basel
 mean >= plain top-k - 1 dB, per-sample minimum >= uniform's minimum - 1 dB.
 
     python scripts/selection_tables.py docs/results/bench_flux2_pick_policies.json ...
+
+A report given as A.json+B.json is the union of the rows of A and B (B's row wins where both measured a policy at a
+ratio): reports of the same model, inputs and method setting measured at different times, e.g. a new policy next to
+the baselines measured before. Reports of scripts/experiment_selection.py (rows with mean/min) are read too.
 """
 from __future__ import annotations
 
@@ -15,13 +19,37 @@ BASELINES = ("uniform", "dither", "random")
 ORDER = ("topi-mix", "topi-budget", "topi", "topi-cov", "uniform", "dither", "random")
 
 
+def _bench_row(r) -> dict:
+    """A row of scripts/experiment_selection.py as bench writes it."""
+    if "psnr_db" in r:
+        return r
+    return {"policy": r["policy"], "ratio": r["ratio"], "psnr_db": r["mean"], "psnr_db_min": r["min"],
+            "psnr_gt_db": r.get("gt_mean"), "psnr_gt_db_min": r.get("gt_min")}
+
+
 def rows_of(report):
     out = {}
     for r in report["results"]:
-        if "tau" in r:
+        if "tau" in r or (r.get("reuse") not in (None, "off", "default")):
             continue
-        out[(r["policy"], r["ratio"])] = r
+        out[(r["policy"], r["ratio"])] = _bench_row(r)
     return out
+
+
+def load(spec: str) -> dict:
+    """One report, or the union of several joined by '+' (the same model and method setting; later rows win)."""
+    from topi_export.method.selection import DEFAULT_POLICY
+
+    reports = [json.load(open(path)) for path in spec.split("+")]
+    first = reports[0]
+    for other in reports[1:]:
+        for key in ("pivotal_layers", "prune_start", "update_interval"):
+            if other["method"][key] != first["method"][key]:
+                raise SystemExit(f"error: {spec}: the reports differ in {key}; join only reports of one setting")
+    rows = {}
+    for rep in reports:
+        rows.update(rows_of(rep))
+    return dict(first, results=list(rows.values()), default_policy=DEFAULT_POLICY, sources=spec.split("+"))
 
 
 def table(report, truth=False) -> str:
@@ -54,6 +82,9 @@ def targets(report) -> str:
     lines = ["| ratio | mean vs best influence-free | mean vs top-k - 1 dB | min vs uniform min - 1 dB |",
              "|---|---|---|---|"]
     for r in ratios:
+        if (d, r) not in rows or ("topi", r) not in rows or ("uniform", r) not in rows:
+            lines.append(f"| {r:g} | - | - | - |")  # the default, top-k or uniform not measured here
+            continue
         m = rows[(d, r)]
         base = max((rows[(b, r)] for b in BASELINES if (b, r) in rows), key=lambda x: x["psnr_db"])
         top = rows[("topi", r)]
@@ -75,7 +106,7 @@ def main(argv=None):
     p.add_argument("--truth", action="store_true", help="also the tables vs the ground truth")
     args = p.parse_args(argv)
     for path in args.reports:
-        report = json.load(open(path))
+        report = load(path)
         print(f"### {path}: {report['model']}, method {report['method']['source']}\n")
         print(table(report))
         if args.truth:
