@@ -310,6 +310,23 @@ def test_mix_covers_a_copy_like_reference_and_follows_its_influence_gently():
     assert abs(top[MIX] - 75) <= 2  # noise of 10% moves a slot or two
 
 
+def test_mix_threshold_switches_a_reference_from_ranked_to_covered():
+    """Two 8x8 references, the second flat at x times the first's density. Below the threshold (relevance 0.295 at
+    x = 0.25) the second is only glanced at: the first is kept whole and the second gets its 16 strongest tokens.
+    Above it (0.36 at x = 0.3) both are relevant and the 80 slots are split by mass (80 * 0.3 / 1.3 = 18.5)."""
+    grids = ((8, 8), (8, 8))
+    noise = 1 + 0.01 * torch.rand(64, generator=torch.Generator().manual_seed(3))
+    kept = {}
+    for x in (0.25, 0.3):
+        w = torch.cat([torch.ones(64), x * noise])
+        rel = relevance(w, grids)[64:]
+        assert (rel < MIX_RELEVANCE).all() if x == 0.25 else (rel >= MIX_RELEVANCE).all()
+        kept[x] = select_tokens(w, 80, MIX, grids)
+    assert keep_per_reference(kept[0.25], grids) == [64, 16]
+    assert torch.equal(kept[0.25][64:] - 64, noise.topk(16).indices.sort().values)
+    assert keep_per_reference(kept[0.3], grids) == [61, 19]
+
+
 @pytest.mark.parametrize("grids", [((16, 16),), ((9, 14), (4, 4)), ((1, 50),), ((3, 40), (8, 5), (10, 10))],
                          ids=lambda g: "+".join(f"{h}x{w}" for h, w in g))
 def test_mix_on_one_and_several_references_and_odd_grids(grids):
