@@ -48,7 +48,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
 
     from topi_export.method import selection as S
-    from topi_export.runtime import inputs as I
+    from topi_export.artifacts import inputs as I
     from topi_export.runtime.loop import psnr
     from topi_export.runtime.session import open_session
 
