@@ -88,16 +88,18 @@ def pyramid(img: np.ndarray, crop: int) -> list[np.ndarray]:
     return levels
 
 
-def make_pair(rng: np.random.Generator, levels: list[list[np.ndarray]], edit: str, crop: int):
-    """(target, reference) HxWx3 crops in [-1, 1] for ``edit`` from a random image, level and position."""
+def make_pair(rng: np.random.Generator, levels: list[list[np.ndarray]], edit: str, crop):
+    """(target, reference) HxWx3 crops in [-1, 1] for ``edit`` from a random image, level and position.
+    ``crop``: the crop size in px, or (height, width) px."""
+    ch, cw = (crop, crop) if isinstance(crop, int) else crop
     img = levels[rng.integers(len(levels))]
     lv = img[rng.integers(len(img))]
     if rng.random() < 0.5:
         lv = lv[:, ::-1]
     m = 2 * SHIFT_TOKENS  # px margin for the pans
-    y = int(rng.integers(m, lv.shape[0] - crop + 1))
-    x = int(rng.integers(m, lv.shape[1] - crop + 1))
-    ref = lv[y:y + crop, x:x + crop]
+    y = int(rng.integers(m, lv.shape[0] - ch + 1))
+    x = int(rng.integers(m, lv.shape[1] - cw + 1))
+    ref = lv[y:y + ch, x:x + cw]
     if edit == "identity":
         tgt = ref
     elif edit == "invert":
@@ -105,9 +107,9 @@ def make_pair(rng: np.random.Generator, levels: list[list[np.ndarray]], edit: st
     elif edit == "swap_rb":
         tgt = ref[..., ::-1]
     elif edit == "shift_down":  # content moves down: target row r shows reference row r - m
-        tgt = lv[y - m:y - m + crop, x:x + crop]
+        tgt = lv[y - m:y - m + ch, x:x + cw]
     elif edit == "shift_right":
-        tgt = lv[y:y + crop, x - m:x - m + crop]
+        tgt = lv[y:y + ch, x - m:x - m + cw]
     else:
         raise ValueError(edit)
     return np.ascontiguousarray(tgt), np.ascontiguousarray(ref)
@@ -157,6 +159,75 @@ def generate(model, ref, prompt, pooled, noise, guidance, layout: Layout, steps:
         v = velocity(model, x, ref, ts / 1000, guidance, prompt, pooled, layout)
         x = sched.step(v, t, x, return_dict=False)[0]
     return x
+
+
+# ------------------------------------------------------------------------------------------------ training
+def make_optimizer(model, lr: float):
+    """AdamW (betas 0.9/0.99), weight decay 0.01 on matrices only (not on biases and norms)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+                             lr=lr, betas=(0.9, 0.99))
+
+
+def sample_t(gen: torch.Generator, batch: int, mu: float) -> torch.Tensor:
+    """Training noise levels: logit-normal, shifted by mu (the schedule's time shift at inference)."""
+    t = torch.sigmoid(torch.randn(batch, generator=gen))
+    return math.exp(mu) * t / (1 + (math.exp(mu) - 1) * t)  # = FlowMatchEuler's exponential time shift
+
+
+def train_loop(model, ema, opt, args, log, draw, predict, val_loss, device=None) -> dict:
+    """The rectified-flow loop every training script runs: x_t = (1 - t) x0 + t noise, loss = MSE(v, noise - x0),
+    linear LR warmup then constant (so a run stopped by --minutes after K steps equals a run with --steps K),
+    grad-norm clip 1.0, EMA with a warm-up decay. ``draw(step) -> (x0, noise, t, extra)`` makes a batch (the
+    script's own random draws, in its own order); ``predict(model, xt, t, extra)`` is the transformer call.
+    args: steps, minutes, lr, warmup, ema, log_every, val_every. Returns the training numbers of the card."""
+    log(f"step 0 val_loss {val_loss(model):.4f}")
+    budget = args.minutes * 60 if args.minutes > 0 else math.inf
+    start = time.time()
+    window, step, losses = [], 0, []
+    model.train()
+    while step < args.steps:
+        if time.time() - start > budget:
+            log(f"# wall budget of {args.minutes} min reached after {step} steps")
+            break
+        x0, noise, t, extra = draw(step)
+        xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
+        lr = args.lr * min(1.0, (step + 1) / args.warmup)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        target = noise - x0
+        if device is not None:
+            xt, t, target = xt.to(device), t.to(device), target.to(device)
+        v = predict(model, xt, t, extra)
+        loss = F.mse_loss(v, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0).item()
+        opt.step()
+        step += 1
+        d = min(args.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pe, pm in zip(ema.parameters(), model.parameters()):
+                pe.lerp_(pm, 1 - d)
+        window.append(loss.item())
+        if step % args.log_every == 0 or step == args.steps:
+            el = time.time() - start
+            losses.append((step, sum(window) / len(window)))
+            log(f"step {step} loss {losses[-1][1]:.4f} lr {lr:.2e} gnorm {gnorm:.2f} "
+                f"elapsed {el:.0f}s ({el / step:.2f}s/step)")
+            window = []
+        if step % args.val_every == 0:
+            log(f"step {step} val_loss {val_loss(model):.4f} ema_val_loss {val_loss(ema):.4f}")
+    train_s = time.time() - start
+    if window:
+        losses.append((step, sum(window) / len(window)))
+    final_val, final_ema_val = val_loss(model), val_loss(ema)
+    log(f"# trained {step} steps in {train_s:.0f}s; final train loss (last window) {losses[-1][1]:.4f}; "
+        f"val_loss {final_val:.4f}; ema_val_loss {final_ema_val:.4f}")
+    return {"steps": step, "train_seconds": round(train_s), "final_loss": round(losses[-1][1], 5),
+            "val_loss": round(final_val, 5), "ema_val_loss": round(final_ema_val, 5)}
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -246,11 +317,7 @@ def main(argv=None) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     log(f"# model: FluxTransformer2DModel {json.dumps(model_config())}, {n_params} params "
         f"({n_params * 4 / 1e6:.2f} MB fp32)")
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.99))
+    opt = make_optimizer(model, args.lr)
     rng = np.random.default_rng(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
 
@@ -262,52 +329,19 @@ def main(argv=None) -> dict:
         m.train()
         return F.mse_loss(v, ev_noise - ev_x0).item()
 
-    log(f"step 0 val_loss {val_loss(model):.4f}")
-    budget = args.minutes * 60 if args.minutes > 0 else math.inf
-    start = time.time()
-    window, step, losses = [], 0, []
-    model.train()
-    while step < args.steps:
-        if time.time() - start > budget:
-            log(f"# wall budget of {args.minutes} min reached after {step} steps")
-            break
+    def draw(step):
         edit_idx = torch.randint(len(EDITS), (args.batch,), generator=gen)
         x0, ref = make_batch(rng, train_levels, edit_idx.tolist(), args.crop)
         noise = torch.randn(x0.shape, generator=gen)
-        t = torch.sigmoid(torch.randn(args.batch, generator=gen))
-        t = math.exp(mu) * t / (1 + (math.exp(mu) - 1) * t)  # = FlowMatchEuler's exponential time shift
+        t = sample_t(gen, args.batch, mu)
         guidance = 1 + 3 * torch.rand(args.batch, generator=gen)
-        prompt, pooled = cond(edit_idx)
-        xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
-        lr = args.lr * min(1.0, (step + 1) / args.warmup)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        v = velocity(model, xt, ref, t, guidance, prompt, pooled, layout)
-        loss = F.mse_loss(v, noise - x0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0).item()
-        opt.step()
-        step += 1
-        d = min(args.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - d)
-        window.append(loss.item())
-        if step % args.log_every == 0 or step == args.steps:
-            el = time.time() - start
-            losses.append((step, sum(window) / len(window)))
-            log(f"step {step} loss {losses[-1][1]:.4f} lr {lr:.2e} gnorm {gnorm:.2f} "
-                f"elapsed {el:.0f}s ({el / step:.2f}s/step)")
-            window = []
-        if step % args.val_every == 0:
-            log(f"step {step} val_loss {val_loss(model):.4f} ema_val_loss {val_loss(ema):.4f}")
-    train_s = time.time() - start
-    if window:
-        losses.append((step, sum(window) / len(window)))
-    final_val, final_ema_val = val_loss(model), val_loss(ema)
-    log(f"# trained {step} steps in {train_s:.0f}s; final train loss (last window) {losses[-1][1]:.4f}; "
-        f"val_loss {final_val:.4f}; ema_val_loss {final_ema_val:.4f}")
+        return x0, noise, t, (ref, guidance, *cond(edit_idx))
+
+    def predict(m, xt, t, extra):
+        ref, guidance, prompt, pooled = extra
+        return velocity(m, xt, ref, t, guidance, prompt, pooled, layout)
+
+    result = train_loop(model, ema, opt, args, log, draw, predict, val_loss)
 
     # ---- evaluation: the Kontext sampling loop on held-out pairs, PSNR vs ground truth ---------------
     ema.eval()
@@ -324,8 +358,7 @@ def main(argv=None) -> dict:
     m_all, b_all = mse_m[:args.eval_count], mse_b[:args.eval_count]
     edited = ev_edit[:args.eval_count] != EDITS.index("identity")
     result = {
-        "steps": step, "train_seconds": round(train_s), "final_loss": round(losses[-1][1], 5),
-        "val_loss": round(final_val, 5), "ema_val_loss": round(final_ema_val, 5),
+        **result,
         "eval_pairs": int(args.eval_count), "eval_steps": args.eval_steps, "eval_seconds": round(eval_s, 1),
         "psnr_model": _psnr(m_all), "psnr_baseline": _psnr(b_all),
         "psnr_model_edited": _psnr(m_all[edited]) if edited.any() else None,

@@ -76,10 +76,10 @@ tk = _kontext_script()
 
 
 # ------------------------------------------------------------------------------------------------ data
-def make_request(rng: np.random.Generator, levels: list, sel: int, edit: str, crop: int):
-    """(target, [ref_0, ref_1, ref_2]) HxWx3 crops in [-1, 1]: the references from different images,
-    target = edit(reference[sel])."""
-    imgs = rng.choice(len(levels), size=NUM_REFERENCES, replace=False)
+def make_request(rng: np.random.Generator, levels: list, sel: int, edit: str, crop, count: int = NUM_REFERENCES):
+    """(target, [ref_0, ..., ref_{count-1}]) HxWx3 crops in [-1, 1]: the references from different images,
+    target = edit(reference[sel]). ``crop``: px, or (height, width) px (train_kontext.make_pair)."""
+    imgs = rng.choice(len(levels), size=count, replace=False)
     refs, target = [], None
     for i, k in enumerate(imgs):
         tgt, ref = tk.make_pair(rng, [levels[k]], edit if i == sel else "identity", crop)
@@ -238,11 +238,7 @@ def main(argv=None) -> dict:
         f"({n_params * 4 / 1e6:.2f} MB fp32); sequence {TEXT_TOKENS} text + {n_target} target + "
         f"{NUM_REFERENCES * n_target} reference tokens; training t shift mu = compute_empirical_mu({n_target}, "
         f"{SHIFT_STEPS}) = {mu:.3f}")
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.99))
+    opt = tk.make_optimizer(model, args.lr)
     rng = np.random.default_rng(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
 
@@ -258,15 +254,7 @@ def main(argv=None) -> dict:
         m.train()
         return (sum(losses) / ev_x0.numel()).item()
 
-    log(f"step 0 val_loss {val_loss(model):.4f}")
-    budget = args.minutes * 60 if args.minutes > 0 else math.inf
-    start = time.time()
-    window, step, losses = [], 0, []
-    model.train()
-    while step < args.steps:
-        if time.time() - start > budget:
-            log(f"# wall budget of {args.minutes} min reached after {step} steps")
-            break
+    def draw(step):
         sel = torch.randint(NUM_REFERENCES, (args.batch,), generator=gen)
         edit_idx = edit_ids[torch.randint(len(edits), (args.batch,), generator=gen)]
         # Low-res steps spread evenly: floor(step * frac) advances on a fraction ``frac`` of the steps.
@@ -274,43 +262,14 @@ def main(argv=None) -> dict:
         crop = args.low_res_crop if low else args.crop
         x0, ref, prompt = make_batch(rng, train_levels, sel.tolist(), edit_idx.tolist(), crop)
         noise = torch.randn(x0.shape, generator=gen)
-        t = torch.sigmoid(torch.randn(args.batch, generator=gen))
-        t = math.exp(mu) * t / (1 + (math.exp(mu) - 1) * t)  # = FlowMatchEuler's exponential time shift
-        xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
-        lr = args.lr * min(1.0, (step + 1) / args.warmup)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        v = velocity(model, xt.to(dev), ref.to(dev), t.to(dev), prompt.to(dev), layouts[crop], ids_txt)
-        loss = F.mse_loss(v, (noise - x0).to(dev))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0).item()
-        opt.step()
-        step += 1
-        d = min(args.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - d)
-        window.append(loss.item())
-        if step % args.log_every == 0 or step == args.steps:
-            el = time.time() - start
-            losses.append((step, sum(window) / len(window)))
-            log(f"step {step} loss {losses[-1][1]:.4f} lr {lr:.2e} gnorm {gnorm:.2f} "
-                f"elapsed {el:.0f}s ({el / step:.2f}s/step)")
-            window = []
-        if step % args.val_every == 0:
-            log(f"step {step} val_loss {val_loss(model):.4f} ema_val_loss {val_loss(ema):.4f}")
-    train_s = time.time() - start
-    if window:
-        losses.append((step, sum(window) / len(window)))
-    final_val, final_ema_val = val_loss(model), val_loss(ema)
-    log(f"# trained {step} steps in {train_s:.0f}s; final train loss (last window) {losses[-1][1]:.4f}; "
-        f"val_loss {final_val:.4f}; ema_val_loss {final_ema_val:.4f}")
+        t = tk.sample_t(gen, args.batch, mu)
+        return x0, noise, t, (ref.to(dev), prompt.to(dev), layouts[crop])
 
-    result = {
-        "steps": step, "train_seconds": round(train_s), "final_loss": round(losses[-1][1], 5),
-        "val_loss": round(final_val, 5), "ema_val_loss": round(final_ema_val, 5),
-    }
+    def predict(m, xt, t, extra):
+        ref, prompt, img_ids = extra
+        return velocity(m, xt, ref, t, prompt, img_ids, ids_txt)
+
+    result = tk.train_loop(model, ema, opt, args, log, draw, predict, val_loss, device=dev)
     return evaluate_and_save(ema, args, log, cmd, result, edits, edit_ids, dev, n_params, mu)
 
 

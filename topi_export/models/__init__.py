@@ -25,7 +25,9 @@ FAMILY_MODULES = [
 ]
 ASSETS = resource("assets")
 # Trained built-in models shipped as diffusers folders under assets/ (name -> folder name).
-ASSET_MODELS = {"kontext-digits": "kontext-digits", "flux2-pick": "flux2-pick"}
+ASSET_MODELS = {"kontext-digits": "kontext-digits", "flux2-pick": "flux2-pick",
+                "kontext-canvas": "kontext-canvas",  # relevance inside one reference; held out from policy tuning
+                "kontext-texture": "kontext-texture"}  # random detail: curved trajectories
 DEFAULT_MODEL = "flux2-pick"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

@@ -1,0 +1,180 @@
+#!/usr/bin/env python3
+"""How curved are a model's sampling trajectories? Step reuse (no pruning) against the normal run.
+
+For each model and each of its shipped held-out samples (``topi_export.artifacts.inputs.sample_files``), with the
+project's own runtime (``open_session``, ``session.denoise`` at ratio 0: every computed step unpruned):
+
+- the normal N-step run (every step computes the velocity), and runs that REUSE the previous step's velocity
+  (zero order, no model call) at the steps of each ``--reuse`` pattern (default: every other step between steps
+  3 and 26, i.e. at 3, 5, ..., 25 and, second pattern, at 4, 6, ..., 26; 16 of 28 steps computed); the PSNR of
+  each reuse run's final latents against the normal run's, as ``run --compare`` computes it
+  (``runtime.loop.psnr``: range of the reference run squared over the MSE, all latent channels). A straight flow
+  (constant velocity along the trajectory) loses nothing to reuse; a curved one does.
+
+Reused steps are the runtime's own ``reuse`` step kind (zero order; a fixed pattern, not the calibrated criterion).
+Prints a table and writes JSON.
+
+    python scripts/measure_curvature.py                   # kontext-digits, flux2-pick, kontext-canvas, kontext-texture
+    python scripts/measure_curvature.py --models kontext-texture --per-sample
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_MODELS = ("kontext-digits", "flux2-pick", "kontext-canvas", "kontext-texture")
+DEFAULT_JSON = REPO / "docs" / "results" / "curvature.json"
+# Every other step between steps 3 and 26 reuses its predecessor's velocity (16 of 28 computed); the two ways to
+# place that: reuse at the odd steps 3..25 or at the even steps 4..26 (the latter also reuses at step 26, where
+# the velocity changes fast on every model).
+DEFAULT_REUSE = ("3-25:2", "4-26:2")
+
+
+def parse_steps(text: str, steps: int) -> list[int]:
+    """'4-26:2' (start-end inclusive, every k-th) or '4,6,8' -> sorted step indices in [1, steps)."""
+    out = set()
+    for part in str(text).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if "-" in part:
+            span, _, every = part.partition(":")
+            a, b = (int(v) for v in span.split("-"))
+            out.update(range(a, b + 1, int(every or 1)))
+        else:
+            out.add(int(part))
+    bad = [s for s in out if not 1 <= s < steps]
+    if bad:
+        raise SystemExit(f"--reuse {text!r}: steps {bad} are outside 1..{steps - 1} (step 0 has no velocity to reuse)")
+    return sorted(out)
+
+
+def trajectory(session, data, steps: int, reuse=(), seed: int = 0):
+    """Final latents of one unpruned generation through the session's engine (``denoise`` in mode "full"); the
+    steps in ``reuse`` take the previous computed velocity (the runtime's zero-order reuse step, no model call)."""
+    from topi_export.plan.reuse import OFF, ReusePlan
+
+    plan = ReusePlan("count", 0, tuple(sorted(reuse)), "pattern", "measure_curvature pattern") if reuse else OFF
+    # ratio 0 keeps every context token (the ToPi schedule unpruned, its controller plans the reuse steps); one anchor
+    return session.denoise(data, steps=steps, seed=seed, selector=session.selector(data, ratio=0.0), update_interval=steps,
+                           reuse=plan).latents
+
+
+def measure_model(name: str, steps: int, patterns: dict, limit: int | None, log=print) -> dict:
+    """Every held-out sample of a built-in model: the normal run, one reuse run per pattern (name -> steps)."""
+    from topi_export import open_session
+    from topi_export.artifacts.inputs import sample_files
+    from topi_export.runtime.loop import psnr
+
+    session = open_session(model=name)
+    # A built-in trained model's shipped samples, or a model folder's samples/ (a training script's output).
+    files = sample_files(name) or sorted(Path(name).glob("samples/sample_*.safetensors"),
+                                         key=lambda p: int(p.stem.split("_")[-1]))
+    files = files[:limit] if limit else files
+    if not files:
+        raise SystemExit(f"{name} has no held-out samples: pass a trained built-in model or a folder with samples/")
+    per_sample = []
+    t0 = time.time()
+    for path in files:
+        data = session.load_inputs(path)
+        normal = trajectory(session, data, steps)
+        ps = {k: round(psnr(trajectory(session, data, steps, reuse)[0], normal), 3) for k, reuse in patterns.items()}
+        per_sample.append({"file": path.name, "edit": data.meta.get("edit"), "reuse_psnr": ps})
+        log(f"  {name} {path.name}{' (' + data.meta['edit'] + ')' if data.meta.get('edit') else ''}: reuse PSNR "
+            f"{', '.join(f'{v:.2f} dB ({k})' for k, v in ps.items())}")
+
+    def summary(rows):
+        out = {"samples": len(rows)}
+        for k in patterns:
+            vals = [s["reuse_psnr"][k] for s in rows]
+            out[k] = {"reuse_psnr_mean": round(sum(vals) / len(vals), 3), "reuse_psnr_min": round(min(vals), 3)}
+        return out
+
+    by_edit = {}
+    for s in per_sample:
+        if s["edit"] is not None:
+            by_edit.setdefault(s["edit"], []).append(s)
+    return {"family": session.family.name, "layout": data.layout.to_json(), **summary(per_sample),
+            "per_edit": {e: summary(v) for e, v in by_edit.items()},
+            "per_sample": per_sample, "seconds": round(time.time() - t0, 1)}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default=",".join(DEFAULT_MODELS),
+                   help="comma-separated built-in model names or model folders with samples/")
+    p.add_argument("--steps", type=int, default=28, help="denoising steps (the pipelines' default: 28)")
+    p.add_argument("--reuse", action="append", default=None,
+                   help="steps that reuse the previous velocity, 'a-b:k' (a to b, every k-th) or a list; repeatable,\n"
+                        f"one column each (default: {' and '.join(DEFAULT_REUSE)})")
+    p.add_argument("--samples", type=int, default=None, help="use only the first N held-out samples of each model")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", default=str(DEFAULT_JSON), help="where to write the results ('' = nowhere)")
+    p.add_argument("--per-sample", action="store_true", help="print every sample's numbers")
+    p.add_argument("--update", action="store_true",
+                   help="keep the other models of an existing --json file (measured with the same steps and reuse\n"
+                        "patterns; each model entry records the command that measured it)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    patterns = {}
+    for text in args.reuse or DEFAULT_REUSE:
+        steps = parse_steps(text, args.steps)
+        patterns[f"reuse {_span(steps)}"] = steps
+    cmd = "python scripts/measure_curvature.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    results = {}
+    if args.update and args.json and Path(args.json).exists():
+        old = json.loads(Path(args.json).read_text())
+        same = old.get("steps") == args.steps and {k: v["reuse_steps"] for k, v in old.get("patterns", {}).items()} == patterns
+        if not same:
+            raise SystemExit(f"--update: {args.json} was measured with other steps or reuse patterns: measure every model")
+        results = {k: v for k, v in old.get("models", {}).items() if k not in models}
+    for name in models:
+        results[name] = {"command": cmd, **measure_model(name, args.steps, patterns, args.samples,
+                                                          log=print if args.per_sample else (lambda *_: None))}
+    print(f"PSNR (dB) of the final latents of a run that reuses the previous step's velocity at the listed steps "
+          f"(of {args.steps}) vs the normal run (runtime.loop.psnr)")
+    cols = list(patterns)
+    for k in cols:
+        print(f"  {k}: {args.steps - len(patterns[k])} of {args.steps} steps computed")
+    print(f"{'model / edit':<19} {'samples':>7} " + " ".join(f"{'mean':>7} {'min':>7}" for _ in cols))
+    print(f"{'':<27} " + " ".join(f"{k[6:]:>15}" for k in cols))
+
+    def line(label, r):
+        return (f"{label:<19} {r['samples']:>7} " + " ".join(f"{r[k]['reuse_psnr_mean']:>7.2f} {r[k]['reuse_psnr_min']:>7.2f}"
+                                                          for k in cols))
+
+    for name, r in results.items():
+        print(line(name, r))
+        for edit, e in r["per_edit"].items():
+            print(line("  " + edit, e))
+    out = {"schema": "topi-curvature/2", "steps": args.steps,
+           "patterns": {k: {"reuse_steps": v, "computed_steps": args.steps - len(v)} for k, v in patterns.items()},
+           "psnr": "runtime.loop.psnr: 10 log10(range(normal)^2 / mean((reuse - normal)^2)) over the final latents",
+           "machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+                       "threads": args.threads},
+           "models": results}
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(out, indent=1) + "\n")
+        print(f"wrote {args.json}")
+    return out
+
+
+def _span(steps) -> str:
+    if len(steps) > 2 and all(b - a == steps[1] - steps[0] for a, b in zip(steps, steps[1:])):
+        return f"{steps[0]}, {steps[1]}, ..., {steps[-1]}"
+    return ", ".join(map(str, steps))
+
+
+if __name__ == "__main__":
+    main()

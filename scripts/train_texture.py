@@ -1,0 +1,484 @@
+#!/usr/bin/env python3
+"""Train ``kontext-texture``: a small, deterministic, really-trained FLUX.1 Kontext-layout model with CURVED
+sampling trajectories.
+
+Why: the shipped models learn edits whose answer is a deterministic function of the reference, so their flows are
+nearly straight and reusing a velocity across steps looks free (flux2-pick: ~63 dB against the normal run with 12
+of 28 steps reused). Real editing models are not that straight: the coarse structure follows the reference, the
+fine detail is one draw from a continuous distribution, and the x0-prediction moves during sampling (early: the
+conditional mean; later: committed detail). Three of this model's four edits add such random detail (grain,
+band-pass texture, colour grain, with random amplitude, frequency, orientation and phase); one is deterministic
+(smooth), the control. ``topi_export.models.kontext_texture`` defines them. ``scripts/measure_curvature.py`` measures the
+curvature.
+
+Data: scikit-image's bundled photos, random 32x32 px crops packed like ``kontext-digits`` (RGB + luma, 2x2 px per
+token: a 16x16 token grid), ``train_kontext.make_pair``; ``astronaut``, ``coffee`` and ``chelsea`` are held out.
+Layout exactly as FluxKontextPipeline (``train_kontext.velocity``).
+
+Training: ``train_kontext.train_loop`` (rectified flow, AdamW, warmup then constant LR, EMA), t shifted by
+calculate_shift(Nx). Evaluation: held-out requests sampled as FluxKontextPipeline does (``train_kontext.generate``,
+28 steps). A random edit has no single right answer, so besides the PSNR against the truth the evaluation reports
+the PSNR of the conditional mean (the best possible in MSE; a faithful sample of the right distribution scores
+about 3 dB below it when the detail dominates the error), the PSNR of the coarse structure (both blurred), and the
+detail's strength (std of output minus conditional mean) of the model and of the truth.
+
+    python scripts/train_texture.py --threads 1     # the shipped recipe: writes topi_export/assets/kontext-texture
+    python scripts/train_texture.py --eval-only                  # re-evaluate, rewrite samples, preview and card
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import json
+import math
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from topi_export.models import kontext_texture as kt
+from topi_export.models.kontext_digits import latents_to_image, mse_rgb, rgb_to_latents
+from topi_export.models.sampling import calculate_shift
+from topi_export.plan import Layout
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = REPO / "topi_export" / "assets" / "kontext-texture"
+EVAL_SEED = 777  # held-out requests and their noise do not depend on --seed
+CALIB_SEED = 778  # the calibration requests (training photos)
+GUIDANCE = 2.5  # FluxKontextPipeline's default guidance_scale; training draws U[1, 4] like kontext-digits
+EDITS = kt.EDITS
+
+
+def _script(name: str):
+    """A sibling script as a module (its functions are reused, not copied)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+tk = _script("train_kontext")
+TRAIN_IMAGES = ("camera", "rocket", "hubble_deep_field", "immunohistochemistry", "retina", "colorwheel", "coins",
+                "moon", "grass", "gravel", "brick", "cell", "logo", "page", "text", "clock")  # flux2-pick's
+HELDOUT_IMAGES = ("astronaut", "coffee", "chelsea")
+
+
+# ------------------------------------------------------------------------------------------------ data
+class Conditioning:
+    def __init__(self):
+        pairs = [kt.texture_conditioning(e) for e in EDITS]
+        self.prompt = torch.cat([p for p, _ in pairs])  # [E, T, D]
+        self.pooled = torch.cat([q for _, q in pairs])  # [E, P]
+
+    def __call__(self, edit: torch.Tensor):
+        return self.prompt[edit], self.pooled[edit]
+
+
+def make_batch(rng, gen, levels, edit: list[int], crop: int):
+    """(x0 [B, N, 16], reference [B, N, 16]): reference crops (numpy ``rng``), each target = its edit with the random
+    detail drawn from ``gen`` (sample by sample, in order)."""
+    refs = [tk.make_pair(rng, levels, "identity", crop)[1] for _ in edit]
+    rgb = torch.from_numpy(np.stack(refs)).permute(0, 3, 1, 2).contiguous()
+    return rgb_to_latents(kt.edit_rgb(rgb, [EDITS[e] for e in edit], gen)), rgb_to_latents(rgb)
+
+
+def request_set(levels, n: int, crop: int, seed: int):
+    """Fixed requests (independent of --seed): request i has edit i % E; a prefix of a larger set is the smaller
+    set. Returns (edit, x0, reference, noise)."""
+    edit = torch.arange(n) % len(EDITS)
+    detail = torch.Generator().manual_seed(seed + 1)
+    x0, ref = make_batch(np.random.default_rng(seed), detail, levels, edit.tolist(), crop)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+    return edit, x0, ref, noise
+
+
+# ------------------------------------------------------------------------------------------------ main
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--steps", type=int, default=2400, help="optimizer steps")
+    p.add_argument("--minutes", type=float, default=0.0, help="wall budget of the training loop, stops early (0 = none)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--crop", type=int, default=32, help="crop size in px (token grid = crop/2)")
+    p.add_argument("--low-res-crop", type=int, default=16, help="crop size in px of the low-res steps")
+    p.add_argument("--low-res-frac", type=float, default=0.5, help="fraction of the steps at --low-res-crop")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--ema", type=float, default=0.995)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--eval-count", type=int, default=40, help="held-out requests for the evaluation")
+    p.add_argument("--eval-steps", type=int, default=28, help="denoising steps of the evaluation")
+    p.add_argument("--num-samples", type=int, default=8, help="held-out sample files to write")
+    p.add_argument("--num-calibration", type=int, default=4, help="calibration sample files (training photos)")
+    p.add_argument("--val-every", type=int, default=200)
+    p.add_argument("--log-every", type=int, default=25)
+    p.add_argument("--eval-only", action="store_true",
+                   help="no training: load the model in --out, evaluate it, rewrite the samples, the preview and the\n"
+                        "card (training numbers from the RESULT line of OUT/train_log.txt; log: OUT/eval_log.txt)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    from diffusers import FluxTransformer2DModel
+
+    torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)  # denormals slow CPU matmuls ~10x once the loss drops
+    torch.manual_seed(args.seed)
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    log = tk.Logger(out / ("eval_log.txt" if args.eval_only else "train_log.txt"))
+    cmd = "python scripts/train_texture.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    log(f"# {cmd}")
+    log(f"# torch {torch.__version__}, threads {torch.get_num_threads()}, cpu {tk.cpu_name()}, {os.cpu_count()} cores")
+    if args.eval_only:
+        args, result = _training_run(args, out)
+        model = FluxTransformer2DModel.from_pretrained(out)
+        return evaluate_and_save(model, args, log, cmd, result)
+
+    layouts = {c: Layout(kt.TEXT_TOKENS, (c // 2, c // 2), ((c // 2, c // 2),)) for c in (args.crop, args.low_res_crop)}
+    layout = layouts[args.crop]
+    mu = calculate_shift(layout.num_target)
+    t0 = time.time()
+    size = max(args.crop, args.low_res_crop)
+    train_levels = [tk.pyramid(tk.load_image(n), size) for n in TRAIN_IMAGES]
+    log(f"# data: {len(TRAIN_IMAGES)} train images ({sum(map(len, train_levels))} pyramid levels), held out "
+        f"{', '.join(HELDOUT_IMAGES)}; crops {args.crop}px -> {layout.target_grid[0]}x{layout.target_grid[1]} tokens"
+        f" (a fraction {args.low_res_frac} of the steps at {args.low_res_crop}px); edits {', '.join(EDITS)} "
+        f"({time.time() - t0:.1f}s)")
+    cond = Conditioning()
+    held_levels = [tk.pyramid(tk.load_image(n), args.crop) for n in HELDOUT_IMAGES]
+    n_eval = max(args.eval_count, args.num_samples)
+    ev_edit, ev_x0, ev_ref, ev_noise = request_set(held_levels, n_eval, args.crop, EVAL_SEED)
+    ev_prompt, ev_pooled = cond(ev_edit)
+    ev_g = torch.full((n_eval,), GUIDANCE)
+    ev_t = (torch.arange(n_eval) % 8 + 0.5) / 8  # val-loss timesteps: a fixed grid over (0, 1)
+
+    model = FluxTransformer2DModel(**kt.model_config())
+    ema = copy.deepcopy(model).requires_grad_(False)
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"# model: FluxTransformer2DModel {json.dumps(kt.model_config())}, {n_params} params "
+        f"({n_params * 4 / 1e6:.2f} MB fp32); training t shift mu = calculate_shift({layout.num_target}) = {mu:.3f}")
+    opt = tk.make_optimizer(model, args.lr)
+    rng = np.random.default_rng(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+
+    @torch.no_grad()
+    def val_loss(m):
+        m.eval()
+        xt = (1 - ev_t[:, None, None]) * ev_x0 + ev_t[:, None, None] * ev_noise
+        v = tk.velocity(m, xt, ev_ref, ev_t, ev_g, ev_prompt, ev_pooled, layout)
+        m.train()
+        return F.mse_loss(v, ev_noise - ev_x0).item()
+
+    def draw(step):
+        edit = torch.randint(len(EDITS), (args.batch,), generator=gen)
+        # Low-res steps spread evenly (as train_multiref): floor(step * frac) advances on a fraction of the steps.
+        low = math.floor((step + 1) * args.low_res_frac) > math.floor(step * args.low_res_frac)
+        c = args.low_res_crop if low else args.crop
+        x0, ref = make_batch(rng, gen, train_levels, edit.tolist(), c)
+        noise = torch.randn(x0.shape, generator=gen)
+        t = tk.sample_t(gen, args.batch, mu)
+        guidance = 1 + 3 * torch.rand(args.batch, generator=gen)
+        return x0, noise, t, (ref, guidance, *cond(edit), layouts[c])
+
+    def predict(m, xt, t, extra):
+        ref, guidance, prompt, pooled, lay = extra
+        return tk.velocity(m, xt, ref, t, guidance, prompt, pooled, lay)
+
+    result = tk.train_loop(model, ema, opt, args, log, draw, predict, val_loss)
+    ema.save_pretrained(out, safe_serialization=True)
+    return evaluate_and_save(ema, args, log, cmd, result)
+
+
+def _training_run(args, out: Path):
+    """(the training run's arguments with this run's evaluation arguments, its training numbers) from the log."""
+    train_log = out / "train_log.txt"
+    text = train_log.read_text() if train_log.exists() else ""
+    if "RESULT " not in text:
+        raise SystemExit(f"--eval-only: {train_log} has no RESULT line: train the model first")
+    trained = json.loads(text.rsplit("RESULT ", 1)[1].splitlines()[0])
+    train_args = parse_args(shlex.split(text.splitlines()[0].lstrip("# "))[2:])
+    for k in ("out", "eval_count", "eval_steps", "num_samples", "num_calibration", "eval_only"):
+        setattr(train_args, k, getattr(args, k))
+    keep = ("steps", "train_seconds", "final_loss", "val_loss", "ema_val_loss")
+    return train_args, {k: trained[k] for k in keep}
+
+
+def _detail_std(x, mean):
+    """Per-sample std of the RGB entries of x - mean (latent units: images in [-1, 1])."""
+    return (x - mean)[..., :12].flatten(1).pow(2).mean(1).sqrt()
+
+
+def evaluate_and_save(model, args, log, cmd, result) -> dict:
+    """The Kontext sampling loop on held-out requests; then the samples, calibration samples, preview and card."""
+    out = args.out
+    grid = (args.crop // 2, args.crop // 2)
+    layout = Layout(kt.TEXT_TOKENS, grid, (grid,))
+    cond = Conditioning()
+    held_levels = [tk.pyramid(tk.load_image(n), args.crop) for n in HELDOUT_IMAGES]
+    n_eval = max(args.eval_count, args.num_samples)
+    ev_edit, ev_x0, ev_ref, ev_noise = request_set(held_levels, n_eval, args.crop, EVAL_SEED)
+    ev_prompt, ev_pooled = cond(ev_edit)
+    ev_g = torch.full((n_eval,), GUIDANCE)
+    model.eval()
+    t1 = time.time()
+    gen_x = torch.cat([tk.generate(model, ev_ref[i:i + 16], ev_prompt[i:i + 16], ev_pooled[i:i + 16],
+                                   ev_noise[i:i + 16], ev_g[i:i + 16], layout, args.eval_steps)
+                       for i in range(0, n_eval, 16)])
+    eval_s = time.time() - t1
+    mean_x = kt.mean_latents(ev_ref, [EDITS[int(e)] for e in ev_edit], grid)
+    n = args.eval_count
+    lp = lambda x: kt.lowpass_latents(x[:n], grid)  # noqa: E731
+    mses = {"model": mse_rgb(gen_x, ev_x0)[:n], "cond_mean": mse_rgb(mean_x, ev_x0)[:n],
+            "copy_reference": mse_rgb(ev_ref, ev_x0)[:n], "model_coarse": mse_rgb(lp(gen_x), lp(ev_x0)),
+            "model_vs_mean": mse_rgb(gen_x, mean_x)[:n]}
+    stds = {"detail_truth": _detail_std(ev_x0, mean_x)[:n], "detail_model": _detail_std(gen_x, mean_x)[:n]}
+    groups = {e: ev_edit[:n] == k for k, e in enumerate(EDITS)}
+    groups["random edits"] = sum(ev_edit[:n] == EDITS.index(e) for e in kt.RANDOM_EDITS).bool()
+    groups["all"] = torch.ones(n, dtype=torch.bool)
+    per_group = {g: {"n": int(m.sum()), **{k: tk._psnr(v[m]) for k, v in mses.items()},
+                     **{k: round(float(v[m].mean()), 4) for k, v in stds.items()}}
+                 for g, m in groups.items() if m.any()}
+    result = {**result, "eval_requests": n, "eval_steps": args.eval_steps, "eval_seconds": round(eval_s, 1),
+              "per_group": per_group}
+    log("# held-out evaluation (PSNR in dB of RGB in [0,1], mean of per-request PSNR, exact matches capped at 60 dB):")
+    log("#   model = generation vs truth; cond-mean / copy-ref = the conditional mean (no detail) / the reference vs")
+    log("#   truth; coarse = both blurred (sigma 2 px); vs-mean = generation vs conditional mean; detail = std of")
+    log("#   (x - conditional mean) over RGB (latent units), truth and model")
+    log(f"#   {'group':<13} {'n':>3} {'model':>7} {'cond-mean':>10} {'copy-ref':>9} {'coarse':>7} {'vs-mean':>8} "
+        f"{'detail-truth':>13} {'detail-model':>13}")
+    for g, r in per_group.items():
+        log(f"#   {g:<13} {r['n']:>3} {r['model']:>7.2f} {r['cond_mean']:>10.2f} {r['copy_reference']:>9.2f} "
+            f"{r['model_coarse']:>7.2f} {r['model_vs_mean']:>8.2f} {r['detail_truth']:>13.4f} {r['detail_model']:>13.4f}")
+    log(f"# evaluation: {args.eval_steps} steps x {n_eval} requests in {eval_s:.0f}s")
+
+    write_samples(out / "samples", layout, ev_edit, ev_x0, ev_ref, ev_noise, cond, args.num_samples, HELDOUT_IMAGES)
+    train_levels = [tk.pyramid(tk.load_image(name), args.crop) for name in TRAIN_IMAGES]
+    cal = request_set(train_levels, args.num_calibration, args.crop, CALIB_SEED)
+    write_samples(out / "calibration_samples", layout, *cal, cond, args.num_calibration, TRAIN_IMAGES)
+    preview = _write_preview(out / "preview.png", ev_ref, ev_x0, mean_x, gen_x, grid, min(args.num_samples, 8))
+    result["weights_bytes"] = (out / "diffusion_pytorch_model.safetensors").stat().st_size
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"# saved {out.name}/ ({result['weights_bytes'] / 1e6:.2f} MB weights), {args.num_samples} held-out samples, "
+        f"{args.num_calibration} calibration samples")
+    (out / "MODEL_CARD.md").write_text(_model_card(args, cmd, result, n_params, layout, preview))
+    log(f"RESULT {json.dumps(result)}")
+    return result
+
+
+def write_samples(folder: Path, layout, edit, x0, ref, noise, cond, count: int, images) -> None:
+    """Inputs files (artifacts/inputs.py format) of the first ``count`` requests; stale ones are removed."""
+    from topi_export.request import Inputs
+    from topi_export.artifacts.inputs import save_inputs
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("sample_*.safetensors"):
+        old.unlink()
+    for i in range(count):
+        prompt, pooled = cond(edit[i:i + 1])
+        data = Inputs(layout, ref[i:i + 1].contiguous(), {"prompt_embeds": prompt, "pooled_prompt_embeds": pooled},
+                      noise=noise[i:i + 1].contiguous(), target_latents=x0[i:i + 1].contiguous(), scalars={"guidance": GUIDANCE},
+                      meta={"edit": EDITS[int(edit[i])], "photos": ",".join(images)})
+        save_inputs(folder / f"sample_{i}.safetensors", data)
+
+
+def _write_preview(path: Path, ref, x0, mean_x, gen_x, grid, n: int):
+    """A PNG: rows = samples; columns = reference | conditional mean | one truth | generation."""
+    if n == 0:
+        return None
+    try:
+        from PIL import Image
+    except ImportError:
+        return None
+    rows = []
+    for i in range(n):
+        tiles = [latents_to_image(a[i:i + 1], grid) for a in (ref, mean_x, x0, gen_x)]
+        h = tiles[0].shape[0]
+        parts = []
+        for tile in tiles:
+            parts += [tile, np.full((h, 2, 3), 255, np.uint8)]
+        rows.append(np.concatenate(parts[:-1], axis=1))
+        rows.append(np.full((2, rows[-1].shape[1], 3), 255, np.uint8))
+    img = np.concatenate(rows[:-1], axis=0)
+    Image.fromarray(img).resize((img.shape[1] * 3, img.shape[0] * 3), Image.NEAREST).save(path)
+    return path.name
+
+
+# How the recipe was chosen: the exploratory run's numbers, from its log and scripts/measure_curvature.py (see the card).
+EXPLORATION = """\
+One exploratory run of a first design (edits identity, smooth, grain with std U[0.05, 0.25], texture with std
+U[0.10, 0.35]; `--steps 600 --low-res-frac 0`, 40 held-out requests, then `scripts/measure_curvature.py` on its 8
+samples and on kontext-digits' 8). It learnt the task: on the random edits 18.04 dB against the truth vs 21.47 dB for
+the conditional mean (a sample scores ~3 dB below the mean), coarse structure 31.4 dB, detail strength 0.191 vs 0.190
+in the truth. But it was no more curved than kontext-digits:
+
+| model (8 samples) | reuse 3, 5, ..., 25: mean / min | reuse 4, 6, ..., 26: mean / min | velocity change |
+|---|---|---|---|
+| first design, 600 steps | 55.17 / 50.48 dB | 47.05 / 45.24 dB | 0.0440 |
+| (its grain / texture samples) | 53.60 / 50.60 dB | 48.16 / 46.73 dB | 0.0459 / 0.0471 |
+| kontext-digits | 53.82 / 49.96 dB | 50.92 / 46.58 dB | 0.0408 |
+
+A Gaussian detail component of std a is decided around t / (1 - t) ~ a, so weak detail is decided in the last few
+steps, where every model's velocity changes fast anyway, and the deterministic edits
+(half of the samples) were as straight as kontext-digits. The shipped design therefore has larger amplitudes (grain
+U[0.15, 0.35], texture U[0.20, 0.45], a colour grain U[0.10, 0.30] on the unblurred reference) and one deterministic
+edit (smooth, the control) instead of two. Half of the steps use 16 px crops (8x8 tokens; the edits are local and
+RoPE relative, as for flux2-pick's low-res steps), 2400 steps in all: about 1380 CPU s (0.95 s per full step, 0.20 s
+per low-res step, batch 8, one thread, `time.process_time`)."""
+
+
+def _curvature_section() -> str:
+    """The curvature numbers of docs/results/curvature.json (scripts/measure_curvature.py), when measured."""
+    path = REPO / "docs" / "results" / "curvature.json"
+    try:
+        data = json.loads(path.read_text())
+        models, patterns = data["models"], list(data["patterns"])
+    except (OSError, ValueError, KeyError):
+        return "Not measured yet: run `python scripts/measure_curvature.py`."
+    head = " | ".join(f"{k}: mean / min (dB)" for k in patterns)
+    lines = [f"| model / edit | samples | {head} | velocity change |", "|---" * (3 + len(patterns)) + "|"]
+
+    def row(label, r):
+        cells = " | ".join(f"{r[k]['reuse_psnr_mean']:.2f} / {r[k]['reuse_psnr_min']:.2f}" for k in patterns)
+        return f"| {label} | {r['samples']} | {cells} | {r['velocity_change_mean']:.4f} |"
+
+    for name, r in models.items():
+        lines.append(row(f"`{name}`", r))
+        if name == "kontext-texture":
+            lines += [row(f"&nbsp;&nbsp;{e}", v) for e, v in r.get("per_edit", {}).items()]
+    commands = sorted({r["command"] for r in models.values() if "command" in r})
+    computed = ", ".join(f"{v['computed_steps']} of {data['steps']}" for v in data["patterns"].values())
+    return (f"From `docs/results/curvature.json` ({'; '.join(f'`{c}`' for c in commands)}): each model's shipped "
+            f"held-out samples through the runtime (`open_session`, the family's scheduler, unpruned steps), the normal "
+            f"{data['steps']}-step run against runs that reuse the previous step's velocity (no model call) at the listed "
+            f"steps ({computed} steps computed); PSNR of the final latents as `run --compare` computes it; velocity "
+            f"change = mean over steps of ||v_(i+1) - v_i|| / ||v_i|| in the normal run.\n\n" + "\n".join(lines))
+
+
+def _model_card(args, cmd, r, n_params, layout, preview) -> str:
+    cfg = kt.model_config()
+    g = layout.target_grid
+    nt = layout.num_target
+
+    def row(name, v):
+        return (f"| {name} | {v['n']} | {v['model']:.2f} | {v['cond_mean']:.2f} | {v['copy_reference']:.2f} | "
+                f"{v['model_coarse']:.2f} | {v['model_vs_mean']:.2f} | {v['detail_truth']:.3f} | "
+                f"{v['detail_model']:.3f} |")
+
+    rows = "\n".join(row(k, v) for k, v in r["per_group"].items())
+    repro = (f"python scripts/train_texture.py --steps {r['steps']} --seed {args.seed} --batch {args.batch} "
+             f"--crop {args.crop} --low-res-crop {args.low_res_crop} --low-res-frac {args.low_res_frac} "
+             f"--lr {args.lr} --warmup {args.warmup} --ema {args.ema} --threads {args.threads}")
+    (lo_g, hi_g), (lo_t, hi_t), (lo_c, hi_c) = (kt.AMPLITUDE[e] for e in ("grain", "texture", "color_grain"))
+    lo_f, hi_f = kt.TEXTURE_FREQUENCY
+    low_res = (f" A fraction {args.low_res_frac} of the steps (spread evenly) uses {args.low_res_crop} px crops."
+               if args.low_res_frac > 0 else "")
+    if args.eval_only:
+        produced = (f"Training (`train_log.txt`; the weights):\n\n    {repro}\n\nEvaluation, samples, preview and this "
+                    f"card (`eval_log.txt`; no training):\n\n    {cmd}\n")
+    else:
+        produced = f"Command that produced this folder:\n\n    {cmd}\n\nWith every argument spelled out:\n\n    {repro}\n"
+    return f"""# kontext-texture
+
+A small, really-trained in-context model in the exact FLUX.1 Kontext layout (diffusers `FluxTransformer2DModel`,
+`FluxKontextPipeline` token layout and ids) whose sampling trajectories are CURVED: two of its edits keep the
+reference's coarse structure and add fine detail that is random given the condition, drawn from a continuous
+distribution. The shipped models' edits are deterministic, their flows nearly straight, so reusing velocities
+across steps looks free on them; on this one it does not. Not a general image model.
+
+## Task and data
+
+- "Latents" are image crops, not VAE latents, packed exactly like `kontext-digits`: RGB in [-1, 1] plus a luma
+  channel, 2x2 px per token (token channel = c*4 + dy*2 + dx), 16 channels per token: {args.crop}x{args.crop} px crops,
+  a {g[0]}x{g[1]} token grid for the reference and the target. `kontext_digits.latents_to_image` shows latents.
+- Edits (`topi_export.models.kontext_texture`; the conditioning names one, fixed seeded random `prompt_embeds`
+  [1, {kt.TEXT_TOKENS}, {kt.TEXT_DIM}] and `pooled_prompt_embeds` [1, {kt.POOLED_DIM}] per edit; `guidance` embedded,
+  trained on U[1, 4], samples use {GUIDANCE}):
+  - `smooth`: Gaussian blur, sigma {kt.SMOOTH_SIGMA} px (deterministic: the control);
+  - `grain`: each token's 2x2 px replaced by their mean, plus monochrome white grain, std a ~ U[{lo_g}, {hi_g}]
+    per sample (random);
+  - `texture`: `smooth` plus a monochrome band-pass Gaussian random texture: centre frequency U[{lo_f}, {hi_f}]
+    cycles/px, random orientation and anisotropy, std a ~ U[{lo_t}, {hi_t}] per sample (random);
+  - `color_grain`: the reference plus white grain drawn independently per colour channel, std a ~ U[{lo_c}, {hi_c}]
+    per sample (random).
+  The random detail is continuous (Gaussian given its parameters), so there are no discrete modes; its mean is
+  zero, so the conditional mean of a target is its deterministic part (`kontext_texture.mean_latents`).
+- Images: scikit-image's bundled photos at scales 1, 1/2, 1/4, ... (short side <= 400 px), random crops and
+  horizontal flips (`train_kontext.pyramid` / `make_pair`). Train: {', '.join(TRAIN_IMAGES)}.
+  Held out: {', '.join(HELDOUT_IMAGES)}.
+- Layout exactly as `FluxKontextPipeline`: `hidden_states = cat([noisy target, reference])`, `img_ids =
+  kontext_ids(layout)`, `txt_ids` zeros, `timestep` = sigma in [0, 1]; only `out[:, :{nt}]` is the velocity.
+
+## Model
+
+`FluxTransformer2DModel` config (`kontext_digits.model_config`, the same as kontext-digits): `{json.dumps(cfg)}`:
+2 double-stream + 4 single-stream blocks (6 layers), 4 heads x 32 dims (width 128), {n_params} parameters,
+{r['weights_bytes'] / 1e6:.2f} MB safetensors (fp32, EMA weights).
+
+## Training
+
+`train_kontext.train_loop`: rectified flow, x_t = (1 - t) x0 + t noise, target velocity = noise - x0, t =
+sigmoid(N(0, 1)) shifted with mu = calculate_shift({nt}) = {calculate_shift(nt):.3f}. AdamW (lr {args.lr}, betas
+0.9/0.99, weight decay 0.01 on matrices), {args.warmup}-step linear warmup then constant LR, grad-norm clip 1.0, batch
+{args.batch}, EMA {args.ema}; edits uniform; a fresh random detail for every training target.{low_res} Seeded and
+deterministic for a given step count and thread count.
+
+- steps: {r['steps']}, training wall time: {r['train_seconds']} s ({r['train_seconds'] / 60:.1f} min)
+- machine: {tk.cpu_name()}, torch {torch.__version__}, {args.threads} thread(s) (the 2 cores were shared with
+  other jobs, so wall time is an upper bound)
+- final training loss (mean of the last {args.log_every} steps): {r['final_loss']:.4f}
+- held-out velocity MSE at 8 fixed t (raw / EMA weights): {r['val_loss']:.4f} / {r['ema_val_loss']:.4f}
+- log: `train_log.txt`
+
+How the recipe was chosen:
+
+{EXPLORATION}
+
+## Held-out evaluation
+
+{r['eval_requests']} held-out requests (crops of {', '.join(HELDOUT_IMAGES)}, edits cycling), generated as
+`FluxKontextPipeline` does (`train_kontext.generate`: FlowMatchEulerDiscreteScheduler, shift=3.0, dynamic shifting,
+sigmas = linspace(1, 1/N, N), mu = calculate_shift({nt}), transformer timestep = t/1000), N = {r['eval_steps']}
+steps, guidance {GUIDANCE}, seeded noise. PSNR in dB of the RGB channels (images in [0, 1]), mean of per-request PSNR
+(exact matches count as 60 dB). A random edit has no single right answer: **cond. mean** (the deterministic part,
+the best possible output in MSE) bounds what any output can score against the truth, and a sample of the right
+distribution scores about 3 dB below it where the detail dominates the error. Columns: **model** = generation vs
+truth; **cond. mean** / **copy ref** = the conditional mean / the unedited reference vs truth; **coarse** = model vs
+truth, both blurred (sigma {kt.EVAL_SIGMA} px); **vs mean** = generation vs the conditional mean; **detail truth** /
+**detail model** = std of (x - conditional mean) over the RGB entries (latent units, [-1, 1] images), i.e. how
+strong the random detail is (about 0 for an output that only predicts the mean).
+
+| edits | requests | model | cond. mean | copy ref | coarse | vs mean | detail truth | detail model |
+|---|---|---|---|---|---|---|---|---|
+{rows}
+
+{f'Preview (`{preview}`): rows = held-out samples; columns = reference | conditional mean | ground truth (one draw) | generation.' if preview else ''}
+
+## Curvature
+
+{_curvature_section()}
+
+## Samples
+
+`samples/sample_{{i}}.safetensors` (the first {args.num_samples} held-out requests, edits cycling) and
+`calibration_samples/sample_{{i}}.safetensors` ({args.num_calibration} requests from the TRAINING photos, for a
+calibration that does not touch held-out data), written by `topi_export.artifacts.inputs.save_inputs`:
+`reference_latents` [1, {nt}, 16], `prompt_embeds` [1, {kt.TEXT_TOKENS}, {kt.TEXT_DIM}], `pooled_prompt_embeds`
+[1, {kt.POOLED_DIM}], `noise` [1, {nt}, 16], `target_latents` [1, {nt}, 16] (one draw of the edit), `guidance` [1];
+string metadata `target_grid`, `reference_grids` = "{g[0]}x{g[1]}", `edit`, `photos`.
+
+## Reproduce
+
+{produced}"""
+
+
+if __name__ == "__main__":
+    main()
