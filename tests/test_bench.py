@@ -37,6 +37,39 @@ def test_bench_json_on_tiny(tmp_path, capsys):
     assert "default policy" in stdout
 
 
+def test_markdown_table_has_the_per_sample_minimum_of_every_policy(tmp_path, capsys):
+    """Every row of the Markdown table gives mean (per-sample minimum) vs the unpruned run and, when the inputs carry
+    ground truth, vs the truth; the numbers are the JSON's."""
+    import torch
+
+    from topi_export import Layout, load_model, save_inputs
+
+    fam = load_model("tiny-kontext").family
+    files = []
+    for seed in (1, 2, 3):
+        data = fam.synthetic_inputs(Layout(8, (4, 4), ((4, 4),)), seed)
+        data.target_latents = torch.randn(1, 16, fam.in_channels, generator=torch.Generator().manual_seed(seed))
+        files.append(str(tmp_path / f"in{seed}.safetensors"))
+        save_inputs(files[-1], data)
+    out = tmp_path / "b.json"
+    code, _, err = run_cli(["bench", "--model", "tiny-kontext", "--inputs", *files, "--ratio-buckets", "0.5",
+                            "--policies", "topi,uniform", "--steps", "3", "--update-interval", "2", "--json", str(out),
+                            "-q"], capsys)
+    assert code == 0, err
+    report = json.loads(out.read_text())
+    lines = (tmp_path / "b.md").read_text().splitlines()
+    assert "PSNR vs unpruned [dB]: mean (min)" in lines[0] and "PSNR vs truth [dB]: mean (min)" in lines[0]
+    base = report["baseline"]
+    assert len(base["psnr_gt_db_per_sample"]) == 3 and base["psnr_gt_db_min"] == min(base["psnr_gt_db_per_sample"])
+    assert f"{base['psnr_gt_db']:.2f} ({base['psnr_gt_db_min']:.2f})" in lines[2]
+    for r in report["results"]:
+        row = next(line for line in lines if line.startswith(f"| {r['policy']} | 0.5 |"))
+        assert r["psnr_db_min"] == min(r["psnr_db_per_sample"]) < max(r["psnr_db_per_sample"])
+        assert r["psnr_gt_db_min"] == min(r["psnr_gt_db_per_sample"])
+        assert f"{r['psnr_db']:.2f} ({r['psnr_db_min']:.2f})" in row
+        assert row.rstrip().endswith(f"{r['psnr_gt_db']:.2f} ({r['psnr_gt_db_min']:.2f}) |")
+
+
 def test_bench_sweeps_step_reuse(tmp_path, capsys):
     out = tmp_path / "bench.json"
     code, stdout, err = run_cli(["bench", "--model", "tiny-kontext", "--ratio-buckets", "0.5", "--policies", "topi",

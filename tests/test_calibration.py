@@ -261,6 +261,28 @@ def test_shipped_profiles():
     assert settings.source == "calibration/tiny-kontext.json" and settings.pivotal_layers == profile.pivotal_layers
 
 
+def test_calibration_none_ignores_the_shipped_profile(tmp_path, capsys):
+    """--calibration none: the family's default setting although a shipped profile matches (an uncalibrated user),
+    and the report says so."""
+    from conftest import run_cli
+
+    tiny = _tiny()
+    shipped, default = _settings(tiny), tiny.family.default_settings()
+    assert shipped.source == "calibration/tiny-kontext.json" and shipped.pivotal_layers != default.pivotal_layers
+    none = _settings(tiny, "none")
+    assert (none.pivotal_layers, none.prune_start, none.provenance) == (
+        default.pivotal_layers, default.prune_start, default.provenance)
+    assert none.source.startswith("family default (--calibration none)")
+    for command in (["run"], ["bench", "--ratio-buckets", "0.5", "--policies", "uniform", "--no-default-policy",
+                              "--md", str(tmp_path / "b.md"), "--png", str(tmp_path / "b.png")]):
+        out = tmp_path / f"{command[0]}.json"
+        code, _, err = run_cli(command + ["--model", "tiny-kontext", "--calibration", "none", "--steps", "2", "-q",
+                                          "--json", str(out)], capsys)
+        assert code == 0, err
+        method = json.loads(out.read_text())["method"]
+        assert method["pivotal_layers"] == list(default.pivotal_layers) and method["source"] == none.source
+
+
 def test_plot_profile_writes_png(tmp_path):
     from topi_export.plan.results import CalibrationResult
 

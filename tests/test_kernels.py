@@ -81,6 +81,36 @@ def test_context_influence_both_variants_match(shape, split_heads):
     assert _rel(tk.context_influence(q, k, v, lse + 0.6931471805599453, split_heads=split_heads), out / 2) < 1e-5
 
 
+def _key_mask(b, s, nc):
+    """[B, S] 0/1 on the device: row 0 masks a whole key tile (32 keys under the interpreter, and its start), the
+    other rows a few keys; one context key of row 0 is masked too."""
+    mask = torch.ones(b, s)
+    mask[0, :40] = 0
+    for row in range(1, b):
+        mask[row, 3 * row:3 * row + 5] = 0
+    mask[0, s - nc + 2] = 0
+    return mask.to(DEVICE)
+
+
+@pytest.mark.parametrize("shape", SHAPES[:2] + SHAPES[3:], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("split_heads", [False, True], ids=["one-launch", "split-heads"])
+def test_masked_influence_matches_the_op_and_oracle(shape, split_heads):
+    b, h, nx, s, nc, d = shape
+    q, k, v = _inputs(*shape)
+    mask = _key_mask(b, s, nc)
+    lse = tk.query_lse(q, k, mask)
+    logits = (q.double() @ k.double().transpose(-1, -2) / d ** 0.5).masked_fill(mask[:, None, None] == 0, -torch.inf)
+    assert (lse.double().cpu() - torch.logsumexp(logits, dim=-1).cpu()).abs().max().item() < 1e-5
+    out = tk.context_influence(q, k, v, lse, mask, split_heads=split_heads)
+    assert _rel(out, reference.influence_score(q, k, v, mask)) < 1e-5
+    assert _rel(out, reference.influence_score_materialized(q, k, v, mask)) < 1e-5
+    assert out[0, 2].item() == 0  # the masked context key
+    assert _rel(tk.influence_score(q, k, v, mask, split_heads=split_heads), out) < 1e-6
+    # the mask changes the answer (so the comparisons above can fail); a [1, S] mask is broadcast
+    assert _rel(tk.influence_score(q, k, v), out) > 1e-3
+    assert _rel(tk.influence_score(q, k, v, mask[:1]), reference.influence_score(q, k, v, mask[:1])) < 1e-5
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_influence_half_precision(dtype):
     q, k, v = _inputs(1, 2, 40, 90, 33, 32, dtype=dtype)
@@ -106,6 +136,8 @@ def test_influence_rejects_bad_inputs():
         tk.context_influence(q, k, v, lse[:, :, :3])
     with pytest.raises(ValueError, match="lse must be float32"):
         tk.context_influence(q, k, v, lse.double())
+    with pytest.raises(ValueError, match="key_mask must be"):
+        tk.query_lse(q, k, torch.ones(1, 7, device=DEVICE))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -129,17 +161,24 @@ def test_plugin_descriptors():
         assert p["namespace"] == "topi" and p["version"] == "1"
         assert p["attributes"] == {}
         assert len(p["inputs"]) == len(p["input_shapes"]) and len(p["outputs"]) == len(p["output_shapes"]) == 1
-        assert len(p["io_types"].split(",")) == len(p["inputs"]) + len(p["outputs"])
+        n_opt = len(p["optional_inputs"])
+        assert p["inputs"][len(p["inputs"]) - n_opt:] == p["optional_inputs"]  # optional inputs come last
+        assert len(p["io_types"].split(",")) == len(p["inputs"]) - n_opt + len(p["outputs"])
+        if n_opt:
+            assert len(p["masked_io_types"].split(",")) == len(p["inputs"]) + len(p["outputs"])
+            assert hasattr(tk, p["masked_aot_kernel"])
         assert p["output_dtype"] in p["inputs"] or p["output_dtype"] == "FP32"
         assert hasattr(tk, p["aot_kernel"]) and all(hasattr(tk, kern) for kern in p["jit_kernels"])
-    # the plugins are the ONNX nodes: same names, inputs and outputs as the schemas
+    # the plugins are the ONNX nodes: same names, inputs (and which are optional) and outputs as the schemas
     from topi_export.ops.onnx import register_schemas
     import onnx
 
     register_schemas()
+    optional = onnx.defs.OpSchema.FormalParameterOption.Optional
     for name, p in trt_plugins.PLUGINS.items():
         schema = onnx.defs.get_schema(name, 1, "topi")
         assert tuple(i.name for i in schema.inputs) == p["inputs"]
+        assert tuple(i.name for i in schema.inputs if i.option == optional) == p["optional_inputs"]
         assert tuple(o.name for o in schema.outputs) == p["outputs"]
     assert trt_plugins.PLUGINS["query_lse"]["output_shapes"] == ("[B,H,Nx]",)
     assert trt_plugins.PLUGINS["context_influence"]["output_shapes"] == ("[B,Nc]",)
@@ -242,8 +281,9 @@ def fake_trt(monkeypatch):
 def _compile_aot_elsewhere(requests):
     """compile_aot for sm_90 in a subprocess: the interpreter replaces Triton's compiler in this one."""
     code = ("import json, sys; sys.path.insert(0, sys.argv[1]); from topi_export.kernels import triton_kernels as tk; "
-            "from triton.backends.compiler import GPUTarget; "
-            "print(json.dumps([tk.compile_aot(*r, target=GPUTarget('cuda', 90, 32)) for r in json.loads(sys.argv[2])]))")
+            "from triton.backends.compiler import GPUTarget; t = GPUTarget('cuda', 90, 32); "
+            "print(json.dumps([tk.compile_aot(*r[:3], target=t, masked=r[4] if len(r) > 4 else False) "
+            "for r in json.loads(sys.argv[2])]))")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     out = subprocess.run([sys.executable, "-c", code, str(ROOT), json.dumps(requests)], env=env,
@@ -280,7 +320,7 @@ def test_register_plugins_with_fake_tensorrt(fake_trt, monkeypatch):
     if not HAS_CUDA:
         compiled = _compile_aot_elsewhere([["query_lse", "fp16", 16], ["context_influence", "fp16", 16],
                                            ["token_gather", "fp16", None]])
-        monkeypatch.setattr(tk, "compile_aot", lambda kern, dt, d=None: compiled[(kern, dt, d)])
+        monkeypatch.setattr(tk, "compile_aot", lambda kern, dt, d=None, masked=False: compiled[(kern, dt, d)])
     trt_plugins.register_plugins(name)
     trt_plugins.register_plugins(name)  # idempotent
     assert set(trtp.registry) == {"topi::query_lse", "topi::context_influence", "topi::token_gather"}
@@ -309,6 +349,37 @@ def test_register_plugins_with_fake_tensorrt(fake_trt, monkeypatch):
 
     with pytest.raises(trt_plugins.PluginUnavailableError):
         trt_plugins.register_plugins(name, jit=True)
+
+
+def test_register_masked_plugins_with_fake_tensorrt(fake_trt, monkeypatch):
+    name, trt, trtp = fake_trt
+    if not HAS_CUDA:
+        compiled = _compile_aot_elsewhere([["query_lse", "fp16", 16, None, True],
+                                           ["context_influence", "fp16", 16, None, True]])
+        monkeypatch.setattr(tk, "compile_aot",
+                            lambda kern, dt, d=None, masked=False: compiled[(kern, dt, d, None, masked)])
+    trt_plugins.register_plugins(name, ops=("query_lse", "context_influence"), masked=True)
+    reg = {n: trtp.registry[f"topi::{n}"] for n in ("query_lse", "context_influence")}
+    for n, entry in reg.items():  # the masked registration has every input of the ONNX schema, key_mask last
+        assert entry["inputs"] == list(trt_plugins.PLUGINS[n]["inputs"])
+    T = "FP32|FP16|BF16"
+    assert reg["query_lse"]["autotune"](None, None, None, ()) == [(f"{T}, {T}, FP32, FP32", "LINEAR")]
+    F = trtp.TensorDesc
+    b, h, nx, s, nc, d = 2, 3, 50, 113, 45, 16
+    q, k, v, m = F((b, h, nx, d), "HALF"), F((b, h, s, d), "HALF"), F((b, h, nc, d), "HALF"), F((b, s), "FLOAT")
+    lse = reg["query_lse"]["register"](q, k, m)
+    assert tuple(lse.shape_expr) == (b, h, nx) and lse.dtype == "FLOAT"
+    out = reg["context_influence"]["register"](q, k, v, lse, m)
+    assert tuple(out.shape_expr) == (b, nc) and out.dtype == "HALF"
+    kname, ptx, launch, extra = reg["query_lse"]["aot_impl"](q, k, m, (lse,), 0)
+    assert kname == b"_query_lse_masked_kernel" and _entry_params(ptx, kname) == 7 + 2  # Q K MASK, H NX S, LSE
+    assert list(extra) == [h, nx, s] and (launch.grid_x, launch.grid_y) == (-(-nx // tk._AOT_LSE_TILES[0][0]), b * h)
+    kname, ptx, launch, extra = reg["context_influence"]["aot_impl"](q, k, v, lse, m, (out,), 0)
+    assert kname == b"_context_influence_kernel" and _entry_params(ptx, kname) == 10 + 2  # + MASK
+    assert list(extra) == [h, nx, s, nc]
+    # one process holds one registration: the unmasked plugins cannot be added next to the masked ones
+    with pytest.raises(trt_plugins.PluginUnavailableError, match="new process"):
+        trt_plugins.register_plugins(name, ops=("query_lse", "context_influence"))
 
 
 def test_register_jit_and_subset_with_fake_tensorrt(fake_trt):
@@ -371,6 +442,28 @@ def test_gpu_aot_kernels_launch_like_tensorrt(fake_trt):
     kname, ptx, launch, extra = launches["token_gather"]
     _cu_launch(kname, ptx, launch, [x, idx, *extra, y])
     assert torch.equal(y, x[:, idx])
+
+
+@gpu
+@needs_gpu
+def test_gpu_masked_aot_kernels_launch_like_tensorrt(fake_trt):
+    name, trt, trtp = fake_trt
+    trt_plugins.register_plugins(name, ops=("query_lse", "context_influence"), masked=True)
+    F = trtp.TensorDesc
+    b, h, nx, s, nc, d = 2, 3, 50, 113, 45, 16
+    dq, dk, dv, dm = F((b, h, nx, d), "HALF"), F((b, h, s, d), "HALF"), F((b, h, nc, d), "HALF"), F((b, s), "FLOAT")
+    reg = {n: trtp.registry[f"topi::{n}"] for n in ("query_lse", "context_influence")}
+    dl = reg["query_lse"]["register"](dq, dk, dm)
+    do = reg["context_influence"]["register"](dq, dk, dv, dl, dm)
+    q, k, v = _inputs(b, h, nx, s, nc, d, dtype=torch.float16)
+    mask = _key_mask(b, s, nc)
+    lse = torch.full((b, h, nx), float("nan"), dtype=torch.float32, device="cuda")
+    kname, ptx, launch, extra = reg["query_lse"]["aot_impl"](dq, dk, dm, (dl,), 0)
+    _cu_launch(kname, ptx, launch, [q, k, mask, *extra, lse])
+    out = torch.empty(b, nc, dtype=torch.float16, device="cuda")
+    kname, ptx, launch, extra = reg["context_influence"]["aot_impl"](dq, dk, dv, dl, dm, (do,), 0)
+    _cu_launch(kname, ptx, launch, [q, k, v, lse, mask, *extra, out])
+    assert _rel(out, reference.influence_score_materialized(q, k, v, mask)) < 2e-3 and out[0, 2].item() == 0
 
 
 class _FakeTrtTensor:

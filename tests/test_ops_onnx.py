@@ -10,8 +10,8 @@ from onnx import TensorProto, helper
 
 from topi_export.errors import TopiError
 from topi_export.ops import influence_score, influence_score_materialized, token_gather
-from topi_export.ops.onnx import (PLUGIN_ATTRS, attach_functions, function_protos, register_schemas,
-                                  translation_table)
+from topi_export.ops.onnx import (MASKED_PLUGIN_ATTRS, PLUGIN_ATTRS, attach_functions, function_protos,
+                                  register_schemas, translation_table)
 
 OPSET = 20
 # distinct primes: a tensor of H*NX*S elements is then unambiguous (D = 4 is no factor of it; D < CHUNK
@@ -20,22 +20,26 @@ H, NX, S, NC, D = 3, 37, 71, 29, 4
 CHUNK = 8  # lowered from QUERY_CHUNK so small shapes run several loop iterations
 
 
-def _model(chunk=CHUNK, dtype=TensorProto.FLOAT, shapes=None):
-    """query_lse -> context_influence (+ token_gather) as a model, with the bodies attached."""
+def _model(chunk=CHUNK, dtype=TensorProto.FLOAT, shapes=None, masked=False):
+    """query_lse -> context_influence (+ token_gather) as a model, with the bodies attached; masked: both influence
+    nodes take the key mask input "m" [B, S]."""
     register_schemas()
     shapes = shapes or {}
     vi = helper.make_tensor_value_info
-    nodes = [helper.make_node("query_lse", ["q", "k"], ["lse"], domain="topi", **PLUGIN_ATTRS),
-             helper.make_node("context_influence", ["q", "k", "v", "lse"], ["influence"], domain="topi",
-                              **PLUGIN_ATTRS),
+    mask, attrs = (["m"], MASKED_PLUGIN_ATTRS) if masked else ([], PLUGIN_ATTRS)
+    nodes = [helper.make_node("query_lse", ["q", "k"] + mask, ["lse"], domain="topi", **attrs),
+             helper.make_node("context_influence", ["q", "k", "v", "lse"] + mask, ["influence"], domain="topi",
+                              **attrs),
              helper.make_node("token_gather", ["x", "keep_idx"], ["y"], domain="topi", **PLUGIN_ATTRS)]
     inputs = [vi(n, dtype, shapes.get(n, ["B", "H", f"N{n}", "D"])) for n in "qkv"]
     inputs += [vi("x", dtype, ["B", "N", "C"]), vi("keep_idx", TensorProto.INT64, ["K"])]
+    if masked:
+        inputs.append(vi("m", TensorProto.FLOAT, ["B", "Nk"]))
     outputs = [vi("influence", dtype, ["B", "Nv"]), vi("lse", TensorProto.FLOAT, ["B", "H", "Nq"]),
                vi("y", dtype, ["B", "K", "C"])]
     model = helper.make_model(helper.make_graph(nodes, "topi_ops", inputs, outputs),
                               opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("topi", 1)])
-    model.functions.extend(function_protos(OPSET, chunk))
+    model.functions.extend(function_protos(OPSET, chunk, masked=masked))
     onnx.checker.check_model(model, full_check=True)
     return model
 
@@ -48,9 +52,11 @@ def _inputs(b, h, nx, s, nc, d, seed=0):
     return q, k, v, x, keep
 
 
-def _run(session, q, k, v, x, keep, np_dtype=np.float32):
+def _run(session, q, k, v, x, keep, np_dtype=np.float32, mask=None):
     feed = {"q": q.numpy().astype(np_dtype), "k": k.numpy().astype(np_dtype), "v": v.numpy().astype(np_dtype),
             "x": x.numpy().astype(np_dtype), "keep_idx": keep.numpy()}
+    if mask is not None:
+        feed["m"] = mask.numpy().astype(np.float32)
     return dict(zip(["influence", "lse", "y"], session.run(["influence", "lse", "y"], feed)))
 
 
@@ -82,6 +88,67 @@ def test_onnxruntime_equals_the_float64_oracle(shape):
     lse = torch.logsumexp(q.double() @ k.double().transpose(-1, -2) / shape[5] ** 0.5, dim=-1)
     assert got["lse"].shape == tuple(lse.shape) and _rel(got["lse"], lse) < 1e-5
     np.testing.assert_array_equal(got["y"], token_gather(x, keep).numpy())
+
+
+def _key_mask(b, s, nc, seed=0):
+    """[B, S] 0/1: a different run of masked keys per batch row (as text padding), a masked context key in row 0."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(b, s)
+    for row in range(b):
+        start = int(torch.randint(0, max(1, s - nc - 3), (1,), generator=g))
+        mask[row, start:start + 3 + row] = 0
+    mask[0, s - nc + 1] = 0
+    return mask
+
+
+@pytest.mark.parametrize("shape", SHAPES[:4], ids=lambda s: "x".join(map(str, s)))
+def test_masked_bodies_equal_the_op_and_the_oracle(shape):
+    b, h, nx, s, nc, d = shape
+    q, k, v, x, keep = _inputs(*shape)
+    mask = _key_mask(b, s, nc)
+    got = _run(_session(_model(masked=True)), q, k, v, x, keep, mask=mask)
+    want = influence_score(q, k, v, mask)
+    assert _rel(got["influence"], want) < 1e-5
+    assert _rel(got["influence"], influence_score_materialized(q, k, v, mask)) < 1e-5
+    assert got["influence"][0, 1] == 0  # the masked context key (key S - Nc + 1) takes no probability
+    logits = (q.double() @ k.double().transpose(-1, -2) / d ** 0.5).masked_fill(mask[:, None, None] == 0, -np.inf)
+    assert _rel(got["lse"], torch.logsumexp(logits, dim=-1)) < 1e-5
+    # the mask matters: without it the answer differs (so the comparison above can fail)
+    assert _rel(influence_score(q, k, v), want) > 1e-3
+    # an all-ones mask is no mask
+    ones = _run(_session(_model(masked=True)), q, k, v, x, keep, mask=torch.ones(b, s))
+    assert _rel(ones["influence"], influence_score_materialized(q, k, v)) < 1e-5
+
+
+@pytest.mark.parametrize("chunk", [CHUNK, 1024], ids=["chunked", "one-chunk"])
+def test_padding_the_prompt_leaves_the_bodies_influence_unchanged(chunk):
+    """A prompt of 6 text keys padded to 16 (the padding masked, as Qwen's processor masks it): the masked bodies
+    give the influence of the unpadded sequence through the unmasked bodies, and so does the torch op."""
+    g = torch.Generator().manual_seed(7)
+    b, h, nx, nc, d, n_text, n_pad = 2, 3, 19, 13, 16, 6, 10
+    q = torch.randn(b, h, nx, d, generator=g) * 1.5
+    text, pad, target, ctx = (torch.randn(b, h, n, d, generator=g) * 1.5 for n in (n_text, n_pad, nx, nc))
+    v = torch.randn(b, h, nc, d, generator=g)
+    k6, k16 = torch.cat([text, target, ctx], 2), torch.cat([text, pad, target, ctx], 2)
+    mask = torch.ones(b, k16.shape[2])
+    mask[:, n_text:n_text + n_pad] = 0
+    x, keep = torch.randn(b, nc + 3, 5, generator=g), torch.arange(nc)
+    plain = _run(_session(_model(chunk)), q, k6, v, x, keep)["influence"]
+    padded = _run(_session(_model(chunk, masked=True)), q, k16, v, x, keep, mask=mask)["influence"]
+    assert _rel(padded, plain) <= 1e-5
+    assert _rel(influence_score(q, k16, v, mask), influence_score(q, k6, v)) <= 1e-5
+    # the padding scored as attended keys takes probability from the context: the comparison above can fail
+    leaky = _run(_session(_model(chunk)), q, k16, v, x, keep)["influence"]
+    assert _rel(leaky, plain) > 1e-3
+
+
+def test_a_graph_mixing_masked_and_unmasked_influence_is_refused():
+    model = _model(masked=True)
+    del model.functions[:]
+    node = helper.make_node("query_lse", ["q", "k"], ["lse2"], domain="topi", **PLUGIN_ATTRS)
+    model.graph.node.append(node)
+    with pytest.raises(TopiError, match="mixes influence nodes"):
+        attach_functions(model)
 
 
 def test_default_chunk_and_many_chunks_agree():
@@ -208,6 +275,35 @@ def test_torch_export_emits_two_influence_nodes_with_bodies():
     np.testing.assert_array_equal(y, token_gather(x, keep).numpy())
 
 
+class _TinyMasked(torch.nn.Module):
+    def forward(self, q, k, v, m):
+        return influence_score(q, k, v, m)
+
+
+def test_torch_export_with_a_key_mask_emits_masked_nodes_equal_to_the_op():
+    import logging
+    import warnings
+
+    q, k, v, _, _ = _inputs(2, 2, 13, 31, 11, 16)
+    mask = _key_mask(2, 31, 11, seed=4)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        program = torch.onnx.export(_TinyMasked(), (q, k, v, mask), dynamo=True, opset_version=OPSET,
+                                    custom_translation_table=translation_table(), verbose=False)
+    model = attach_functions(program.model_proto)
+    topi = [n for n in model.graph.node if n.domain == "topi"]
+    assert [(n.op_type, len(n.input)) for n in topi] == [("query_lse", 3), ("context_influence", 5)]
+    for n in topi:
+        assert {a.name: a.s.decode() for a in n.attribute} == MASKED_PLUGIN_ATTRS
+    assert [len(f.input) for f in model.functions] == [3, 5]
+    onnx.checker.check_model(model, full_check=True)
+    session = _session(model)
+    names = [i.name for i in session.get_inputs()]
+    (infl,) = session.run(None, dict(zip(names, (t.numpy() for t in (q, k, v, mask)))))
+    assert _rel(infl, influence_score(q, k, v, mask)) < 1e-5
+
+
 def test_schemas_infer_output_types_and_shapes():
     from onnx.shape_inference import infer_node_outputs
 
@@ -244,14 +340,15 @@ def test_opset_below_18_is_refused():
 
 # ------------------------------------------------------------------------- TensorRT-RTX
 @pytest.mark.tensorrt_rtx
-@pytest.mark.parametrize("dtype", [TensorProto.FLOAT, TensorProto.FLOAT16], ids=["fp32", "fp16"])
-def test_tensorrt_rtx_parses_and_builds_ahead_of_time(dtype):
+@pytest.mark.parametrize("dtype,masked", [(TensorProto.FLOAT, False), (TensorProto.FLOAT16, False),
+                                          (TensorProto.FLOAT, True)], ids=["fp32", "fp16", "fp32-masked"])
+def test_tensorrt_rtx_parses_and_builds_ahead_of_time(dtype, masked):
     trt = pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx not installed (pip install tensorrt-rtx-cu13)")
     log = trt.Logger(trt.Logger.ERROR)
     builder = trt.Builder(log)
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, log)
-    assert parser.parse(_model(dtype=dtype).SerializeToString()), [parser.get_error(i).desc()
+    assert parser.parse(_model(dtype=dtype, masked=masked).SerializeToString()), [parser.get_error(i).desc()
                                                                     for i in range(parser.num_errors)]
     layer_types = {network.get_layer(i).type for i in range(network.num_layers)}
     assert trt.LayerType.TRIP_LIMIT in layer_types  # the bodies were inlined, loops and all
@@ -259,7 +356,8 @@ def test_tensorrt_rtx_parses_and_builds_ahead_of_time(dtype):
     config = builder.create_builder_config()
     config.num_compute_capabilities = 1
     config.set_compute_capability(trt.ComputeCapability.SM89, 0)
-    fixed = {"q": (1, H, NX, D), "k": (1, H, S, D), "v": (1, H, NC, D), "x": (1, 9, 5), "keep_idx": (4,)}
+    fixed = {"q": (1, H, NX, D), "k": (1, H, S, D), "v": (1, H, NC, D), "x": (1, 9, 5), "keep_idx": (4,),
+             **({"m": (1, S)} if masked else {})}
     profiles = [{n: (s, s, s) for n, s in fixed.items()},  # static
                 {**{n: (s, s, s) for n, s in fixed.items()}, "q": ((1, H, 1, D), (1, H, NX, D), (1, H, 64, D))}]
     for shapes in profiles:  # a range of Nx: trip count and chunk size resolved at run time

@@ -5,10 +5,11 @@ import pytest
 import torch
 
 from topi_export.errors import TopiError
-from topi_export.method.selection import (DEFAULT_POLICY, POLICIES, Selector, check_bucket_keeps, keep_count,
-                                          keep_per_reference, kept_mass, parse_buckets, select_tokens,
-                                          tau_keep_count)
+from topi_export.method.selection import (DEFAULT_POLICY, MIX_RELEVANCE, POLICIES, Selector, check_bucket_keeps,
+                                          keep_count, keep_per_reference, kept_mass, parse_buckets, relevance,
+                                          select_tokens, tau_keep_count)
 
+BUDGET = "topi-budget"
 GRID_CASES = [((16, 16),), ((1, 37),), ((5, 9),), ((12, 20), (7, 3), (16, 16)), ((1, 1), (9, 6))]
 
 
@@ -75,12 +76,12 @@ def test_dither_ignores_influence():
     assert torch.equal(select_tokens(a, 100, "dither", ((16, 16),)), select_tokens(b, 100, "dither", ((16, 16),)))
 
 
-def test_influence_changes_the_default_policy():
+def test_influence_changes_the_budget_policy():
     left = torch.ones(16, 16)
     left[:, :8] = 4.0
     right = left.flip(1)
-    a = select_tokens(left.flatten(), 96, DEFAULT_POLICY, ((16, 16),))
-    b = select_tokens(right.flatten(), 96, DEFAULT_POLICY, ((16, 16),))
+    a = select_tokens(left.flatten(), 96, BUDGET, ((16, 16),))
+    b = select_tokens(right.flatten(), 96, BUDGET, ((16, 16),))
     assert not torch.equal(a, b)
     ka, kb = _kept_grid(a, (16, 16)), _kept_grid(b, (16, 16))
     # 4x the influence density -> 4/5 of the slots (each left quadrant 38.4 -> 38), on whichever side it is
@@ -88,18 +89,18 @@ def test_influence_changes_the_default_policy():
 
 
 def test_budget_spreads_evenly_when_influence_is_flat():
-    idx = select_tokens(torch.ones(256), 128, DEFAULT_POLICY, ((16, 16),))
+    idx = select_tokens(torch.ones(256), 128, BUDGET, ((16, 16),))
     cells = _kept_grid(idx, (16, 16)).reshape(8, 2, 8, 2).sum((1, 3))
     assert (cells == 2).all()
     # nearly flat (noise 1e-3): every 2x2 cell still keeps tokens
     noisy = 1 + 1e-3 * torch.rand(256, generator=torch.Generator().manual_seed(5))
-    cells = _kept_grid(select_tokens(noisy, 128, DEFAULT_POLICY, ((16, 16),)), (16, 16)).reshape(8, 2, 8, 2)
+    cells = _kept_grid(select_tokens(noisy, 128, BUDGET, ((16, 16),)), (16, 16)).reshape(8, 2, 8, 2)
     assert (cells.sum((1, 3)) >= 1).all()
     # flat influence is exactly the 2-D uniform policy, on any grids
     grids = ((12, 20), (7, 3))
     for k in (40, 131, 200):
         flat = torch.full((_n(grids),), 0.7)
-        assert torch.equal(select_tokens(flat, k, DEFAULT_POLICY, grids), select_tokens(flat, k, "uniform", grids))
+        assert torch.equal(select_tokens(flat, k, BUDGET, grids), select_tokens(flat, k, "uniform", grids))
 
 
 def test_budget_keeps_the_reference_that_holds_the_mass():
@@ -107,27 +108,27 @@ def test_budget_keeps_the_reference_that_holds_the_mass():
     n = _n(grids)
     infl = torch.zeros(n)
     infl[64:320] = torch.rand(256, generator=torch.Generator().manual_seed(6)) + 0.5
-    assert keep_per_reference(select_tokens(infl, 100, DEFAULT_POLICY, grids), grids) == [0, 100, 0]
+    assert keep_per_reference(select_tokens(infl, 100, BUDGET, grids), grids) == [0, 100, 0]
     infl[:64] = 1e-5  # (nearly) all the mass: all the slots
     infl[320:] = 1e-5
-    assert keep_per_reference(select_tokens(infl, 100, DEFAULT_POLICY, grids), grids)[1] >= 99
+    assert keep_per_reference(select_tokens(infl, 100, BUDGET, grids), grids)[1] >= 99
     # more slots than that reference holds: it keeps everything, the rest goes to the others
-    counts = keep_per_reference(select_tokens(infl, 300, DEFAULT_POLICY, grids), grids)
+    counts = keep_per_reference(select_tokens(infl, 300, BUDGET, grids), grids)
     assert counts[1] == 256 and sum(counts) == 300
 
 
 def test_budget_splits_references_and_regions_by_mass():
     grids = ((8, 8), (4, 4))
     infl = torch.cat([torch.full((64,), 3 / 64), torch.full((16,), 1 / 16)])  # mass 3 : 1
-    assert keep_per_reference(select_tokens(infl, 40, DEFAULT_POLICY, grids), grids) == [30, 10]
+    assert keep_per_reference(select_tokens(infl, 40, BUDGET, grids), grids) == [30, 10]
     # a canvas of which a quadrant is used (10x the influence density): the budget follows the mass
     canvas = torch.ones(16, 16)
     canvas[:8, 8:] = 10.0
-    for policy, expected in (("uniform", 16), (DEFAULT_POLICY, 49)):  # 64 * 640 / 832 = 49.2
+    for policy, expected in (("uniform", 16), (BUDGET, 49)):  # 64 * 640 / 832 = 49.2
         kept = _kept_grid(select_tokens(canvas.flatten(), 64, policy, ((16, 16),)), (16, 16))
         assert int(kept[:8, 8:].sum()) == expected
     # the rest of the canvas is not abandoned: every 8x8 quadrant keeps tokens
-    kept = _kept_grid(select_tokens(canvas.flatten(), 64, DEFAULT_POLICY, ((16, 16),)), (16, 16))
+    kept = _kept_grid(select_tokens(canvas.flatten(), 64, BUDGET, ((16, 16),)), (16, 16))
     assert (kept.reshape(2, 8, 2, 8).sum((1, 3)) >= 4).all()
 
 
@@ -236,3 +237,139 @@ def test_selector_grids_and_modes():
     infl = torch.rand(64)
     assert torch.equal(rnd.select(infl, 10)[0], rnd.select(infl, 10)[0])
     assert not torch.equal(rnd.select(infl, 0)[0], rnd.select(infl, 10)[0])
+
+
+# --- topi-mix (the default): cover what the target copies from, rank the rest ---------------------------
+MIX = "topi-mix"
+
+
+def test_the_default_is_topi_mix():
+    assert DEFAULT_POLICY == MIX and POLICIES[MIX].uses_influence
+    assert Selector(64).policy == MIX
+
+
+def test_relevance_is_block_density_over_the_mass_weighted_mean():
+    grids = ((8, 8), (4, 12))  # blocks of 2x2 (8x8) and 2x2 (4x12: sqrt(48/16) = 1.7 -> 2)
+    w = torch.ones(112)
+    w[64:] = 0.1  # the second reference: a tenth of the density
+    x = relevance(w, grids)
+    star = (64 * 1.0 + 48 * 0.1 * 0.1) / (64 + 48 * 0.1)  # mass-weighted mean density
+    torch.testing.assert_close(x[:64], torch.full((64,), 1 / star, dtype=torch.float64))
+    torch.testing.assert_close(x[64:], torch.full((48,), 0.1 / star, dtype=torch.float64))
+    assert float((w.double() * x).sum() / w.sum()) == pytest.approx(1.0)
+    assert torch.equal(relevance(torch.zeros(112), grids), torch.ones(112, dtype=torch.float64))
+
+
+def test_mix_keeps_the_relevant_reference_whole_then_the_strongest_others():
+    grids = ((8, 8), (12, 10), (6, 6))  # 64 + 120 + 36, non-square
+    gen = torch.Generator().manual_seed(11)
+    infl = 0.02 * torch.rand(220, generator=gen)  # the target only glances at references 0 and 2
+    infl[64:184] = 0.5 + torch.rand(120, generator=gen)  # it copies from reference 1
+    idx = select_tokens(infl, 150, MIX, grids)
+    assert keep_per_reference(idx, grids)[1] == 120
+    others = torch.cat([torch.arange(64), torch.arange(184, 220)])
+    strongest = others[infl[others].topk(30).indices].sort().values
+    assert torch.equal(idx[(idx < 64) | (idx >= 184)], strongest)  # the rest: plain top-k of the others
+    # fewer slots than the relevant reference holds: every slot in it, spread like the uniform policy when flat
+    infl[64:184] = 1.0
+    idx = select_tokens(infl, 60, MIX, grids)
+    assert keep_per_reference(idx, grids) == [0, 60, 0]
+    assert torch.equal(idx - 64, select_tokens(torch.ones(120), 60, "uniform", ((12, 10),)))
+
+
+def test_mix_finds_the_relevant_part_of_one_reference():
+    """A 16x32 canvas whose left half the target copies from: the left half is kept first (spread when it cannot be
+    kept whole), the right half gets the strongest of its tokens."""
+    canvas = torch.full((16, 32), 0.2)  # a fifth of the density: the target only glances at the right half
+    canvas[:, 16:] += 0.05 * torch.rand(16, 16, generator=torch.Generator().manual_seed(12))
+    canvas[:, :16] = 1.0
+    infl = canvas.flatten()
+    kept = _kept_grid(select_tokens(infl, 256 + 40, MIX, ((16, 32),)), (16, 32))
+    assert kept[:, :16].all() and int(kept[:, 16:].sum()) == 40
+    right = canvas[:, 16:].flatten()
+    assert torch.equal(kept[:, 16:].flatten().nonzero().flatten(), right.topk(40).indices.sort().values)
+    kept = _kept_grid(select_tokens(infl, 64, MIX, ((16, 32),)), (16, 32))
+    assert not kept[:, 16:].any()
+    assert (kept[:, :16].reshape(8, 2, 8, 2).sum((1, 3)) == 1).all()  # one token per 2x2 cell of the left half
+    # the plain budget splits by mass instead and leaves holes in the half the target copies from
+    assert not _kept_grid(select_tokens(infl, 256 + 40, BUDGET, ((16, 32),)), (16, 32))[:, :16].all()
+
+
+def test_mix_covers_a_copy_like_reference_and_follows_its_influence_gently():
+    """Influence that varies only moderately (a copy-like edit: every token is some target token's source) marks no
+    block irrelevant: every 2x2 cell keeps a token at half, and denser regions get more slots, but fewer than the
+    plain budget gives them."""
+    dens = torch.ones(16, 16)
+    dens[:8] = 2.0  # the top half has twice the density
+    infl = (dens * (1 + 0.1 * torch.rand(16, 16, generator=torch.Generator().manual_seed(13)))).flatten()
+    assert float(relevance(infl, ((16, 16),)).min()) >= MIX_RELEVANCE
+    kept = {p: _kept_grid(select_tokens(infl, 128, p, ((16, 16),)), (16, 16)) for p in (MIX, BUDGET, "uniform")}
+    assert (kept[MIX].reshape(8, 2, 8, 2).sum((1, 3)) >= 1).all()
+    top = {p: int(k[:8].sum()) for p, k in kept.items()}
+    assert top["uniform"] == 64 < top[MIX] < top[BUDGET]  # sqrt(2): 128 * 1.41 / 2.41 = 75; by mass 85
+    assert abs(top[MIX] - 75) <= 2  # noise of 10% moves a slot or two
+
+
+def test_mix_threshold_switches_a_reference_from_ranked_to_covered():
+    """Two 8x8 references, the second flat at x times the first's density. Below the threshold (relevance 0.295 at
+    x = 0.25) the second is only glanced at: the first is kept whole and the second gets its 16 strongest tokens.
+    Above it (0.36 at x = 0.3) both are relevant and the 80 slots are split by mass (80 * 0.3 / 1.3 = 18.5)."""
+    grids = ((8, 8), (8, 8))
+    noise = 1 + 0.01 * torch.rand(64, generator=torch.Generator().manual_seed(3))
+    kept = {}
+    for x in (0.25, 0.3):
+        w = torch.cat([torch.ones(64), x * noise])
+        rel = relevance(w, grids)[64:]
+        assert (rel < MIX_RELEVANCE).all() if x == 0.25 else (rel >= MIX_RELEVANCE).all()
+        kept[x] = select_tokens(w, 80, MIX, grids)
+    assert keep_per_reference(kept[0.25], grids) == [64, 16]
+    assert torch.equal(kept[0.25][64:] - 64, noise.topk(16).indices.sort().values)
+    assert keep_per_reference(kept[0.3], grids) == [61, 19]
+
+
+@pytest.mark.parametrize("grids", [((16, 16),), ((9, 14), (4, 4)), ((1, 50),), ((3, 40), (8, 5), (10, 10))],
+                         ids=lambda g: "+".join(f"{h}x{w}" for h, w in g))
+def test_mix_on_one_and_several_references_and_odd_grids(grids):
+    n = _n(grids)
+    gen = torch.Generator().manual_seed(n)
+    for infl in (torch.rand(n, generator=gen) ** 6, torch.zeros(n), torch.ones(n)):
+        for k in sorted({1, n // 4, n // 2, n - 1}):
+            idx = select_tokens(infl, k, MIX, grids)
+            assert idx.numel() == k and torch.equal(idx, idx.unique())
+            assert torch.equal(idx, select_tokens(infl, k, MIX, grids, seed=99))  # no randomness
+    # no influence at all: the uniform spread
+    assert torch.equal(select_tokens(torch.zeros(n), n // 2, MIX, grids), select_tokens(torch.zeros(n), n // 2,
+                                                                                     "uniform", grids))
+
+
+def test_cli_default_policy_on_three_odd_references(tmp_path, capsys):
+    """`run` with the default policy on three non-square references: the report names topi-mix, every anchor keeps
+    exactly the bucket's count (split over the references), and --tau keeps at least tau of the influence."""
+    import json
+
+    from conftest import run_cli
+    from topi_export import Layout, load_model, save_inputs
+
+    fam = load_model("tiny-flux2").family
+    grids = ((6, 5), (4, 4), (3, 7))  # 30 + 16 + 21 = 67 context tokens
+    inputs = tmp_path / "in.safetensors"
+    save_inputs(inputs, fam.synthetic_inputs(Layout(4, (4, 6), grids), 3))
+    base = ["run", "--model", "tiny-flux2", "--inputs", str(inputs), "--steps", "5", "--update-interval", "2", "-q"]
+    code, _, err = run_cli(base + ["--ratio", "0.5", "--json", str(tmp_path / "a.json")], capsys)
+    assert code == 0, err
+    rep = json.loads((tmp_path / "a.json").read_text())
+    assert rep["selection"]["policy"] == MIX == DEFAULT_POLICY
+    anchors = [r for r in rep["schedule"] if r["kind"] == "anchor"]
+    assert len(anchors) == 3
+    for r in anchors:
+        assert r["selected_keep"] == keep_count(0.5, 67) == sum(r["selected_per_reference"])
+        assert all(0 <= c <= h * w for c, (h, w) in zip(r["selected_per_reference"], grids))
+    assert all(r["keep"] == 34 for r in rep["schedule"] if r["kind"] == "pruned")
+    code, _, err = run_cli(base + ["--tau", "0.6", "--ratio-buckets", "0.3,0.5", "--json", str(tmp_path / "t.json")],
+                           capsys)
+    assert code == 0, err
+    anchors = [r for r in json.loads((tmp_path / "t.json").read_text())["schedule"] if r["kind"] == "anchor"]
+    for r in anchors:
+        assert r["kept_influence"] >= 0.6 - 1e-9 and r["selected_keep"] in (keep_count(0.3, 67), 34, 67)
+    code, _, err = run_cli(base + ["--policy", "topi-dither"], capsys)
+    assert code == 2 and "renamed to 'dither'" in err and MIX in err

@@ -137,13 +137,17 @@ def test_builder_registers_plugins_with_the_module_it_builds_with(monkeypatch):
         def note(self, msg):
             notes.append(msg)
 
-    monkeypatch.setattr(trt_plugins, "register_plugins", lambda name: calls.append(name))
+    monkeypatch.setattr(trt_plugins, "register_plugins", lambda name, masked=False: calls.append((name, masked)))
     assert _register_plugins("tensorrt", "tensorrt", Log(), lambda s: None) is True
-    assert calls == ["tensorrt"] and "topi plugins registered" in notes[-1]
+    assert calls == [("tensorrt", False)] and "topi plugins registered" in notes[-1]
+    # a graph whose influence nodes take a key mask (Qwen) registers the masked plugins
+    assert _register_plugins("tensorrt", "tensorrt", Log(), lambda s: None, masked=True) is True
+    assert calls[-1] == ("tensorrt", True)
+    calls.clear()
     assert _register_plugins("tensorrt-rtx", "tensorrt_rtx", Log(), lambda s: None) is False
-    assert calls == ["tensorrt"] and "no Python plugin API" in notes[-1]
+    assert calls == [] and "no Python plugin API" in notes[-1]
 
-    def broken(name):
+    def broken(name, masked=False):
         raise trt_plugins.PluginUnavailableError("cannot import tensorrt.plugin")
 
     monkeypatch.setattr(trt_plugins, "register_plugins", broken)

@@ -122,7 +122,8 @@ def test_influence_equals_direct_materialised_computation(tiny, monkeypatch):
 
     seen = []
 
-    def recording(q, k, v):
+    def recording(q, k, v, key_mask=None):
+        assert key_mask is None  # FLUX.1 Kontext masks no key
         seen.append((q.clone(), k.clone(), v.clone()))
         return influence_score(q, k, v)
 

@@ -68,6 +68,7 @@ class Row:
         if self.psnr_gt:
             out["psnr_gt_db"] = mean(self.psnr_gt)
             out["psnr_gt_db_min"] = min(self.psnr_gt)
+            out["psnr_gt_db_per_sample"] = list(self.psnr_gt)
         return out
 
 
@@ -152,6 +153,7 @@ def run_bench(session, inputs_list, cfg: BenchConfig, progress=None) -> dict:
     if baseline["psnr_gt"]:
         base["psnr_gt_db"] = sum(baseline["psnr_gt"]) / len(baseline["psnr_gt"])
         base["psnr_gt_db_min"] = min(baseline["psnr_gt"])
+        base["psnr_gt_db_per_sample"] = list(baseline["psnr_gt"])
     best = best_policy(results)
     return {"default_policy": DEFAULT_POLICY, "best_policy": best, "baseline": base, "results": results,
             "steps": cfg.steps, "repeats": cfg.repeats, "inputs": [d.source for d in inputs_list],
@@ -176,15 +178,24 @@ def machine() -> dict:
             "cpus": os.cpu_count(), "python": platform.python_version()}
 
 
+def _mean_min(mean, low) -> str:
+    """'mean (per-sample minimum)' in dB; '-' where not measured."""
+    if mean is None:
+        return "-"
+    return f"{mean:.2f} ({low:.2f})" if low is not None else f"{mean:.2f}"
+
+
 def markdown_table(report) -> str:
+    """One row per (policy, ratio | tau, dT): PSNR vs the unpruned run and, when the inputs carry ground truth, vs the
+    truth, each as the mean over the inputs with the per-sample minimum in brackets."""
     gt = any("psnr_gt_db" in r for r in report["results"])
-    head = ("| policy | ratio | dT | reuse (steps) | keep | PSNR vs unpruned [dB] (min) | rel. L2 | speedup (pairwise "
-            "range) | pruned step [ms] |")
-    head += " PSNR vs truth [dB] |" if gt else ""
+    head = ("| policy | ratio | dT | reuse (steps) | keep | PSNR vs unpruned [dB]: mean (min) | rel. L2 | speedup "
+            "(pairwise range) | pruned step [ms] |")
+    head += " PSNR vs truth [dB]: mean (min) |" if gt else ""
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     b = report["baseline"]
     lines.append(f"| {b['mode']} (baseline) | 0 | - | off | all | - | - | 1.00x | {b['full_step_ms']:.1f} |"
-                 + (f" {b.get('psnr_gt_db', float('nan')):.2f} |" if gt else ""))
+                 + (f" {_mean_min(b.get('psnr_gt_db'), b.get('psnr_gt_db_min'))} |" if gt else ""))
     for r in sorted(report["results"], key=lambda r: (r.get("tau") is not None, r["ratio"], r["policy"],
                                                       str(r.get("reuse")))):
         name = r["policy"] + (f" tau={r['tau']}" if "tau" in r else "")
@@ -194,9 +205,9 @@ def markdown_table(report) -> str:
         reuse = f"{r.get('reuse', 'default')} ({r.get('reused_steps') or 0:g})"
         line = (f"| {name} | {r['ratio'] if 'tau' not in r else '-'} | {r['update_interval']} | {reuse} | "
                 f"{'/'.join(map(str, r['keep']))} | "
-                f"{r['psnr_db']:.2f} ({r['psnr_db_min']:.2f}) | {r['rel_l2']:.2e} | {speed} | {pruned} |")
+                f"{_mean_min(r['psnr_db'], r['psnr_db_min'])} | {r['rel_l2']:.2e} | {speed} | {pruned} |")
         if gt:
-            line += f" {r.get('psnr_gt_db', float('nan')):.2f} |"
+            line += f" {_mean_min(r.get('psnr_gt_db'), r.get('psnr_gt_db_min'))} |"
         lines.append(line)
     return "\n".join(lines)
 

@@ -12,6 +12,8 @@ from topi_export.resources import resource
 from topi_export.artifacts.versions import tool_versions
 
 SHIPPED = resource("calibration")
+# --calibration none: the family's default setting even where a shipped profile matches (an uncalibrated user)
+NO_CALIBRATION = "none"
 
 
 def shipped_profile_for(identity):
@@ -41,7 +43,9 @@ def shipped_name(path) -> str:
 def method_settings(identity, default: MethodSettings, calibration=None, update_interval=None,
                     prune_start=None) -> MethodSettings:
     """identity: plan.ModelIdentity; default: the family's setting (Family.default_settings())."""
-    if calibration:
+    if calibration == NO_CALIBRATION:
+        settings = replace(default, source=f"family default (--calibration none): {default.source}")
+    elif calibration:
         profile = read_profile(calibration)
         profile.check_model(identity)
         settings = profile.settings()

@@ -35,7 +35,8 @@ def parse_ratios(text: str) -> tuple:
               help="Selection policies to compare; the default policy is always added unless --no-default-policy.")
 @click.option("--no-default-policy", is_flag=True, help="Do not add the default policy to --policies.")
 @click.option("--calibration", type=click.Path(dir_okay=False), default=None,
-              help="Calibration profile of the model (a user's own calibrated model).")
+              help="Calibration profile of the model (a user's own calibrated model); 'none': the family's "
+                   "default setting, ignoring a shipped profile (an uncalibrated user).")
 @click.option("--backend", default=None,
               help="Backend to measure (default: the PyTorch reference, which needs no build); a backend that builds "
                    "uses --engine-dir, built there first when missing.")

@@ -53,7 +53,8 @@ def compare_table(report) -> str:
 @click.option("--policy", default=None, help=POLICY_HELP)
 @click.option("--update-interval", type=click.IntRange(1, 1000), default=None,
               help="Anchor every N steps (dT). Default: the calibration's.")
-@click.option("--calibration", type=click.Path(dir_okay=False), default=None, help="Calibration profile JSON.")
+@click.option("--calibration", type=click.Path(dir_okay=False), default=None,
+              help="Calibration profile JSON; 'none': the family's default setting, ignoring a shipped profile.")
 @reuse_options
 @steps_option
 @seed_option

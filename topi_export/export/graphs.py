@@ -2,7 +2,7 @@
 token dimensions, sharing one weights file.
 
 topi:  latents [B,Nx,C], context [B,Nc,C], timestep [B], keep_idx [K], score_idx [Q], <family conditioning>
-       -> velocity [B,Nx,C_out], influence [B,K]
+       -> velocity [B,Nx,C_out], influence [1,K] (batch row 0: the positive branch decides the kept set)
        One graph serves every step: an anchor passes every context index and every target query (velocity and
        influence over the full sequence); a pruned step passes the bucket's kept indices and one scored query (the
        influence output is then a by-product of ~1/Nx of the anchor's scoring work); the unpruned in-engine step
@@ -58,13 +58,13 @@ def graph_tensors(family, kind: str, kv_dtype: str = "float32") -> GraphEntry:
     keep, score = GraphTensor("keep_idx", ("K",), "int64"), GraphTensor("score_idx", ("Q",), "int64")
     if kind == "topi":
         inputs += [keep, score]
-        outputs.append(GraphTensor("influence", ("B", "K"), "float32"))
+        outputs.append(GraphTensor("influence", (1, "K"), "float32"))
     elif kind == "extract":
         inputs.append(score)
-        outputs += [ref_kv_tensor(family, kv_dtype), GraphTensor("influence", ("B", "Nc"), "float32")]
+        outputs += [ref_kv_tensor(family, kv_dtype), GraphTensor("influence", (1, "Nc"), "float32")]
     elif kind == "cached":
         inputs = [inputs[0], inputs[2], ref_kv_tensor(family, kv_dtype), keep, score]
-        outputs.append(GraphTensor("influence", ("B", "K"), "float32"))
+        outputs.append(GraphTensor("influence", (1, "K"), "float32"))
     return GraphEntry(file=f"{kind}.onnx", inputs=tuple(inputs) + tuple(family.graph_inputs()), outputs=tuple(outputs))
 
 

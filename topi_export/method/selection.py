@@ -207,6 +207,15 @@ def _apportion(weights: torch.Tensor, quota: torch.Tensor, caps: torch.Tensor, p
     return alloc + (rank < leftover[:, None]).long()
 
 
+def _temper(mass: torch.Tensor, size: torch.Tensor, gamma: float) -> torch.Tensor:
+    """size * (mass / size)^gamma (0 where size is 0): the mass itself at gamma 1."""
+    if gamma == 1.0:
+        return mass.double()
+    size = size.double()
+    dens = (mass.double() / size.clamp_min(1)).clamp_min(0)
+    return torch.where(size > 0, size * dens ** gamma, torch.zeros_like(size))
+
+
 def _split_references(weights: torch.Tensor, k: int, grids: Grids) -> list[int]:
     """k slots over the references in proportion to their weight sums, capped by their sizes."""
     offs = _offsets(grids)
@@ -215,12 +224,14 @@ def _split_references(weights: torch.Tensor, k: int, grids: Grids) -> list[int]:
     return _apportion(sums[None], torch.tensor([k]), sizes[None], torch.arange(len(grids))[None])[0].tolist()
 
 
-def _quadtree_keep(weights: torch.Tensor, q: int, grid: tuple[int, int], cell: int = 1) -> torch.Tensor:
+def _quadtree_keep(weights: torch.Tensor, q: int, grid: tuple[int, int], cell: int = 1,
+                   gamma: float = 1.0) -> torch.Tensor:
     """Hierarchical budget on one reference: the grid (padded to powers of two) is halved along each side
     level by level; every node's slots go to its children in proportion to their weight, capped by their
     token counts, by largest remainder; equal remainders go to the child holding the lowest ordered-dither
     threshold. So counts follow the weights at every scale and equal weights give an even 2-D spread
-    (a checkerboard at half). Returns the kept local indices."""
+    (a checkerboard at half). gamma < 1 tempers the weights: a child weighs size * density^gamma (1: its mass;
+    0: its size, the uniform spread). Returns the kept local indices."""
     h, w = grid
     a, b = max(h - 1, 0).bit_length(), max(w - 1, 0).bit_length()
     H, W = 1 << a, 1 << b
@@ -241,7 +252,7 @@ def _quadtree_keep(weights: torch.Tensor, q: int, grid: tuple[int, int], cell: i
         fr, fc = cw.shape[0] // R, cw.shape[1] // C
         group = lambda t: t.reshape(R, fr, C, fc).permute(0, 2, 1, 3).reshape(R * C, fr * fc)  # noqa: E731
         # below the budget cell size the weights are flat: slots are spread, not ranked by influence
-        cw = cw if cw.numel() * cell * cell <= H * W else cc.double()
+        cw = _temper(cw, cc, gamma) if cw.numel() * cell * cell <= H * W else cc.double()
         alloc = _apportion(group(cw), quota.reshape(-1), group(cc), group(cp))
         quota = alloc.reshape(R, C, fr, fc).permute(0, 2, 1, 3).reshape(R * fr, C * fc)
     return quota[:h, :w].reshape(-1).nonzero().flatten()
@@ -317,6 +328,64 @@ def _coverage(influence, k, grids, gen, cell: int = 2):
     return chosen.nonzero().flatten()
 
 
+# --- topi-mix: cover what the target copies from, rank what it only glances at -----------------------------
+# docs/design.md, "Selection". Each reference is cut into about MIX_BLOCKS square blocks; a block is relevant when its
+# influence density reaches MIX_RELEVANCE of the density an average unit of influence sits at (the mass-weighted
+# mean block density over every reference). Relevant tokens are kept first, split over the references by mass and
+# spread inside each by the tempered budget (the target copies them by position: holes cost, so coverage wins);
+# slots left over go to the strongest other tokens (nothing copies them: what their loss costs is the attention mass
+# they held, so top-k wins).
+MIX_BLOCKS = 16
+# between the blocks of copy-like edits (>= 0.36 on kontext-digits) and unselected references (<= 0.21 on flux2-pick)
+MIX_RELEVANCE = 0.3
+MIX_GAMMA = 0.5  # inside a reference, slots follow size * density^0.5: half way from the uniform spread
+
+
+def _block_ids(grid) -> torch.Tensor:
+    """Block of every token of an h x w grid, in raster order: square blocks whose side is the power of two nearest
+    (in log scale) to sqrt(hw / MIX_BLOCKS), at least 2, so that blocks line up with the halves and quarters of the
+    usual grids (edge blocks may be smaller)."""
+    h, w = grid
+    side = 1 << max(1, round(math.log2(max(h * w / MIX_BLOCKS, 1)) / 2))
+    bh = min(h, side)
+    bw = max(1, side * side // bh)  # a grid thinner than a block (one row: no grid known) gets side^2-token runs
+    rows = torch.arange(h).repeat_interleave(w) // bh
+    cols = torch.arange(w).repeat(h) // bw
+    return rows * ((w + bw - 1) // bw) + cols
+
+
+def relevance(influence: torch.Tensor, grids) -> torch.Tensor:
+    """Per token, its block's influence density over the mass-weighted mean block density of all references (float64
+    [Nc]; ~1 where the target copies from, a small fraction where it only glances; all ones without influence)."""
+    w = _mass(influence)
+    grids = normalize_grids(grids, w.numel())
+    total = float(w.sum())
+    if total <= 0:
+        return torch.ones_like(w)
+    dens = torch.empty_like(w)
+    offs = _offsets(grids)
+    for a, b, g in zip(offs, offs[1:], grids):
+        ids = _block_ids(g)
+        mass = torch.zeros(int(ids.max()) + 1, dtype=torch.float64).index_add_(0, ids, w[a:b])
+        dens[a:b] = (mass / torch.bincount(ids).double())[ids]
+    return dens / (float((w * dens).sum()) / total)
+
+
+def _mix(influence, k, grids, gen):
+    w = influence.double().clamp_min(0)
+    if float(w.sum()) <= 0:
+        return _uniform(influence, k, grids, gen)
+    rel = relevance(w, grids) >= MIX_RELEVANCE
+    n_rel = int(rel.sum())
+    if k < n_rel:
+        return _per_reference(torch.where(rel, w, torch.zeros_like(w)), k, grids,
+                              lambda x, q, g: _quadtree_keep(x, q, g, BUDGET_CELL, MIX_GAMMA))
+    kept = rel.clone()
+    if k > n_rel:
+        kept[torch.where(rel, torch.full_like(w, -1.0), w).topk(k - n_rel).indices] = True
+    return kept.nonzero().flatten()
+
+
 @dataclass(frozen=True)
 class Policy:
     fn: Callable
@@ -325,6 +394,9 @@ class Policy:
 
 
 POLICIES: dict[str, Policy] = {
+    "topi-mix": Policy(_mix, True,
+                       "influence density marks what the target copies from (relevant blocks): those tokens are kept "
+                       "first, spread by an influence budget; the slots left go to the strongest other tokens"),
     "topi-budget": Policy(_budget, True,
                           "influence mass budgets the slots per reference and per region (the grid halved level "
                           "by level down to 2x2 cells), spread evenly inside every cell"),
@@ -337,9 +409,10 @@ POLICIES: dict[str, Policy] = {
     "random": Policy(_random, False, "uniformly random tokens (seeded)"),
 }
 
-# The default must win on copy-like edits (every reference token is a source: coverage) and on relevance
-# edits (several references, or a canvas used in part: influence must steer the budget).
-DEFAULT_POLICY = "topi-budget"
+# The default must hold on copy-like edits (every reference token is a source: coverage) and on relevance edits
+# (several references, or a canvas used in part: what the target does not copy from is ranked, not covered), on
+# models it was not tuned on, calibrated or not (docs/benchmarks.md, section 2).
+DEFAULT_POLICY = "topi-mix"
 
 RENAMED = {"topi-dither": "dither"}
 

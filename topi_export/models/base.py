@@ -56,12 +56,15 @@ class Published:
 
 # --- attention hooks ------------------------------------------------------------------------------------
 class AttentionHook:
-    """Called by a family's attention processor with q/k/v [B, H, S, D] ([T | X | C'], after QK-norm and RoPE).
-    Armed per layer by ``Family.forward``: ``score`` computes the influence of the context keys present (C') from
-    the target queries selected by ``score_idx`` (all target queries when None); ``drop_context`` removes the
-    context keys/values from this layer's attention (the calibration probe). Reference K/V cache (docs/design.md,
-    "Reference K/V cache"): ``kv`` = (k, v) [B, H, N, D] cached context keys/values spliced after the target's
-    (a cached step runs no context tokens); ``record`` keeps this layer's context keys/values in ``recorded``."""
+    """Called by a family's attention processor with q/k/v [B, H, S, D] ([T | X | C'], after QK-norm and RoPE) and,
+    where the model masks keys (Qwen's text padding), its key mask [B, S] (0 = masked). Armed per layer by
+    ``Family.forward``: ``score`` computes the influence [1, C'] of the context keys present from the target
+    queries selected by ``score_idx`` (all target queries when None), of batch row 0 only: the positive branch
+    decides the kept set (docs/design.md, "Model families"), so the negative branch is not scored;
+    ``drop_context`` removes the context keys/values from this layer's attention (the calibration probe).
+    Reference K/V cache (docs/design.md, "Reference K/V cache"): ``kv`` = (k, v) [B, H, N, D] cached context
+    keys/values spliced after the target's (a cached step runs no context tokens); ``record`` keeps this layer's
+    context keys/values in ``recorded``."""
 
     def __init__(self):
         self.disarm()
@@ -77,17 +80,20 @@ class AttentionHook:
         self.score, self.score_idx, self.drop_context = score, score_idx, drop_context
         self.kv, self.record = kv, record
 
-    def __call__(self, q, k, v):
+    def __call__(self, q, k, v, key_mask=None):
         t_end, x_end = self.n_text, self.n_text + self.n_target
         if self.kv is not None:
             k, v = torch.cat([k, self.kv[0].to(k.dtype)], dim=2), torch.cat([v, self.kv[1].to(v.dtype)], dim=2)
         if self.record:
             self.recorded = (k[:, :, x_end:], v[:, :, x_end:])
         if self.score:
-            q_target = q[:, :, t_end:x_end]
+            q_target = q[:1, :, t_end:x_end]
             if self.score_idx is not None:
                 q_target = q_target.index_select(2, self.score_idx)
-            self.influence = influence_score(q_target, k, v[:, :, x_end:])
+            mask = None if key_mask is None else key_mask[:1].float()
+            if mask is not None and mask.shape[-1] < k.shape[2]:  # cached context keys are never masked
+                mask = torch.nn.functional.pad(mask, (0, k.shape[2] - mask.shape[-1]), value=1.0)
+            self.influence = influence_score(q_target, k[:1], v[:1, :, x_end:], mask)
         if self.drop_context:
             k, v = k[:, :, :x_end], v[:, :, :x_end]
         return q, k, v
@@ -404,8 +410,9 @@ class Family:
 
     def forward(self, latents, context, timestep, cond: dict, *, keep_idx=None, score_idx=None, prune_start: int = 0,
                 influence_layers=(), drop_context_layer: int | None = None, ref_kv=None, record_kv: bool = False):
-        """The model with ToPi. Returns (velocity [B, Nx, C_out], influence [B, K] or None), and with ``record_kv``
-        also the context's keys and values of every layer, ref_kv [L, 2, B, H, Nc, D] (after QK-norm and RoPE).
+        """The model with ToPi. Returns (velocity [B, Nx, C_out], influence [1, K] of batch row 0, or None), and
+        with ``record_kv`` also the context's keys and values of every layer, ref_kv [L, 2, B, H, Nc, D] (after
+        QK-norm and RoPE).
 
         keep_idx (sorted context indices): layers >= prune_start see only those context tokens. influence_layers:
         the pivotal layers whose influence is summed (over the context tokens present; a pivotal layer before the

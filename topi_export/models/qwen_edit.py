@@ -101,7 +101,10 @@ class TopiQwenAttnProcessor:
         if image_rotary_emb is not None:  # per token, so rotating the joint sequence = rotating each stream
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-        q, k, v = self.hook(*(t.transpose(1, 2) for t in (query, key, value)))  # [B, H, S, D]
+        key_mask = None
+        if encoder_hidden_states_mask is not None:  # the influence softmax leaves out the padding the model masks
+            key_mask = F.pad(encoder_hidden_states_mask.float(), (0, key.shape[1] - n_text), value=1.0)
+        q, k, v = self.hook(*(t.transpose(1, 2) for t in (query, key, value)), key_mask)  # [B, H, S, D]
         if encoder_hidden_states_mask is not None:
             # the joint key mask: text padding out, every image key (those the hook kept) in
             image_keys = torch.ones(k.shape[0], k.shape[2] - n_text, dtype=torch.bool, device=k.device)

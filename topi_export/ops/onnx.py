@@ -14,6 +14,12 @@ The torch op ``topi::influence_score`` exports as TWO nodes, so that no runtime 
 Their function bodies loop over query chunks of c = min(Nx, chunk) rows (``Loop``), so the largest
 intermediate is [B, H, c, S]. Queries (and lse, with a large value so the padded rows add exp(-huge)=0)
 are padded to a multiple of c: every iteration has the same shapes, as TensorRT loops require.
+
+Both take an optional last input ``key_mask`` [B, S] float (0 = a key the model masks out, e.g. Qwen's text
+padding): a masked key takes no probability (it is left out of the lse, and a masked context key has influence
+0). A graph's nodes either all have it or none do (a family masks every layer or none): the model-local
+function of each op is the masked or the unmasked body accordingly (``attach_functions``), and masked nodes
+carry ``plugin_version`` "2", the TensorRT plugins with the extra input (topi_export/kernels/trt_plugins.py).
 """
 from __future__ import annotations
 
@@ -27,6 +33,8 @@ from topi_export.ops.reference import QUERY_CHUNK
 DOMAIN = "topi"
 VERSION = 1
 PLUGIN_ATTRS = {"plugin_namespace": DOMAIN, "plugin_version": "1"}
+MASKED_PLUGIN_ATTRS = {"plugin_namespace": DOMAIN, "plugin_version": "2"}  # the nodes with a key_mask input
+MASKABLE = ("query_lse", "context_influence")
 MIN_OPSET = 18  # ReduceMax / ReduceL2 with axes as an input
 _FLOATS = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
 # lse of the padded query rows: exp(logit - PAD_LSE) underflows to 0 for any finite fp32 logit
@@ -66,14 +74,17 @@ def _schemas():
     F = OpSchema.FormalParameter
     attrs = [OpSchema.Attribute(name, OpSchema.AttrType.STRING, "TensorRT plugin lookup") for name in PLUGIN_ATTRS]
     t = [("T", _FLOATS, "float types")]
+    mask = F("key_mask", "tensor(float)", "[B,S]: 0 = a masked key (no probability)",
+             param_option=OpSchema.FormalParameterOption.Optional)
     lse = OpSchema("query_lse", DOMAIN, VERSION,
-                   doc="log-sum-exp over all keys of each target query's logits q.k/sqrt(D), float32 [B,H,Nx]",
-                   inputs=[F("q_target", "T"), F("k", "T")], outputs=[F("lse", "tensor(float)")],
+                   doc="log-sum-exp over all (unmasked) keys of each target query's logits q.k/sqrt(D), float32 "
+                       "[B,H,Nx]",
+                   inputs=[F("q_target", "T"), F("k", "T"), mask], outputs=[F("lse", "tensor(float)")],
                    type_constraints=t, attributes=attrs)
     lse.set_type_and_shape_inference_function(_infer_query_lse)
     ctx = OpSchema("context_influence", DOMAIN, VERSION,
                    doc="ToPi influence of the last Nc keys given the target queries' log-sum-exps, [B,Nc]",
-                   inputs=[F("q_target", "T"), F("k", "T"), F("v_ctx", "T"), F("lse", "tensor(float)")],
+                   inputs=[F("q_target", "T"), F("k", "T"), F("v_ctx", "T"), F("lse", "tensor(float)"), mask],
                    outputs=[F("influence", "T")], type_constraints=t, attributes=attrs)
     ctx.set_type_and_shape_inference_function(_infer_context_influence)
     gather = OpSchema("token_gather", DOMAIN, VERSION, doc="x[:, keep_idx]",
@@ -98,10 +109,15 @@ def translation_table() -> dict:
 
     register_schemas()
     topi = onnxscript.values.Opset(DOMAIN, VERSION)
+    op = onnxscript.opset18
 
-    def influence_score(q_target: FLOAT, k: FLOAT, v_ctx: FLOAT) -> FLOAT:
-        lse = topi.query_lse(q_target, k, **PLUGIN_ATTRS)
-        return topi.context_influence(q_target, k, v_ctx, lse, **PLUGIN_ATTRS)
+    def influence_score(q_target: FLOAT, k: FLOAT, v_ctx: FLOAT, key_mask: FLOAT | None = None) -> FLOAT:
+        if key_mask is None:
+            lse = topi.query_lse(q_target, k, **PLUGIN_ATTRS)
+            return topi.context_influence(q_target, k, v_ctx, lse, **PLUGIN_ATTRS)
+        key_mask = op.Cast(key_mask, to=TensorProto.FLOAT)
+        lse = topi.query_lse(q_target, k, key_mask, **MASKED_PLUGIN_ATTRS)
+        return topi.context_influence(q_target, k, v_ctx, lse, key_mask, **MASKED_PLUGIN_ATTRS)
 
     def token_gather(x: FLOAT, keep_idx: INT64) -> FLOAT:
         return topi.token_gather(x, keep_idx, **PLUGIN_ATTRS)
@@ -167,15 +183,25 @@ def _true(b):
     return b("Constant", [], value=helper.make_tensor("v", TensorProto.BOOL, [], [True]))
 
 
-def _query_lse(opset, chunk):
+def _is_masked(b, mask):
+    """key_mask == 0 (a masked key), bool, same shape."""
+    return b("Equal", [b("Cast", [mask], to=TensorProto.FLOAT), b.f32(0.0)])
+
+
+def _query_lse(opset, chunk, masked=False):
     b = _Body("lse_")
     ch = _Chunks(b, "q_target", chunk)
     kt = b("Transpose", [b("Cast", ["k"], to=TensorProto.FLOAT)], perm=[0, 1, 3, 2])  # [B,H,D,S]
+    if masked:  # -inf on the masked keys' logits: exp(-inf - max) = 0, as the model's masked softmax
+        bias = b("Where", [_is_masked(b, "key_mask"), b.f32(float("-inf")), b.f32(0.0)])
+        bias = b("Unsqueeze", [bias, b.i64(1, 2)])  # [B,1,1,S]
 
     # loop body: the lse of chunk i (rows i*c .. i*c+c-1). Chunks are taken by Gather: a Slice starting at
     # the iteration number does not build in TensorRT-RTX 1.7.
     lb = _Body("lse_loop_")
     logits = lb("MatMul", [lb("Gather", [ch.qc, "lse_loop_i"], axis=2), kt])  # [B,H,c,S]: the largest tensor
+    if masked:
+        logits = lb("Add", [logits, bias])
     m = lb("ReduceMax", [logits, lb.i64(-1)], keepdims=1)
     total = lb("ReduceSum", [lb("Exp", [lb("Sub", [logits, m])]), lb.i64(-1)], keepdims=1)
     lse_c = lb("Add", [lb("Log", [total]), m])  # [B,H,c,1]
@@ -191,11 +217,12 @@ def _query_lse(opset, chunk):
     per_chunk = b("Transpose", [b("Reshape", [scan, nbhc], allowzero=1)], perm=[1, 2, 0, 3])  # [B,H,n,c]
     rows = b("Reshape", [per_chunk, b("Concat", [ch.bh, b.i64(-1)], axis=0)], allowzero=1)  # [B,H,n*c]
     b("Slice", [rows, b.i64(0), _vec(b, ch.nx), b.i64(2)], name="lse")
-    return helper.make_function(DOMAIN, "query_lse", ["q_target", "k"], ["lse"], b.nodes,
+    inputs = ["q_target", "k"] + (["key_mask"] if masked else [])
+    return helper.make_function(DOMAIN, "query_lse", inputs, ["lse"], b.nodes,
                                 [helper.make_opsetid("", opset)], attributes=list(PLUGIN_ATTRS))
 
 
-def _context_influence(opset, chunk):
+def _context_influence(opset, chunk, masked=False):
     b = _Body("ci_")
     ch = _Chunks(b, "q_target", chunk)
     nc = b("Shape", ["v_ctx"], start=2, end=3)
@@ -205,6 +232,10 @@ def _context_influence(opset, chunk):
     lse = b("Pad", [b("Cast", ["lse"], to=TensorProto.FLOAT), lse_pads, b.f32(PAD_LSE)])
     lsec = b("Reshape", [lse, ch.bhnc], allowzero=1)  # [B,H,n,c]
     vnorm = b("ReduceL2", [b("Cast", ["v_ctx"], to=TensorProto.FLOAT), b.i64(3)], keepdims=0)  # [B,H,Nc]
+    if masked:  # a masked context key takes no probability: its terms are zeroed through its value norm
+        ctx_mask = b("Slice", ["key_mask", b("Neg", [nc]), b.i64(2**62), b.i64(1)])  # [B,Nc]
+        keep = b("Where", [_is_masked(b, ctx_mask), b.f32(0.0), b.f32(1.0)])
+        vnorm = b("Mul", [vnorm, b("Unsqueeze", [keep, b.i64(1)])])
     zero = helper.make_tensor("v", TensorProto.FLOAT, [1], [0.0])
     acc0 = b("ConstantOfShape", [b("Shape", [vnorm])], value=zero)  # [B,H,Nc]: the loop-carried column sums
 
@@ -224,7 +255,8 @@ def _context_influence(opset, chunk):
     total = b("ReduceSum", [b("Mul", [acc, vnorm]), b.i64(1)], keepdims=0)  # [B,Nc]
     mean = b("Div", [total, b("Cast", [ch.nx], to=TensorProto.FLOAT)])
     b("CastLike", [mean, "q_target"], name="influence")
-    return helper.make_function(DOMAIN, "context_influence", ["q_target", "k", "v_ctx", "lse"], ["influence"],
+    inputs = ["q_target", "k", "v_ctx", "lse"] + (["key_mask"] if masked else [])
+    return helper.make_function(DOMAIN, "context_influence", inputs, ["influence"],
                                 b.nodes, [helper.make_opsetid("", opset)], attributes=list(PLUGIN_ATTRS))
 
 
@@ -235,26 +267,41 @@ def _token_gather(opset):
         [helper.make_opsetid("", opset)], attributes=list(PLUGIN_ATTRS))
 
 
-def function_protos(opset: int, chunk: int | None = None) -> list[onnx.FunctionProto]:
+def function_protos(opset: int, chunk: int | None = None, masked: bool = False) -> list[onnx.FunctionProto]:
     """Bodies in the default domain at the model's opset (ONNX Runtime requires them to match).
 
     chunk: target queries per loop iteration (default ``QUERY_CHUNK``); the largest intermediate is
-    [B, H, min(Nx, chunk), S] float32."""
+    [B, H, min(Nx, chunk), S] float32. masked: the influence bodies take the key_mask input."""
     if opset < MIN_OPSET:
         raise TopiError(f"the topi function bodies need ONNX opset >= {MIN_OPSET}, the model has {opset}: "
                         f"export with opset_version={MIN_OPSET} or later")
     chunk = QUERY_CHUNK if chunk is None else int(chunk)
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
-    return [_query_lse(opset, chunk), _context_influence(opset, chunk), _token_gather(opset)]
+    return [_query_lse(opset, chunk, masked), _context_influence(opset, chunk, masked), _token_gather(opset)]
+
+
+def _has_mask(node) -> bool:
+    return node.op_type in MASKABLE and len([i for i in node.input if i]) > (2 if node.op_type == "query_lse" else 4)
+
+
+def graph_has_key_mask(model: onnx.ModelProto) -> bool:
+    """True when the graph's influence nodes take the key_mask input (TensorRT: register the masked plugins)."""
+    return any(_has_mask(n) for n in model.graph.node if n.domain == DOMAIN)
 
 
 def attach_functions(model: onnx.ModelProto, chunk: int | None = None) -> onnx.ModelProto:
     """Add the function bodies the graph uses (and the topi opset import) to an exported model, once."""
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
-    used = {n.op_type for n in model.graph.node if n.domain == DOMAIN}
+    nodes = [n for n in model.graph.node if n.domain == DOMAIN]
+    used = {n.op_type for n in nodes}
+    arity = {_has_mask(n) for n in nodes if n.op_type in MASKABLE}
+    if len(arity) > 1:
+        raise TopiError("the graph mixes influence nodes with and without a key_mask input, but a model holds one "
+                        "body per op: give every influence node of the graph a mask (all ones where nothing is "
+                        "masked) or none")
     have = {(f.domain, f.name) for f in model.functions}
-    for fn in function_protos(opset, chunk) if used else []:
+    for fn in function_protos(opset, chunk, masked=arity == {True}) if used else []:
         if fn.name in used and (fn.domain, fn.name) not in have:
             model.functions.append(fn)
     if used and not any(o.domain == DOMAIN for o in model.opset_import):

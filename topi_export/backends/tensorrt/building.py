@@ -99,7 +99,7 @@ def _check_strip(trt, builder, log, caps, backend: str, gpu, strip: bool = True,
     log.note(f"{flag}: such engines can be built here (probe passed)")
 
 
-def _register_plugins(backend: str, trt_name: str, log, echo) -> bool:
+def _register_plugins(backend: str, trt_name: str, log, echo, masked: bool = False) -> bool:
     """True when the topi plugins are registered with trt_name; otherwise prints why and returns False
     (the parser then inlines the topi function bodies)."""
     def note(msg):
@@ -113,7 +113,7 @@ def _register_plugins(backend: str, trt_name: str, log, echo) -> bool:
     try:
         from topi_export.kernels import trt_plugins
 
-        trt_plugins.register_plugins(trt_name)
+        trt_plugins.register_plugins(trt_name, masked=masked)
     except Exception as exc:  # noqa: BLE001 - any failure means "build without plugins"
         first = str(exc).splitlines()[0] if str(exc) else ""
         note(f"topi plugins not registered ({exc.__class__.__name__}: {first}); the ONNX parser inlines the topi "
@@ -207,7 +207,14 @@ def build(job, backend: str) -> BuildOutput:
                             "for ahead-of-time builds on a machine without a GPU")
         caps = [sm_name(gpu[1])]
 
-    plugins = not options.no_plugins and _register_plugins(backend, trt_name, log, echo)
+    import onnx
+
+    from topi_export.ops.onnx import graph_has_key_mask
+
+    # a graph whose influence nodes take a key mask (Qwen) needs the masked plugins (kernels/trt_plugins.py)
+    masked = "topi" in job.graphs and graph_has_key_mask(
+        onnx.load(str(Path(job.onnx_dir) / job.graphs["topi"].file), load_external_data=False))
+    plugins = not options.no_plugins and _register_plugins(backend, trt_name, log, echo, masked)
     try:
         builder = trt.Builder(log)
     except Exception as exc:  # noqa: BLE001
