@@ -32,6 +32,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MODELS = ("kontext-digits", "flux2-pick", "kontext-canvas", "kontext-texture")
 DEFAULT_JSON = REPO / "docs" / "results" / "curvature.json"
+SCHEMA = "topi-curvature/2"  # 2: reused steps are the runtime's reuse step kind (1: the script's own loop)
 # Every other step between steps 3 and 26 reuses its predecessor's velocity (16 of 28 computed); the two ways to
 # place that: reuse at the odd steps 3..25 or at the even steps 4..26 (the latter also reuses at step 26, where
 # the velocity changes fast on every model).
@@ -133,7 +134,7 @@ def main(argv=None) -> dict:
     results = {}
     if args.update and args.json and Path(args.json).exists():
         old = json.loads(Path(args.json).read_text())
-        same = old.get("steps") == args.steps and {k: v["reuse_steps"] for k, v in old.get("patterns", {}).items()} == patterns
+        same = old.get("schema") == SCHEMA and old.get("steps") == args.steps and {k: v["reuse_steps"] for k, v in old.get("patterns", {}).items()} == patterns
         if not same:
             raise SystemExit(f"--update: {args.json} was measured with other steps or reuse patterns: measure every model")
         results = {k: v for k, v in old.get("models", {}).items() if k not in models}
@@ -156,7 +157,7 @@ def main(argv=None) -> dict:
         print(line(name, r))
         for edit, e in r["per_edit"].items():
             print(line("  " + edit, e))
-    out = {"schema": "topi-curvature/2", "steps": args.steps,
+    out = {"schema": SCHEMA, "steps": args.steps,
            "patterns": {k: {"reuse_steps": v, "computed_steps": args.steps - len(v)} for k, v in patterns.items()},
            "psnr": "runtime.loop.psnr: 10 log10(range(normal)^2 / mean((reuse - normal)^2)) over the final latents",
            "machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,

@@ -1280,3 +1280,38 @@ def test_dropin_calls_that_are_not_the_pipelines_are_one_line_errors():
                            (dict(call, timestep=float("nan")), "not finite")):
         with pytest.raises(BadInput, match=needle):
             tr(**broken)
+
+
+def test_weights_rewritten_while_onnx_runtime_loads_them_are_refused(ort_engine_dir, tmp_path, capsys, monkeypatch):
+    """Hashed, then reopened by path: a writer that replaces the verified weights (same size) while ONNX Runtime
+    opens them is caught after the load, before any step runs (what was loaded is what was verified)."""
+    import os
+
+    from topi_export.backends import onnxruntime as ort_backend
+
+    eng = copy_engines(ort_engine_dir, tmp_path / "eng")
+    weights = next(p for p in eng.rglob("weights.data"))
+    load = ort_backend.load_session
+
+    def load_then_rewrite(*args, **kwargs):
+        session = load(*args, **kwargs)
+        data = weights.read_bytes()
+        tmp = weights.with_name("weights.tmp")
+        tmp.write_bytes(data[::-1])  # other bytes, same size, a new inode: what a concurrent writer leaves
+        os.replace(tmp, weights)
+        return session
+
+    monkeypatch.setattr(ort_backend, "load_session", load_then_rewrite)
+    refused(*cli(capsys, "run", "--engine-dir", eng, "--steps", "1", "-q"), "changed while it was being loaded")
+
+
+def test_uncompiled_settings_fail_where_they_are_given(ort_engine_dir, capsys):
+    """A drop-in ratio the engines were not compiled for fails at construction, not on the pipeline's first call;
+    `check --tolerance nan` is refused."""
+    pytest.importorskip("diffusers")
+    from topi_export.errors import TopiError
+    from topi_export.runtime.diffusers_transformer import TopiTransformer
+
+    with pytest.raises(TopiError, match="0.7"):
+        TopiTransformer(ort_engine_dir, ratio=0.7)
+    refused(*cli(capsys, "check", "--engine-dir", ort_engine_dir, "--tolerance", "nan"), "--tolerance")
