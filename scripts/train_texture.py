@@ -344,11 +344,11 @@ def _curvature_section() -> str:
     except (OSError, ValueError, KeyError):
         return "Not measured yet: run `python scripts/measure_curvature.py`."
     head = " | ".join(f"{k}: mean / min (dB)" for k in patterns)
-    lines = [f"| model / edit | samples | {head} | velocity change |", "|---" * (3 + len(patterns)) + "|"]
+    lines = [f"| model / edit | samples | {head} |", "|---" * (2 + len(patterns)) + "|"]
 
     def row(label, r):
         cells = " | ".join(f"{r[k]['reuse_psnr_mean']:.2f} / {r[k]['reuse_psnr_min']:.2f}" for k in patterns)
-        return f"| {label} | {r['samples']} | {cells} | {r['velocity_change_mean']:.4f} |"
+        return f"| {label} | {r['samples']} | {cells} |"
 
     for name, r in models.items():
         lines.append(row(f"`{name}`", r))
@@ -357,10 +357,10 @@ def _curvature_section() -> str:
     commands = sorted({r["command"] for r in models.values() if "command" in r})
     computed = ", ".join(f"{v['computed_steps']} of {data['steps']}" for v in data["patterns"].values())
     return (f"From `docs/results/curvature.json` ({'; '.join(f'`{c}`' for c in commands)}): each model's shipped "
-            f"held-out samples through the runtime (`open_session`, the family's scheduler, unpruned steps), the normal "
-            f"{data['steps']}-step run against runs that reuse the previous step's velocity (no model call) at the listed "
-            f"steps ({computed} steps computed); PSNR of the final latents as `run --compare` computes it; velocity "
-            f"change = mean over steps of ||v_(i+1) - v_i|| / ||v_i|| in the normal run.\n\n" + "\n".join(lines))
+            f"held-out samples through the runtime (`open_session`, every computed step unpruned), the normal "
+            f"{data['steps']}-step run against runs that reuse the last computed velocity (the runtime's `reuse` step, "
+            f"no model call) at the listed steps ({computed} steps computed); PSNR of the final latents as `run "
+            f"--compare` computes it.\n\n" + "\n".join(lines))
 
 
 def _model_card(args, cmd, r, n_params, layout, preview) -> str:
