@@ -253,6 +253,35 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def asset_parser(doc: str, default_out: Path, *, crop_help: str, low_res_help: str, crop_type=int, crop=32,
+                 low_res_crop=16, low_res_frac=0.5):
+    """The command line the asset training scripts share (train_canvas.py, train_texture.py): their recipe, crops,
+    evaluation and sample counts, and --eval-only."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--steps", type=int, default=2400, help="optimizer steps")
+    p.add_argument("--minutes", type=float, default=0.0, help="wall budget of the training loop, stops early (0 = none)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=default_out)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--crop", type=crop_type, default=crop, help=crop_help)
+    p.add_argument("--low-res-crop", type=crop_type, default=low_res_crop, help=low_res_help)
+    p.add_argument("--low-res-frac", type=float, default=low_res_frac, help="fraction of the steps at --low-res-crop")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--ema", type=float, default=0.995)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--eval-count", type=int, default=40, help="held-out requests for the PSNR evaluation")
+    p.add_argument("--eval-steps", type=int, default=28, help="denoising steps of the evaluation")
+    p.add_argument("--num-samples", type=int, default=8, help="held-out sample files to write")
+    p.add_argument("--num-calibration", type=int, default=4, help="calibration sample files (training photos)")
+    p.add_argument("--val-every", type=int, default=200)
+    p.add_argument("--log-every", type=int, default=25)
+    p.add_argument("--eval-only", action="store_true",
+                   help="no training: load the model in --out, evaluate it, rewrite the samples, the preview and the\n"
+                        "card (training numbers from the RESULT line of OUT/train_log.txt; log: OUT/eval_log.txt)")
+    return p
+
+
 class Logger:
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)

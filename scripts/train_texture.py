@@ -27,7 +27,6 @@ detail's strength (std of output minus conditional mean) of the model and of the
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import importlib.util
 import json
@@ -100,29 +99,8 @@ def request_set(levels, n: int, crop: int, seed: int):
 
 # ------------------------------------------------------------------------------------------------ main
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--steps", type=int, default=2400, help="optimizer steps")
-    p.add_argument("--minutes", type=float, default=0.0, help="wall budget of the training loop, stops early (0 = none)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--crop", type=int, default=32, help="crop size in px (token grid = crop/2)")
-    p.add_argument("--low-res-crop", type=int, default=16, help="crop size in px of the low-res steps")
-    p.add_argument("--low-res-frac", type=float, default=0.5, help="fraction of the steps at --low-res-crop")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--ema", type=float, default=0.995)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--eval-count", type=int, default=40, help="held-out requests for the evaluation")
-    p.add_argument("--eval-steps", type=int, default=28, help="denoising steps of the evaluation")
-    p.add_argument("--num-samples", type=int, default=8, help="held-out sample files to write")
-    p.add_argument("--num-calibration", type=int, default=4, help="calibration sample files (training photos)")
-    p.add_argument("--val-every", type=int, default=200)
-    p.add_argument("--log-every", type=int, default=25)
-    p.add_argument("--eval-only", action="store_true",
-                   help="no training: load the model in --out, evaluate it, rewrite the samples, the preview and the\n"
-                        "card (training numbers from the RESULT line of OUT/train_log.txt; log: OUT/eval_log.txt)")
-    return p.parse_args(argv)
+    return tk.asset_parser(__doc__, DEFAULT_OUT, crop_help="crop size in px (token grid = crop/2)",
+                           low_res_help="crop size in px of the low-res steps").parse_args(argv)
 
 
 def main(argv=None) -> dict:

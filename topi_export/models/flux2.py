@@ -87,9 +87,8 @@ class AttentionMode:
         self.ref_self = False
 
 
-class TopiFlux2AttnProcessor:
-    """diffusers' Flux2AttnProcessor (double-stream blocks) with an AttentionHook on q/k/v after QK-norm and RoPE;
-    with a KV model's reference tokens, Flux2KVAttnProcessor's attention."""
+class _HookedProcessor:
+    """What both FLUX.2 attention processors share: the hook, the attention mode, where reference queries start."""
 
     def __init__(self, hook, mode=None):
         self.hook, self.mode = hook, mode or AttentionMode()
@@ -99,6 +98,11 @@ class TopiFlux2AttnProcessor:
         hook removed the context keys (the calibration probe): the references then attend to [T | X]."""
         start = self.hook.n_text + self.hook.n_target
         return start if self.mode.ref_self and k.shape[2] > start else None
+
+
+class TopiFlux2AttnProcessor(_HookedProcessor):
+    """diffusers' Flux2AttnProcessor (double-stream blocks) with an AttentionHook on q/k/v after QK-norm and RoPE;
+    with a KV model's reference tokens, Flux2KVAttnProcessor's attention."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         from diffusers.models.transformers.transformer_flux2 import _get_qkv_projections
@@ -123,18 +127,9 @@ class TopiFlux2AttnProcessor:
         return attn.to_out[1](attn.to_out[0](img_out)), attn.to_add_out(enc_out)
 
 
-class TopiFlux2ParallelSelfAttnProcessor:
+class TopiFlux2ParallelSelfAttnProcessor(_HookedProcessor):
     """diffusers' Flux2ParallelSelfAttnProcessor (single-stream blocks, fused QKV + MLP) with an AttentionHook;
     with a KV model's reference tokens, Flux2KVParallelSelfAttnProcessor's attention."""
-
-    def __init__(self, hook, mode=None):
-        self.hook, self.mode = hook, mode or AttentionMode()
-
-    def _ref_start(self, k):
-        """Where the reference queries start in [T | X | C] (the hook knows T and X), or None. None too when the
-        hook removed the context keys (the calibration probe): the references then attend to [T | X]."""
-        start = self.hook.n_text + self.hook.n_target
-        return start if self.mode.ref_self and k.shape[2] > start else None
 
     def __call__(self, attn, hidden_states, attention_mask=None, image_rotary_emb=None):
         hidden_states = attn.to_qkv_mlp_proj(hidden_states)
