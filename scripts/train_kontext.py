@@ -282,6 +282,27 @@ def asset_parser(doc: str, default_out: Path, *, crop_help: str, low_res_help: s
     return p
 
 
+def predict_kontext(m, xt, t, extra):
+    """train_loop's predict for the Kontext-layout asset scripts: extra = (ref, guidance, prompt, pooled, layout)."""
+    ref, guidance, prompt, pooled, lay = extra
+    return velocity(m, xt, ref, t, guidance, prompt, pooled, lay)
+
+
+def training_run(args, out: Path, parse_args):
+    """--eval-only of an asset script: (the training run's arguments, parsed by ``parse_args`` from the log's first
+    line, with this run's evaluation arguments; its training numbers from the log's RESULT line)."""
+    train_log = out / "train_log.txt"
+    text = train_log.read_text() if train_log.exists() else ""
+    if "RESULT " not in text:
+        raise SystemExit(f"--eval-only: {train_log} has no RESULT line: train the model first")
+    trained = json.loads(text.rsplit("RESULT ", 1)[1].splitlines()[0])
+    train_args = parse_args(shlex.split(text.splitlines()[0].lstrip("# "))[2:])
+    for k in ("out", "eval_count", "eval_steps", "num_samples", "num_calibration", "eval_only"):
+        setattr(train_args, k, getattr(args, k))
+    keep = ("steps", "train_seconds", "final_loss", "val_loss", "ema_val_loss")
+    return train_args, {k: trained[k] for k in keep}
+
+
 class Logger:
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -117,7 +117,7 @@ def main(argv=None) -> dict:
     log(f"# {cmd}")
     log(f"# torch {torch.__version__}, threads {torch.get_num_threads()}, cpu {tk.cpu_name()}, {os.cpu_count()} cores")
     if args.eval_only:
-        args, result = _training_run(args, out)
+        args, result = tk.training_run(args, out, parse_args)
         model = FluxTransformer2DModel.from_pretrained(out)
         return evaluate_and_save(model, args, log, cmd, result)
 
@@ -167,27 +167,9 @@ def main(argv=None) -> dict:
         guidance = 1 + 3 * torch.rand(args.batch, generator=gen)
         return x0, noise, t, (ref, guidance, *cond(edit), layouts[c])
 
-    def predict(m, xt, t, extra):
-        ref, guidance, prompt, pooled, lay = extra
-        return tk.velocity(m, xt, ref, t, guidance, prompt, pooled, lay)
-
-    result = tk.train_loop(model, ema, opt, args, log, draw, predict, val_loss)
+    result = tk.train_loop(model, ema, opt, args, log, draw, tk.predict_kontext, val_loss)
     ema.save_pretrained(out, safe_serialization=True)
     return evaluate_and_save(ema, args, log, cmd, result)
-
-
-def _training_run(args, out: Path):
-    """(the training run's arguments with this run's evaluation arguments, its training numbers) from the log."""
-    train_log = out / "train_log.txt"
-    text = train_log.read_text() if train_log.exists() else ""
-    if "RESULT " not in text:
-        raise SystemExit(f"--eval-only: {train_log} has no RESULT line: train the model first")
-    trained = json.loads(text.rsplit("RESULT ", 1)[1].splitlines()[0])
-    train_args = parse_args(shlex.split(text.splitlines()[0].lstrip("# "))[2:])
-    for k in ("out", "eval_count", "eval_steps", "num_samples", "num_calibration", "eval_only"):
-        setattr(train_args, k, getattr(args, k))
-    keep = ("steps", "train_seconds", "final_loss", "val_loss", "ema_val_loss")
-    return train_args, {k: trained[k] for k in keep}
 
 
 def _detail_std(x, mean):
