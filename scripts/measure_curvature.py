@@ -11,11 +11,13 @@ project's own runtime (``open_session``, ``session.denoise`` at ratio 0: every c
   (``runtime.loop.psnr``: range of the reference run squared over the MSE, all latent channels). A straight flow
   (constant velocity along the trajectory) loses nothing to reuse; a curved one does.
 
-Reused steps are the runtime's own ``reuse`` step kind (zero order; a fixed pattern, not the calibrated criterion).
-Prints a table and writes JSON.
+Reused steps are the runtime's own ``reuse`` step kind (zero order). ``--reuse auto`` adds a column with each
+model's calibrated ``auto`` plan (its profile's criterion at these steps, dT = 10), the steps it chose and the PSNR it
+predicted next to the one measured. Prints a table and writes JSON.
 
     python scripts/measure_curvature.py                   # kontext-digits, flux2-pick, kontext-canvas, kontext-texture
     python scripts/measure_curvature.py --models kontext-texture --per-sample
+    python scripts/measure_curvature.py --reuse 3-25:2 --reuse 4-26:2 --reuse auto
 """
 from __future__ import annotations
 
@@ -87,8 +89,11 @@ def measure_model(name: str, steps: int, patterns: dict, limit: int | None, log=
     for path in files:
         data = session.load_inputs(path)
         normal = trajectory(session, data, steps)
-        ps = {k: round(psnr(trajectory(session, data, steps, reuse)[0], normal), 3) for k, reuse in patterns.items()}
-        per_sample.append({"file": path.name, "edit": data.meta.get("edit"), "reuse_psnr": ps})
+        auto = session.reuse_plan(data, steps=steps, reuse="auto") if "auto" in patterns.values() else None
+        ps = {k: round(psnr(trajectory(session, data, steps, auto.steps if reuse == "auto" else reuse)[0], normal), 3)
+              for k, reuse in patterns.items()}
+        per_sample.append({"file": path.name, "edit": data.meta.get("edit"), "reuse_psnr": ps,
+                           **({"auto": auto.to_json()} if auto is not None else {})})
         log(f"  {name} {path.name}{' (' + data.meta['edit'] + ')' if data.meta.get('edit') else ''}: reuse PSNR "
             f"{', '.join(f'{v:.2f} dB ({k})' for k, v in ps.items())}")
 
@@ -127,6 +132,9 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     patterns = {}
     for text in args.reuse or DEFAULT_REUSE:
+        if text.strip().lower() == "auto":
+            patterns["reuse auto"] = "auto"
+            continue
         steps = parse_steps(text, args.steps)
         patterns[f"reuse {_span(steps)}"] = steps
     cmd = "python scripts/measure_curvature.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
@@ -145,7 +153,10 @@ def main(argv=None) -> dict:
           f"(of {args.steps}) vs the normal run (runtime.loop.psnr)")
     cols = list(patterns)
     for k in cols:
-        print(f"  {k}: {args.steps - len(patterns[k])} of {args.steps} steps computed")
+        if patterns[k] == "auto":
+            print(f"  {k}: each model's calibrated plan (steps and predicted PSNR below)")
+        else:
+            print(f"  {k}: {args.steps - len(patterns[k])} of {args.steps} steps computed")
     print(f"{'model / edit':<19} {'samples':>7} " + " ".join(f"{'mean':>7} {'min':>7}" for _ in cols))
     print(f"{'':<27} " + " ".join(f"{k[6:]:>15}" for k in cols))
 
@@ -157,8 +168,17 @@ def main(argv=None) -> dict:
         print(line(name, r))
         for edit, e in r["per_edit"].items():
             print(line("  " + edit, e))
+    for name, r in results.items():
+        autos = [s["auto"] for s in r["per_sample"] if "auto" in s]
+        if autos:
+            counts = sorted({len(a["steps"]) for a in autos})
+            pred = [a.get("predicted_db") for a in autos if a.get("predicted_db") is not None]
+            print(f"{name}: auto reuses {'/'.join(map(str, counts))} steps {autos[0]['steps']}"
+                  + (f", predicted {min(pred):.2f}-{max(pred):.2f} dB" if pred else "")
+                  + f" ({autos[0]['why']})")
     out = {"schema": SCHEMA, "steps": args.steps,
-           "patterns": {k: {"reuse_steps": v, "computed_steps": args.steps - len(v)} for k, v in patterns.items()},
+           "patterns": {k: {"reuse_steps": v, "computed_steps": None if v == "auto" else args.steps - len(v)}
+                        for k, v in patterns.items()},
            "psnr": "runtime.loop.psnr: 10 log10(range(normal)^2 / mean((reuse - normal)^2)) over the final latents",
            "machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
                        "threads": args.threads},

@@ -11,7 +11,9 @@ os.environ.setdefault("TOPI_EXPORT_CACHE_DIR", tempfile.mkdtemp(prefix="topi-cac
 if not torch.cuda.is_available():
     # Triton reads this when it is first imported, which any test module may trigger: set it first
     os.environ.setdefault("TRITON_INTERPRET", "1")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# the cores this process may use (taskset / a CI limit), not the machine's: more threads than cores stall torch
+_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+torch.set_num_threads(max(1, min(2, _CORES)))
 warnings.filterwarnings("ignore", category=UserWarning)
 warnings.filterwarnings("ignore", category=FutureWarning)
 

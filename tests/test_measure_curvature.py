@@ -74,6 +74,25 @@ def test_main_writes_json(mod, tmp_path):
     assert m["reuse 2, 3"]["reuse_psnr_mean"] < m["reuse 2"]["reuse_psnr_mean"]
 
 
+def test_auto_column_is_the_models_calibrated_plan(mod, tmp_path):
+    from topi_export import open_session
+
+    threads = torch.get_num_threads()
+    try:
+        result = mod.main(["--models", "kontext-digits", "--samples", "1", "--steps", "12", "--reuse", "auto",
+                           "--json", ""])
+    finally:
+        torch.set_num_threads(threads)
+    m = result["models"]["kontext-digits"]
+    assert result["patterns"] == {"reuse auto": {"reuse_steps": "auto", "computed_steps": None}}
+    session = open_session(model="kontext-digits")
+    from topi_export.artifacts.inputs import sample_files
+
+    want = session.reuse_plan(session.load_inputs(sample_files("kontext-digits")[0]), steps=12, reuse="auto")
+    assert m["per_sample"][0]["auto"]["steps"] == list(want.steps) and want.steps
+    assert math.isfinite(m["reuse auto"]["reuse_psnr_mean"])
+
+
 def test_update_keeps_other_models_of_the_same_procedure(mod, tmp_path):
     out = tmp_path / "curv.json"
     out.write_text(json.dumps({"schema": "topi-curvature/2", "steps": 4, "patterns": {"reuse 2": {"reuse_steps": [2]}},

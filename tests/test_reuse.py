@@ -1,6 +1,7 @@
 """Step reuse in the temporal plan (method/reuse.py, runtime/steps.py): the rule, the calibrated criterion, no engine
 call on a reused step, reuse off unchanged, the CLI, the profile schema, and the drop-in in a real pipeline."""
 import json
+import math
 
 import pytest
 import torch
@@ -160,13 +161,21 @@ def test_profile_round_trip_old_profiles_read_and_default_auto(tmp_path):
 
     crit = measure_reuse(loaded.family, samples, 12)
     assert len(crit.sigmas) == 12 and crit.samples == 2 and crit.sigmas[0] == pytest.approx(1.0)
+    assert crit.measure == "rollout" and crit.threshold == pytest.approx(0.01)  # 40 dB
     write_profile(tmp_path / "p.json", replace(result, reuse=crit), loaded.identity(), describe_set(samples, (0.5,)))
     raw = json.loads((tmp_path / "p.json").read_text())
-    assert raw["schema"] == "topi-calibration/3" and "reuse" in raw["rules"]
+    assert raw["schema"] == "topi-calibration/4" and "rollout" in raw["rules"]["reuse"]
     back = read_profile(tmp_path / "p.json")
     assert back.reuse == crit and back.settings().reuse == crit
     old = read_profile(resource("calibration", "tiny-kontext.json"))  # schema 1: no criterion
     assert old.reuse is None
+    # schema 3: a velocity criterion without "measure" still reads, and keeps its own rule
+    vel = measure_reuse(loaded.family, samples, 12, measure="velocity")
+    v3 = dict(raw, schema="topi-calibration/3", reuse={k: v for k, v in vel.to_json().items() if k != "measure"})
+    (tmp_path / "v3.json").write_text(json.dumps(v3))
+    back3 = read_profile(tmp_path / "v3.json")
+    assert back3.reuse == vel and back3.reuse.measure == "velocity"
+    assert "accumulated predicted error" in plan_reuse("auto", 0, vel.sigmas, (0,), vel).why
     # measured on this model: reuse is on by default (auto), and the report says why
     s = open_session(model="tiny-kontext", calibration=str(tmp_path / "p.json"), update_interval=4)
     data = s.family.synthetic_inputs(Layout(4, (4, 4), ((4, 4),)), 0)
@@ -195,3 +204,101 @@ def test_dropin_with_reuse_in_the_real_kontext_pipeline_equals_run():
         torch.testing.assert_close(latents, ref.latents, rtol=0, atol=1e-6)
     with pytest.raises(BadInput, match="needs steps="):
         TopiTransformer(model="tiny-kontext", reuse=2)
+
+
+def _rollout_criterion(scale, n=28, samples=2):
+    """Rollout errors that grow toward the end of the schedule, times ``scale`` (a more curved model: larger)."""
+    from topi_export.method.reuse import rollout_criterion
+
+    g = torch.Generator().manual_seed(1)
+    rows = [[0.0] + [scale * 1e-4 * (1 + 3 * i / n) * (1 + 0.2 * float(torch.rand(1, generator=g)))
+                     for i in range(1, n)] for _ in range(samples)]
+    return rollout_criterion(rows, [[2 * e for e in r] for r in rows], _sigmas(n))
+
+
+def test_rollout_criterion_keeps_the_budget_and_reuses_fewer_steps_when_errors_are_larger():
+    from dataclasses import replace
+
+    from topi_export.method.reuse import budget_error, plan_cost
+
+    sig, anchors = _sigmas(28), range(0, 28, 10)
+    straight, curved = _rollout_criterion(1.0), _rollout_criterion(30.0)
+    # on the schedule it was measured on, the prediction of a single step is the measured error (mean of samples)
+    errs = predicted_errors(straight, sig, 0)
+    g = torch.Generator().manual_seed(1)
+    rows = [[0.0] + [1e-4 * (1 + 3 * i / 28) * (1 + 0.2 * float(torch.rand(1, generator=g))) for i in range(1, 28)]
+            for _ in range(2)]
+    assert errs[5] == pytest.approx((rows[0][5] + rows[1][5]) / 2, rel=1e-9)
+    # a run's k-th step carries the run's errors so far
+    assert plan_cost([3, 4], errs) == pytest.approx(2 * errs[3] + errs[4])
+    assert plan_cost([3, 5], errs) == pytest.approx(errs[3] + errs[5])
+    a_straight = plan_reuse("auto", 0, sig, anchors, straight, measured=True, source="s")
+    a_curved = plan_reuse("auto", 0, sig, anchors, curved, measured=True, source="c")
+    assert len(a_curved.steps) < len(a_straight.steps)
+    for crit, plan in ((straight, a_straight), (curved, a_curved)):
+        e = predicted_errors(crit, sig, 0)
+        assert plan_cost(plan.steps, e) <= crit.threshold == pytest.approx(budget_error(40))
+        assert plan.predicted_db == pytest.approx(-20 * math.log10(plan_cost(plan.steps, e)))
+        assert "budget 40.0 dB" in plan.why and not set(plan.steps) & {0, 1, 10, 20, 26, 27}
+        assert _longest(plan.steps) <= 2
+    # a looser budget never reuses fewer steps; order 1 uses its own (here larger) errors
+    loose = plan_reuse("auto", 0, sig, anchors, replace(curved, threshold=budget_error(30)), source="c")
+    assert len(loose.steps) >= len(a_curved.steps)
+    assert len(plan_reuse("auto", 1, sig, anchors, curved, source="c").steps) <= len(a_curved.steps)
+    # reuse N on a rollout criterion reports its predicted cost too
+    assert plan_reuse(4, 0, sig, anchors, curved, source="c").predicted_db is not None
+
+
+def _longest(steps):
+    run = longest = 0
+    for s in range(max(steps, default=0) + 1):
+        run = run + 1 if s in steps else 0
+        longest = max(longest, run)
+    return longest
+
+
+@pytest.mark.parametrize("model, layout, kv", [
+    ("tiny-kontext", Layout(4, (4, 4), ((4, 4),)), False),
+    ("tiny-flux2", Layout(4, (4, 4), ((4, 4),)), True),
+])
+def test_rollout_measure_resumes_the_full_run_exactly(model, layout, kv):
+    """The rollouts finish a run from the full run's own latents at some step: with the velocity not reused that
+    must give the full run's final latents (an exact K/V model re-extracts its cache where it resumes)."""
+    from topi_export.backends import get_backend, model_backend
+    from topi_export.backends.base import EngineSource
+    from topi_export.models import load_model
+    from topi_export.runtime.loop import denoise, measure_reuse
+
+    fam = load_model(model, kv_model=kv).family
+    data = fam.synthetic_inputs(layout, 0)
+    engine = get_backend(model_backend()).open_engine(EngineSource(None, fam, fam.default_settings()))
+    seen = []
+    full = denoise(engine, fam, data, steps=8, seed=0, mode="full", on_step=lambda *a: seen.append(a[2]))
+    sched = fam.make_scheduler(8, data.layout)
+    sig = [float(v) for v in sched.sigmas]
+    x = data.initial_noise(0).float()
+    for k in range(5):
+        x = x + (sig[k + 1] - sig[k]) * seen[k].float()
+    resumed = denoise(engine, fam, data, steps=8, seed=0, mode="full", start=(5, x))
+    torch.testing.assert_close(resumed.latents, full.latents, rtol=0, atol=1e-5)
+    assert [r.step for r in resumed.schedule] == [5, 6, 7]
+    with pytest.raises(Exception, match="only a baseline run"):
+        denoise(engine, fam, data, steps=8, selector=object(), mode="topi", start=(5, x))
+    crit = measure_reuse(fam, [data], 8)
+    assert crit.measure == "rollout" and all(math.isfinite(d) and d >= 0 for d in crit.density)
+    assert max(crit.density[1:]) > 0  # reusing a step of a random model changes its output
+
+
+def test_calibrate_cli_reuse_measure_options(tmp_path, capsys):
+    base = ["calibrate", "--model", "tiny-kontext", "--samples", "1", "--grid", "4x4", "--text-tokens", "4",
+            "--reuse-steps", "6", "-q"]
+    code, out, _ = run_cli([*base, "--reuse-budget", "50", "--out", str(tmp_path / "r.json")], capsys)
+    raw = json.loads((tmp_path / "r.json").read_text())
+    assert code == 0 and raw["reuse"]["measure"] == "rollout" and raw["reuse"]["threshold"] == pytest.approx(10 ** -2.5)
+    assert "--reuse-budget 50" in raw["command"] and "budget 50.0 dB" in out
+    code, out, _ = run_cli([*base, "--reuse-measure", "velocity", "--out", str(tmp_path / "v.json")], capsys)
+    assert code == 0 and json.loads((tmp_path / "v.json").read_text())["reuse"]["measure"] == "velocity"
+    for args, needle in ((["--reuse-threshold", "0.1"], "--reuse-threshold is the velocity measure's"),
+                         (["--reuse-measure", "velocity", "--reuse-budget", "40"], "--reuse-budget is the rollout")):
+        code, _, err = run_cli([*base, *args, "--out", str(tmp_path / "x.json")], capsys)
+        assert code == 2 and needle in err and err.count("error:") == 1 and not (tmp_path / "x.json").exists()

@@ -57,12 +57,24 @@ def method_settings(identity, default: MethodSettings, calibration=None, update_
 
 
 # --- writing profiles (topi-export calibrate) ------------------------------------------------------------
-REUSE_RULE = ("step reuse (method/reuse.py): density_i = ||v_i - v~_i|| / ||v_i|| / |sigma_i - sigma_{i-1}| averaged "
-              "over full unpruned runs of the samples, v~_i the previous velocity (order 0) or the linear "
-              "extrapolation in sigma of the previous two (order 1); at run time the predicted error of reusing a "
-              "step is the density at its sigma times its width; auto reuses while the accumulated predicted error "
-              "stays within threshold and at most max_consecutive steps in a row; anchors, the first protect_first "
-              "and the last protect_last steps are always computed")
+REUSE_RULES = {
+    "rollout": "step reuse (method/reuse.py, measure rollout): e_i = RMS(x_final(reuse i) - x_final) / range(x_final), "
+               "x_final(reuse i) the full unpruned run of a sample with step i alone reusing the previous velocity "
+               "(order 0) or the linear extrapolation in sigma of the previous two (order 1), finished to the end; "
+               "density_i = mean over samples of e_i / (|sigma_{i-1} - sigma_i| |sigma_i - sigma_{i+1}|); at run "
+               "time a step's predicted error is the density at its sigma times those widths, the k-th step of a "
+               "run of reused steps carries the errors of the run so far, and auto adds steps cheapest first while "
+               "the plan's predicted final error stays within threshold (10^(-budget dB / 20)) and runs within "
+               "max_consecutive; anchors, the first protect_first and the last protect_last steps are always "
+               "computed",
+    "velocity": "step reuse (method/reuse.py, measure velocity): density_i = ||v_i - v~_i|| / ||v_i|| / |sigma_i - "
+                "sigma_{i-1}| averaged over full unpruned runs of the samples, v~_i the previous velocity (order 0) "
+                "or the linear extrapolation in sigma of the previous two (order 1); at run time the predicted "
+                "error of reusing a step is the density at its sigma times its width; auto reuses while the "
+                "accumulated predicted error stays within threshold and at most max_consecutive steps in a row; "
+                "anchors, the first protect_first and the last protect_last steps are always computed"}
+
+
 def describe_set(samples, timesteps, *, files=None, seed=0) -> dict:
     """The calibration_set block of a profile."""
     samples = list(samples)
@@ -93,7 +105,8 @@ def build_profile(result, identity, calibration_set: dict, *, command: str | Non
         "top_k": int(result.top_k),
         "sensitivity": {"mean": list(result.mean), "std": list(result.std), "layer_names": list(result.layer_names),
                         "ranking": list(result.ranking), "by_timestep": list(result.by_timestep)},
-        "rules": {**result.rules, **({"reuse": REUSE_RULE} if result.reuse is not None else {})},
+        "rules": {**result.rules,
+                  **({"reuse": REUSE_RULES[result.reuse.measure]} if result.reuse is not None else {})},
         **({"reuse": result.reuse.to_json()} if result.reuse is not None else {}),
         "calibration_set": calibration_set,
         "measured": True,

@@ -51,8 +51,15 @@ def _table(result: dict, rows: int) -> str:
               help="Update interval dT written to the profile (not measured; published: 10).")
 @click.option("--reuse-steps", type=click.IntRange(0, 1000), default=28, show_default=True,
               help="Also measure the step-reuse criterion on full runs of this many steps (0: do not).")
+@click.option("--reuse-measure", type=click.Choice(["rollout", "velocity"]), default="rollout", show_default=True,
+              help="How reuse errors are measured: rollout (each step reused alone, the run finished, its final "
+                   "latents compared; about steps^2 extra model calls per sample) or velocity (the relative "
+                   "velocity change between steps, no extra calls: the schema-3 criterion).")
+@click.option("--reuse-budget", type=click.FloatRange(10, 200), default=None,
+              help="rollout: the PSNR in dB that auto keeps against the same run without reuse, predicted "
+                   "(method/reuse.py).  [default: 40]")
 @click.option("--reuse-threshold", type=click.FloatRange(0, 10), default=None,
-              help="Accumulated predicted error a run of reused steps may reach (method/reuse.py).  [default: 0.1]")
+              help="velocity: accumulated relative velocity change a run of reused steps may reach.  [default: 0.1]")
 @click.option("--reuse-max-consecutive", type=click.IntRange(1, 100), default=None,
               help="Longest run of reused steps.  [default: 2]")
 @click.option("--seed", type=click.IntRange(0, (1 << 63) - 1), default=0, show_default=True,
@@ -61,7 +68,7 @@ def _table(result: dict, rows: int) -> str:
                                                               "(the plot goes next to it, same stem, .png).")
 @quiet_option
 def cmd(model, inputs, samples, grid, ref_grid, text_tokens, timesteps, top_k, update_interval, reuse_steps,
-        reuse_threshold, reuse_max_consecutive, seed, out, quiet):
+        reuse_measure, reuse_budget, reuse_threshold, reuse_max_consecutive, seed, out, quiet):
     """Measure each layer's context sensitivity; write the profile (pivotal layers, L0, dT) and a plot."""
     from topi_export.artifacts.settings import describe_set, write_profile
     from topi_export.method.calibration import calibrate
@@ -78,6 +85,12 @@ def cmd(model, inputs, samples, grid, ref_grid, text_tokens, timesteps, top_k, u
         raise TopiError(f"--out {out} must end in .json (the plot is written next to it as .png)")
     output_files([out, out.with_suffix(".png")], protected=list(inputs) + [model])
     ts = _parse_timesteps(timesteps)
+    if reuse_measure == "rollout" and reuse_threshold is not None:
+        raise TopiError("--reuse-threshold is the velocity measure's: with --reuse-measure rollout give "
+                        "--reuse-budget DB (the PSNR auto keeps, e.g. 40)")
+    if reuse_measure == "velocity" and reuse_budget is not None:
+        raise TopiError("--reuse-budget is the rollout measure's: with --reuse-measure velocity give "
+                        "--reuse-threshold")
     if inputs and samples is not None:
         raise TopiError("give either --inputs (a calibration set from files) or --samples (a synthetic set), not both")
     n_samples = 4 if samples is None else samples
@@ -107,11 +120,14 @@ def cmd(model, inputs, samples, grid, ref_grid, text_tokens, timesteps, top_k, u
 
         from topi_export.runtime.loop import measure_reuse
 
-        click.echo(f"measuring step-reuse errors on {len(data)} full run(s) of {reuse_steps} steps")
+        how = "each step reused alone, finished to the end" if reuse_measure == "rollout" else "velocity changes"
+        click.echo(f"measuring step-reuse errors on {len(data)} full run(s) of {reuse_steps} steps ({how})")
         result = replace(result, reuse=measure_reuse(adapter, data, reuse_steps, seed=seed,
                                                      scheduler_config=scheduler_config_for(model) if model else None,
+                                                     measure=reuse_measure, budget_db=reuse_budget,
                                                      threshold=reuse_threshold,
-                                                     max_consecutive=reuse_max_consecutive))
+                                                     max_consecutive=reuse_max_consecutive,
+                                                     progress=show_progress(quiet)))
     argv = ["topi-export calibrate", "--model", str(identity.source)]
     if inputs:
         argv += [a for p in inputs for a in ("--inputs", str(p))]
@@ -119,7 +135,9 @@ def cmd(model, inputs, samples, grid, ref_grid, text_tokens, timesteps, top_k, u
         argv += ["--samples", str(n_samples), "--grid", grid, "--text-tokens", str(text_tokens)]
         argv += ["--ref-grid", ref_grid] if ref_grid else []
     argv += ["--timesteps", ",".join(f"{t:g}" for t in ts), "--top-k", str(top_k), "--update-interval",
-             str(update_interval), "--reuse-steps", str(reuse_steps), "--seed", str(seed), "--out", str(out)]
+             str(update_interval), "--reuse-steps", str(reuse_steps), "--reuse-measure", reuse_measure,
+             "--seed", str(seed), "--out", str(out)]
+    argv += ["--reuse-budget", f"{reuse_budget:g}"] if reuse_budget is not None else []
     argv += ["--reuse-threshold", f"{reuse_threshold:g}"] if reuse_threshold is not None else []
     argv += ["--reuse-max-consecutive", str(reuse_max_consecutive)] if reuse_max_consecutive is not None else []
     write_profile(out, result, identity, describe_set(data, ts, files=list(inputs), seed=seed),
@@ -137,6 +155,6 @@ def cmd(model, inputs, samples, grid, ref_grid, text_tokens, timesteps, top_k, u
         sigmas, crit = result.reuse.sigmas, result.reuse
         auto = plan_reuse("auto", 0, sigmas, range(0, len(sigmas), update_interval), crit, source=str(out))
         click.echo(f"step reuse: at {len(sigmas)} steps and dT = {update_interval}, auto reuses {len(auto.steps)} "
-                   f"steps {list(auto.steps)} (threshold {crit.threshold:g}, at most {crit.max_consecutive} in a row)")
+                   f"steps {list(auto.steps)} ({auto.why.split(': ', 1)[-1]})")
     click.echo(f"profile -> {out}")
     click.echo(f"plot -> {png}")

@@ -5,10 +5,14 @@ one temporal plan: a reused step costs nothing, the computed ones are pruned.
 Which steps, by rule:
 - never an anchor (it chooses the kept set), never the first ``protect_first`` or last ``protect_last`` steps
   (default 2 and 2: the largest and the finishing velocity changes);
-- ``auto``: walk the schedule; the predicted error of reusing step i is the criterion's measured error density at
-  step i's sigma times the step's sigma width; reuse it while the error accumulated since the last computed step
-  stays within the criterion's threshold and fewer than ``max_consecutive`` steps in a row are reused (MagCache's
-  accumulated-error rule, with an error measured on the model by `topi-export calibrate`);
+- ``auto`` with a criterion measured by rollouts (``measure`` "rollout", profiles from schema 4): calibration reused
+  each step alone and measured what it did to the FINAL latents (RMS over the output's range, the error PSNR
+  counts). A run of reused steps accumulates: its k-th step reuses a velocity k steps old, so it carries the errors
+  of the run so far (MagCache's accumulated error, on final-output errors). Steps are added cheapest first while
+  the plan's predicted final error stays within the criterion's budget (``threshold``; default 0.01 of the range,
+  i.e. 40 dB against the same run without reuse) and runs stay within ``max_consecutive``;
+- ``auto`` with a schema-3 criterion (``measure`` "velocity": the relative change of the velocity between steps):
+  walk the schedule, reuse while the error accumulated since the last computed step stays within the threshold;
 - ``N``: the N eligible steps with the lowest predicted error (or, without a criterion, N steps spread evenly over
   the eligible ones).
 
@@ -24,10 +28,25 @@ from topi_export.plan.reuse import OFF, ReuseCriterion, ReusePlan
 
 ORDERS = (0, 1)
 PROTECT_FIRST = PROTECT_LAST = 2
-# Accumulated relative velocity error a run of reused steps may reach, and the longest run (docs/design.md, "Step
-# reuse": chosen on the shipped models flux2-pick and kontext-digits, docs/benchmarks.md section 8).
+MEASURES = ("rollout", "velocity")
+# The rollout criterion's budget: predicted final error <= 1% of the output's range (40 dB against the same run
+# without reuse), a tenth of the error energy of a 30 dB result, so reuse cannot be what takes a run under the
+# fidelity floor the project benchmarks against (docs/design.md, "Step reuse"). Not chosen on any model.
+DEFAULT_BUDGET_DB = 40.0
+# The schema-3 velocity criterion's accumulated relative velocity error per run (chosen on flux2-pick and
+# kontext-digits, docs/benchmarks.md section 8). Both: at most 2 reused steps in a row.
 DEFAULT_THRESHOLD = 0.1
 DEFAULT_MAX_CONSECUTIVE = 2
+
+
+def budget_error(budget_db: float) -> float:
+    """The final error (RMS over the output's range) a PSNR budget in dB allows."""
+    return 10 ** (-float(budget_db) / 20)
+
+
+def error_db(error: float) -> float:
+    """A final error (RMS over the output's range) as PSNR in dB (inf for no error)."""
+    return math.inf if error <= 0 else -20 * math.log10(error)
 
 
 def parse_reuse(text) -> str | int:
@@ -57,8 +76,10 @@ def eligible_steps(num_steps: int, anchors, protect_first: int = PROTECT_FIRST,
 
 
 def predicted_errors(criterion: ReuseCriterion, sigmas, order: int) -> list[float]:
-    """Predicted error of reusing each step of a schedule (sigma of every step): the measured density at the
-    step's sigma (interpolated) times the step's width in sigma."""
+    """Predicted error of reusing each step of a schedule (sigma of every step): the measured density at the step's
+    sigma (interpolated) times the step's width in sigma (velocity criterion: a relative velocity change), or times
+    the widths of the step and of the one before it (rollout criterion: the velocity is one step stale, and the stale
+    velocity moves the latents over the step; the final error scales with both). The schedule ends at sigma 0."""
     ref_s = torch.tensor(criterion.sigmas, dtype=torch.float64)
     dens = torch.tensor(criterion.density_order1 if order else criterion.density, dtype=torch.float64)
     order_idx = torch.argsort(ref_s)
@@ -67,8 +88,47 @@ def predicted_errors(criterion: ReuseCriterion, sigmas, order: int) -> list[floa
     for i, s in enumerate(sigmas):
         width = abs(float(sigmas[i - 1]) - float(s)) if i > 0 else math.inf
         d = float(_interp(float(s), ref_s, dens))
+        if criterion.measure == "rollout":
+            width *= abs(float(s) - (float(sigmas[i + 1]) if i + 1 < len(sigmas) else 0.0))
         out.append(d * width)
     return out
+
+
+def plan_cost(steps, errors) -> float:
+    """Predicted final error of reusing ``steps`` (rollout criterion): single-step errors add, and the k-th step of a
+    run of consecutive reused steps carries the errors of the run so far (its velocity is k steps old)."""
+    total = acc = 0.0
+    prev = None
+    for s in sorted(steps):
+        acc = acc + errors[s] if prev == s - 1 else errors[s]
+        total, prev = total + acc, s
+    return total
+
+
+def _longest_run(steps) -> int:
+    run = longest = 0
+    prev = None
+    for s in sorted(steps):
+        run = run + 1 if prev == s - 1 else 1
+        longest, prev = max(longest, run), s
+    return longest
+
+
+def _within_budget(eligible, errors, budget: float, max_consecutive: int) -> list[int]:
+    """Cheapest first: add the eligible step that raises the plan's predicted final error least while it stays
+    within the budget and no run is longer than max_consecutive."""
+    chosen: set[int] = set()
+    while True:
+        best = None
+        for s in eligible:
+            if s in chosen or _longest_run(chosen | {s}) > max_consecutive:
+                continue
+            cost = plan_cost(chosen | {s}, errors)
+            if cost <= budget and (best is None or cost < best[0]):
+                best = (cost, s)
+        if best is None:
+            return sorted(chosen)
+        chosen.add(best[1])
 
 
 def _interp(x: float, xs: torch.Tensor, ys: torch.Tensor) -> float:
@@ -106,6 +166,14 @@ def plan_reuse(spec, order: int, sigmas, anchors, criterion: ReuseCriterion | No
             raise BadInput("--reuse auto needs a step-reuse criterion measured on this model: calibrate it with "
                            "`topi-export calibrate`, or give --reuse N")
         errors = predicted_errors(criterion, sigmas, order)
+        if criterion.measure == "rollout":
+            chosen = _within_budget(eligible, errors, criterion.threshold, criterion.max_consecutive)
+            cost = plan_cost(chosen, errors)
+            return ReusePlan("auto", order, tuple(chosen), source,
+                             why or f"auto: predicted final error of the reused steps {error_db(cost):.1f} dB "
+                                    f"against the run without reuse, budget {error_db(criterion.threshold):.1f} dB, "
+                                    f"at most {criterion.max_consecutive} in a row ({source})",
+                             predicted_db=error_db(cost) if chosen else None)
         chosen, acc, run = [], 0.0, 0
         for s in range(n):
             if s in eligible and acc + errors[s] <= criterion.threshold and run < criterion.max_consecutive:
@@ -124,8 +192,9 @@ def plan_reuse(spec, order: int, sigmas, anchors, criterion: ReuseCriterion | No
     if criterion is not None:
         errors = predicted_errors(criterion, sigmas, order)
         chosen = sorted(sorted(eligible, key=lambda s: (errors[s], s))[:spec])
+        predicted = error_db(plan_cost(chosen, errors)) if criterion.measure == "rollout" and chosen else None
         return ReusePlan("count", order, tuple(chosen), source,
-                         f"{spec} steps with the lowest predicted error ({source})")
+                         f"{spec} steps with the lowest predicted error ({source})", predicted_db=predicted)
     picks = sorted({eligible[round(i * (len(eligible) - 1) / max(spec - 1, 1))] for i in range(spec)}) if spec else []
     k = 0
     while len(picks) < spec:  # rounding collided: fill with the nearest free eligible steps
@@ -171,8 +240,30 @@ def measure_criterion(velocities_per_sample, sigmas, *, threshold: float = DEFAU
     d0, d1 = d0 / k, d1 / k
     d0[0], d1[0] = d0[1], d1[1]  # step 0 is never reused; keep the curve defined there
     return ReuseCriterion(tuple(float(s) for s in sigmas), tuple(d0.tolist()), tuple(d1.tolist()), float(threshold),
-                          int(max_consecutive), PROTECT_FIRST, PROTECT_LAST, len(velocities_per_sample))
+                          int(max_consecutive), PROTECT_FIRST, PROTECT_LAST, len(velocities_per_sample), "velocity")
 
 
-__all__ = ["OFF", "ORDERS", "parse_reuse", "check_order", "plan_reuse", "extrapolate", "measure_criterion",
-           "predicted_errors", "eligible_steps"]
+def rollout_criterion(errors_per_sample, errors_order1_per_sample, sigmas, *, budget_db: float = DEFAULT_BUDGET_DB,
+                      max_consecutive: int = DEFAULT_MAX_CONSECUTIVE) -> ReuseCriterion:
+    """The criterion from rollouts: errors_per_sample[i][step] is the final error (RMS over the output's range) of
+    the run that reused ``step`` alone (order 0; errors_order1_per_sample: order 1), measured at ``sigmas`` (every
+    step's sigma; the schedule ends at 0). Stored as densities per unit of (step width x previous step width), so
+    they map onto other schedules (``predicted_errors``)."""
+    n = len(sigmas)
+    s = [float(v) for v in sigmas] + [0.0]
+
+    def density(rows):
+        out = []
+        for i in range(1, n):
+            area = abs(s[i - 1] - s[i]) * abs(s[i] - s[i + 1])
+            out.append(sum(float(r[i]) for r in rows) / max(len(rows), 1) / max(area, 1e-30))
+        return [out[0]] + out  # step 0 is never reused; keep the curve defined there
+
+    return ReuseCriterion(tuple(s[:n]), tuple(density(errors_per_sample)), tuple(density(errors_order1_per_sample)),
+                          budget_error(budget_db), int(max_consecutive), PROTECT_FIRST, PROTECT_LAST,
+                          len(errors_per_sample), "rollout")
+
+
+__all__ = ["OFF", "ORDERS", "MEASURES", "parse_reuse", "check_order", "plan_reuse", "extrapolate",
+           "measure_criterion", "rollout_criterion", "predicted_errors", "plan_cost", "eligible_steps",
+           "budget_error", "error_db"]

@@ -60,7 +60,7 @@ class TemporalController:
     may be planned again (the second guidance branch of a diffusers pipeline) without re-scoring."""
 
     def __init__(self, selector, update_interval: int, num_ctx: int, grids=None, baseline: str = "full",
-                 reuse: ReusePlan = OFF, ref_kv: str | None = None):
+                 reuse: ReusePlan = OFF, ref_kv: str | None = None, start: int = 0):
         if baseline not in ("full", "dense"):
             raise TopiError(f"unknown baseline {baseline!r}: full or dense")
         self.selector, self.num_ctx, self.baseline = selector, int(num_ctx), baseline
@@ -74,6 +74,7 @@ class TemporalController:
         self.keep_idx, self.ratio, self.keep = None, 0.0, self.num_ctx
         self.kept = {}  # anchor step -> kept indices (None = all)
         self.anchor_info = {}  # anchor step -> what observe() returned
+        self.start = int(start)  # a loop resumed at this step (a baseline's rollout): an exact cache extracts there
 
     def plan(self, step: int) -> StepPlan:
         anchor = step - step % self.update_interval
@@ -97,7 +98,7 @@ class TemporalController:
 
     # --- reference K/V cache (docs/design.md, "Reference K/V cache") -------------------------------------------
     def _plan_kv(self, step: int, anchor: int) -> StepPlan:
-        extract = step == 0 if self.ref_kv == "exact" else step == anchor
+        extract = step == self.start if self.ref_kv == "exact" else step == anchor
         if extract:
             return StepPlan(step, "extract", anchor, None, 0.0, self.num_ctx)
         if self.selector is None:

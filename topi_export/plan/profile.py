@@ -1,6 +1,7 @@
 """Calibration profiles (``topi-export calibrate --out NAME.json``) as a typed, versioned object. Schema 2 adds
-the family and its layer groups; schema 3 the step-reuse criterion (plan/reuse.py); schema 1 and 2 files are still
-read (they have no reuse criterion: step reuse stays off by default for their models)."""
+the family and its layer groups; schema 3 the step-reuse criterion (plan/reuse.py), measured on velocities; schema 4
+measures it by rollouts (its ``reuse.measure`` is "rollout"). Schema 1 to 3 files are still read (1 and 2 have no
+reuse criterion: step reuse stays off by default for their models; 3 keeps its velocity rule)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -11,8 +12,8 @@ from topi_export.plan.schema import Reader
 from topi_export.plan.reuse import ReuseCriterion
 from topi_export.plan.settings import MAX_UPDATE_INTERVAL, MethodSettings
 
-SCHEMA = "topi-calibration/3"
-READS = ("topi-calibration/1", "topi-calibration/2", SCHEMA)
+SCHEMA = "topi-calibration/4"
+READS = ("topi-calibration/1", "topi-calibration/2", "topi-calibration/3", SCHEMA)
 
 
 @dataclass(frozen=True)

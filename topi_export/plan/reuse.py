@@ -13,11 +13,15 @@ MAX_THRESHOLD = 10.0
 @dataclass(frozen=True)
 class ReuseCriterion:
     """What calibration measured: for each step of a reference schedule (``sigmas``, the noise level of each
-    step), the error that reusing the previous velocity would make, as a density per unit of sigma (so it maps onto
-    schedules of other lengths: a step of size d sigma costs density * d sigma), for zero-order reuse (the last
-    velocity) and first-order reuse (extrapolated from the last two). The rule: reuse while the accumulated
-    predicted error stays within ``threshold`` and at most ``max_consecutive`` steps in a row; the first
-    ``protect_first`` and last ``protect_last`` steps and every anchor are always computed."""
+    step), the error that reusing the previous velocity would make, as a density that maps onto schedules of other
+    lengths, for zero-order reuse (the last velocity) and first-order reuse (extrapolated from the last two).
+
+    ``measure`` says what the error is. "rollout" (schema 4): the final error (RMS of the final latents' change over
+    their range, what PSNR counts) of a run that reused that step alone, per unit of (step width x previous step
+    width); ``threshold`` is the final error the plan may reach (0.01 = 40 dB). "velocity" (schema 3): the relative
+    change of the velocity per unit of sigma; ``threshold`` bounds each run's accumulated change. Both: at most
+    ``max_consecutive`` steps in a row; the first ``protect_first`` and last ``protect_last`` steps and every anchor
+    are always computed (the rule: method/reuse.py)."""
 
     sigmas: tuple[float, ...]
     density: tuple[float, ...]  # order 0
@@ -27,9 +31,10 @@ class ReuseCriterion:
     protect_first: int = 2
     protect_last: int = 2
     samples: int = 0
+    measure: str = "velocity"
 
     def to_json(self) -> dict:
-        return {"sigmas": list(self.sigmas), "density": list(self.density),
+        return {"measure": self.measure, "sigmas": list(self.sigmas), "density": list(self.density),
                 "density_order1": list(self.density_order1), "threshold": self.threshold,
                 "max_consecutive": self.max_consecutive, "protect_first": self.protect_first,
                 "protect_last": self.protect_last, "samples": self.samples}
@@ -42,7 +47,8 @@ class ReuseCriterion:
             raise r.fail("sigmas", "density and density_order1 must be lists of the same length (>= 2)")
         return cls(sigmas, density, density1, r.float("threshold", lo=0.0, hi=MAX_THRESHOLD),
                    r.int("max_consecutive", lo=1, hi=1000), r.int("protect_first", lo=0, hi=1000),
-                   r.int("protect_last", lo=0, hi=1000), r.int("samples", lo=0, hi=1_000_000))
+                   r.int("protect_last", lo=0, hi=1000), r.int("samples", lo=0, hi=1_000_000),
+                   r.str("measure", choices=("rollout", "velocity")) if r.has("measure") else "velocity")
 
 
 def _floats(r: Reader, key: str):
@@ -68,14 +74,18 @@ class ReusePlan:
     steps: tuple[int, ...]
     source: str
     why: str
+    predicted_db: float | None = None  # rollout criterion: the plan's predicted PSNR against the run without reuse
 
     @property
     def enabled(self) -> bool:
         return bool(self.steps)
 
     def to_json(self) -> dict:
-        return {"mode": self.mode, "order": self.order, "steps": list(self.steps), "source": self.source,
-                "why": self.why}
+        out = {"mode": self.mode, "order": self.order, "steps": list(self.steps), "source": self.source,
+               "why": self.why}
+        if self.predicted_db is not None:
+            out["predicted_db"] = round(self.predicted_db, 2)
+        return out
 
 
 OFF = ReusePlan("off", 0, (), "none", "step reuse off")

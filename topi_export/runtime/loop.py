@@ -64,12 +64,20 @@ def schedule_sigmas(family, steps: int, layout, scheduler_config: dict | None = 
 
 def denoise(engine, family, inputs, *, steps: int, seed: int = 0, selector=None, mode: str = "topi",
             update_interval: int = 10, scheduler_config: dict | None = None, progress: bool = False,
-            desc: str | None = None, reuse: ReusePlan = OFF, on_step=None, ref_kv: str | None = None) -> RunResult:
+            desc: str | None = None, reuse: ReusePlan = OFF, on_step=None, ref_kv: str | None = None,
+            start: tuple[int, torch.Tensor] | None = None) -> RunResult:
     """One generation. The engine is bound to the request's conditioning here. ``reuse``: the steps that reuse a
     velocity instead of calling the engine (method/reuse.py; ignored by the baselines). ``on_step(step, sigma,
     velocity)``: called with every step's guided velocity (calibration records trajectories with it). ref_kv None:
-    a KV-trained model's exact cache (the dense mode recomputes the references every step), no cache otherwise."""
+    a KV-trained model's exact cache (the dense mode recomputes the references every step), no cache otherwise.
+    ``start`` (step, latents): a baseline run resumed at that step from those latents (calibration's rollouts)."""
     check_mode(mode)
+    first = 0
+    if start is not None:
+        if mode == "topi":
+            raise TopiError("only a baseline run (mode full or dense) can resume mid-schedule: the ToPi schedule "
+                            "needs its anchors")
+        first = int(start[0])
     if ref_kv is None and family.kv_model and mode != "dense":
         ref_kv = "exact"
     if mode == "topi" and selector is None:
@@ -78,16 +86,19 @@ def denoise(engine, family, inputs, *, steps: int, seed: int = 0, selector=None,
     layout = inputs.layout
     batch = family.branches(inputs)
     engine.bind(family.conditioning(inputs, layout), inputs.reference_latents, layout)
-    latents = inputs.initial_noise(seed)
+    latents = inputs.initial_noise(seed) if start is None else start[1]
     sched = family.make_scheduler(steps, layout, scheduler_config)
+    sched.set_begin_index(first)
     controller = TemporalController(selector if mode == "topi" else None, update_interval, layout.num_ctx,
                                     layout.ref_grids, baseline="dense" if mode == "dense" else "full", reuse=reuse,
-                                    ref_kv=ref_kv)
+                                    ref_kv=ref_kv, start=first)
     runner = StepRunner(engine, controller, layout, guide=lambda v: family.guide(v.float(), inputs))
     records = []
     start = time.perf_counter()
-    with torch.inference_mode(), host_threads(engine), _progress(steps, desc or mode, progress) as bar:
+    with torch.inference_mode(), host_threads(engine), _progress(steps - first, desc or mode, progress) as bar:
         for step, t in enumerate(sched.timesteps):
+            if step < first:
+                continue
             timestep = (t / 1000).reshape(1).to(torch.float32).expand(batch).contiguous()
             x = latents.expand(batch, -1, -1).contiguous()
             velocity, record = runner.step(step, x, timestep)
@@ -140,21 +151,62 @@ def rel_l2(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def measure_reuse(family, samples, steps: int, *, seed: int = 0, scheduler_config=None, threshold=None,
-                  max_consecutive=None):
-    """The step-reuse criterion of a model (method/reuse.py measure_criterion) from full, unpruned runs of its
-    PyTorch reference on the calibration samples, recording every step's guided velocity."""
+                  max_consecutive=None, measure: str = "rollout", budget_db=None, progress: bool = False):
+    """The step-reuse criterion of a model from full, unpruned runs of its PyTorch reference on the calibration
+    samples, recording every step's guided velocity. ``measure`` "rollout" (method/reuse.py rollout_criterion): for
+    every step and both orders, the run that reuses that step alone is finished from there, and the change of its
+    final latents measured (about steps^2 extra model calls per sample). "velocity" (measure_criterion): the
+    relative velocity change between steps, no extra calls."""
     from topi_export.backends import get_backend, model_backend
     from topi_export.backends.base import EngineSource
     from topi_export.method import reuse as R
 
+    if measure not in R.MEASURES:
+        raise BadInput(f"--reuse-measure {measure!r}: one of {', '.join(R.MEASURES)}")
     settings = family.default_settings()
     engine = get_backend(model_backend()).open_engine(EngineSource(None, family, settings))
-    per_sample, sigmas = [], None
-    for i, data in enumerate(samples):
-        seen = []
-        denoise(engine, family, data, steps=steps, seed=seed + i, mode="full",
-                on_step=lambda step, sigma, velocity: seen.append((sigma, velocity)))
-        sigmas = [s for s, _ in seen]
-        per_sample.append([v for _, v in seen])
-    kwargs = {k: v for k, v in (("threshold", threshold), ("max_consecutive", max_consecutive)) if v is not None}
-    return R.measure_criterion(per_sample, sigmas, **kwargs)
+    per_sample, errors, errors1, sigmas = [], [], [], None
+    with _progress(len(samples) * (steps if measure == "rollout" else 1), "reuse errors", progress) as bar:
+        for i, data in enumerate(samples):
+            seen = []
+            final = denoise(engine, family, data, steps=steps, seed=seed + i, mode="full",
+                            scheduler_config=scheduler_config,
+                            on_step=lambda step, sigma, velocity: seen.append((sigma, velocity))).latents
+            sigmas = [s for s, _ in seen]
+            per_sample.append([v for _, v in seen])
+            if measure == "rollout":
+                e0, e1 = _rollout_errors(engine, family, data, steps, seed + i, scheduler_config, seen, final,
+                                         bar)
+                errors.append(e0)
+                errors1.append(e1)
+    if measure == "velocity":
+        kwargs = {k: v for k, v in (("threshold", threshold), ("max_consecutive", max_consecutive)) if v is not None}
+        return R.measure_criterion(per_sample, sigmas, **kwargs)
+    kwargs = {k: v for k, v in (("budget_db", budget_db), ("max_consecutive", max_consecutive)) if v is not None}
+    return R.rollout_criterion(errors, errors1, sigmas, **kwargs)
+
+
+def _rollout_errors(engine, family, data, steps, seed, scheduler_config, seen, final, bar):
+    """Final error (RMS over the range of ``final``) of reusing each step alone, order 0 and order 1: the latents
+    of the full run before the step (replayed with the scheduler's Euler update), the reused velocity moves them
+    over the step, the full run finishes from there."""
+    from topi_export.method.reuse import extrapolate
+
+    sched = family.make_scheduler(steps, data.layout, scheduler_config)
+    sig = [float(v) for v in sched.sigmas]  # steps + 1 values, the last the end of the schedule
+    rng = float(final.max() - final.min()) or 1.0
+    x = data.initial_noise(seed).float()
+    e0, e1 = [0.0], [0.0]  # step 0 has nothing to reuse
+    for step in range(steps):
+        if step > 0:
+            history = [(sig[k], seen[k][1].float()) for k in range(max(0, step - 2), step)]
+            for order, out in ((0, e0), (1, e1)):
+                moved = x + (sig[step + 1] - sig[step]) * extrapolate(history, sig[step], order)
+                end = moved if step + 1 == steps else denoise(engine, family, data, steps=steps, seed=seed,
+                                                              mode="full", scheduler_config=scheduler_config,
+                                                              start=(step + 1, moved.to(final.dtype))).latents
+                out.append(float(((end.double() - final.double()) ** 2).mean().sqrt()) / rng)
+            bar.update(1)
+        x = x + (sig[step + 1] - sig[step]) * seen[step][1].float()
+    bar.update(1)
+    return e0, e1
