@@ -24,6 +24,10 @@ detail's strength (std of output minus conditional mean) of the model and of the
 
     python scripts/train_texture.py --threads 1     # the shipped recipe: writes topi_export/assets/kontext-texture
     python scripts/train_texture.py --eval-only                  # re-evaluate, rewrite samples, preview and card
+    python scripts/train_texture.py --threads 1 --edits smooth,token_grain,blob_grain --steps 2000 \
+        --out topi_export/assets/kontext-mottle                  # kontext-mottle: mid-schedule colour mottling
+
+``--edits`` picks the edits (default: kontext-texture's four); ``--out``'s folder name is the asset name in the card.
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ import math
 import os
 import shlex
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -51,7 +56,7 @@ DEFAULT_OUT = REPO / "topi_export" / "assets" / "kontext-texture"
 EVAL_SEED = 777  # held-out requests and their noise do not depend on --seed
 CALIB_SEED = 778  # the calibration requests (training photos)
 GUIDANCE = 2.5  # FluxKontextPipeline's default guidance_scale; training draws U[1, 4] like kontext-digits
-EDITS = kt.EDITS
+DEFAULT_EDITS = ("smooth", "grain", "texture", "color_grain")  # kontext-texture's
 
 
 def _script(name: str):
@@ -70,8 +75,10 @@ HELDOUT_IMAGES = ("astronaut", "coffee", "chelsea")
 
 # ------------------------------------------------------------------------------------------------ data
 class Conditioning:
-    def __init__(self):
-        pairs = [kt.texture_conditioning(e) for e in EDITS]
+    """The fixed embeddings of the chosen edits, indexed by position in ``edits``."""
+
+    def __init__(self, edits=DEFAULT_EDITS):
+        pairs = [kt.texture_conditioning(e) for e in edits]
         self.prompt = torch.cat([p for p, _ in pairs])  # [E, T, D]
         self.pooled = torch.cat([q for _, q in pairs])  # [E, P]
 
@@ -79,28 +86,45 @@ class Conditioning:
         return self.prompt[edit], self.pooled[edit]
 
 
-def make_batch(rng, gen, levels, edit: list[int], crop: int):
-    """(x0 [B, N, 16], reference [B, N, 16]): reference crops (numpy ``rng``), each target = its edit with the random
-    detail drawn from ``gen`` (sample by sample, in order)."""
+def make_batch(rng, gen, levels, edit: list[int], crop: int, edits=DEFAULT_EDITS):
+    """(x0 [B, N, 16], reference [B, N, 16]): reference crops (numpy ``rng``), each target = its edit (an index into
+    ``edits``) with the random detail drawn from ``gen`` (sample by sample, in order)."""
     refs = [tk.make_pair(rng, levels, "identity", crop)[1] for _ in edit]
     rgb = torch.from_numpy(np.stack(refs)).permute(0, 3, 1, 2).contiguous()
-    return rgb_to_latents(kt.edit_rgb(rgb, [EDITS[e] for e in edit], gen)), rgb_to_latents(rgb)
+    return rgb_to_latents(kt.edit_rgb(rgb, [edits[e] for e in edit], gen)), rgb_to_latents(rgb)
 
 
-def request_set(levels, n: int, crop: int, seed: int):
-    """Fixed requests (independent of --seed): request i has edit i % E; a prefix of a larger set is the smaller
-    set. Returns (edit, x0, reference, noise)."""
-    edit = torch.arange(n) % len(EDITS)
+def request_set(levels, n: int, crop: int, seed: int, edits=DEFAULT_EDITS):
+    """Fixed requests (independent of --seed): request i has edit edits[i % E]; a prefix of a larger set is the
+    smaller set. Returns (edit index, x0, reference, noise)."""
+    edit = torch.arange(n) % len(edits)
     detail = torch.Generator().manual_seed(seed + 1)
-    x0, ref = make_batch(np.random.default_rng(seed), detail, levels, edit.tolist(), crop)
+    x0, ref = make_batch(np.random.default_rng(seed), detail, levels, edit.tolist(), crop, edits)
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
     return edit, x0, ref, noise
 
 
 # ------------------------------------------------------------------------------------------------ main
+def parse_edits(text: str) -> tuple[str, ...]:
+    """--edits: a comma list of known, distinct edit names."""
+    import argparse
+
+    edits = tuple(e.strip() for e in text.split(",") if e.strip())
+    unknown = [e for e in edits if e not in kt.EDITS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown edit(s) {', '.join(unknown)}; known: {', '.join(kt.EDITS)}")
+    if not edits or len(set(edits)) != len(edits):
+        raise argparse.ArgumentTypeError(f"give one or more distinct edits (known: {', '.join(kt.EDITS)})")
+    return edits
+
+
 def parse_args(argv=None):
-    return tk.asset_parser(__doc__, DEFAULT_OUT, crop_help="crop size in px (token grid = crop/2)",
-                           low_res_help="crop size in px of the low-res steps").parse_args(argv)
+    p = tk.asset_parser(__doc__, DEFAULT_OUT, crop_help="crop size in px (token grid = crop/2)",
+                        low_res_help="crop size in px of the low-res steps")
+    p.add_argument("--edits", type=parse_edits, default=DEFAULT_EDITS,
+                   help=f"comma list of the edits to train (default {','.join(DEFAULT_EDITS)}; known: "
+                        f"{','.join(kt.EDITS)})")
+    return p.parse_args(argv)
 
 
 def main(argv=None) -> dict:
@@ -121,6 +145,7 @@ def main(argv=None) -> dict:
         model = FluxTransformer2DModel.from_pretrained(out)
         return evaluate_and_save(model, args, log, cmd, result)
 
+    edits = args.edits
     layouts = {c: Layout(kt.TEXT_TOKENS, (c // 2, c // 2), ((c // 2, c // 2),)) for c in (args.crop, args.low_res_crop)}
     layout = layouts[args.crop]
     mu = calculate_shift(layout.num_target)
@@ -129,12 +154,12 @@ def main(argv=None) -> dict:
     train_levels = [tk.pyramid(tk.load_image(n), size) for n in TRAIN_IMAGES]
     log(f"# data: {len(TRAIN_IMAGES)} train images ({sum(map(len, train_levels))} pyramid levels), held out "
         f"{', '.join(HELDOUT_IMAGES)}; crops {args.crop}px -> {layout.target_grid[0]}x{layout.target_grid[1]} tokens"
-        f" (a fraction {args.low_res_frac} of the steps at {args.low_res_crop}px); edits {', '.join(EDITS)} "
+        f" (a fraction {args.low_res_frac} of the steps at {args.low_res_crop}px); edits {', '.join(edits)} "
         f"({time.time() - t0:.1f}s)")
-    cond = Conditioning()
+    cond = Conditioning(edits)
     held_levels = [tk.pyramid(tk.load_image(n), args.crop) for n in HELDOUT_IMAGES]
     n_eval = max(args.eval_count, args.num_samples)
-    ev_edit, ev_x0, ev_ref, ev_noise = request_set(held_levels, n_eval, args.crop, EVAL_SEED)
+    ev_edit, ev_x0, ev_ref, ev_noise = request_set(held_levels, n_eval, args.crop, EVAL_SEED, edits)
     ev_prompt, ev_pooled = cond(ev_edit)
     ev_g = torch.full((n_eval,), GUIDANCE)
     ev_t = (torch.arange(n_eval) % 8 + 0.5) / 8  # val-loss timesteps: a fixed grid over (0, 1)
@@ -157,11 +182,11 @@ def main(argv=None) -> dict:
         return F.mse_loss(v, ev_noise - ev_x0).item()
 
     def draw(step):
-        edit = torch.randint(len(EDITS), (args.batch,), generator=gen)
+        edit = torch.randint(len(edits), (args.batch,), generator=gen)
         # Low-res steps spread evenly (as train_multiref): floor(step * frac) advances on a fraction of the steps.
         low = math.floor((step + 1) * args.low_res_frac) > math.floor(step * args.low_res_frac)
         c = args.low_res_crop if low else args.crop
-        x0, ref = make_batch(rng, gen, train_levels, edit.tolist(), c)
+        x0, ref = make_batch(rng, gen, train_levels, edit.tolist(), c, edits)
         noise = torch.randn(x0.shape, generator=gen)
         t = tk.sample_t(gen, args.batch, mu)
         guidance = 1 + 3 * torch.rand(args.batch, generator=gen)
@@ -180,12 +205,13 @@ def _detail_std(x, mean):
 def evaluate_and_save(model, args, log, cmd, result) -> dict:
     """The Kontext sampling loop on held-out requests; then the samples, calibration samples, preview and card."""
     out = args.out
+    edits = args.edits
     grid = (args.crop // 2, args.crop // 2)
     layout = Layout(kt.TEXT_TOKENS, grid, (grid,))
-    cond = Conditioning()
+    cond = Conditioning(edits)
     held_levels = [tk.pyramid(tk.load_image(n), args.crop) for n in HELDOUT_IMAGES]
     n_eval = max(args.eval_count, args.num_samples)
-    ev_edit, ev_x0, ev_ref, ev_noise = request_set(held_levels, n_eval, args.crop, EVAL_SEED)
+    ev_edit, ev_x0, ev_ref, ev_noise = request_set(held_levels, n_eval, args.crop, EVAL_SEED, edits)
     ev_prompt, ev_pooled = cond(ev_edit)
     ev_g = torch.full((n_eval,), GUIDANCE)
     model.eval()
@@ -194,15 +220,16 @@ def evaluate_and_save(model, args, log, cmd, result) -> dict:
                                    ev_noise[i:i + 16], ev_g[i:i + 16], layout, args.eval_steps)
                        for i in range(0, n_eval, 16)])
     eval_s = time.time() - t1
-    mean_x = kt.mean_latents(ev_ref, [EDITS[int(e)] for e in ev_edit], grid)
+    mean_x = kt.mean_latents(ev_ref, [edits[int(e)] for e in ev_edit], grid)
     n = args.eval_count
     lp = lambda x: kt.lowpass_latents(x[:n], grid)  # noqa: E731
     mses = {"model": mse_rgb(gen_x, ev_x0)[:n], "cond_mean": mse_rgb(mean_x, ev_x0)[:n],
             "copy_reference": mse_rgb(ev_ref, ev_x0)[:n], "model_coarse": mse_rgb(lp(gen_x), lp(ev_x0)),
             "model_vs_mean": mse_rgb(gen_x, mean_x)[:n]}
     stds = {"detail_truth": _detail_std(ev_x0, mean_x)[:n], "detail_model": _detail_std(gen_x, mean_x)[:n]}
-    groups = {e: ev_edit[:n] == k for k, e in enumerate(EDITS)}
-    groups["random edits"] = sum(ev_edit[:n] == EDITS.index(e) for e in kt.RANDOM_EDITS).bool()
+    groups = {e: ev_edit[:n] == k for k, e in enumerate(edits)}
+    groups["random edits"] = sum((ev_edit[:n] == edits.index(e) for e in kt.RANDOM_EDITS if e in edits),
+                                 torch.zeros(n, dtype=torch.bool)).bool()
     groups["all"] = torch.ones(n, dtype=torch.bool)
     per_group = {g: {"n": int(m.sum()), **{k: tk._psnr(v[m]) for k, v in mses.items()},
                      **{k: round(float(v[m].mean()), 4) for k, v in stds.items()}}
@@ -220,10 +247,11 @@ def evaluate_and_save(model, args, log, cmd, result) -> dict:
             f"{r['model_coarse']:>7.2f} {r['model_vs_mean']:>8.2f} {r['detail_truth']:>13.4f} {r['detail_model']:>13.4f}")
     log(f"# evaluation: {args.eval_steps} steps x {n_eval} requests in {eval_s:.0f}s")
 
-    write_samples(out / "samples", layout, ev_edit, ev_x0, ev_ref, ev_noise, cond, args.num_samples, HELDOUT_IMAGES)
+    write_samples(out / "samples", layout, ev_edit, ev_x0, ev_ref, ev_noise, cond, args.num_samples, HELDOUT_IMAGES,
+                  edits)
     train_levels = [tk.pyramid(tk.load_image(name), args.crop) for name in TRAIN_IMAGES]
-    cal = request_set(train_levels, args.num_calibration, args.crop, CALIB_SEED)
-    write_samples(out / "calibration_samples", layout, *cal, cond, args.num_calibration, TRAIN_IMAGES)
+    cal = request_set(train_levels, args.num_calibration, args.crop, CALIB_SEED, edits)
+    write_samples(out / "calibration_samples", layout, *cal, cond, args.num_calibration, TRAIN_IMAGES, edits)
     preview = _write_preview(out / "preview.png", ev_ref, ev_x0, mean_x, gen_x, grid, min(args.num_samples, 8))
     result["weights_bytes"] = (out / "diffusion_pytorch_model.safetensors").stat().st_size
     n_params = sum(p.numel() for p in model.parameters())
@@ -234,7 +262,7 @@ def evaluate_and_save(model, args, log, cmd, result) -> dict:
     return result
 
 
-def write_samples(folder: Path, layout, edit, x0, ref, noise, cond, count: int, images) -> None:
+def write_samples(folder: Path, layout, edit, x0, ref, noise, cond, count: int, images, edits=DEFAULT_EDITS) -> None:
     """Inputs files (artifacts/inputs.py format) of the first ``count`` requests; stale ones are removed."""
     from topi_export.request import Inputs
     from topi_export.artifacts.inputs import save_inputs
@@ -246,7 +274,7 @@ def write_samples(folder: Path, layout, edit, x0, ref, noise, cond, count: int, 
         prompt, pooled = cond(edit[i:i + 1])
         data = Inputs(layout, ref[i:i + 1].contiguous(), {"prompt_embeds": prompt, "pooled_prompt_embeds": pooled},
                       noise=noise[i:i + 1].contiguous(), target_latents=x0[i:i + 1].contiguous(), scalars={"guidance": GUIDANCE},
-                      meta={"edit": EDITS[int(edit[i])], "photos": ",".join(images)})
+                      meta={"edit": edits[int(edit[i])], "photos": ",".join(images)})
         save_inputs(folder / f"sample_{i}.safetensors", data)
 
 
@@ -323,6 +351,73 @@ def _curvature_section() -> str:
             f"--compare` computes it.\n\n" + "\n".join(lines))
 
 
+def _edit_bullets(edits) -> str:
+    """The card's list of the trained edits (for the default edits: kontext-texture's card text)."""
+    (lo_g, hi_g), (lo_t, hi_t), (lo_c, hi_c) = (kt.AMPLITUDE[e] for e in ("grain", "texture", "color_grain"))
+    (lo_k, hi_k), (lo_b, hi_b) = (kt.AMPLITUDE[e] for e in ("token_grain", "blob_grain"))
+    lo_f, hi_f = kt.TEXTURE_FREQUENCY
+    text = {
+        "smooth": f"Gaussian blur, sigma {kt.SMOOTH_SIGMA} px (deterministic: the control)",
+        "grain": f"each token's 2x2 px replaced by their mean, plus monochrome white grain, std a ~ U[{lo_g}, {hi_g}]\n"
+                 f"    per sample (random)",
+        "texture": f"`smooth` plus a monochrome band-pass Gaussian random texture: centre frequency U[{lo_f}, {hi_f}]\n"
+                   f"    cycles/px, random orientation and anisotropy, std a ~ U[{lo_t}, {hi_t}] per sample (random)",
+        "color_grain": f"the reference plus white grain drawn independently per colour channel, std a ~ "
+                       f"U[{lo_c}, {hi_c}]\n"
+                       f"    per sample (random)",
+        "token_grain": f"the reference plus colour noise constant over each token's 2x2 px, drawn independently per\n"
+                       f"    colour channel, std a ~ U[{lo_k}, {hi_k}] per sample (random)",
+        "blob_grain": f"the reference plus colour noise constant over 4x4 px blocks (2x2 tokens), drawn independently\n"
+                      f"    per colour channel, std a ~ U[{lo_b}, {hi_b}] per sample (random)",
+    }
+    return ";\n".join(f"  - `{e}`: {text[e]}" for e in edits) + "."
+
+
+def _intro(edits) -> str:
+    if tuple(edits) == DEFAULT_EDITS:
+        return """A small, really-trained in-context model in the exact FLUX.1 Kontext layout (diffusers `FluxTransformer2DModel`,
+`FluxKontextPipeline` token layout and ids) whose sampling trajectories are CURVED: two of its edits keep the
+reference's coarse structure and add fine detail that is random given the condition, drawn from a continuous
+distribution. The shipped models' edits are deterministic, their flows nearly straight, so reusing velocities
+across steps looks free on them; on this one it does not. Not a general image model."""
+    random = [f"`{e}`" for e in edits if e in kt.RANDOM_EDITS]
+    return textwrap.fill(
+        "A small, really-trained in-context model in the exact FLUX.1 Kontext layout (diffusers "
+        "`FluxTransformer2DModel`, `FluxKontextPipeline` token layout and ids) whose sampling trajectories are CURVED: "
+        f"{len(random)} of its {len(edits)} edits ({', '.join(random)}) keep the reference's coarse structure and add "
+        "detail that is random given the condition, drawn from a continuous distribution. Trained by "
+        f"`scripts/train_texture.py --edits {','.join(edits)}`: kontext-texture's recipe with other edits of "
+        "`topi_export.models.kontext_texture`. Not a general image model.", 116, break_on_hyphens=False)
+
+
+def _recipe(edits, steps: int) -> str:
+    """How the recipe was chosen (kontext-texture: the exploratory run; other edit sets: why these edits)."""
+    if tuple(edits) == DEFAULT_EDITS:
+        return EXPLORATION
+    text = (f"No exploratory run: kontext-texture's recipe (model, optimizer, crops, seed, evaluation) with "
+            f"`--edits {','.join(edits)}` and {steps} steps.")
+    block = [e for e in edits if e in kt.BLOCK]
+    if block:
+        parts = []
+        for e in block:
+            n = kt.BLOCK[e] ** 2
+            lo, hi = (a * math.sqrt(n) for a in kt.AMPLITUDE[e])
+            parts.append(f"`{e}` (n = {n}, a in [{kt.AMPLITUDE[e][0]}, {kt.AMPLITUDE[e][1]}]: t ~ "
+                         f"{lo / (1 + lo):.2f} - {hi / (1 + hi):.2f})")
+        text += (" A Gaussian component aggregated over n px with per-pixel std a is decided around t / (1 - t) ~ "
+                 f"a sqrt(n): {', '.join(parts)} are decided in the MIDDLE of the 28-step schedule, whereas "
+                 "kontext-texture's grain and texture are decided late (t ~ 0.2 - 0.3), inside the steps step reuse "
+                 "never touches. No clamp and no discrete modes: the detail is Gaussian given its amplitude.")
+    return textwrap.fill(text, 116, break_on_hyphens=False)
+
+
+def _curvature(edits) -> str:
+    if tuple(edits) == DEFAULT_EDITS:
+        return _curvature_section()
+    return ("Not measured here, on purpose: this model is a held-out test model for the step-reuse criterion, so its\n"
+            "step-reuse numbers are kept out of this card.")
+
+
 def _model_card(args, cmd, r, n_params, layout, preview) -> str:
     cfg = kt.model_config()
     g = layout.target_grid
@@ -336,9 +431,10 @@ def _model_card(args, cmd, r, n_params, layout, preview) -> str:
     rows = "\n".join(row(k, v) for k, v in r["per_group"].items())
     repro = (f"python scripts/train_texture.py --steps {r['steps']} --seed {args.seed} --batch {args.batch} "
              f"--crop {args.crop} --low-res-crop {args.low_res_crop} --low-res-frac {args.low_res_frac} "
-             f"--lr {args.lr} --warmup {args.warmup} --ema {args.ema} --threads {args.threads}")
-    (lo_g, hi_g), (lo_t, hi_t), (lo_c, hi_c) = (kt.AMPLITUDE[e] for e in ("grain", "texture", "color_grain"))
-    lo_f, hi_f = kt.TEXTURE_FREQUENCY
+             f"--lr {args.lr} --warmup {args.warmup} --ema {args.ema} --threads {args.threads}"
+             + ("" if tuple(args.edits) == DEFAULT_EDITS else f" --edits {','.join(args.edits)}")
+             + ("" if Path(args.out).resolve() == DEFAULT_OUT.resolve() else f" --out {shlex.quote(str(args.out))}"))
+    edits = tuple(args.edits)
     low_res = (f" A fraction {args.low_res_frac} of the steps (spread evenly) uses {args.low_res_crop} px crops."
                if args.low_res_frac > 0 else "")
     if args.eval_only:
@@ -346,13 +442,9 @@ def _model_card(args, cmd, r, n_params, layout, preview) -> str:
                     f"card (`eval_log.txt`; no training):\n\n    {cmd}\n")
     else:
         produced = f"Command that produced this folder:\n\n    {cmd}\n\nWith every argument spelled out:\n\n    {repro}\n"
-    return f"""# kontext-texture
+    return f"""# {Path(args.out).resolve().name}
 
-A small, really-trained in-context model in the exact FLUX.1 Kontext layout (diffusers `FluxTransformer2DModel`,
-`FluxKontextPipeline` token layout and ids) whose sampling trajectories are CURVED: two of its edits keep the
-reference's coarse structure and add fine detail that is random given the condition, drawn from a continuous
-distribution. The shipped models' edits are deterministic, their flows nearly straight, so reusing velocities
-across steps looks free on them; on this one it does not. Not a general image model.
+{_intro(edits)}
 
 ## Task and data
 
@@ -362,13 +454,7 @@ across steps looks free on them; on this one it does not. Not a general image mo
 - Edits (`topi_export.models.kontext_texture`; the conditioning names one, fixed seeded random `prompt_embeds`
   [1, {kt.TEXT_TOKENS}, {kt.TEXT_DIM}] and `pooled_prompt_embeds` [1, {kt.POOLED_DIM}] per edit; `guidance` embedded,
   trained on U[1, 4], samples use {GUIDANCE}):
-  - `smooth`: Gaussian blur, sigma {kt.SMOOTH_SIGMA} px (deterministic: the control);
-  - `grain`: each token's 2x2 px replaced by their mean, plus monochrome white grain, std a ~ U[{lo_g}, {hi_g}]
-    per sample (random);
-  - `texture`: `smooth` plus a monochrome band-pass Gaussian random texture: centre frequency U[{lo_f}, {hi_f}]
-    cycles/px, random orientation and anisotropy, std a ~ U[{lo_t}, {hi_t}] per sample (random);
-  - `color_grain`: the reference plus white grain drawn independently per colour channel, std a ~ U[{lo_c}, {hi_c}]
-    per sample (random).
+{_edit_bullets(edits)}
   The random detail is continuous (Gaussian given its parameters), so there are no discrete modes; its mean is
   zero, so the conditional mean of a target is its deterministic part (`kontext_texture.mean_latents`).
 - Images: scikit-image's bundled photos at scales 1, 1/2, 1/4, ... (short side <= 400 px), random crops and
@@ -400,7 +486,7 @@ deterministic for a given step count and thread count.
 
 How the recipe was chosen:
 
-{EXPLORATION}
+{_recipe(edits, r['steps'])}
 
 ## Held-out evaluation
 
@@ -424,7 +510,7 @@ strong the random detail is (about 0 for an output that only predicts the mean).
 
 ## Curvature
 
-{_curvature_section()}
+{_curvature(edits)}
 
 ## Samples
 

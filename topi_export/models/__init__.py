@@ -27,7 +27,8 @@ ASSETS = resource("assets")
 # Trained built-in models shipped as diffusers folders under assets/ (name -> folder name).
 ASSET_MODELS = {"kontext-digits": "kontext-digits", "flux2-pick": "flux2-pick",
                 "kontext-canvas": "kontext-canvas",  # relevance inside one reference; held out from policy tuning
-                "kontext-texture": "kontext-texture"}  # random detail: curved trajectories
+                "kontext-texture": "kontext-texture",  # random detail: curved trajectories
+                "kontext-mottle": "kontext-mottle"}  # mid-schedule random detail; held out from step-reuse tuning
 DEFAULT_MODEL = "flux2-pick"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

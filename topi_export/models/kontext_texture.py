@@ -19,10 +19,19 @@ Edits (the conditioning names one; fixed seeded embeddings per edit):
 - ``texture``: ``smooth`` plus a monochrome random band-pass texture (Gaussian random field: centre frequency,
   orientation and anisotropy random per sample), scaled to std a ~ U(AMPLITUDE["texture"]);
 - ``color_grain``: the reference plus white grain drawn independently per colour channel, a ~
-  U(AMPLITUDE["color_grain"]).
+  U(AMPLITUDE["color_grain"]);
+- ``token_grain``: the reference plus colour noise constant over each token's 2x2 px, drawn independently per colour
+  channel, a ~ U(AMPLITUDE["token_grain"]) (``kontext-mottle``);
+- ``blob_grain``: the reference plus colour noise constant over 4x4 px blocks (2x2 tokens), independent per channel,
+  a ~ U(AMPLITUDE["blob_grain"]) (``kontext-mottle``).
 
 The amplitudes are large enough that the detail is decided in the middle and late part of the 28-step schedule
 (a Gaussian component of std a is decided around t / (1 - t) ~ a), where step reuse happens.
+
+``kontext-texture`` trains the first four edits. ``kontext-mottle`` trains ``smooth``, ``token_grain`` and
+``blob_grain``: noise constant over blocks of n px is decided around t / (1 - t) ~ a sqrt(n) (a per-pixel std), i.e.
+in the MIDDLE of the 28-step schedule (t ~ 0.4 - 0.6), whereas ``grain`` / ``texture`` are decided late (t ~ 0.2 -
+0.3), inside the steps step reuse never touches.
 
 Latents are packed RGB + luma crops exactly like ``kontext-digits`` (``kontext_digits.rgb_to_latents``).
 This module is torch only (no diffusers, no scikit-image).
@@ -38,10 +47,12 @@ from topi_export.models.kontext_digits import (POOLED_DIM, TEXT_DIM, TEXT_TOKENS
                                                rgb_to_latents, unpack)
 
 # Order matters (it seeds the embeddings), so only ever append.
-EDITS = ("smooth", "grain", "texture", "color_grain")
-RANDOM_EDITS = ("grain", "texture", "color_grain")
+EDITS = ("smooth", "grain", "texture", "color_grain", "token_grain", "blob_grain")
+RANDOM_EDITS = ("grain", "texture", "color_grain", "token_grain", "blob_grain")
+BLOCK = {"token_grain": 2, "blob_grain": 4}  # px: the colour noise of these edits is constant over BLOCK x BLOCK px
 SMOOTH_SIGMA = 1.5  # px, the low-pass of ``smooth`` and ``texture``
-AMPLITUDE = {"grain": (0.15, 0.35), "texture": (0.20, 0.45), "color_grain": (0.10, 0.30)}  # detail std per sample
+AMPLITUDE = {"grain": (0.15, 0.35), "texture": (0.20, 0.45), "color_grain": (0.10, 0.30),  # detail std per sample
+             "token_grain": (0.35, 0.60), "blob_grain": (0.20, 0.35)}
 TEXTURE_FREQUENCY = (0.12, 0.30)  # centre frequency in cycles / px (wavelength 3.3 - 8 px)
 TEXTURE_BANDWIDTH = 0.04  # radial std of the band-pass in cycles / px
 TEXTURE_ANISOTROPY = (0.0, 3.0)  # concentration of the orientation lobe (0: isotropic)
@@ -80,7 +91,7 @@ def token_mean(rgb: torch.Tensor) -> torch.Tensor:
 
 def coarse_rgb(rgb: torch.Tensor, edit: str) -> torch.Tensor:
     """The deterministic part of an edit of RGB [B, 3, H, W] in [-1, 1]: the target's conditional mean."""
-    if edit == "color_grain":
+    if edit in ("color_grain", "token_grain", "blob_grain"):
         return rgb.clone()
     if edit in ("smooth", "texture"):
         return gaussian_blur(rgb, SMOOTH_SIGMA)
@@ -113,7 +124,8 @@ def band_pass_field(h: int, w: int, gen: torch.Generator) -> torch.Tensor:
 
 def detail_rgb(edit: str, h: int, w: int, gen: torch.Generator) -> torch.Tensor:
     """The random part of one sample of an edit: [1, 1, h, w] when monochrome (added to R, G and B alike), [1, 3, h, w]
-    for ``color_grain``; zeros for the deterministic edit (no random numbers drawn)."""
+    for ``color_grain``, ``token_grain`` and ``blob_grain``; zeros for the deterministic edit (no random numbers
+    drawn)."""
     if edit == "grain":
         a = _uniform(gen, AMPLITUDE[edit])
         return a * torch.randn(1, 1, h, w, generator=gen)
@@ -123,6 +135,11 @@ def detail_rgb(edit: str, h: int, w: int, gen: torch.Generator) -> torch.Tensor:
     if edit == "color_grain":
         a = _uniform(gen, AMPLITUDE[edit])
         return a * torch.randn(1, 3, h, w, generator=gen)
+    if edit in BLOCK:
+        a = _uniform(gen, AMPLITUDE[edit])
+        b = BLOCK[edit]
+        blocks = torch.randn(1, 3, -(-h // b), -(-w // b), generator=gen)
+        return a * blocks.repeat_interleave(b, 2).repeat_interleave(b, 3)[..., :h, :w]
     if edit in EDITS:
         return torch.zeros(1, 1, h, w)
     raise ValueError(f"unknown edit {edit!r}; known: {', '.join(EDITS)}")
