@@ -71,7 +71,28 @@ def trajectory(session, data, steps: int, reuse=(), seed: int = 0):
                            reuse=plan).latents
 
 
-def measure_model(name: str, steps: int, patterns: dict, limit: int | None, log=print) -> dict:
+def auto_by_budget(session, data, steps: int, budgets) -> dict:
+    """How many steps ``auto`` reuses under each budget (dB) with the model's rollout criterion, and the PSNR it
+    predicts: the plan only, nothing is run."""
+    from dataclasses import replace
+
+    from topi_export.method.reuse import budget_error, plan_reuse
+    from topi_export.runtime.loop import schedule_sigmas
+
+    crit = session.settings.reuse
+    if crit is None or crit.measure != "rollout":
+        return {}
+    sigmas = schedule_sigmas(session.family, steps, data.layout, session.scheduler_config)
+    anchors = range(0, steps, session.settings.update_interval)
+    out = {}
+    for b in budgets:
+        plan = plan_reuse("auto", 0, sigmas, anchors, replace(crit, threshold=budget_error(b)), source="budget")
+        out[f"{b:g}"] = {"reused": len(plan.steps), "predicted_db": None if plan.predicted_db is None
+                         else round(plan.predicted_db, 2)}
+    return out
+
+
+def measure_model(name: str, steps: int, patterns: dict, limit: int | None, log=print, budgets=()) -> dict:
     """Every held-out sample of a built-in model: the normal run, one reuse run per pattern (name -> steps)."""
     from topi_export import open_session
     from topi_export.artifacts.inputs import sample_files
@@ -109,6 +130,7 @@ def measure_model(name: str, steps: int, patterns: dict, limit: int | None, log=
         if s["edit"] is not None:
             by_edit.setdefault(s["edit"], []).append(s)
     return {"family": session.family.name, "layout": data.layout.to_json(), **summary(per_sample),
+            **({"auto_by_budget": auto_by_budget(session, data, steps, budgets)} if budgets else {}),
             "per_edit": {e: summary(v) for e, v in by_edit.items()},
             "per_sample": per_sample, "seconds": round(time.time() - t0, 1)}
 
@@ -122,6 +144,8 @@ def main(argv=None) -> dict:
                    help="steps that reuse the previous velocity, 'a-b:k' (a to b, every k-th) or a list; repeatable,\n"
                         f"one column each (default: {' and '.join(DEFAULT_REUSE)})")
     p.add_argument("--samples", type=int, default=None, help="use only the first N held-out samples of each model")
+    p.add_argument("--budgets", default="", help="also list how many steps auto reuses under these budgets in dB\n"
+                                                 "(a rollout criterion's plan, nothing run), e.g. 40,45,50,55")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default=str(DEFAULT_JSON), help="where to write the results ('' = nowhere)")
     p.add_argument("--per-sample", action="store_true", help="print every sample's numbers")
@@ -139,6 +163,7 @@ def main(argv=None) -> dict:
         patterns[f"reuse {_span(steps)}"] = steps
     cmd = "python scripts/measure_curvature.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     models = [m.strip() for m in args.models.split(",") if m.strip()]
+    budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
     results = {}
     if args.update and args.json and Path(args.json).exists():
         old = json.loads(Path(args.json).read_text())
@@ -148,7 +173,8 @@ def main(argv=None) -> dict:
         results = {k: v for k, v in old.get("models", {}).items() if k not in models}
     for name in models:
         results[name] = {"command": cmd, **measure_model(name, args.steps, patterns, args.samples,
-                                                          log=print if args.per_sample else (lambda *_: None))}
+                                                          log=print if args.per_sample else (lambda *_: None),
+                                                          budgets=budgets)}
     print(f"PSNR (dB) of the final latents of a run that reuses the previous step's velocity at the listed steps "
           f"(of {args.steps}) vs the normal run (runtime.loop.psnr)")
     cols = list(patterns)
@@ -169,7 +195,10 @@ def main(argv=None) -> dict:
         for edit, e in r["per_edit"].items():
             print(line("  " + edit, e))
     for name, r in results.items():
-        autos = [s["auto"] for s in r["per_sample"] if "auto" in s]
+        if r.get("auto_by_budget"):
+            print(f"{name}: auto under budget " + ", ".join(f"{b} dB: {v['reused']} steps" for b, v in
+                                                           r["auto_by_budget"].items()))
+        autos = [s["auto"] for s in r.get("per_sample", ()) if "auto" in s]
         if autos:
             counts = sorted({len(a["steps"]) for a in autos})
             pred = [a.get("predicted_db") for a in autos if a.get("predicted_db") is not None]

@@ -80,7 +80,7 @@ def test_auto_column_is_the_models_calibrated_plan(mod, tmp_path):
     threads = torch.get_num_threads()
     try:
         result = mod.main(["--models", "kontext-digits", "--samples", "1", "--steps", "12", "--reuse", "auto",
-                           "--json", ""])
+                           "--budgets", "40,70,300", "--json", ""])
     finally:
         torch.set_num_threads(threads)
     m = result["models"]["kontext-digits"]
@@ -91,6 +91,9 @@ def test_auto_column_is_the_models_calibrated_plan(mod, tmp_path):
     want = session.reuse_plan(session.load_inputs(sample_files("kontext-digits")[0]), steps=12, reuse="auto")
     assert m["per_sample"][0]["auto"]["steps"] == list(want.steps) and want.steps
     assert math.isfinite(m["reuse auto"]["reuse_psnr_mean"])
+    by = m["auto_by_budget"]  # the shipped profile's budget is 40 dB; a tighter one never reuses more
+    assert by["40"]["reused"] == len(want.steps) >= by["70"]["reused"] >= by["300"]["reused"] == 0
+    assert by["300"]["predicted_db"] is None and by["40"]["predicted_db"] >= 40
 
 
 def test_update_keeps_other_models_of_the_same_procedure(mod, tmp_path):

@@ -302,3 +302,26 @@ def test_calibrate_cli_reuse_measure_options(tmp_path, capsys):
                          (["--reuse-measure", "velocity", "--reuse-budget", "40"], "--reuse-budget is the rollout")):
         code, _, err = run_cli([*base, *args, "--out", str(tmp_path / "x.json")], capsys)
         assert code == 2 and needle in err and err.count("error:") == 1 and not (tmp_path / "x.json").exists()
+
+
+def test_rollout_auto_takes_the_most_steps_within_the_budget():
+    """Exhaustive check on a short schedule: no plan with more reused steps fits the budget, and among plans of the
+    chosen size none is cheaper."""
+    import itertools
+    from dataclasses import replace
+
+    from topi_export.method.reuse import budget_error, eligible_steps, plan_cost
+
+    sig = _sigmas(12)
+    anchors = (0, 6)
+    for scale, budget_db in ((1.0, 60), (30.0, 50), (300.0, 40), (1.0, 80)):
+        crit = replace(_rollout_criterion(scale, n=12), threshold=budget_error(budget_db))
+        errs = predicted_errors(crit, sig, 0)
+        plan = plan_reuse("auto", 0, sig, anchors, crit, source="t")
+        elig = eligible_steps(12, anchors)
+        best = max((len(c) for k in range(len(elig) + 1) for c in itertools.combinations(elig, k)
+                    if _longest(c) <= 2 and plan_cost(c, errs) <= crit.threshold), default=0)
+        assert len(plan.steps) == best
+        same = [plan_cost(c, errs) for c in itertools.combinations(elig, best)
+                if _longest(c) <= 2 and plan_cost(c, errs) <= crit.threshold]
+        assert plan_cost(plan.steps, errs) == pytest.approx(min(same))

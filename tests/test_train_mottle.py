@@ -3,7 +3,6 @@ constant over 2x2 / 4x4 px blocks, independent per channel, of the documented st
 kontext-texture's edits, embeddings and draws unchanged, ``scripts/train_texture.py --edits`` (validation, a 3-step
 run with the chosen edits, the card named after ``--out``), and the shipped ``kontext-mottle`` asset (a built-in,
 its samples documented and runnable). No step-reuse or curvature numbers here: kontext-mottle is held out."""
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -15,20 +14,16 @@ import topi_export
 from topi_export.models import kontext_texture as kt
 from topi_export.models.kontext_digits import unpack
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "train_texture.py"
 ASSETS = Path(topi_export.__file__).resolve().parent / "assets"
 ASSET = ASSETS / "kontext-mottle"
-HELDOUT = {"astronaut", "coffee", "chelsea"}
 MOTTLE_EDITS = ("smooth", "token_grain", "blob_grain")
 TEXTURE_EDITS = ("smooth", "grain", "texture", "color_grain")
 
 
 def _module(name="train_texture_mottle"):
-    pytest.importorskip("skimage")
-    spec = importlib.util.spec_from_file_location(name, SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from test_train_texture import _module as load_script
+
+    return load_script(name)
 
 
 def _blocks(x: torch.Tensor, b: int) -> torch.Tensor:
@@ -182,51 +177,20 @@ def test_train_script_with_chosen_edits(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ the asset
 def _check_sample(data, grid: int):
-    n = grid * grid
-    assert data.reference_latents.shape == (1, n, 16) and data.target_latents.shape == (1, n, 16)
-    assert data.noise.shape == (1, n, 16) and data.scalars["guidance"] == 2.5
-    assert data.layout.target_grid == (grid, grid) and data.layout.ref_grids == ((grid, grid),)
-    prompt, pooled = kt.texture_conditioning(data.meta["edit"])
-    assert torch.equal(data.tensors["prompt_embeds"], prompt)
-    assert torch.equal(data.tensors["pooled_prompt_embeds"], pooled)
-    mean = kt.mean_latents(data.reference_latents, data.meta["edit"], (grid, grid))
-    detail = unpack(data.target_latents - mean, (grid, grid))[:, :3]
-    if data.meta["edit"] == "smooth":
-        assert float(detail.abs().max()) < 1e-5
-    else:
-        lo, hi = kt.AMPLITUDE[data.meta["edit"]]
-        assert lo * 0.8 < float(detail.std()) < hi * 1.2
-        blocks = _blocks(detail, kt.BLOCK[data.meta["edit"]])
+    """kontext-texture's sample checks (layout, conditioning, detail strength, per-channel detail), and the
+    detail constant over each edit's blocks."""
+    from test_train_texture import _check_sample as check_texture_sample, _detail
+
+    check_texture_sample(data, grid)
+    if data.meta["edit"] in kt.RANDOM_EDITS:
+        blocks = _blocks(_detail(data), kt.BLOCK[data.meta["edit"]])
         assert float((blocks - blocks[..., :1]).abs().max()) < 1e-4  # constant over its blocks (latent round trip)
-        assert not torch.allclose(detail[:, 0], detail[:, 2], atol=1e-3)  # per channel
 
 
 def test_shipped_asset_loads_and_samples_are_documented():
-    from topi_export.artifacts.inputs import load_inputs
-    from topi_export.models import builtin_names, load_model
+    from test_train_texture import check_shipped_asset
 
-    assert (ASSET / "config.json").exists(), f"{ASSET} is missing: run scripts/train_texture.py --edits ..."
-    assert "kontext-mottle" in builtin_names()
-    loaded = load_model("kontext-mottle")
-    assert loaded.family.name == "flux-kontext" and loaded.adapter.num_layers == 6
-    for name in ("MODEL_CARD.md", "train_log.txt", "preview.png"):
-        assert (ASSET / name).exists(), name
-    assert (ASSET / "MODEL_CARD.md").read_text().startswith("# kontext-mottle\n")
-    samples = sorted((ASSET / "samples").glob("sample_*.safetensors"))
-    assert len(samples) == 8
-    edits = []
-    for path in samples:
-        data = load_inputs(path, loaded.family)
-        _check_sample(data, 16)
-        assert set(data.meta["photos"].split(",")) == HELDOUT
-        edits.append(data.meta["edit"])
-    assert set(edits) == set(MOTTLE_EDITS)
-    calibration = sorted((ASSET / "calibration_samples").glob("sample_*.safetensors"))
-    assert len(calibration) == 4
-    for path in calibration:
-        data = load_inputs(path, loaded.family)
-        _check_sample(data, 16)
-        assert not set(data.meta["photos"].split(",")) & HELDOUT
+    check_shipped_asset(ASSET, "kontext-mottle", MOTTLE_EDITS, _check_sample)
 
 
 def test_shipped_model_runs_its_samples():

@@ -152,31 +152,38 @@ def test_gaussian_blur_preserves_constants_and_smooths():
     assert math.isclose(float(kt.token_mean(checker.expand(1, 1, 16, 16)).abs().max()), 0.0, abs_tol=1e-6)
 
 
-def test_shipped_asset_loads_and_samples_are_documented():
+def check_shipped_asset(asset: Path, name: str, edits, check_sample):
+    """A trained asset of scripts/train_texture.py: a built-in that loads, its card, log and preview, 8 held-out
+    samples of every edit (held-out photos only) and 4 calibration samples (training photos only)."""
     from topi_export.models import builtin_names, load_model
     from topi_export.artifacts.inputs import load_inputs
 
-    assert (ASSET / "config.json").exists(), f"{ASSET} is missing: run scripts/train_texture.py"
-    assert "kontext-texture" in builtin_names()
-    loaded = load_model("kontext-texture")
+    assert (asset / "config.json").exists(), f"{asset} is missing: run scripts/train_texture.py"
+    assert name in builtin_names()
+    loaded = load_model(name)
     assert loaded.family.name == "flux-kontext" and loaded.adapter.num_layers == 6
-    for name in ("MODEL_CARD.md", "train_log.txt", "preview.png"):
-        assert (ASSET / name).exists(), name
-    samples = sorted((ASSET / "samples").glob("sample_*.safetensors"))
+    for f in ("MODEL_CARD.md", "train_log.txt", "preview.png"):
+        assert (asset / f).exists(), f
+    assert (asset / "MODEL_CARD.md").read_text().startswith(f"# {name}\n")
+    samples = sorted((asset / "samples").glob("sample_*.safetensors"))
     assert len(samples) == 8
-    edits = []
+    seen = []
     for path in samples:
         data = load_inputs(path, loaded.family)
-        _check_sample(data, 16)
+        check_sample(data, 16)
         assert set(data.meta["photos"].split(",")) == HELDOUT
-        edits.append(data.meta["edit"])
-    assert set(edits) == set(TEXTURE_EDITS)
-    calibration = sorted((ASSET / "calibration_samples").glob("sample_*.safetensors"))
+        seen.append(data.meta["edit"])
+    assert set(seen) == set(edits)
+    calibration = sorted((asset / "calibration_samples").glob("sample_*.safetensors"))
     assert len(calibration) == 4
     for path in calibration:
         data = load_inputs(path, loaded.family)
-        _check_sample(data, 16)
+        check_sample(data, 16)
         assert not set(data.meta["photos"].split(",")) & HELDOUT
+
+
+def test_shipped_asset_loads_and_samples_are_documented():
+    check_shipped_asset(ASSET, "kontext-texture", TEXTURE_EDITS, _check_sample)
 
 
 def test_shipped_model_draws_detail():

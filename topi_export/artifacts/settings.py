@@ -63,9 +63,9 @@ REUSE_RULES = {
                "(order 0) or the linear extrapolation in sigma of the previous two (order 1), finished to the end; "
                "density_i = mean over samples of e_i / (|sigma_{i-1} - sigma_i| |sigma_i - sigma_{i+1}|); at run "
                "time a step's predicted error is the density at its sigma times those widths, the k-th step of a "
-               "run of reused steps carries the errors of the run so far, and auto adds steps cheapest first while "
-               "the plan's predicted final error stays within threshold (10^(-budget dB / 20)) and runs within "
-               "max_consecutive; anchors, the first protect_first and the last protect_last steps are always "
+               "run of reused steps carries the errors of the run so far, and auto takes the most steps (the "
+               "cheapest such plan) whose predicted final error stays within threshold (10^(-budget dB / 20)) with "
+               "runs of at most max_consecutive; anchors, the first protect_first and the last protect_last steps are always "
                "computed",
     "velocity": "step reuse (method/reuse.py, measure velocity): density_i = ||v_i - v~_i|| / ||v_i|| / |sigma_i - "
                 "sigma_{i-1}| averaged over full unpruned runs of the samples, v~_i the previous velocity (order 0) "

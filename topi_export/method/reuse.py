@@ -8,9 +8,9 @@ Which steps, by rule:
 - ``auto`` with a criterion measured by rollouts (``measure`` "rollout", profiles from schema 4): calibration reused
   each step alone and measured what it did to the FINAL latents (RMS over the output's range, the error PSNR
   counts). A run of reused steps accumulates: its k-th step reuses a velocity k steps old, so it carries the errors
-  of the run so far (MagCache's accumulated error, on final-output errors). Steps are added cheapest first while
-  the plan's predicted final error stays within the criterion's budget (``threshold``; default 0.01 of the range,
-  i.e. 40 dB against the same run without reuse) and runs stay within ``max_consecutive``;
+  of the run so far (MagCache's accumulated error, on final-output errors). ``auto`` takes the most steps whose
+  predicted final error stays within the criterion's budget (``threshold``; default 0.01 of the range, i.e. 40 dB
+  against the same run without reuse) with runs of at most ``max_consecutive``, the cheapest such plan;
 - ``auto`` with a schema-3 criterion (``measure`` "velocity": the relative change of the velocity between steps):
   walk the schedule, reuse while the error accumulated since the last computed step stays within the threshold;
 - ``N``: the N eligible steps with the lowest predicted error (or, without a criterion, N steps spread evenly over
@@ -105,30 +105,25 @@ def plan_cost(steps, errors) -> float:
     return total
 
 
-def _longest_run(steps) -> int:
-    run = longest = 0
-    prev = None
-    for s in sorted(steps):
-        run = run + 1 if prev == s - 1 else 1
-        longest, prev = max(longest, run), s
-    return longest
-
-
-def _within_budget(eligible, errors, budget: float, max_consecutive: int) -> list[int]:
-    """Cheapest first: add the eligible step that raises the plan's predicted final error least while it stays
-    within the budget and no run is longer than max_consecutive."""
-    chosen: set[int] = set()
-    while True:
-        best = None
-        for s in eligible:
-            if s in chosen or _longest_run(chosen | {s}) > max_consecutive:
-                continue
-            cost = plan_cost(chosen | {s}, errors)
-            if cost <= budget and (best is None or cost < best[0]):
-                best = (cost, s)
-        if best is None:
-            return sorted(chosen)
-        chosen.add(best[1])
+def _within_budget(eligible, errors, budget: float, max_consecutive: int, num_steps: int) -> list[int]:
+    """The most eligible steps whose predicted final error (``plan_cost``) stays within the budget with no run
+    longer than max_consecutive; among plans of that size the cheapest. Exact, by dynamic programming over the steps
+    with the current run length as state (a step's cost depends only on the run before it)."""
+    eligible = set(eligible)
+    states = {(0, 0): (0.0, ())}  # (reused so far, current run) -> (cost, steps)
+    for s in range(num_steps):
+        nxt: dict = {}
+        for (count, run), (cost, steps) in states.items():
+            options = [((count, 0), (cost, steps))]  # computed
+            if s in eligible and run < max_consecutive:
+                acc = sum(errors[s - k] for k in range(run + 1))
+                options.append(((count + 1, run + 1), (cost + acc, steps + (s,))))
+            for key, val in options:
+                if key not in nxt or val < nxt[key]:
+                    nxt[key] = val
+        states = nxt
+    fits = [(-count, cost, steps) for (count, _), (cost, steps) in states.items() if cost <= budget]
+    return list(min(fits)[2]) if fits else []
 
 
 def _interp(x: float, xs: torch.Tensor, ys: torch.Tensor) -> float:
@@ -167,7 +162,7 @@ def plan_reuse(spec, order: int, sigmas, anchors, criterion: ReuseCriterion | No
                            "`topi-export calibrate`, or give --reuse N")
         errors = predicted_errors(criterion, sigmas, order)
         if criterion.measure == "rollout":
-            chosen = _within_budget(eligible, errors, criterion.threshold, criterion.max_consecutive)
+            chosen = _within_budget(eligible, errors, criterion.threshold, criterion.max_consecutive, n)
             cost = plan_cost(chosen, errors)
             return ReusePlan("auto", order, tuple(chosen), source,
                              why or f"auto: predicted final error of the reused steps {error_db(cost):.1f} dB "
