@@ -172,7 +172,7 @@ def test_train_script_with_chosen_edits(tmp_path):
         assert f"  - `{e}`:" not in card and f"| {e} |" not in card
     assert "U[0.35, 0.6]" in card and "U[0.2, 0.35]" in card
     assert "--edits smooth,token_grain,blob_grain" in card
-    assert "reuse_psnr" not in card and "Not measured here" in card  # no step-reuse numbers for a held-out model
+    assert "reuse_psnr" not in card and "docs/benchmarks.md section 8" in card  # a pointer, not the numbers
 
 
 # ------------------------------------------------------------------------------------------------ the asset
