@@ -164,10 +164,11 @@ def plan_reuse(spec, order: int, sigmas, anchors, criterion: ReuseCriterion | No
         if criterion.measure == "rollout":
             chosen = _within_budget(eligible, errors, criterion.threshold, criterion.max_consecutive, n)
             cost = plan_cost(chosen, errors)
+            rule = (f"predicted final error of the reused steps {error_db(cost):.1f} dB against the run without "
+                    f"reuse, budget {error_db(criterion.threshold):.1f} dB, at most {criterion.max_consecutive} in a "
+                    f"row")
             return ReusePlan("auto", order, tuple(chosen), source,
-                             why or f"auto: predicted final error of the reused steps {error_db(cost):.1f} dB "
-                                    f"against the run without reuse, budget {error_db(criterion.threshold):.1f} dB, "
-                                    f"at most {criterion.max_consecutive} in a row ({source})",
+                             f"{why}; {rule}" if why else f"auto: {rule} ({source})",
                              predicted_db=error_db(cost) if chosen else None)
         chosen, acc, run = [], 0.0, 0
         for s in range(n):
