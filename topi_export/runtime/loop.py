@@ -94,7 +94,7 @@ def denoise(engine, family, inputs, *, steps: int, seed: int = 0, selector=None,
                                     ref_kv=ref_kv, start=first)
     runner = StepRunner(engine, controller, layout, guide=lambda v: family.guide(v.float(), inputs))
     records = []
-    start = time.perf_counter()
+    began = time.perf_counter()
     with torch.inference_mode(), host_threads(engine), _progress(steps - first, desc or mode, progress) as bar:
         for step, t in enumerate(sched.timesteps):
             if step < first:
@@ -109,7 +109,7 @@ def denoise(engine, family, inputs, *, steps: int, seed: int = 0, selector=None,
             latents = sched.step(velocity, t, latents, return_dict=False)[0]
             records.append(record)
             bar.update(1)
-    elapsed = time.perf_counter() - start
+    elapsed = time.perf_counter() - began
     cache = sum(state_bytes(st) for st in runner.states.values()) if controller.ref_kv else 0
     return RunResult(latents, tuple(records), elapsed, dict(runner.kept), controller.ref_kv, cache)
 
