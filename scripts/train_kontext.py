@@ -324,21 +324,28 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def start_run(args, script: str, argv, log_path: Path):
+    """What every training script does first: torch threads, denormals flushed, the seed, the output folder, the
+    log, and the command and machine at its top. Returns (log, the command line)."""
+    torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)  # denormals slow CPU matmuls ~10x once the loss drops
+    torch.manual_seed(args.seed)
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = Logger(log_path)
+    cmd = f"python scripts/{script} " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    log(f"# {cmd}")
+    log(f"# torch {torch.__version__}, threads {torch.get_num_threads()}, cpu {cpu_name()}, {os.cpu_count()} cores")
+    return log, cmd
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     from diffusers import FluxTransformer2DModel
     from safetensors.torch import save_file
 
-    torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)  # denormals slow CPU matmuls ~10x once the loss drops
-    torch.manual_seed(args.seed)
     out = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    log = Logger(args.log or out / "train_log.txt")
+    log, cmd = start_run(args, "train_kontext.py", argv, args.log or out / "train_log.txt")
     samples_out = args.samples_out or out / "samples"
-    cmd = "python scripts/train_kontext.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    log(f"# {cmd}")
-    log(f"# torch {torch.__version__}, threads {torch.get_num_threads()}, cpu {cpu_name()}, {os.cpu_count()} cores")
 
     grid = (args.crop // 2, args.crop // 2)
     layout = Layout(TEXT_TOKENS, grid, (grid,))
@@ -448,23 +455,31 @@ def _psnr(mse: torch.Tensor) -> float:
     return round(float((10 * torch.log10(1.0 / mse.clamp_min(1e-6))).mean()), 3)
 
 
-def _write_preview(path: Path, ref, gen_x, x0, grid, n: int):
-    """A PNG: rows = samples, columns = reference | generated | ground truth."""
-    if n == 0:
+def write_preview_png(path: Path, rows, gap: int = 2):
+    """One PNG of rows of image tiles (HxWx3 uint8; None: a 6 px blank), white gaps (``gap`` px between columns, 2
+    between rows), scaled 3x. None when there is nothing to draw or PIL is missing; else the file's name."""
+    if not rows:
         return None
     try:
         from PIL import Image
     except ImportError:
         return None
-    rows = []
-    for i in range(n):
-        tiles = [latents_to_image(a[i:i + 1], grid) for a in (ref, gen_x, x0)]
-        sep = np.full((tiles[0].shape[0], 2, 3), 255, np.uint8)
-        rows.append(np.concatenate([tiles[0], sep, tiles[1], sep, tiles[2]], axis=1))
-        rows.append(np.full((2, rows[-1].shape[1], 3), 255, np.uint8))
-    img = np.concatenate(rows[:-1], axis=0)
+    lines = []
+    for tiles in rows:
+        h = next(t for t in tiles if t is not None).shape[0]
+        parts = []
+        for tile in tiles:
+            parts += [np.full((h, 6, 3), 255, np.uint8) if tile is None else tile, np.full((h, gap, 3), 255, np.uint8)]
+        lines.append(np.concatenate(parts[:-1], axis=1))
+        lines.append(np.full((2, lines[-1].shape[1], 3), 255, np.uint8))
+    img = np.concatenate(lines[:-1], axis=0)
     Image.fromarray(img).resize((img.shape[1] * 3, img.shape[0] * 3), Image.NEAREST).save(path)
     return path.name
+
+
+def _write_preview(path: Path, ref, gen_x, x0, grid, n: int):
+    """A PNG: rows = samples, columns = reference | generated | ground truth."""
+    return write_preview_png(path, [[latents_to_image(a[i:i + 1], grid) for a in (ref, gen_x, x0)] for i in range(n)])
 
 
 def _model_card(args, cmd, r, n_params, layout, preview) -> str:

@@ -39,9 +39,7 @@ import copy
 import importlib.util
 import json
 import math
-import os
 import shlex
-import sys
 import time
 from pathlib import Path
 
@@ -193,16 +191,10 @@ def main(argv=None) -> dict:
     from diffusers import Flux2Transformer2DModel
     from topi_export.models.sampling import compute_empirical_mu
 
-    torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)  # denormals slow CPU matmuls ~10x once the loss drops
-    torch.manual_seed(args.seed)
     dev = torch.device(args.device)
     out = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    log = tk.Logger(args.log or out / ("eval_log.txt" if args.samples_only else "train_log.txt"))
-    cmd = "python scripts/train_multiref.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    log(f"# {cmd}")
-    log(f"# torch {torch.__version__}, threads {torch.get_num_threads()}, cpu {tk.cpu_name()}, {os.cpu_count()} cores")
+    log, cmd = tk.start_run(args, "train_multiref.py", argv,
+                            args.log or out / ("eval_log.txt" if args.samples_only else "train_log.txt"))
 
     edits = [e.strip() for e in args.edits.split(",") if e.strip()]
     if not edits or any(e not in EDITS for e in edits):
@@ -387,27 +379,10 @@ def samples_only(args, log, cmd, edits, edit_ids, dev) -> dict:
 
 def _write_preview(path: Path, ref, sel_ref, x0, gen_x, drop_x, grid, grids, n: int):
     """A PNG: rows = samples; columns = ref 0 | ref 1 | ref 2 || selected | truth | generated | sel-only."""
-    if n == 0:
-        return None
-    try:
-        from PIL import Image
-    except ImportError:
-        return None
     slices = reference_slices(grids)
-    rows = []
-    for i in range(n):
-        tiles = [latents_to_image(ref[i:i + 1, s], g) for s, g in zip(slices, grids)]
-        tiles += [None] + [latents_to_image(a[i:i + 1], grid) for a in (sel_ref, x0, gen_x, drop_x)]
-        h = tiles[0].shape[0]
-        sep = np.full((h, 2, 3), 255, np.uint8)
-        parts = []
-        for tile in tiles:
-            parts += [np.full((h, 6, 3), 255, np.uint8) if tile is None else tile, sep]
-        rows.append(np.concatenate(parts[:-1], axis=1))
-        rows.append(np.full((2, rows[-1].shape[1], 3), 255, np.uint8))
-    img = np.concatenate(rows[:-1], axis=0)
-    Image.fromarray(img).resize((img.shape[1] * 3, img.shape[0] * 3), Image.NEAREST).save(path)
-    return path.name
+    return tk.write_preview_png(path, [[latents_to_image(ref[i:i + 1, s], g) for s, g in zip(slices, grids)] + [None] +
+                                       [latents_to_image(a[i:i + 1], grid) for a in (sel_ref, x0, gen_x, drop_x)]
+                                       for i in range(n)])
 
 
 def _model_card(args, cmd, r, n_params, mu) -> str:

@@ -35,9 +35,7 @@ import copy
 import importlib.util
 import json
 import math
-import os
 import shlex
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -131,15 +129,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     from diffusers import FluxTransformer2DModel
 
-    torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)  # denormals slow CPU matmuls ~10x once the loss drops
-    torch.manual_seed(args.seed)
     out = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    log = tk.Logger(out / ("eval_log.txt" if args.eval_only else "train_log.txt"))
-    cmd = "python scripts/train_texture.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    log(f"# {cmd}")
-    log(f"# torch {torch.__version__}, threads {torch.get_num_threads()}, cpu {tk.cpu_name()}, {os.cpu_count()} cores")
+    log, cmd = tk.start_run(args, "train_texture.py", argv, out / ("eval_log.txt" if args.eval_only else "train_log.txt"))
     if args.eval_only:
         args, result = tk.training_run(args, out, parse_args)
         model = FluxTransformer2DModel.from_pretrained(out)
@@ -280,24 +271,8 @@ def write_samples(folder: Path, layout, edit, x0, ref, noise, cond, count: int, 
 
 def _write_preview(path: Path, ref, x0, mean_x, gen_x, grid, n: int):
     """A PNG: rows = samples; columns = reference | conditional mean | one truth | generation."""
-    if n == 0:
-        return None
-    try:
-        from PIL import Image
-    except ImportError:
-        return None
-    rows = []
-    for i in range(n):
-        tiles = [latents_to_image(a[i:i + 1], grid) for a in (ref, mean_x, x0, gen_x)]
-        h = tiles[0].shape[0]
-        parts = []
-        for tile in tiles:
-            parts += [tile, np.full((h, 2, 3), 255, np.uint8)]
-        rows.append(np.concatenate(parts[:-1], axis=1))
-        rows.append(np.full((2, rows[-1].shape[1], 3), 255, np.uint8))
-    img = np.concatenate(rows[:-1], axis=0)
-    Image.fromarray(img).resize((img.shape[1] * 3, img.shape[0] * 3), Image.NEAREST).save(path)
-    return path.name
+    return tk.write_preview_png(path, [[latents_to_image(a[i:i + 1], grid) for a in (ref, mean_x, x0, gen_x)]
+                                       for i in range(n)])
 
 
 # How the recipe was chosen: the exploratory run's numbers, from its log and scripts/measure_curvature.py (see the card).
