@@ -13,11 +13,14 @@ project's own runtime (``open_session``, ``session.denoise`` at ratio 0: every c
 
 Reused steps are the runtime's own ``reuse`` step kind (zero order). ``--reuse auto`` adds a column with each
 model's calibrated ``auto`` plan (its profile's criterion at these steps, dT = 10), the steps it chose and the PSNR it
-predicted next to the one measured. Prints a table and writes JSON.
+predicted next to the one measured; ``--reuse auto:DB`` the plan its criterion makes under a budget of DB dB. Where a
+sample has its ground truth (``target_latents``), every run's PSNR against the truth is measured too. Prints the
+tables and writes JSON.
 
     python scripts/measure_curvature.py                   # kontext-digits, flux2-pick, kontext-canvas, kontext-texture
     python scripts/measure_curvature.py --models kontext-texture --per-sample
     python scripts/measure_curvature.py --reuse 3-25:2 --reuse 4-26:2 --reuse auto
+    python scripts/measure_curvature.py --reuse auto:40 --reuse auto:45 --reuse auto:50 --reuse auto:55
 """
 from __future__ import annotations
 
@@ -34,7 +37,9 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MODELS = ("kontext-digits", "flux2-pick", "kontext-canvas", "kontext-texture")
 DEFAULT_JSON = REPO / "docs" / "results" / "curvature.json"
-SCHEMA = "topi-curvature/2"  # 2: reused steps are the runtime's reuse step kind (1: the script's own loop)
+# 3: PSNR against the ground truth and auto under a budget; 2: reused steps are the runtime's reuse step kind (1: the
+# script's own loop)
+SCHEMA = "topi-curvature/3"
 # Every other step between steps 3 and 26 reuses its predecessor's velocity (16 of 28 computed); the two ways to
 # place that: reuse at the odd steps 3..25 or at the even steps 4..26 (the latter also reuses at step 26, where
 # the velocity changes fast on every model).
@@ -71,9 +76,8 @@ def trajectory(session, data, steps: int, reuse=(), seed: int = 0):
                            reuse=plan).latents
 
 
-def auto_by_budget(session, data, steps: int, budgets) -> dict:
-    """How many steps ``auto`` reuses under each budget (dB) with the model's rollout criterion, and the PSNR it
-    predicts: the plan only, nothing is run."""
+def auto_plan(session, data, steps: int, budget_db: float):
+    """The plan ``auto`` makes with the model's rollout criterion under a budget of ``budget_db`` dB."""
     from dataclasses import replace
 
     from topi_export.method.reuse import budget_error, plan_reuse
@@ -81,12 +85,22 @@ def auto_by_budget(session, data, steps: int, budgets) -> dict:
 
     crit = session.settings.reuse
     if crit is None or crit.measure != "rollout":
-        return {}
+        raise SystemExit(f"--reuse auto:{budget_db:g}: the model's profile has no rollout criterion")
     sigmas = schedule_sigmas(session.family, steps, data.layout, session.scheduler_config)
     anchors = range(0, steps, session.settings.update_interval)
+    return plan_reuse("auto", 0, sigmas, anchors, replace(crit, threshold=budget_error(budget_db)),
+                      source=f"budget {budget_db:g} dB")
+
+
+def auto_by_budget(session, data, steps: int, budgets) -> dict:
+    """How many steps ``auto`` reuses under each budget (dB) with the model's rollout criterion, and the PSNR it
+    predicts: the plan only, nothing is run."""
+    crit = session.settings.reuse
+    if crit is None or crit.measure != "rollout":
+        return {}
     out = {}
     for b in budgets:
-        plan = plan_reuse("auto", 0, sigmas, anchors, replace(crit, threshold=budget_error(b)), source="budget")
+        plan = auto_plan(session, data, steps, b)
         out[f"{b:g}"] = {"reused": len(plan.steps), "predicted_db": None if plan.predicted_db is None
                          else round(plan.predicted_db, 2)}
     return out
@@ -111,18 +125,36 @@ def measure_model(name: str, steps: int, patterns: dict, limit: int | None, log=
         data = session.load_inputs(path)
         normal = trajectory(session, data, steps)
         auto = session.reuse_plan(data, steps=steps, reuse="auto") if "auto" in patterns.values() else None
-        ps = {k: round(psnr(trajectory(session, data, steps, auto.steps if reuse == "auto" else reuse)[0], normal), 3)
-              for k, reuse in patterns.items()}
+        plans = {k: auto_plan(session, data, steps, float(v[5:])) for k, v in patterns.items()
+                 if isinstance(v, str) and v.startswith("auto:")}
+        runs = {k: trajectory(session, data, steps, auto.steps if reuse == "auto" else
+                              plans[k].steps if k in plans else reuse)[0] for k, reuse in patterns.items()}
+        ps = {k: round(psnr(x, normal), 3) for k, x in runs.items()}
+        truth = data.target_latents
+        gt = ({"normal": round(psnr(normal, truth), 3), **{k: round(psnr(x, truth), 3) for k, x in runs.items()}}
+              if truth is not None else None)
         per_sample.append({"file": path.name, "edit": data.meta.get("edit"), "reuse_psnr": ps,
-                           **({"auto": auto.to_json()} if auto is not None else {})})
+                           **({"truth_psnr": gt} if gt is not None else {}),
+                           **({"auto": auto.to_json()} if auto is not None else {}),
+                           **({"plans": {k: p.to_json() for k, p in plans.items()}} if plans else {})})
         log(f"  {name} {path.name}{' (' + data.meta['edit'] + ')' if data.meta.get('edit') else ''}: reuse PSNR "
             f"{', '.join(f'{v:.2f} dB ({k})' for k, v in ps.items())}")
 
+    def stats(vals, prefix):
+        return {f"{prefix}_mean": round(sum(vals) / len(vals), 3), f"{prefix}_min": round(min(vals), 3)}
+
     def summary(rows):
         out = {"samples": len(rows)}
+        with_truth = [s for s in rows if "truth_psnr" in s]
         for k in patterns:
-            vals = [s["reuse_psnr"][k] for s in rows]
-            out[k] = {"reuse_psnr_mean": round(sum(vals) / len(vals), 3), "reuse_psnr_min": round(min(vals), 3)}
+            out[k] = stats([s["reuse_psnr"][k] for s in rows], "reuse_psnr")
+            if with_truth:
+                out[k].update(stats([s["truth_psnr"][k] for s in with_truth], "truth_psnr"))
+            if k in plans:
+                out[k]["reused"] = sorted({len(s["plans"][k]["steps"]) for s in rows})
+                out[k]["predicted_db"] = rows[0]["plans"][k].get("predicted_db")
+        if with_truth:
+            out["normal"] = stats([s["truth_psnr"]["normal"] for s in with_truth], "truth_psnr")
         return out
 
     by_edit = {}
@@ -159,6 +191,13 @@ def main(argv=None) -> dict:
         if text.strip().lower() == "auto":
             patterns["reuse auto"] = "auto"
             continue
+        if text.strip().lower().startswith("auto:"):
+            try:
+                budget = float(text.strip()[5:])
+            except ValueError:
+                raise SystemExit(f"--reuse {text!r}: write auto:DB, e.g. auto:45") from None
+            patterns[f"reuse auto {budget:g} dB"] = f"auto:{budget:g}"
+            continue
         steps = parse_steps(text, args.steps)
         patterns[f"reuse {_span(steps)}"] = steps
     cmd = "python scripts/measure_curvature.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
@@ -181,6 +220,8 @@ def main(argv=None) -> dict:
     for k in cols:
         if patterns[k] == "auto":
             print(f"  {k}: each model's calibrated plan (steps and predicted PSNR below)")
+        elif isinstance(patterns[k], str):
+            print(f"  {k}: the calibrated plan under that budget (steps below)")
         else:
             print(f"  {k}: {args.steps - len(patterns[k])} of {args.steps} steps computed")
     print(f"{'model / edit':<19} {'samples':>7} " + " ".join(f"{'mean':>7} {'min':>7}" for _ in cols))
@@ -194,6 +235,23 @@ def main(argv=None) -> dict:
         print(line(name, r))
         for edit, e in r["per_edit"].items():
             print(line("  " + edit, e))
+    truthful = {n: r for n, r in results.items() if "normal" in r}
+    if truthful:
+        print("PSNR (dB) of the same runs against the ground truth (the normal run first)")
+
+        def gt_line(label, r):
+            return (f"{label:<19} {r['normal']['truth_psnr_mean']:>7.2f} {r['normal']['truth_psnr_min']:>7.2f} "
+                    + " ".join(f"{r[k]['truth_psnr_mean']:>7.2f} {r[k]['truth_psnr_min']:>7.2f}" for k in cols))
+
+        for name, r in truthful.items():
+            print(gt_line(name, r))
+            for edit, e in r["per_edit"].items():
+                print(gt_line("  " + edit, e))
+    for name, r in results.items():
+        for k in cols:
+            if isinstance(patterns[k], str) and patterns[k].startswith("auto:"):
+                print(f"{name}: {k[6:]}: {'/'.join(map(str, r[k]['reused']))} steps reused, predicted "
+                      f"{r[k]['predicted_db']} dB")
     for name, r in results.items():
         if r.get("auto_by_budget"):
             print(f"{name}: auto under budget " + ", ".join(f"{b} dB: {v['reused']} steps" for b, v in
@@ -206,9 +264,10 @@ def main(argv=None) -> dict:
                   + (f", predicted {min(pred):.2f}-{max(pred):.2f} dB" if pred else "")
                   + f" ({autos[0]['why']})")
     out = {"schema": SCHEMA, "steps": args.steps,
-           "patterns": {k: {"reuse_steps": v, "computed_steps": None if v == "auto" else args.steps - len(v)}
+           "patterns": {k: {"reuse_steps": v, "computed_steps": None if isinstance(v, str) else args.steps - len(v)}
                         for k, v in patterns.items()},
            "psnr": "runtime.loop.psnr: 10 log10(range(normal)^2 / mean((reuse - normal)^2)) over the final latents",
+           "truth_psnr": "runtime.loop.psnr of each run (and the normal one) against the sample's target_latents",
            "machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
                        "threads": args.threads},
            "models": results}

@@ -62,7 +62,7 @@ def test_main_writes_json(mod, tmp_path):
         torch.set_num_threads(threads)
     data = json.loads(out.read_text())
     assert data == json.loads(json.dumps(result))
-    assert data["schema"] == "topi-curvature/2" and data["steps"] == 5
+    assert data["schema"] == "topi-curvature/3" and data["steps"] == 5
     assert data["models"]["kontext-digits"]["command"].startswith("python scripts/measure_curvature.py --models")
     assert data["patterns"] == {"reuse 2": {"reuse_steps": [2], "computed_steps": 4},
                                 "reuse 2, 3": {"reuse_steps": [2, 3], "computed_steps": 3}}
@@ -72,6 +72,16 @@ def test_main_writes_json(mod, tmp_path):
         assert math.isfinite(m[k]["reuse_psnr_mean"]) and m[k]["reuse_psnr_min"] == m[k]["reuse_psnr_mean"]
     # More reuse, further from the normal run (measured: 66.6 dB reusing step 2, 55.0 dB reusing steps 2 and 3).
     assert m["reuse 2, 3"]["reuse_psnr_mean"] < m["reuse 2"]["reuse_psnr_mean"]
+    # against the ground truth too (the held-out sample has its target): the normal run's is the runtime's psnr
+    from topi_export import open_session
+    from topi_export.artifacts.inputs import sample_files
+    from topi_export.runtime.loop import psnr
+
+    session = open_session(model="kontext-digits")
+    sample = session.load_inputs(sample_files("kontext-digits")[0])
+    normal = mod.trajectory(session, sample, 5)
+    assert m["normal"]["truth_psnr_mean"] == pytest.approx(psnr(normal, sample.target_latents), abs=1e-3)
+    assert all(math.isfinite(m[k]["truth_psnr_min"]) for k in data["patterns"])
 
 
 def test_auto_column_is_the_models_calibrated_plan(mod, tmp_path):
@@ -80,11 +90,12 @@ def test_auto_column_is_the_models_calibrated_plan(mod, tmp_path):
     threads = torch.get_num_threads()
     try:
         result = mod.main(["--models", "kontext-digits", "--samples", "1", "--steps", "12", "--reuse", "auto",
-                           "--budgets", "40,70,300", "--json", ""])
+                           "--reuse", "auto:70", "--budgets", "40,70,300", "--json", ""])
     finally:
         torch.set_num_threads(threads)
     m = result["models"]["kontext-digits"]
-    assert result["patterns"] == {"reuse auto": {"reuse_steps": "auto", "computed_steps": None}}
+    assert result["patterns"] == {"reuse auto": {"reuse_steps": "auto", "computed_steps": None},
+                                  "reuse auto 70 dB": {"reuse_steps": "auto:70", "computed_steps": None}}
     session = open_session(model="kontext-digits")
     from topi_export.artifacts.inputs import sample_files
 
@@ -94,11 +105,16 @@ def test_auto_column_is_the_models_calibrated_plan(mod, tmp_path):
     by = m["auto_by_budget"]  # the shipped profile's budget is 40 dB; a tighter one never reuses more
     assert by["40"]["reused"] == len(want.steps) >= by["70"]["reused"] >= by["300"]["reused"] == 0
     assert by["300"]["predicted_db"] is None and by["40"]["predicted_db"] >= 40
+    # the auto:70 column runs the plan the 70 dB budget makes
+    assert m["reuse auto 70 dB"]["reused"] == [by["70"]["reused"]]
+    assert len(m["per_sample"][0]["plans"]["reuse auto 70 dB"]["steps"]) == by["70"]["reused"]
+    with pytest.raises(SystemExit):
+        mod.main(["--models", "kontext-digits", "--samples", "1", "--reuse", "auto:x", "--json", ""])
 
 
 def test_update_keeps_other_models_of_the_same_procedure(mod, tmp_path):
     out = tmp_path / "curv.json"
-    out.write_text(json.dumps({"schema": "topi-curvature/2", "steps": 4, "patterns": {"reuse 2": {"reuse_steps": [2]}},
+    out.write_text(json.dumps({"schema": "topi-curvature/3", "steps": 4, "patterns": {"reuse 2": {"reuse_steps": [2]}},
                                "models": {"other": {"command": "earlier", "samples": 8, "per_edit": {},
                                                     "reuse 2": {"reuse_psnr_mean": 50.0, "reuse_psnr_min": 49.0}}}}))
     threads = torch.get_num_threads()

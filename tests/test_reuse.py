@@ -164,9 +164,16 @@ def test_profile_round_trip_old_profiles_read_and_default_auto(tmp_path):
     assert crit.measure == "rollout" and crit.threshold == pytest.approx(0.01)  # 40 dB
     write_profile(tmp_path / "p.json", replace(result, reuse=crit), loaded.identity(), describe_set(samples, (0.5,)))
     raw = json.loads((tmp_path / "p.json").read_text())
-    assert raw["schema"] == "topi-calibration/4" and "rollout" in raw["rules"]["reuse"]
+    assert raw["schema"] == "topi-calibration/5" and "rollout" in raw["rules"]["reuse"]
+    assert raw["reuse"]["aggregate"] == "worst" == crit.aggregate
     back = read_profile(tmp_path / "p.json")
     assert back.reuse == crit and back.settings().reuse == crit
+    # schema 4: a rollout criterion without "aggregate" reads as the mean over its samples
+    v4 = dict(raw, schema="topi-calibration/4", reuse={k: v for k, v in raw["reuse"].items() if k != "aggregate"})
+    (tmp_path / "v4.json").write_text(json.dumps(v4))
+    back4 = read_profile(tmp_path / "v4.json").reuse
+    assert back4.aggregate == "mean" and back4.density == crit.density and "the mean" in plan_reuse(
+        "auto", 0, back4.sigmas, (0,), back4).why
     old = read_profile(resource("calibration", "tiny-kontext.json"))  # schema 1: no criterion
     assert old.reuse is None
     # schema 3: a velocity criterion without "measure" still reads, and keeps its own rule
@@ -206,14 +213,18 @@ def test_dropin_with_reuse_in_the_real_kontext_pipeline_equals_run():
         TopiTransformer(model="tiny-kontext", reuse=2)
 
 
-def _rollout_criterion(scale, n=28, samples=2):
+def _rollout_rows(scale, n=28, samples=2):
     """Rollout errors that grow toward the end of the schedule, times ``scale`` (a more curved model: larger)."""
+    g = torch.Generator().manual_seed(1)
+    return [[0.0] + [scale * 1e-4 * (1 + 3 * i / n) * (1 + 0.2 * float(torch.rand(1, generator=g)))
+                     for i in range(1, n)] for _ in range(samples)]
+
+
+def _rollout_criterion(scale, n=28, samples=2, rows=None, aggregate="worst"):
     from topi_export.method.reuse import rollout_criterion
 
-    g = torch.Generator().manual_seed(1)
-    rows = [[0.0] + [scale * 1e-4 * (1 + 3 * i / n) * (1 + 0.2 * float(torch.rand(1, generator=g)))
-                     for i in range(1, n)] for _ in range(samples)]
-    return rollout_criterion(rows, [[2 * e for e in r] for r in rows], _sigmas(n))
+    rows = _rollout_rows(scale, n, samples) if rows is None else rows
+    return rollout_criterion(rows, [[2 * e for e in r] for r in rows], _sigmas(n), aggregate=aggregate)
 
 
 def test_rollout_criterion_keeps_the_budget_and_reuses_fewer_steps_when_errors_are_larger():
@@ -223,12 +234,13 @@ def test_rollout_criterion_keeps_the_budget_and_reuses_fewer_steps_when_errors_a
 
     sig, anchors = _sigmas(28), range(0, 28, 10)
     straight, curved = _rollout_criterion(1.0), _rollout_criterion(30.0)
-    # on the schedule it was measured on, the prediction of a single step is the measured error (mean of samples)
+    # on the schedule it was measured on, the prediction of a single step is the measured error (the worst sample's;
+    # with aggregate mean, the mean of the samples)
     errs = predicted_errors(straight, sig, 0)
-    g = torch.Generator().manual_seed(1)
-    rows = [[0.0] + [1e-4 * (1 + 3 * i / 28) * (1 + 0.2 * float(torch.rand(1, generator=g))) for i in range(1, 28)]
-            for _ in range(2)]
-    assert errs[5] == pytest.approx((rows[0][5] + rows[1][5]) / 2, rel=1e-9)
+    rows = _rollout_rows(1.0)
+    assert errs[5] == pytest.approx(max(rows[0][5], rows[1][5]), rel=1e-9)
+    mean = predicted_errors(_rollout_criterion(1.0, aggregate="mean"), sig, 0)
+    assert mean[5] == pytest.approx((rows[0][5] + rows[1][5]) / 2, rel=1e-9)
     # a run's k-th step carries the run's errors so far
     assert plan_cost([3, 4], errs) == pytest.approx(2 * errs[3] + errs[4])
     assert plan_cost([3, 5], errs) == pytest.approx(errs[3] + errs[5])
@@ -247,6 +259,24 @@ def test_rollout_criterion_keeps_the_budget_and_reuses_fewer_steps_when_errors_a
     assert len(plan_reuse("auto", 1, sig, anchors, curved, source="c").steps) <= len(a_curved.steps)
     # reuse N on a rollout criterion reports its predicted cost too
     assert plan_reuse(4, 0, sig, anchors, curved, source="c").predicted_db is not None
+
+
+def test_worst_aggregate_keeps_every_calibration_sample_within_the_budget():
+    """One calibration sample whose edit is curved (errors 6x the others' in the middle of the schedule): planned on
+    the mean it falls under the budget; planned on the worst sample (the default) every sample keeps it."""
+    from topi_export.method.reuse import plan_cost
+
+    sig, anchors = _sigmas(28), range(0, 28, 10)
+    rows = _rollout_rows(1.0, samples=4)
+    rows[2] = [e * (6.0 if 6 <= i <= 18 else 1.0) for i, e in enumerate(rows[2])]
+    worst, mean = _rollout_criterion(0, rows=rows), _rollout_criterion(0, rows=rows, aggregate="mean")
+    p_worst = plan_reuse("auto", 0, sig, anchors, worst, source="w")
+    p_mean = plan_reuse("auto", 0, sig, anchors, mean, source="m")
+    assert len(p_worst.steps) < len(p_mean.steps) and "worst calibration sample" in p_worst.why
+    own = [predicted_errors(_rollout_criterion(0, rows=[r]), sig, 0) for r in rows]
+    assert all(plan_cost(p_worst.steps, e) <= worst.threshold for e in own)
+    assert plan_cost(p_mean.steps, own[2]) > mean.threshold  # the mean let the curved sample past the budget
+    assert p_worst.predicted_db <= min(-20 * math.log10(plan_cost(p_worst.steps, e)) for e in own) + 1e-9
 
 
 def _longest(steps):
@@ -298,8 +328,13 @@ def test_calibrate_cli_reuse_measure_options(tmp_path, capsys):
     assert "--reuse-budget 50" in raw["command"] and "budget 50.0 dB" in out
     code, out, _ = run_cli([*base, "--reuse-measure", "velocity", "--out", str(tmp_path / "v.json")], capsys)
     assert code == 0 and json.loads((tmp_path / "v.json").read_text())["reuse"]["measure"] == "velocity"
+    code, out, _ = run_cli([*base, "--reuse-aggregate", "mean", "--out", str(tmp_path / "m.json")], capsys)
+    raw = json.loads((tmp_path / "m.json").read_text())
+    assert code == 0 and raw["reuse"]["aggregate"] == "mean" and "--reuse-aggregate mean" in raw["command"]
     for args, needle in ((["--reuse-threshold", "0.1"], "--reuse-threshold is the velocity measure's"),
-                         (["--reuse-measure", "velocity", "--reuse-budget", "40"], "--reuse-budget is the rollout")):
+                         (["--reuse-measure", "velocity", "--reuse-budget", "40"], "--reuse-budget is the rollout"),
+                         (["--reuse-measure", "velocity", "--reuse-aggregate", "worst"],
+                          "--reuse-aggregate is the rollout")):
         code, _, err = run_cli([*base, *args, "--out", str(tmp_path / "x.json")], capsys)
         assert code == 2 and needle in err and err.count("error:") == 1 and not (tmp_path / "x.json").exists()
 

@@ -61,7 +61,7 @@ REUSE_RULES = {
     "rollout": "step reuse (method/reuse.py, measure rollout): e_i = RMS(x_final(reuse i) - x_final) / range(x_final), "
                "x_final(reuse i) the full unpruned run of a sample with step i alone reusing the previous velocity "
                "(order 0) or the linear extrapolation in sigma of the previous two (order 1), finished to the end; "
-               "density_i = mean over samples of e_i / (|sigma_{i-1} - sigma_i| |sigma_i - sigma_{i+1}|); at run "
+               "density_i = the worst (aggregate worst, the default; aggregate mean: the mean) over samples of e_i / (|sigma_{i-1} - sigma_i| |sigma_i - sigma_{i+1}|); at run "
                "time a step's predicted error is the density at its sigma times those widths, the k-th step of a "
                "run of reused steps carries the errors of the run so far, and auto takes the most steps (the "
                "cheapest such plan) whose predicted final error stays within threshold (10^(-budget dB / 20)) with "

@@ -58,6 +58,9 @@ def _table(result: dict, rows: int) -> str:
 @click.option("--reuse-budget", type=click.FloatRange(10, 200), default=None,
               help="rollout: the PSNR in dB that auto keeps against the same run without reuse, predicted "
                    "(method/reuse.py).  [default: 40]")
+@click.option("--reuse-aggregate", type=click.Choice(["worst", "mean"]), default=None,
+              help="rollout: each step's error from the worst calibration sample (the budget holds for every "
+                   "sample) or from their mean (the average sample).  [default: worst]")
 @click.option("--reuse-threshold", type=click.FloatRange(0, 10), default=None,
               help="velocity: accumulated relative velocity change a run of reused steps may reach.  [default: 0.1]")
 @click.option("--reuse-max-consecutive", type=click.IntRange(1, 100), default=None,
@@ -68,7 +71,7 @@ def _table(result: dict, rows: int) -> str:
                                                               "(the plot goes next to it, same stem, .png).")
 @quiet_option
 def cmd(model, inputs, samples, grid, ref_grid, text_tokens, timesteps, top_k, update_interval, reuse_steps,
-        reuse_measure, reuse_budget, reuse_threshold, reuse_max_consecutive, seed, out, quiet):
+        reuse_measure, reuse_budget, reuse_aggregate, reuse_threshold, reuse_max_consecutive, seed, out, quiet):
     """Measure each layer's context sensitivity; write the profile (pivotal layers, L0, dT) and a plot."""
     from topi_export.artifacts.settings import describe_set, write_profile
     from topi_export.method.calibration import calibrate
@@ -91,6 +94,8 @@ def cmd(model, inputs, samples, grid, ref_grid, text_tokens, timesteps, top_k, u
     if reuse_measure == "velocity" and reuse_budget is not None:
         raise TopiError("--reuse-budget is the rollout measure's: with --reuse-measure velocity give "
                         "--reuse-threshold")
+    if reuse_measure == "velocity" and reuse_aggregate is not None:
+        raise TopiError("--reuse-aggregate is the rollout measure's: drop it, or use --reuse-measure rollout")
     if inputs and samples is not None:
         raise TopiError("give either --inputs (a calibration set from files) or --samples (a synthetic set), not both")
     n_samples = 4 if samples is None else samples
@@ -125,6 +130,7 @@ def cmd(model, inputs, samples, grid, ref_grid, text_tokens, timesteps, top_k, u
         result = replace(result, reuse=measure_reuse(adapter, data, reuse_steps, seed=seed,
                                                      scheduler_config=scheduler_config_for(model) if model else None,
                                                      measure=reuse_measure, budget_db=reuse_budget,
+                                                     aggregate=reuse_aggregate,
                                                      threshold=reuse_threshold,
                                                      max_consecutive=reuse_max_consecutive,
                                                      progress=show_progress(quiet)))
@@ -138,6 +144,7 @@ def cmd(model, inputs, samples, grid, ref_grid, text_tokens, timesteps, top_k, u
              str(update_interval), "--reuse-steps", str(reuse_steps), "--reuse-measure", reuse_measure,
              "--seed", str(seed), "--out", str(out)]
     argv += ["--reuse-budget", f"{reuse_budget:g}"] if reuse_budget is not None else []
+    argv += ["--reuse-aggregate", reuse_aggregate] if reuse_aggregate is not None else []
     argv += ["--reuse-threshold", f"{reuse_threshold:g}"] if reuse_threshold is not None else []
     argv += ["--reuse-max-consecutive", str(reuse_max_consecutive)] if reuse_max_consecutive is not None else []
     write_profile(out, result, identity, describe_set(data, ts, files=list(inputs), seed=seed),

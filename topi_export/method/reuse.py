@@ -8,7 +8,9 @@ Which steps, by rule:
 - ``auto`` with a criterion measured by rollouts (``measure`` "rollout", profiles from schema 4): calibration reused
   each step alone and measured what it did to the FINAL latents (RMS over the output's range, the error PSNR
   counts). A run of reused steps accumulates: its k-th step reuses a velocity k steps old, so it carries the errors
-  of the run so far (MagCache's accumulated error, on final-output errors). ``auto`` takes the most steps whose
+  of the run so far (MagCache's accumulated error, on final-output errors). Each step's error is, by default, the
+  worst calibration sample's (``aggregate`` "worst", schema 5; schema 4 kept the mean, which let one sample's edit
+  fall under the budget), so a plan within the budget is within it for every calibration sample. ``auto`` takes the most steps whose
   predicted final error stays within the criterion's budget (``threshold``; default 0.01 of the range, i.e. 40 dB
   against the same run without reuse) with runs of at most ``max_consecutive``, the cheapest such plan;
 - ``auto`` with a schema-3 criterion (``measure`` "velocity": the relative change of the velocity between steps):
@@ -24,7 +26,7 @@ import math
 import torch
 
 from topi_export.errors import BadInput
-from topi_export.plan.reuse import OFF, ReuseCriterion, ReusePlan
+from topi_export.plan.reuse import AGGREGATES, OFF, ReuseCriterion, ReusePlan
 
 ORDERS = (0, 1)
 PROTECT_FIRST = PROTECT_LAST = 2
@@ -37,6 +39,8 @@ DEFAULT_BUDGET_DB = 40.0
 # kontext-digits, docs/benchmarks.md section 8). Both: at most 2 reused steps in a row.
 DEFAULT_THRESHOLD = 0.1
 DEFAULT_MAX_CONSECUTIVE = 2
+# How the rollout criterion combines its calibration samples into one error per step (plan/reuse.py AGGREGATES).
+DEFAULT_AGGREGATE = "worst"
 
 
 def budget_error(budget_db: float) -> float:
@@ -164,9 +168,10 @@ def plan_reuse(spec, order: int, sigmas, anchors, criterion: ReuseCriterion | No
         if criterion.measure == "rollout":
             chosen = _within_budget(eligible, errors, criterion.threshold, criterion.max_consecutive, n)
             cost = plan_cost(chosen, errors)
-            rule = (f"predicted final error of the reused steps {error_db(cost):.1f} dB against the run without "
-                    f"reuse, budget {error_db(criterion.threshold):.1f} dB, at most {criterion.max_consecutive} in a "
-                    f"row")
+            whose = "the worst calibration sample's" if criterion.aggregate == "worst" else "the mean"
+            rule = (f"predicted final error of the reused steps ({whose}) {error_db(cost):.1f} dB against the run "
+                    f"without reuse, budget {error_db(criterion.threshold):.1f} dB, at most "
+                    f"{criterion.max_consecutive} in a row")
             return ReusePlan("auto", order, tuple(chosen), source,
                              f"{why}; {rule}" if why else f"auto: {rule} ({source})",
                              predicted_db=error_db(cost) if chosen else None)
@@ -239,27 +244,38 @@ def measure_criterion(velocities_per_sample, sigmas, *, threshold: float = DEFAU
                           int(max_consecutive), PROTECT_FIRST, PROTECT_LAST, len(velocities_per_sample), "velocity")
 
 
+def check_aggregate(aggregate) -> str:
+    if aggregate not in AGGREGATES:
+        raise BadInput(f"--reuse-aggregate {aggregate!r}: worst (every calibration sample within the budget) or mean "
+                       f"(the average sample)")
+    return aggregate
+
+
 def rollout_criterion(errors_per_sample, errors_order1_per_sample, sigmas, *, budget_db: float = DEFAULT_BUDGET_DB,
-                      max_consecutive: int = DEFAULT_MAX_CONSECUTIVE) -> ReuseCriterion:
+                      max_consecutive: int = DEFAULT_MAX_CONSECUTIVE,
+                      aggregate: str = DEFAULT_AGGREGATE) -> ReuseCriterion:
     """The criterion from rollouts: errors_per_sample[i][step] is the final error (RMS over the output's range) of
     the run that reused ``step`` alone (order 0; errors_order1_per_sample: order 1), measured at ``sigmas`` (every
     step's sigma; the schedule ends at 0). Stored as densities per unit of (step width x previous step width), so
-    they map onto other schedules (``predicted_errors``)."""
+    they map onto other schedules (``predicted_errors``). ``aggregate`` "worst" keeps each step's largest sample
+    error: ``plan_cost`` adds errors, so the sum of per-step maxima bounds every sample's own sum, and a plan within
+    the budget is within it for each calibration sample. "mean" keeps the average sample's."""
     n = len(sigmas)
     s = [float(v) for v in sigmas] + [0.0]
+    combine = max if check_aggregate(aggregate) == "worst" else (lambda v: sum(v) / len(v))
 
     def density(rows):
         out = []
         for i in range(1, n):
             area = abs(s[i - 1] - s[i]) * abs(s[i] - s[i + 1])
-            out.append(sum(float(r[i]) for r in rows) / max(len(rows), 1) / max(area, 1e-30))
+            out.append(combine([float(r[i]) for r in rows] or [0.0]) / max(area, 1e-30))
         return [out[0]] + out  # step 0 is never reused; keep the curve defined there
 
     return ReuseCriterion(tuple(s[:n]), tuple(density(errors_per_sample)), tuple(density(errors_order1_per_sample)),
                           budget_error(budget_db), int(max_consecutive), PROTECT_FIRST, PROTECT_LAST,
-                          len(errors_per_sample), "rollout")
+                          len(errors_per_sample), "rollout", aggregate)
 
 
 __all__ = ["OFF", "ORDERS", "MEASURES", "parse_reuse", "check_order", "plan_reuse", "extrapolate",
            "measure_criterion", "rollout_criterion", "predicted_errors", "plan_cost", "eligible_steps",
-           "budget_error", "error_db"]
+           "budget_error", "error_db", "check_aggregate", "DEFAULT_AGGREGATE"]

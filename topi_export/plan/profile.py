@@ -1,7 +1,8 @@
 """Calibration profiles (``topi-export calibrate --out NAME.json``) as a typed, versioned object. Schema 2 adds
 the family and its layer groups; schema 3 the step-reuse criterion (plan/reuse.py), measured on velocities; schema 4
-measures it by rollouts (its ``reuse.measure`` is "rollout"). Schema 1 to 3 files are still read (1 and 2 have no
-reuse criterion: step reuse stays off by default for their models; 3 keeps its velocity rule)."""
+measures it by rollouts (its ``reuse.measure`` is "rollout"); schema 5 adds ``reuse.aggregate`` (each step's error
+from the worst calibration sample by default). Schema 1 to 4 files are still read (1 and 2 have no reuse criterion:
+step reuse stays off by default for their models; 3 keeps its velocity rule; 4 its mean over the samples)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -12,8 +13,8 @@ from topi_export.plan.schema import Reader
 from topi_export.plan.reuse import ReuseCriterion
 from topi_export.plan.settings import MAX_UPDATE_INTERVAL, MethodSettings
 
-SCHEMA = "topi-calibration/4"
-READS = ("topi-calibration/1", "topi-calibration/2", "topi-calibration/3", SCHEMA)
+SCHEMA = "topi-calibration/5"
+READS = ("topi-calibration/1", "topi-calibration/2", "topi-calibration/3", "topi-calibration/4", SCHEMA)
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from topi_export.plan.schema import Reader
 
 MAX_THRESHOLD = 10.0
+AGGREGATES = ("worst", "mean")
 
 
 @dataclass(frozen=True)
@@ -19,7 +20,9 @@ class ReuseCriterion:
     ``measure`` says what the error is. "rollout" (schema 4): the final error (RMS of the final latents' change over
     their range, what PSNR counts) of a run that reused that step alone, per unit of (step width x previous step
     width); ``threshold`` is the final error the plan may reach (0.01 = 40 dB). "velocity" (schema 3): the relative
-    change of the velocity per unit of sigma; ``threshold`` bounds each run's accumulated change. Both: at most
+    change of the velocity per unit of sigma; ``threshold`` bounds each run's accumulated change. ``aggregate`` says
+    how the calibration samples were combined into one density per step: "worst" (schema 5: the largest sample's,
+    so a plan within the budget is within it for every calibration sample) or "mean" (schemas 3 and 4). Both: at most
     ``max_consecutive`` steps in a row; the first ``protect_first`` and last ``protect_last`` steps and every anchor
     are always computed (the rule: method/reuse.py)."""
 
@@ -32,9 +35,10 @@ class ReuseCriterion:
     protect_last: int = 2
     samples: int = 0
     measure: str = "velocity"
+    aggregate: str = "mean"
 
     def to_json(self) -> dict:
-        return {"measure": self.measure, "sigmas": list(self.sigmas), "density": list(self.density),
+        return {"measure": self.measure, "aggregate": self.aggregate, "sigmas": list(self.sigmas), "density": list(self.density),
                 "density_order1": list(self.density_order1), "threshold": self.threshold,
                 "max_consecutive": self.max_consecutive, "protect_first": self.protect_first,
                 "protect_last": self.protect_last, "samples": self.samples}
@@ -48,7 +52,8 @@ class ReuseCriterion:
         return cls(sigmas, density, density1, r.float("threshold", lo=0.0, hi=MAX_THRESHOLD),
                    r.int("max_consecutive", lo=1, hi=1000), r.int("protect_first", lo=0, hi=1000),
                    r.int("protect_last", lo=0, hi=1000), r.int("samples", lo=0, hi=1_000_000),
-                   r.str("measure", choices=("rollout", "velocity")) if r.has("measure") else "velocity")
+                   r.str("measure", choices=("rollout", "velocity")) if r.has("measure") else "velocity",
+                   r.str("aggregate", choices=AGGREGATES) if r.has("aggregate") else "mean")
 
 
 def _floats(r: Reader, key: str):

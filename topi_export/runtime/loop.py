@@ -151,12 +151,14 @@ def rel_l2(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def measure_reuse(family, samples, steps: int, *, seed: int = 0, scheduler_config=None, threshold=None,
-                  max_consecutive=None, measure: str = "rollout", budget_db=None, progress: bool = False):
+                  max_consecutive=None, measure: str = "rollout", budget_db=None, aggregate=None,
+                  progress: bool = False):
     """The step-reuse criterion of a model from full, unpruned runs of its PyTorch reference on the calibration
     samples, recording every step's guided velocity. ``measure`` "rollout" (method/reuse.py rollout_criterion): for
     every step and both orders, the run that reuses that step alone is finished from there, and the change of its
     final latents measured (about steps^2 extra model calls per sample). "velocity" (measure_criterion): the
-    relative velocity change between steps, no extra calls."""
+    relative velocity change between steps, no extra calls. ``aggregate`` (rollout): how the samples' errors combine
+    (method/reuse.py rollout_criterion)."""
     from topi_export.backends import get_backend, model_backend
     from topi_export.backends.base import EngineSource
     from topi_export.method import reuse as R
@@ -182,7 +184,8 @@ def measure_reuse(family, samples, steps: int, *, seed: int = 0, scheduler_confi
     if measure == "velocity":
         kwargs = {k: v for k, v in (("threshold", threshold), ("max_consecutive", max_consecutive)) if v is not None}
         return R.measure_criterion(per_sample, sigmas, **kwargs)
-    kwargs = {k: v for k, v in (("budget_db", budget_db), ("max_consecutive", max_consecutive)) if v is not None}
+    kwargs = {k: v for k, v in (("budget_db", budget_db), ("max_consecutive", max_consecutive),
+                                ("aggregate", aggregate)) if v is not None}
     return R.rollout_criterion(errors, errors1, sigmas, **kwargs)
 
 
