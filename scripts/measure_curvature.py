@@ -106,13 +106,15 @@ def auto_by_budget(session, data, steps: int, budgets) -> dict:
     return out
 
 
-def measure_model(name: str, steps: int, patterns: dict, limit: int | None, log=print, budgets=()) -> dict:
-    """Every held-out sample of a built-in model: the normal run, one reuse run per pattern (name -> steps)."""
+def measure_model(name: str, steps: int, patterns: dict, limit: int | None, log=print, budgets=(),
+                  calibration: str | None = None) -> dict:
+    """Every held-out sample of a built-in model: the normal run, one reuse run per pattern (name -> steps).
+    ``calibration``: a profile to use instead of the shipped one (a model folder has none)."""
     from topi_export import open_session
     from topi_export.artifacts.inputs import sample_files
     from topi_export.runtime.loop import psnr
 
-    session = open_session(model=name)
+    session = open_session(model=name, **({"calibration": calibration} if calibration else {}))
     # A built-in trained model's shipped samples, or a model folder's samples/ (a training script's output).
     files = sample_files(name) or sorted(Path(name).glob("samples/sample_*.safetensors"),
                                          key=lambda p: int(p.stem.split("_")[-1]))
@@ -178,6 +180,9 @@ def main(argv=None) -> dict:
     p.add_argument("--samples", type=int, default=None, help="use only the first N held-out samples of each model")
     p.add_argument("--budgets", default="", help="also list how many steps auto reuses under these budgets in dB\n"
                                                  "(a rollout criterion's plan, nothing run), e.g. 40,45,50,55")
+    p.add_argument("--calibration", default=None,
+                   help="calibration profile for every model (default: each model's shipped one); a model folder\n"
+                        "has none, so its auto plan needs this")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default=str(DEFAULT_JSON), help="where to write the results ('' = nowhere)")
     p.add_argument("--per-sample", action="store_true", help="print every sample's numbers")
@@ -213,7 +218,7 @@ def main(argv=None) -> dict:
     for name in models:
         results[name] = {"command": cmd, **measure_model(name, args.steps, patterns, args.samples,
                                                           log=print if args.per_sample else (lambda *_: None),
-                                                          budgets=budgets)}
+                                                          budgets=budgets, calibration=args.calibration)}
     print(f"PSNR (dB) of the final latents of a run that reuses the previous step's velocity at the listed steps "
           f"(of {args.steps}) vs the normal run (runtime.loop.psnr)")
     cols = list(patterns)

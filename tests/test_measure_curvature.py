@@ -128,3 +128,23 @@ def test_update_keeps_other_models_of_the_same_procedure(mod, tmp_path):
                       str(out), "--update"])
     finally:
         torch.set_num_threads(threads)
+
+
+def test_calibration_option_replaces_the_shipped_profile(mod, tmp_path):
+    """--calibration: the auto column plans with the given profile (a model folder ships none)."""
+    from topi_export.resources import resource
+
+    raw = json.loads(resource("calibration", "kontext-digits.json").read_text())
+    raw["reuse"]["threshold"] = 10 ** (-70 / 20)  # a 70 dB budget
+    path = tmp_path / "digits-70.json"
+    path.write_text(json.dumps(raw))
+    threads = torch.get_num_threads()
+    try:
+        result = mod.main(["--models", "kontext-digits", "--samples", "1", "--steps", "12", "--reuse", "auto",
+                           "--budgets", "40,70", "--calibration", str(path), "--json", ""])
+    finally:
+        torch.set_num_threads(threads)
+    m = result["models"]["kontext-digits"]
+    auto = m["per_sample"][0]["auto"]
+    assert str(path) in auto["why"] and len(auto["steps"]) == m["auto_by_budget"]["70"]["reused"]
+    assert m["auto_by_budget"]["70"]["reused"] < m["auto_by_budget"]["40"]["reused"]
