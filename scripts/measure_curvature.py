@@ -121,14 +121,14 @@ def measure_model(name: str, steps: int, patterns: dict, limit: int | None, log=
     files = files[:limit] if limit else files
     if not files:
         raise SystemExit(f"{name} has no held-out samples: pass a trained built-in model or a folder with samples/")
+    budgeted = [k for k, v in patterns.items() if isinstance(v, str) and v.startswith("auto:")]
     per_sample = []
     t0 = time.time()
     for path in files:
         data = session.load_inputs(path)
         normal = trajectory(session, data, steps)
         auto = session.reuse_plan(data, steps=steps, reuse="auto") if "auto" in patterns.values() else None
-        plans = {k: auto_plan(session, data, steps, float(v[5:])) for k, v in patterns.items()
-                 if isinstance(v, str) and v.startswith("auto:")}
+        plans = {k: auto_plan(session, data, steps, float(patterns[k][5:])) for k in budgeted}
         runs = {k: trajectory(session, data, steps, auto.steps if reuse == "auto" else
                               plans[k].steps if k in plans else reuse)[0] for k, reuse in patterns.items()}
         ps = {k: round(psnr(x, normal), 3) for k, x in runs.items()}
@@ -152,7 +152,7 @@ def measure_model(name: str, steps: int, patterns: dict, limit: int | None, log=
             out[k] = stats([s["reuse_psnr"][k] for s in rows], "reuse_psnr")
             if with_truth:
                 out[k].update(stats([s["truth_psnr"][k] for s in with_truth], "truth_psnr"))
-            if k in plans:
+            if k in budgeted:
                 out[k]["reused"] = sorted({len(s["plans"][k]["steps"]) for s in rows})
                 out[k]["predicted_db"] = rows[0]["plans"][k].get("predicted_db")
         if with_truth:

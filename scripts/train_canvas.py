@@ -127,7 +127,8 @@ def main(argv=None) -> dict:
     from diffusers import FluxTransformer2DModel
 
     out = args.out
-    log, cmd = tk.start_run(args, "train_canvas.py", argv, out / ("eval_log.txt" if args.eval_only else "train_log.txt"))
+    log, cmd = tk.start_run(args, "train_canvas.py", argv,
+                            out / ("eval_log.txt" if args.eval_only else "train_log.txt"))
     if args.eval_only:
         args, result = tk.training_run(args, out, parse_args)
         model = FluxTransformer2DModel.from_pretrained(out)

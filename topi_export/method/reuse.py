@@ -10,9 +10,10 @@ Which steps, by rule:
   counts). A run of reused steps accumulates: its k-th step reuses a velocity k steps old, so it carries the errors
   of the run so far (MagCache's accumulated error, on final-output errors). Each step's error is, by default, the
   worst calibration sample's (``aggregate`` "worst", schema 5; schema 4 kept the mean, which let one sample's edit
-  fall under the budget), so a plan within the budget is within it for every calibration sample. ``auto`` takes the most steps whose
-  predicted final error stays within the criterion's budget (``threshold``; default 0.01 of the range, i.e. 40 dB
-  against the same run without reuse) with runs of at most ``max_consecutive``, the cheapest such plan;
+  fall under the budget), so a plan within the budget is within it for every calibration sample. ``auto`` takes
+  the most steps whose predicted final error stays within the criterion's budget (``threshold``; default 0.01 of
+  the range, i.e. 40 dB against the same run without reuse) with runs of at most ``max_consecutive``, the cheapest
+  such plan;
 - ``auto`` with a schema-3 criterion (``measure`` "velocity": the relative change of the velocity between steps):
   walk the schedule, reuse while the error accumulated since the last computed step stays within the threshold;
 - ``N``: the N eligible steps with the lowest predicted error (or, without a criterion, N steps spread evenly over

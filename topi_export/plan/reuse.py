@@ -38,8 +38,8 @@ class ReuseCriterion:
     aggregate: str = "mean"
 
     def to_json(self) -> dict:
-        return {"measure": self.measure, "aggregate": self.aggregate, "sigmas": list(self.sigmas), "density": list(self.density),
-                "density_order1": list(self.density_order1), "threshold": self.threshold,
+        return {"measure": self.measure, "aggregate": self.aggregate, "sigmas": list(self.sigmas),
+                "density": list(self.density), "density_order1": list(self.density_order1), "threshold": self.threshold,
                 "max_consecutive": self.max_consecutive, "protect_first": self.protect_first,
                 "protect_last": self.protect_last, "samples": self.samples}
 
