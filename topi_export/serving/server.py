@@ -15,8 +15,8 @@ cannot load fails here in one line instead of hanging the model load.
 Ports: free HTTP / gRPC / metrics ports on 127.0.0.1, retried when another process takes one first. Readiness:
 ``/v2/health/ready`` and every model's ``/v2/models/<m>/ready``, bounded; a failure raises TopiError with the
 server's error lines and the log path. Stop: SIGINT (Triton drains in-flight requests), then SIGTERM, then
-SIGKILL, each bounded; then stubs left by a killed server (by pid, found in the server's own process group) and
-its shared-memory regions (a per-server name prefix) are removed. The server dies with this process
+SIGKILL, each bounded; then stubs left by a killed server (every process of the server's own process group, by
+pid) and its shared-memory regions (a per-server name prefix) are removed. The server dies with this process
 (PR_SET_PDEATHSIG) even when this process is killed.
 
 Standard library only; clients (tritonclient) are for the callers.
@@ -533,11 +533,13 @@ class TritonServer:
         return proc.returncode
 
     def _reap_stubs(self, pgid: int) -> None:
-        """Stubs of a server that was killed: processes of its own session/process group (start_new_session) that
-        run the stub, signalled one by one by pid."""
+        """Stubs of a server that was killed: every process left in its own process group (start_new_session: only
+        the server's descendants are in it), signalled one by one by pid, until the group is empty (bounded). Any
+        member counts, not only those whose command line names the stub: a stub that is exiting has an empty
+        /proc/<pid>/cmdline but is not gone yet."""
         deadline = time.monotonic() + 10.0
         while True:
-            left = [pid for pid in _group_members(pgid) if _is_stub(pid)]
+            left = _group_members(pgid)
             if not left:
                 return
             for pid in left:
@@ -589,13 +591,6 @@ def _group_members(pgid: int) -> list[int]:
         except (OSError, ValueError, IndexError):
             continue
     return out
-
-
-def _is_stub(pid: int) -> bool:
-    try:
-        return STUB.encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
 
 
 def serve(repository, *, echo=print, **kwargs) -> int:
