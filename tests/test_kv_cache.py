@@ -220,14 +220,16 @@ def test_run_compare_reports_both_baselines_and_the_cache(ort_kv, tmp_path, caps
     assert code == 2 and "cache is exact" in err
 
 
-@pytest.mark.parametrize("reuse, graphs", [
-    (None, ["extract", "kv-pruned", "kv-pruned", "kv-anchor", "kv-pruned", "kv-pruned", "kv-anchor"]),
-    (2, ["extract", "kv-pruned", "none", "kv-anchor", "none", "kv-pruned", "kv-anchor"])])
-def test_dropin_in_a_real_flux2_klein_kv_pipeline_equals_run(ort_kv, reuse, graphs):
+@pytest.mark.parametrize("reuse, residual, graphs", [
+    (None, False, ["extract", "kv-pruned", "kv-pruned", "kv-anchor", "kv-pruned", "kv-pruned", "kv-anchor"]),
+    (2, False, ["extract", "kv-pruned", "none", "kv-anchor", "none", "kv-pruned", "kv-anchor"]),
+    (None, True, ["extract", "kv-pruned", "kv-pruned", "kv-anchor", "kv-pruned", "kv-pruned", "kv-anchor"])])
+def test_dropin_in_a_real_flux2_klein_kv_pipeline_equals_run(ort_kv, reuse, residual, graphs):
     """Flux2KleinKVPipeline (tiny VAE, no text encoder, prompt embeddings given) built with the drop-in as its
     transformer: the extract call starts the generation, the cached calls pass back the token; same latents as
     `run`; clearing the token frees the engine's cache. With step reuse, the reused steps' cached calls call no
-    engine and the cache stays as the extract call left it."""
+    engine and the cache stays as the extract call left it. With the pruning residual, the anchors (the extract
+    call and the kv-anchors) also run the kept set over the cache."""
     import diffusers
     from PIL import Image
 
@@ -235,7 +237,8 @@ def test_dropin_in_a_real_flux2_klein_kv_pipeline_equals_run(ort_kv, reuse, grap
     from topi_export import Inputs, TopiTransformer, denoise
     from topi_export.models.flux2 import SCHEDULER
 
-    tr = TopiTransformer(ort_kv[0], ratio=0.5, update_interval=3, reuse=reuse, steps=7 if reuse else None)
+    tr = TopiTransformer(ort_kv[0], ratio=0.5, update_interval=3, reuse=reuse,
+                         steps=7 if reuse or residual else None, pruning_residual=residual)
     pipe = diffusers.Flux2KleinKVPipeline(scheduler=diffusers.FlowMatchEulerDiscreteScheduler(**SCHEDULER),
                                           vae=_tiny_vae(), text_encoder=None, tokenizer=None, transformer=tr)
     pipe.set_progress_bar_config(disable=True)
@@ -270,8 +273,11 @@ def test_dropin_in_a_real_flux2_klein_kv_pipeline_equals_run(ort_kv, reuse, grap
     session = tr.session
     plan = session.reuse_plan(data, steps=7, reuse=reuse or "off", update_interval=3)
     want = denoise(session.engine, session.family, data, steps=7, selector=session.selector(data, ratio=0.5),
-                   update_interval=3, reuse=plan)
+                   update_interval=3, reuse=plan, pruning_residual=residual)
     assert [r.graph for r in want.schedule] == graphs
+    assert [r.residual for r in tr.schedule] == [r.residual for r in want.schedule] == [
+        (True if residual else None) if g in ("extract", "kv-anchor") and i < 6 else None
+        for i, g in enumerate(graphs)]
     assert _rel(seen_steps[-1][0], want.latents) <= 1e-5
 
 

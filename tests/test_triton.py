@@ -260,8 +260,8 @@ def test_onnxruntime_repository_layout_and_schema(engine_dir, tmp_path, capsys):
     assert inputs["prompt_embeds"] == (False, [1, -1, 32]) and inputs["pooled_prompt_embeds"] == (False, [1, 16])
     assert all(inputs[n][0] for n in ("noise", "guidance", "steps", "seed", "ratio", "tau", "reuse", "reuse_order",
                                       "update_interval", "policy", "mode", "target_grid", "reference_grids",
-                                      "ref_kv"))
-    assert len(inputs) == 17 and [o.name for o in loop.output] == ["latents", "schedule"]
+                                      "ref_kv", "pruning_residual"))
+    assert len(inputs) == 18 and [o.name for o in loop.output] == ["latents", "schedule"]
     assert json.loads(loop.parameters["topi_models"].string_value) == {"topi": "topi_topi", "dense": "topi_dense"}
     assert (out / "topi_loop" / "1" / "model.py").read_bytes() == (
         ROOT / "topi_export" / "serving" / "bls_model.py").read_bytes()

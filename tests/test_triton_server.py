@@ -515,19 +515,20 @@ def inputs(engine_dirs, tmp_path_factory):
 @pytest.fixture(scope="module")
 def run_result(engine_dirs, inputs, tmp_path_factory):
     """`topi-export run --engine-dir` (the CLI, in-process) for a family and seed, optionally with step reuse
-    (`--reuse`, `--reuse-order`): (latents, report); cached."""
+    (`--reuse`, `--reuse-order`) and the pruning residual: (latents, report); cached."""
     from safetensors.torch import load_file
 
     from conftest import run_cli
 
     root, cache = tmp_path_factory.mktemp("serve-runs"), {}
 
-    def result(family, seed, reuse=None, reuse_order=0):
-        key = (family, seed, reuse, reuse_order)
+    def result(family, seed, reuse=None, reuse_order=0, residual="off"):
+        key = (family, seed, reuse, reuse_order, residual)
         if key not in cache:
-            stem = f"{family}-{seed}-{reuse}-{reuse_order}"
+            stem = f"{family}-{seed}-{reuse}-{reuse_order}-{residual}"
             out, report = root / f"{stem}.safetensors", root / f"{stem}.json"
             extra = ["--reuse", str(reuse), "--reuse-order", str(reuse_order)] if reuse is not None else []
+            extra += ["--pruning-residual", residual]
             code, _, err = run_cli(["run", "--engine-dir", str(engine_dirs[family]), "--inputs",
                                     str(inputs[family]), "-q", "--steps", str(STEPS), "--seed", str(seed),
                                     "--ratio", str(RATIO), "--update-interval", str(UPDATE_INTERVAL), "--out",
@@ -642,16 +643,19 @@ def test_loop_model_over_http_and_grpc_equals_run(server, engine_dirs, inputs, r
     assert report["true_cfg"] is (family == "qwen")
 
 
-@pytest.mark.parametrize("order", [0, 1])
-def test_loop_model_with_step_reuse_equals_run(server, inputs, run_result, order):
+@pytest.mark.parametrize("order, residual", [(0, "off"), (1, "off"), (0, "on")])
+def test_loop_model_with_step_reuse_equals_run(server, inputs, run_result, order, residual):
     """Step reuse (`reuse` / `reuse_order` request inputs) on the real server: the only eligible step of the
     6-step schedule (step 2: after the two protected steps, before the anchor at 3) reuses the last velocity
-    (order 0) or extrapolates the last two (order 1), as `run --reuse 1 --reuse-order N`; latents and schedule
-    equal run's, over gRPC."""
-    expected, report = run_result("flux2", 5, reuse=1, reuse_order=order)
+    (order 0) or extrapolates the last two (order 1), as `run --reuse 1 --reuse-order N`; with the
+    `pruning_residual` input "on" the anchors also measure the pruning residual, as `run --pruning-residual on`;
+    latents and schedule equal run's, over gRPC."""
+    expected, report = run_result("flux2", 5, reuse=1, reuse_order=order, residual=residual)
     assert [r["kind"] for r in report["schedule"]].count("reuse") == 1
+    assert [r.get("residual") for r in report["schedule"] if r["kind"] == "anchor"] == (
+        [True, True] if residual == "on" else [None, None])
     arrays = _file_request(inputs["flux2"], steps=STEPS, seed=5, ratio=RATIO, update_interval=UPDATE_INTERVAL,
-                           reuse="1", reuse_order=order)
+                           reuse="1", reuse_order=order, pruning_residual=residual)
     module, client = _client(server, "grpc")
     try:
         latents, schedule = _loop(module, client, "flux2_loop", arrays)
@@ -661,7 +665,11 @@ def test_loop_model_with_step_reuse_equals_run(server, inputs, run_result, order
     assert [(r["kind"], r["keep"]) for r in schedule["schedule"]] == [
         (r["kind"], r["keep"]) for r in report["schedule"]]
     assert schedule["reuse"] == report["reuse"]
+    assert schedule["pruning_residual"] is (residual == "on")
+    assert [r.get("residual") for r in schedule["schedule"]] == [r.get("residual") for r in report["schedule"]]
     assert _rel_l2(latents, run_result("flux2", 5)[0]) > 1e-6  # reuse changed the result: it was applied
+    if residual == "on":  # and the residual changed it again
+        assert _rel_l2(latents, run_result("flux2", 5, reuse=1, reuse_order=order)[0]) > 1e-6
 
 
 def test_loop_bad_requests_get_errors_and_the_server_keeps_serving(server, inputs, run_result):

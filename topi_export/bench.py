@@ -26,6 +26,7 @@ class BenchConfig:
     dim: int | None = None  # model width, for the FLOP-predicted speedups
     reuses: tuple = (None,)  # step-reuse specs to sweep: None (the model's default), "off", "auto", N
     reuse_order: int = 0
+    residuals: tuple = (False,)  # pruning residual settings to sweep (runtime/steps.py)
 
 
 @dataclass
@@ -37,6 +38,7 @@ class Row:
     reuse: object = None  # the reuse spec asked for (None: the model's default)
     reused: list = field(default_factory=list)  # reused steps per sample
     reuse_mode: str = "off"
+    pruning_residual: bool = False
     psnr: list = field(default_factory=list)
     rel: list = field(default_factory=list)
     psnr_gt: list = field(default_factory=list)
@@ -54,7 +56,7 @@ class Row:
         timed = bool(self.times)
         out = {"policy": self.policy, "ratio": self.ratio, "update_interval": self.update_interval,
                "reuse": self.reuse if self.reuse is not None else "default", "reuse_mode": self.reuse_mode,
-               "reused_steps": mean(self.reused),
+               "reused_steps": mean(self.reused), "pruning_residual": self.pruning_residual,
                "psnr_db": mean(finite) if len(finite) == len(self.psnr) else math.inf, "psnr_db_min": min(self.psnr),
                "rel_l2": mean(self.rel), "speedup": sum(self.full_times) / sum(self.times) if timed else None,
                "speedup_spread": [min(lo for lo, _ in self.spreads), max(hi for _, hi in self.spreads)] if timed
@@ -97,21 +99,22 @@ def run_bench(session, inputs_list, cfg: BenchConfig, progress=None) -> dict:
         full_steps += _steps_ms(full.schedule, base_mode)
         if data.target_latents is not None:
             baseline["psnr_gt"].append(psnr(full.latents, data.target_latents))
-        modes = [(p, r, None, dt, ru) for ru in cfg.reuses for dt in cfg.update_intervals for r in cfg.ratios
-                 for p in cfg.policies]
-        modes += [(p, 0.0, tau, dt, ru) for ru in cfg.reuses for dt in cfg.update_intervals for tau in cfg.taus
-                  for p in cfg.policies]
-        for policy, ratio, tau, dt, ru in modes:
+        modes = [(p, r, None, dt, ru, rs) for rs in cfg.residuals for ru in cfg.reuses for dt in cfg.update_intervals
+                 for r in cfg.ratios for p in cfg.policies]
+        modes += [(p, 0.0, tau, dt, ru, rs) for rs in cfg.residuals for ru in cfg.reuses for dt in cfg.update_intervals
+                  for tau in cfg.taus for p in cfg.policies]
+        for policy, ratio, tau, dt, ru, rs in modes:
             sel = session.selector(data, ratio=None if tau is not None else ratio, tau=tau,
                                    ratio_buckets=",".join(str(r) for r in cfg.ratios if r > 0) if tau is not None else None,
                                    policy=policy, seed=cfg.seed)
-            row = rows.setdefault((policy, ratio, tau, dt, ru), Row(policy, ratio, dt, tau, ru))
+            row = rows.setdefault((policy, ratio, tau, dt, ru, rs),
+                                  Row(policy, ratio, dt, tau, ru, pruning_residual=rs))
             plan = session.reuse_plan(data, steps=cfg.steps, reuse=ru, order=cfg.reuse_order, update_interval=dt)
             row.reused.append(len(plan.steps))
             row.reuse_mode = plan.mode
             if cfg.repeats > 0:
                 c = compare(session, data, steps=cfg.steps, seed=cfg.seed, selector=sel, update_interval=dt,
-                            repeats=cfg.repeats, reuse=plan)
+                            repeats=cfg.repeats, reuse=plan, pruning_residual=rs)
                 best = c.topi
                 row.times.append(min(c.topi_times))
                 row.full_times.append(min(c.baseline_times))
@@ -119,7 +122,7 @@ def run_bench(session, inputs_list, cfg: BenchConfig, progress=None) -> dict:
                 baseline["times"].append(min(c.baseline_times))
             else:
                 best = session.denoise(data, steps=cfg.steps, seed=cfg.seed, selector=sel, update_interval=dt,
-                                       reuse=plan)
+                                       reuse=plan, pruning_residual=rs)
             row.psnr.append(psnr(best.latents, full.latents))
             row.rel.append(rel_l2(best.latents, full.latents))
             row.anchor_ms += _steps_ms(best.schedule, "anchor")
@@ -142,7 +145,8 @@ def run_bench(session, inputs_list, cfg: BenchConfig, progress=None) -> dict:
                                                       session.settings.prune_start, cfg.dim)
                 r["flop_e2e_speedup"] = predicted_end_to_end(layout, r["keep"][0], session.identity.num_layers,
                                                              session.settings.prune_start, cfg.dim, cfg.steps,
-                                                             r["update_interval"], round(r.get("reused_steps") or 0))
+                                                             r["update_interval"], round(r.get("reused_steps") or 0),
+                                                             residual=r["pruning_residual"])
                 r["step_speedup"] = full_ms / r["pruned_step_ms"]
                 r["step_efficiency"] = r["step_speedup"] / r["flop_speedup"]
             if r["anchor_step_ms"]:
@@ -197,12 +201,13 @@ def markdown_table(report) -> str:
     lines.append(f"| {b['mode']} (baseline) | 0 | - | off | all | - | - | 1.00x | {b['full_step_ms']:.1f} |"
                  + (f" {_mean_min(b.get('psnr_gt_db'), b.get('psnr_gt_db_min'))} |" if gt else ""))
     for r in sorted(report["results"], key=lambda r: (r.get("tau") is not None, r["ratio"], r["policy"],
-                                                      str(r.get("reuse")))):
+                                                      str(r.get("reuse")), bool(r.get("pruning_residual")))):
         name = r["policy"] + (f" tau={r['tau']}" if "tau" in r else "")
         pruned = f"{r['pruned_step_ms']:.1f}" if r["pruned_step_ms"] else "-"
         speed = (f"{r['speedup']:.2f}x ({r['speedup_spread'][0]:.2f}-{r['speedup_spread'][1]:.2f})"
                  if r.get("speedup") is not None else "-")
         reuse = f"{r.get('reuse', 'default')} ({r.get('reused_steps') or 0:g})"
+        reuse += ", pruning residual" if r.get("pruning_residual") else ""
         line = (f"| {name} | {r['ratio'] if 'tau' not in r else '-'} | {r['update_interval']} | {reuse} | "
                 f"{'/'.join(map(str, r['keep']))} | "
                 f"{_mean_min(r['psnr_db'], r['psnr_db_min'])} | {r['rel_l2']:.2e} | {speed} | {pruned} |")
@@ -219,10 +224,11 @@ def plot(report, path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    series = sorted({(r["policy"], str(r.get("reuse", "default"))) for r in report["results"] if "tau" not in r})
+    key = lambda r: str(r.get("reuse", "default")) + (", residual" if r.get("pruning_residual") else "")  # noqa: E731
+    series = sorted({(r["policy"], key(r)) for r in report["results"] if "tau" not in r})
     for policy, reuse in series:
         pts = sorted((r["speedup"] or 1.0, r["psnr_db"], r["ratio"]) for r in report["results"]
-                     if r["policy"] == policy and str(r.get("reuse", "default")) == reuse and "tau" not in r)
+                     if r["policy"] == policy and key(r) == reuse and "tau" not in r)
         label = policy if len({s for _, s in series}) == 1 else f"{policy}, reuse {reuse}"
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
         for s, q, r in pts:

@@ -50,6 +50,8 @@ def parse_ratios(text: str) -> tuple:
               help="Step-reuse settings to sweep, e.g. off,auto,4,8,12 (default: the model's default only).")
 @click.option("--reuse-order", type=click.IntRange(0, 1), default=0, show_default=True,
               help="Reused steps take the last velocity (0) or extrapolate from the last two (1).")
+@click.option("--pruning-residual", "residuals", default="off", show_default=True,
+              help="Pruning residual settings to sweep: off, on or off,on (`run --pruning-residual`).")
 @click.option("--target-grid", default=None, help="Synthetic input grid HxW when no --inputs (e.g. 32x32).")
 @click.option("--ref-grids", default=None, help="Synthetic input reference grids HxW,HxW (default: the target grid).")
 @click.option("--text-tokens", type=click.IntRange(1, 4096), default=8, show_default=True,
@@ -65,8 +67,8 @@ def parse_ratios(text: str) -> tuple:
 @device_options
 @quiet_option
 def cmd(model, inputs, ratio_buckets, policies, no_default_policy, calibration, backend, engine_dir, steps,
-        update_intervals, taus, reuses, reuse_order, target_grid, ref_grids, text_tokens, samples, repeats, seed, json_path, md_path,
-        png_path, device, dtype, quiet):
+        update_intervals, taus, reuses, reuse_order, residuals, target_grid, ref_grids, text_tokens, samples, repeats,
+        seed, json_path, md_path, png_path, device, dtype, quiet):
     """Benchmark speed and fidelity of every ratio and policy against the unpruned run."""
     from topi_export.progress import progress_bar
 
@@ -92,6 +94,12 @@ def cmd(model, inputs, ratio_buckets, policies, no_default_policy, calibration, 
         raise TopiError(f"--update-interval {update_intervals!r}: give values in 1..1000")
     if any(not 0 < t <= 1 for t in tau_list):
         raise TopiError(f"--tau {taus!r}: each value must be in (0, 1]")
+    from topi_export.plan.limits import RESIDUAL_CHOICES
+
+    named = [v.strip() for v in residuals.split(",") if v.strip()]
+    if not named or any(v not in RESIDUAL_CHOICES for v in named):
+        raise TopiError(f"--pruning-residual {residuals!r}: give off, on or off,on")
+    residual_list = tuple(dict.fromkeys(RESIDUAL_CHOICES[v] for v in named))
     from topi_export.backends import get_backend, model_backend
 
     backend = backend or model_backend()
@@ -136,8 +144,8 @@ def cmd(model, inputs, ratio_buckets, policies, no_default_policy, calibration, 
 
     reuse_specs = tuple(dict.fromkeys(parse_reuse(v) for v in reuses.split(",") if v.strip())) if reuses else (None,)
     cfg = BenchConfig(ratios, tuple(pols), steps, dts, tau_list, seed, repeats, dim=family.width, reuses=reuse_specs,
-                      reuse_order=reuse_order)
-    total = len(data) * len(dts) * len(pols) * (len(ratios) + len(tau_list)) * len(reuse_specs)
+                      reuse_order=reuse_order, residuals=residual_list)
+    total = len(data) * len(dts) * len(pols) * (len(ratios) + len(tau_list)) * len(reuse_specs) * len(residual_list)
     with progress_bar(total, "bench", show_progress(quiet), unit="run") as bar:
         report = run_bench(session, data, cfg, progress=lambda: bar.update(1))
     report["created"] = timestamp()

@@ -74,6 +74,14 @@ def reuse_options(f):
                              "Default: auto when this model's profile measured a criterion, else off.")(f)
 
 
+def residual_option(f):
+    return click.option("--pruning-residual", "pruning_residual", type=click.Choice(["off", "on"]),
+                        default="off", show_default=True,
+                        help="At every anchor also run the kept set on the anchor's input; the pruned steps until the "
+                             "next anchor add the difference (one more pruned call per anchor; docs/design.md, "
+                             "\"Pruning residual\").")(f)
+
+
 def quiet_option(f):
     return click.option("--quiet", "-q", is_flag=True, help="No progress bars.")(f)
 

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import click
 
-from topi_export.commands.common import (POLICY_HELP, device_options, model_option, output_files, quiet_option,
-                                         reuse_options, save_latents, seed_option, show_progress, steps_option,
-                                         write_json)
+from topi_export.commands.common import (POLICY_HELP, device_options, model_option,
+                                         output_files, quiet_option, residual_option, reuse_options, save_latents,
+                                         seed_option, show_progress, steps_option, write_json)
 
 
 def schedule_summary(schedule) -> str:
@@ -13,10 +13,12 @@ def schedule_summary(schedule) -> str:
     keeps = sorted({r.keep for r in schedule if r.graph in ("pruned", "kv-pruned")})
     total = sum(r.time_s for r in schedule)
     computed = sum(r.kind != "reuse" for r in schedule)
+    residuals = sum(bool(r.residual) for r in schedule)
     pruned = (f"pruned steps keep {keeps} context tokens" if keeps else
               "no step pruned (every anchor kept all context tokens)")
-    return (f"{len(schedule)} steps ({computed} computed), anchors at {anchors}, {pruned}, {total:.2f} s in the "
-            f"transformer")
+    residual = f", {residuals} anchors measured the pruning residual" if residuals else ""
+    return (f"{len(schedule)} steps ({computed} computed), anchors at {anchors}, {pruned}{residual}, {total:.2f} s "
+            f"in the transformer")
 
 
 def compare_table(report) -> str:
@@ -56,6 +58,7 @@ def compare_table(report) -> str:
 @click.option("--calibration", type=click.Path(dir_okay=False), default=None,
               help="Calibration profile JSON; 'none': the family's default setting, ignoring a shipped profile.")
 @reuse_options
+@residual_option
 @steps_option
 @seed_option
 @click.option("--compare", is_flag=True, help="Also run the dense baseline; print time, speedup, PSNR, rel. L2.")
@@ -84,10 +87,11 @@ def compare_table(report) -> str:
               help="Run --model as a KV-trained model (default: when it is a Flux2KleinKVPipeline folder).")
 # ---
 def cmd(model, inputs, engine_dir, backend, ratio, tau, ratio_buckets, policy, update_interval, calibration, reuse,
-        reuse_order, steps, seed, compare, repeats, json_path, out, png, vae, device, dtype, quiet, lora, ref_kv,
-        kv_cache):
+        reuse_order, pruning_residual, steps, seed, compare, repeats, json_path, out, png, vae, device, dtype, quiet,
+        lora, ref_kv, kv_cache):
     """Run a ToPi-pruned in-context generation and report the per-step schedule."""
     from topi_export.errors import TopiError
+    from topi_export.plan.limits import parse_residual
     from topi_export.runtime.session import open_session
 
     if png and not compare:
@@ -107,6 +111,7 @@ def cmd(model, inputs, engine_dir, backend, ratio, tau, ratio_buckets, policy, u
     data = session.load_inputs(inputs, seed)
     selector = session.selector(data, ratio=ratio, tau=tau, ratio_buckets=ratio_buckets, policy=policy, seed=seed)
     plan = session.reuse_plan(data, steps=steps, reuse=reuse, order=reuse_order, update_interval=update_interval)
+    residual = parse_residual(pruning_residual)
     progress = show_progress(quiet)
     session.warmup(data, selector, dense=compare, ref_kv=ref_kv)
     comparison = None
@@ -114,11 +119,12 @@ def cmd(model, inputs, engine_dir, backend, ratio, tau, ratio_buckets, policy, u
         from topi_export.runtime.compare import compare as run_compare
 
         comparison = run_compare(session, data, steps=steps, seed=seed, selector=selector, repeats=repeats,
-                                 progress=progress, update_interval=update_interval, reuse=plan, ref_kv=ref_kv)
+                                 progress=progress, update_interval=update_interval, reuse=plan, ref_kv=ref_kv,
+                                 pruning_residual=residual)
         topi = comparison.topi
     else:
         topi = session.denoise(data, steps=steps, seed=seed, selector=selector, progress=progress,
-                               update_interval=update_interval, reuse=plan, ref_kv=ref_kv)
+                               update_interval=update_interval, reuse=plan, ref_kv=ref_kv, pruning_residual=residual)
     report = session.report(data, selector, steps, topi, comparison, reuse=plan)
     lora = f", LoRA {session.identity.describe_adapters()}" if session.identity.adapters else ""
     click.echo(f"{session.source} ({session.family.name}{lora}) on {session.engine.name}: "

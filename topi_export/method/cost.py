@@ -19,14 +19,15 @@ def predicted_speedup(layout, keep: int, num_layers: int, prune_start: int, dim:
 
 
 def predicted_end_to_end(layout, keep: int, num_layers: int, prune_start: int, dim: int, steps: int,
-                         update_interval: int, reused: int = 0) -> float:
+                         update_interval: int, reused: int = 0, residual: bool = False) -> float:
     """Dense loop FLOPs over ToPi loop FLOPs: anchors every update_interval steps run the full sequence (their
     influence scoring, ~2 Nx Nc d per pivotal layer, is left out: it is small next to a layer), ``reused`` steps
-    (never anchors) cost nothing, the rest run pruned."""
+    (never anchors) cost nothing, the rest run pruned; with the pruning ``residual`` each anchor also runs pruned."""
     anchors = len(range(0, steps, update_interval))
     full = step_flops(layout, layout.num_ctx, num_layers, prune_start, dim)
     pruned = step_flops(layout, keep, num_layers, prune_start, dim)
-    return steps * full / (anchors * full + (steps - anchors - reused) * pruned)
+    calls = steps - anchors - reused + (anchors if residual else 0)
+    return steps * full / (anchors * full + calls * pruned)
 
 
 # --- reference K/V cache (docs/design.md, "Reference K/V cache") ----------------------------------------------

@@ -41,6 +41,8 @@ class StepPlan:
     ratio: float = 0.0
     keep: int = 0
     reuses: int | None = None  # reuse: the last computed step, whose velocity (order 0) or trend (order 1) is used
+    # anchors: also run the kept set on the anchor's input; the pruned steps until the next anchor add the difference
+    residual: bool = False
 
 
 def make_plan(num_steps: int, update_interval: int) -> list[StepPlan]:
@@ -57,15 +59,19 @@ class TemporalController:
 
     Usage: ``plan = c.plan(step)``; run it; for an anchor call ``c.observe(step, influence)`` with the positive
     branch's influence over every context token [Nc]; that fixes the kept set of the following pruned steps. A step
-    may be planned again (the second guidance branch of a diffusers pipeline) without re-scoring."""
+    may be planned again (the second guidance branch of a diffusers pipeline) without re-scoring. ``residual``:
+    anchors plan the pruning residual (one more engine call each; the step runner adds it to the pruned steps), those
+    followed by a pruned step before the next anchor or ``num_steps`` (when known)."""
 
     def __init__(self, selector, update_interval: int, num_ctx: int, grids=None, baseline: str = "full",
-                 reuse: ReusePlan = OFF, ref_kv: str | None = None, start: int = 0):
+                 reuse: ReusePlan = OFF, ref_kv: str | None = None, start: int = 0, residual: bool = False,
+                 num_steps: int | None = None):
         if baseline not in ("full", "dense"):
             raise TopiError(f"unknown baseline {baseline!r}: full or dense")
         self.selector, self.num_ctx, self.baseline = selector, int(num_ctx), baseline
         self.reuse = reuse if selector is not None else OFF  # baselines compute every step
         self.reused = frozenset(self.reuse.steps)
+        self.residual = bool(residual) and selector is not None  # baselines prune nothing
         # the dense baseline recomputes the references every step: no cache. A reused step calls nothing, so the
         # cached K/V stays valid across it (reuse never plans an anchor, and step 0 is always one).
         self.ref_kv = check_ref_kv(ref_kv) if baseline != "dense" or selector is not None else None
@@ -75,6 +81,13 @@ class TemporalController:
         self.kept = {}  # anchor step -> kept indices (None = all)
         self.anchor_info = {}  # anchor step -> what observe() returned
         self.start = int(start)  # a loop resumed at this step (a baseline's rollout): an exact cache extracts there
+        self.num_steps = num_steps
+
+    def _residual(self, anchor: int) -> bool:
+        """Whether the anchor measures the pruning residual: only when a pruned step of its window will use it."""
+        end = anchor + self.update_interval
+        end = end if self.num_steps is None else min(end, self.num_steps)
+        return self.residual and any(s not in self.reused for s in range(anchor + 1, end))
 
     def plan(self, step: int) -> StepPlan:
         anchor = step - step % self.update_interval
@@ -91,7 +104,7 @@ class TemporalController:
         if self.selector is None:
             return StepPlan(step, self.baseline, anchor, None, 0.0, self.num_ctx)
         if step == anchor:
-            return StepPlan(step, "anchor", anchor, None, 0.0, self.num_ctx)
+            return StepPlan(step, "anchor", anchor, None, 0.0, self.num_ctx, residual=self._residual(anchor))
         if anchor not in self.kept:
             raise TopiError(f"step {step} was planned before its anchor step {anchor} observed influence")
         return StepPlan(step, "pruned", anchor, self.keep_idx, self.ratio, self.keep)
@@ -99,12 +112,13 @@ class TemporalController:
     # --- reference K/V cache (docs/design.md, "Reference K/V cache") -------------------------------------------
     def _plan_kv(self, step: int, anchor: int) -> StepPlan:
         extract = step == self.start if self.ref_kv == "exact" else step == anchor
-        if extract:
-            return StepPlan(step, "extract", anchor, None, 0.0, self.num_ctx)
+        if extract:  # an anchor too when it falls on one (a selector scores there)
+            return StepPlan(step, "extract", anchor, None, 0.0, self.num_ctx,
+                            residual=step == anchor and self._residual(anchor))
         if self.selector is None:
             return StepPlan(step, "kv-full", anchor, None, 0.0, self.num_ctx)
         if step == anchor:
-            return StepPlan(step, "kv-anchor", anchor, None, 0.0, self.num_ctx)
+            return StepPlan(step, "kv-anchor", anchor, None, 0.0, self.num_ctx, residual=self._residual(anchor))
         if anchor not in self.kept:
             raise TopiError(f"step {step} was planned before its anchor step {anchor} observed influence")
         return StepPlan(step, "kv-pruned", anchor, self.keep_idx, self.ratio, self.keep)

@@ -8,6 +8,7 @@ from topi_export.errors import BadInput
 MAX_STEPS = 1000  # denoising steps: more is a typo, and each step is a full model call
 MAX_UPDATE_INTERVAL = 1000
 MAX_SEED = (1 << 64) - 1
+RESIDUAL_CHOICES = {"off": False, "on": True}  # the pruning residual (runtime/steps.py), as flags and requests
 MODES = ("topi", "full", "dense")  # the ToPi schedule, every step unpruned through the topi graph, the dense baseline
 
 
@@ -36,3 +37,10 @@ def check_mode(mode, what: str = "mode") -> str:
     if mode not in MODES:
         raise BadInput(f"{what} is {mode!r}: one of {', '.join(MODES)}")
     return mode
+
+
+def parse_residual(value, what: str = "--pruning-residual") -> bool:
+    """'on' | 'off' -> whether the anchors measure the pruning residual."""
+    if value not in RESIDUAL_CHOICES:
+        raise BadInput(f"{what} is {value!r}: give on or off")
+    return RESIDUAL_CHOICES[value]

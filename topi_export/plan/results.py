@@ -44,8 +44,16 @@ class StepRecord:
     selected_keep: int | None = None  # anchors: the keep count chosen (tau: rounded up to a bucket)
     selected_per_reference: tuple[int, ...] | None = None
     reuses: int | None = None  # reuse steps: the last computed step, whose velocity (or trend) this step takes
+    # anchors with the pruning residual on: True when the kept set also ran on this input (one more engine call,
+    # its difference added to the next pruned steps), False when every token was kept (nothing to correct)
+    residual: bool | None = None
 
-    ANCHOR_ONLY = ("kept_influence", "selected_keep", "selected_per_reference", "reuses")
+    ANCHOR_ONLY = ("kept_influence", "selected_keep", "selected_per_reference", "reuses", "residual")
+
+    @property
+    def engine_calls(self) -> int:
+        """Engine calls the step made: none when reused, two when an anchor measured the pruning residual."""
+        return 0 if self.graph == "none" else 1 + bool(self.residual)
 
     def to_json(self) -> dict:
         out = {}
@@ -96,6 +104,8 @@ class RunReport:
     time_s: dict  # "topi" and, with --compare, the baseline's mode ("dense" or "full") and "kv-cache"
     reuse: dict | None = None  # the run's reuse plan (plan/reuse.py ReusePlan): mode, order, steps, source, why
     computed_steps: int | None = None  # steps that called the transformer
+    engine_calls: int | None = None  # transformer calls: computed steps plus one per anchor measuring the residual
+    pruning_residual: bool | None = None  # whether the anchors measured the pruning residual (docs/design.md)
     repeats: int | None = None
     baseline: str | None = None  # "dense" | "in-engine-full"
     speedup: float | None = None  # fastest baseline run / fastest ToPi run
@@ -110,7 +120,8 @@ class RunReport:
     speedup_vs_kv_cache_spread: tuple[float, float] | None = None
 
     OPTIONAL = ("repeats", "baseline", "speedup", "speedup_spread", "psnr_db", "rel_l2", "psnr_db_vs_truth", "reuse",
-                "computed_steps", "adapters", "ref_kv", "speedup_vs_kv_cache", "speedup_vs_kv_cache_spread")
+                "computed_steps", "engine_calls", "pruning_residual", "adapters", "ref_kv", "speedup_vs_kv_cache",
+                "speedup_vs_kv_cache_spread")
 
     def to_json(self) -> dict:
         out = {}

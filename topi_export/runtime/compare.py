@@ -54,13 +54,15 @@ class Comparison:
 
 
 def compare(session, data, *, steps: int, seed: int = 0, selector, update_interval=None, repeats: int = 3,
-            progress: bool = False, reuse=None, ref_kv: str | None = None) -> Comparison:
+            progress: bool = False, reuse=None, ref_kv: str | None = None,
+            pruning_residual: bool = False) -> Comparison:
     """Run the ToPi loop and the session's baseline ``repeats`` times each, interleaved. Every run of one loop gives
     the same latents (seeded); only the times differ. ref_kv: the ToPi loop's reference K/V mode (None: the
     session's). A KV-trained model is also timed as its unpruned cached loop, "kv-cache", the deployment a user
     would otherwise run, when the baseline is the dense model."""
     mode = session.baseline_mode()
-    loops = {"topi": dict(selector=selector, ref_kv=ref_kv, reuse=reuse), mode: dict(mode=mode, desc=mode)}
+    loops = {"topi": dict(selector=selector, ref_kv=ref_kv, reuse=reuse, pruning_residual=pruning_residual),
+             mode: dict(mode=mode, desc=mode)}
     if session.ref_kv == "exact" and mode == "dense":  # (imported late: session.py imports this module)
         from topi_export.runtime.session import KV_CACHE_BASELINE
 

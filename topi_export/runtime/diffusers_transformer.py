@@ -46,7 +46,7 @@ class TopiTransformer(torch.nn.Module):
     def __init__(self, engine_dir=None, *, model=None, backend=None, ratio=None, tau=None, ratio_buckets=None,
                  policy=None, update_interval=None, calibration=None, seed: int = 0, device: str = "cpu",
                  dtype: str = "fp32", reuse=None, reuse_order: int = 0, steps: int | None = None, loras=(),
-                 kv_cache=None, ref_kv=None):
+                 kv_cache=None, ref_kv=None, pruning_residual: bool = False):
         super().__init__()
         from diffusers.configuration_utils import FrozenDict
 
@@ -69,6 +69,7 @@ class TopiTransformer(torch.nn.Module):
         if steps is None and self._reuse[0] not in (None, "off"):
             raise BadInput("step reuse in the drop-in needs steps= (the pipeline's num_inference_steps)")
         self._steps = steps
+        self._residual = bool(pruning_residual)  # runtime/steps.py: each branch measures its own at the anchors
         if self.session.manifest is not None:  # a ratio or tau the engines cannot serve fails here, not mid-pipeline
             self.session.check_selection(**self._selection)
         self.config = FrozenDict(self.family.config)
@@ -106,7 +107,8 @@ class TopiTransformer(torch.nn.Module):
             plan = self.session.reuse_plan(inputs, steps=self._steps, reuse=spec, order=order)
         self.reuse = plan
         controller = TemporalController(selector, self.session.settings.update_interval, inputs.layout.num_ctx,
-                                        inputs.layout.ref_grids, reuse=plan, ref_kv=self.ref_kv)
+                                        inputs.layout.ref_grids, reuse=plan, ref_kv=self.ref_kv,
+                                        residual=self._residual, num_steps=self._steps)
         self.runner = StepRunner(self.session.engine, controller, inputs.layout)
         self.step, self.schedule = 0, []
 

@@ -65,12 +65,14 @@ def schedule_sigmas(family, steps: int, layout, scheduler_config: dict | None = 
 def denoise(engine, family, inputs, *, steps: int, seed: int = 0, selector=None, mode: str = "topi",
             update_interval: int = 10, scheduler_config: dict | None = None, progress: bool = False,
             desc: str | None = None, reuse: ReusePlan = OFF, on_step=None, ref_kv: str | None = None,
-            start: tuple[int, torch.Tensor] | None = None) -> RunResult:
+            start: tuple[int, torch.Tensor] | None = None, pruning_residual: bool = False) -> RunResult:
     """One generation. The engine is bound to the request's conditioning here. ``reuse``: the steps that reuse a
     velocity instead of calling the engine (method/reuse.py; ignored by the baselines). ``on_step(step, sigma,
     velocity)``: called with every step's guided velocity (calibration records trajectories with it). ref_kv None:
     a KV-trained model's exact cache (the dense mode recomputes the references every step), no cache otherwise.
-    ``start`` (step, latents): a baseline run resumed at that step from those latents (calibration's rollouts)."""
+    ``start`` (step, latents): a baseline run resumed at that step from those latents (calibration's rollouts).
+    ``pruning_residual``: every anchor also runs the kept set on its input and the pruned steps until the next anchor
+    add the difference (docs/design.md, "Pruning residual")."""
     check_mode(mode)
     first = 0
     if start is not None:
@@ -91,7 +93,8 @@ def denoise(engine, family, inputs, *, steps: int, seed: int = 0, selector=None,
     sched.set_begin_index(first)
     controller = TemporalController(selector if mode == "topi" else None, update_interval, layout.num_ctx,
                                     layout.ref_grids, baseline="dense" if mode == "dense" else "full", reuse=reuse,
-                                    ref_kv=ref_kv, start=first)
+                                    ref_kv=ref_kv, start=first, residual=pruning_residual,
+                                    num_steps=steps)
     runner = StepRunner(engine, controller, layout, guide=lambda v: family.guide(v.float(), inputs))
     records = []
     began = time.perf_counter()

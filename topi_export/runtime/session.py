@@ -129,16 +129,18 @@ class Session:
         warmup(self.engine, self.family, data, keeps, dense=dense, ref_kv=ref_kv or self.ref_kv)
 
     def denoise(self, data, *, steps: int, seed: int = 0, selector=None, mode: str = "topi", update_interval=None,
-                progress: bool = False, desc: str | None = None, reuse=None, ref_kv: str | None = None):
+                progress: bool = False, desc: str | None = None, reuse=None, ref_kv: str | None = None,
+                pruning_residual: bool = False):
         """One generation; ``reuse``: a plan.reuse.ReusePlan (see ``reuse_plan``), default none. ref_kv None: the
-        session's mode (a KV-trained model's exact cache); the dense mode recomputes the references every step."""
+        session's mode (a KV-trained model's exact cache); the dense mode recomputes the references every step.
+        ``pruning_residual``: the anchors measure the pruning residual (runtime/steps.py)."""
         from topi_export.plan.reuse import OFF
         from topi_export.runtime.loop import denoise
 
         return denoise(self.engine, self.family, data, steps=steps, seed=seed, selector=selector, mode=mode,
                        update_interval=update_interval or self.settings.update_interval,
                        scheduler_config=self.scheduler_config, progress=progress, desc=desc, reuse=reuse or OFF,
-                       ref_kv=ref_kv)
+                       ref_kv=ref_kv, pruning_residual=pruning_residual)
 
     def ref_kv_report(self, data, result) -> dict:
         """The reference K/V cache of a run (``run --json`` "ref_kv"): mode, whether it is exact, its bytes."""
@@ -205,6 +207,8 @@ class Session:
             method=self.settings.to_json(), schedule=tuple(result.schedule), time_s=time_s,
             reuse=reuse.to_json() if reuse is not None else None,
             computed_steps=sum(r.kind != "reuse" for r in result.schedule),
+            engine_calls=sum(r.engine_calls for r in result.schedule),
+            pruning_residual=any(r.residual is not None for r in result.schedule),
             adapters=[dict(a) for a in self.identity.adapters] or None, **extra)
 
 

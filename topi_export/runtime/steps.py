@@ -1,7 +1,7 @@
 """The one step runner (docs/design.md, "Runtime"): for every step the temporal controller (method/schedule.py)
 plans, the engine call it takes and the record it leaves. The denoising loop (runtime/loop.py), the diffusers
 drop-in (runtime/diffusers_transformer.py) and the Triton loop model (through the loop) all run steps here, so a
-new step kind is added in this one place."""
+new step kind (or the pruning residual the anchors measure) is added in this one place."""
 from __future__ import annotations
 
 import time
@@ -31,6 +31,7 @@ class StepRunner:
         # branches as separate calls (each with its own cache); the loop batches them, so only branch 0 exists
         self.states = {}
         self.history = {}  # branch -> the last two computed (sigma, velocity), for reused steps
+        self.residuals = {}  # branch -> the last anchor's (unpruned - pruned) velocity, before guidance
 
     def step(self, step: int, x: torch.Tensor, timestep: torch.Tensor, branch: int = 0):
         """(the step's velocity: guided when the runner has ``guide``, the step's record)."""
@@ -60,6 +61,9 @@ class StepRunner:
             velocity, graph = engine.full(x, timestep), "full"
         else:
             velocity, graph = engine.pruned(x, timestep, plan.keep_idx), "pruned"
+        residual = self._residual(plan, x, timestep, branch, velocity)
+        if graph in PRUNED_GRAPHS and branch in self.residuals:
+            velocity = velocity + self.residuals[branch]
         if self.guide is not None:
             velocity = self.guide(velocity)
         if self.controller.reuse.enabled:
@@ -71,8 +75,25 @@ class StepRunner:
             keep_per_reference=tuple(self.controller.keep_per_reference(plan.keep_idx if pruned else None)),
             bucket=plan.ratio if pruned else 0.0, time_s=elapsed, kept_influence=info.get("kept_influence"),
             selected_keep=info.get("selected_keep"),
-            selected_per_reference=tuple(info["selected_per_reference"]) if info else None)
+            selected_per_reference=tuple(info["selected_per_reference"]) if info else None,
+            residual=residual if plan.residual else None)
         return velocity, record
+
+    # --- pruning residual (docs/design.md, "Pruning residual") -------------------------------------------------
+    def _residual(self, plan, x, timestep, branch, velocity) -> bool:
+        """At an anchor that plans it: run the kept set on the anchor's own input (the graph the next pruned steps
+        run) and keep (unpruned - pruned) for them. False when there is nothing to correct (every token kept)."""
+        if plan.step == plan.anchor:
+            self.residuals.pop(branch, None)  # a residual is measured for its own anchor's kept set only
+        keep = self.controller.keep_idx
+        if not plan.residual or keep is None:
+            return False
+        if plan.kind in KV_KINDS:  # the cache now holds this step's reference K/V
+            pruned, _ = self.engine.cached(x, timestep, keep)
+        else:
+            pruned = self.engine.pruned(x, timestep, keep)
+        self.residuals[branch] = velocity - pruned
+        return True
 
     # --- reference K/V cache steps (docs/design.md, "Reference K/V cache") -------------------------------------
     def _kv_step(self, plan, x, timestep, branch):

@@ -22,7 +22,8 @@ import torch
 
 from topi_export.backends.base import StepEngine
 from topi_export.errors import BadInput, RebuildNeeded, TopiError
-from topi_export.plan.limits import MAX_SEED, MAX_STEPS, MAX_UPDATE_INTERVAL, check_mode, check_tau
+from topi_export.plan.limits import (MAX_SEED, MAX_STEPS, MAX_UPDATE_INTERVAL, check_mode, check_tau,
+                                     parse_residual)
 from topi_export.plan.manifest import STATE
 
 DEFAULT_STEPS = 28  # the default of `run --steps`
@@ -47,7 +48,8 @@ OPTIONS = (Wire("steps", "TYPE_INT32", (1,)), Wire("seed", "TYPE_UINT64", (1,)),
            Wire("policy", "TYPE_STRING", (1,)), Wire("mode", "TYPE_STRING", (1,)),
            Wire("target_grid", "TYPE_STRING", (1,)), Wire("reference_grids", "TYPE_STRING", (1,)),
            Wire("reuse", "TYPE_STRING", (1,)), Wire("reuse_order", "TYPE_INT32", (1,)),
-           Wire("ref_kv", "TYPE_STRING", (1,)))  # "reuse": approximate reference K/V reuse (docs/design.md)
+           Wire("ref_kv", "TYPE_STRING", (1,)),  # "reuse": approximate reference K/V reuse (docs/design.md)
+           Wire("pruning_residual", "TYPE_STRING", (1,)))  # "on" | "off", as `run --pruning-residual`
 
 
 def loop_inputs(family) -> tuple[Wire, ...]:
@@ -133,6 +135,7 @@ class RequestOptions:
     reuse: object = None  # 'off' | 'auto' | N | None (the model's default), as `run --reuse`
     reuse_order: int = 0
     ref_kv: str | None = None  # None: the engines' own (a KV-trained model's exact cache)
+    pruning_residual: bool = False
 
 
 def _one(arrays: dict, name: str):
@@ -213,6 +216,8 @@ def request_options(arrays: dict) -> RequestOptions:
             raise TopiError(f"request input 'ref_kv' is {v!r}: send 'reuse' (a KV-trained model's exact cache is used "
                             f"without it)")
         opts.ref_kv = v
+    if (v := _text(arrays, "pruning_residual")) is not None:
+        opts.pruning_residual = parse_residual(v, "request input 'pruning_residual'")
     return opts
 
 
@@ -315,11 +320,12 @@ def run_request(session, arrays: dict) -> tuple[np.ndarray, str]:
     plan = session.reuse_plan(data, steps=opts.steps, reuse=opts.reuse, order=opts.reuse_order,
                               update_interval=update_interval) if opts.mode == "topi" else None
     result = session.denoise(data, steps=opts.steps, seed=opts.seed, selector=selector, mode=opts.mode,
-                             update_interval=update_interval, reuse=plan, ref_kv=ref_kv)
+                             update_interval=update_interval, reuse=plan, ref_kv=ref_kv,
+                             pruning_residual=opts.pruning_residual)
     report = {"mode": opts.mode, "steps": opts.steps, "seed": opts.seed, "update_interval": update_interval,
               "ratio": selector.ratio if selector else None, "tau": selector.tau if selector else None,
               "policy": selector.policy if selector else None, "layout": data.layout.to_json(),
-              "reuse": plan.to_json() if plan is not None else None,
+              "reuse": plan.to_json() if plan is not None else None, "pruning_residual": opts.pruning_residual,
               "schedule": [r.to_json() for r in result.schedule], "time_s": result.time_s}
     if result.ref_kv is not None:
         report["ref_kv"] = session.ref_kv_report(data, result)
