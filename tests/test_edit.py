@@ -129,6 +129,26 @@ def test_edit_equals_the_pipeline_with_the_dropin(pipes, images, family, tmp_pat
 
 
 @pytest.mark.parametrize("family", ["kontext", "qwen"])
+def test_edit_with_the_pruning_residual_equals_the_pipeline_with_the_dropin(pipes, images, family, tmp_path, capsys):
+    """`edit --pruning-residual on` (Qwen: true CFG, the pipeline calls each guidance branch separately and each
+    keeps its own residual) gives the latents of the pipeline with TopiTransformer(pruning_residual=True), and they
+    differ from the edit without it."""
+    from safetensors.torch import load_file
+
+    from topi_export import TopiTransformer
+
+    _, latents, stdout, _ = _edit(pipes, images, family, tmp_path, capsys, "--ratio", "0.5", "--pruning-residual",
+                                  "on")
+    assert "2 anchors measured the pruning residual" in stdout
+    tr = TopiTransformer(model=str(pipes[family]), ratio=0.5, update_interval=2, seed=3, pruning_residual=True)
+    _, ref_latents = _python_pipeline(pipes, images, family, tr)
+    with_residual = load_file(str(latents))["latents"]
+    torch.testing.assert_close(with_residual, ref_latents.float(), rtol=0, atol=1e-6)
+    _, plain, _, _ = _edit(pipes, images, family, tmp_path / "plain", capsys, "--ratio", "0.5")
+    assert not torch.equal(load_file(str(plain))["latents"], with_residual)
+
+
+@pytest.mark.parametrize("family", ["kontext", "qwen"])
 def test_compare_at_ratio_zero_gives_identical_images(pipes, images, family, tmp_path, capsys):
     from PIL import Image
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import click
 
-from topi_export.commands.common import (POLICY_HELP, device_options, output_files, quiet_option, seed_option,
-                                         show_progress, steps_option)
+from topi_export.commands.common import (POLICY_HELP, device_options, output_files, quiet_option, residual_option,
+                                         seed_option, show_progress, steps_option)
 
 
 def front_end_options(f):
@@ -81,6 +81,7 @@ def make_request(front, images, prompt, steps, seed, width, height, given):
 @click.option("--ratio-buckets", default=None, help="Buckets for --tau without engines, e.g. 0.3,0.5.")
 @click.option("--policy", default=None, help=POLICY_HELP)
 @click.option("--update-interval", type=click.IntRange(1, 1000), default=None, help="Anchor every N steps (dT).")
+@residual_option
 @click.option("--lora", multiple=True, metavar="FILE[:SCALE]",
               help="LoRA fused into the PyTorch model (repeatable). Engines hold theirs (`build --lora`, `refit`); "
                    "with --engine-dir --compare, the same adapters are given to the unmodified pipeline.")
@@ -94,11 +95,12 @@ def make_request(front, images, prompt, steps, seed, width, height, given):
 @device_options
 @quiet_option
 def cmd(model, images, prompt, width, height, steps, seed, engine_dir, backend, ratio, tau, ratio_buckets, policy,
-        update_interval, lora, out, save_latents, compare, device, dtype, quiet, **given):
+        update_interval, pruning_residual, lora, out, save_latents, compare, device, dtype, quiet, **given):
     """Edit reference image(s) with a prompt through the family's diffusers pipeline with the ToPi transformer."""
     from pathlib import Path
 
     from topi_export.lora import parse_adapters
+    from topi_export.plan.limits import parse_residual
     from topi_export.runtime import pipeline as P
 
     P.require_packages()
@@ -122,7 +124,7 @@ def cmd(model, images, prompt, width, height, steps, seed, engine_dir, backend, 
                                                                                   strip_path])
     runs = _Edit(front, request, shape, manifest, adapters, quiet)
     topi = runs.topi(engine_dir, backend, dict(ratio=ratio, tau=tau, ratio_buckets=ratio_buckets, policy=policy),
-                     update_interval, device, dtype)
+                     update_interval, device, dtype, parse_residual(pruning_residual))
     _save_png(out, topi.image)
     click.echo(f"edited image -> {out}")
     if save_latents:
@@ -174,7 +176,7 @@ class _Edit:
         self.adapters, self.progress = adapters, show_progress(quiet)
         self.transformer = self.pipe = None
 
-    def topi(self, engine_dir, backend, selection, update_interval, device, dtype):
+    def topi(self, engine_dir, backend, selection, update_interval, device, dtype, residual=False):
         from topi_export.commands.run import schedule_summary, selection_text, tau_note
         from topi_export.models import DTYPES
         from topi_export.runtime import pipeline as P
@@ -182,7 +184,7 @@ class _Edit:
 
         tr = TopiTransformer(engine_dir, model=None if engine_dir else str(self.front.folder), backend=backend,
                              update_interval=update_interval, seed=self.request.seed, device=device, dtype=dtype,
-                             loras=() if engine_dir else self.adapters, **selection)
+                             loras=() if engine_dir else self.adapters, pruning_residual=residual, **selection)
         self.transformer = tr
         self.pipe = self.front.load(transformer=tr, dtype=DTYPES[dtype])
         if device != "cpu":
