@@ -185,13 +185,15 @@ def test_run_and_bench_flags(tmp_path, capsys):
 
 
 def test_flop_model_counts_the_extra_calls():
-    from topi_export.method.cost import predicted_end_to_end
+    """28 steps, dT 10, 12 reused: 3 anchors (full), 13 pruned steps, and with the residual 3 more pruned calls."""
+    from topi_export.method.cost import predicted_end_to_end, step_flops
 
     layout = Layout(128, (32, 32), ((32, 32),))
+    full, pruned = step_flops(layout, layout.num_ctx, 6, 1, 256), step_flops(layout, 512, 6, 1, 256)
     args = (layout, 512, 6, 1, 256, 28, 10)
-    plain, residual = predicted_end_to_end(*args, reused=12), predicted_end_to_end(*args, reused=12, residual=True)
-    assert 1 < residual < plain
-    assert residual == pytest.approx(predicted_end_to_end(*args, reused=9))  # 3 extra pruned calls = 3 fewer reused
+    assert predicted_end_to_end(*args, reused=12) == pytest.approx(28 * full / (3 * full + 13 * pruned))
+    assert predicted_end_to_end(*args, reused=12, residual=True) == pytest.approx(
+        28 * full / (3 * full + 16 * pruned))
 
 
 def test_triton_request_option():
