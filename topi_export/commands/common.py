@@ -75,7 +75,9 @@ def reuse_options(f):
 
 
 def residual_option(f):
-    return click.option("--pruning-residual", "pruning_residual", type=click.Choice(["off", "on"]),
+    from topi_export.plan.limits import RESIDUAL_CHOICES
+
+    return click.option("--pruning-residual", "pruning_residual", type=click.Choice(list(RESIDUAL_CHOICES)),
                         default="off", show_default=True,
                         help="At every anchor also run the kept set on the anchor's input; the pruned steps until the "
                              "next anchor add the difference (one more pruned call per anchor; docs/design.md, "

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import click
 
-from topi_export.commands.common import (POLICY_HELP, device_options, model_option,
-                                         output_files, quiet_option, residual_option, reuse_options, save_latents,
-                                         seed_option, show_progress, steps_option, write_json)
+from topi_export.commands.common import (POLICY_HELP, device_options, model_option, output_files, quiet_option,
+                                         residual_option, reuse_options, save_latents, seed_option, show_progress,
+                                         steps_option, write_json)
 
 
 def schedule_summary(schedule) -> str:

@@ -105,7 +105,7 @@ class RunReport:
     reuse: dict | None = None  # the run's reuse plan (plan/reuse.py ReusePlan): mode, order, steps, source, why
     computed_steps: int | None = None  # steps that called the transformer
     engine_calls: int | None = None  # transformer calls: computed steps plus one per anchor measuring the residual
-    pruning_residual: bool | None = None  # whether the anchors measured the pruning residual (docs/design.md)
+    pruning_residual: bool | None = None  # whether an anchor planned the pruning residual (docs/design.md)
     repeats: int | None = None
     baseline: str | None = None  # "dense" | "in-engine-full"
     speedup: float | None = None  # fastest baseline run / fastest ToPi run
